@@ -1,0 +1,396 @@
+//! The layer index: every tar entry's metadata and the table of frames.
+//!
+//! Encoding: the [`Index`] struct in postcard's wire format (stable since
+//! postcard 1.0, varint integers), zstd-compressed. Frame offsets are not
+//! stored: frames tile the compressed blob from offset 0 and the tar stream
+//! from offset 0, so offsets are prefix sums. That makes the encoding compact
+//! and the bounds check trivial: the sums must equal the blob's sizes.
+
+use serde::{Deserialize, Serialize};
+
+use super::FormatError;
+use crate::digest::ChunkId;
+
+/// Hard limits a reader enforces before and while decoding an index, so a
+/// malicious layer cannot make the daemon allocate or loop without bound.
+pub mod limits {
+    /// Compressed index bytes (the skippable frame's payload).
+    pub const MAX_INDEX_COMPRESSED: u64 = 64 << 20;
+    /// Decoded index bytes.
+    pub const MAX_INDEX_RAW: u64 = 512 << 20;
+    pub const MAX_ENTRIES: usize = 4_000_000;
+    pub const MAX_FRAMES: usize = 16_000_000;
+    /// Largest uncompressed frame. The converter's chunks are far smaller;
+    /// this bounds the memory one read can need.
+    pub const MAX_FRAME_LEN: u32 = 8 << 20;
+    pub const MAX_PATH: usize = 16 << 10;
+    pub const MAX_XATTRS_PER_ENTRY: usize = 1024;
+    pub const MAX_XATTR_VALUE: usize = 64 << 10;
+    pub const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
+}
+
+/// One zstd frame of the blob. It decompresses to `u_len` bytes of the tar
+/// whose blake3 is `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub c_len: u32,
+    pub u_len: u32,
+    pub id: ChunkId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// A data segment of a sparse file: `len` bytes at file offset `offset`.
+/// Segments are stored back to back in the tar entry's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SparseSegment {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One tar entry, with its metadata resolved (GNU long names, PAX records).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Normalized relative path: no leading `/` or `./`, no trailing `/`, no
+    /// `.` or `..` components. The root directory is the empty path.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission and type-independent mode bits (07777).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// Logical size of a regular file (the real size for a sparse file).
+    pub size: u64,
+    /// Offset in the tar stream of the entry's data. Meaningful when
+    /// `data_len > 0`.
+    pub data_offset: u64,
+    /// Bytes of data stored in the tar for this entry (`size` unless sparse).
+    pub data_len: u64,
+    /// Symlink target, or for a hard link the normalized path it links to.
+    #[serde(with = "serde_bytes")]
+    pub link: Vec<u8>,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: Vec<Xattr>,
+    /// Empty unless the entry is a sparse file.
+    pub sparse: Vec<SparseSegment>,
+}
+
+/// Chunking parameters the converter used (informative; readers ignore them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkParams {
+    /// See docs/format.md, "Chunk size", for the measurement behind this.
+    fn default() -> Self {
+        Self {
+            min: 64 << 10,
+            avg: 128 << 10,
+            max: 512 << 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// Length of the uncompressed tar stream.
+    pub tar_size: u64,
+    /// sha256 of the uncompressed tar: the layer's diff_id.
+    pub diff_id: [u8; 32],
+    pub chunk_params: ChunkParams,
+    pub frames: Vec<Frame>,
+    pub entries: Vec<Entry>,
+}
+
+/// A validated index with derived offset tables, ready for lookups.
+#[derive(Clone, Debug)]
+pub struct LayerIndex {
+    pub index: Index,
+    /// `c_offsets[i]` is where frame i starts in the blob; one extra element
+    /// holds the total (= the index's offset).
+    c_offsets: Vec<u64>,
+    /// `u_offsets[i]` is where frame i starts in the tar; one extra element
+    /// holds the total (= tar_size).
+    u_offsets: Vec<u64>,
+}
+
+impl Index {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
+    }
+
+    /// Decode and validate. `frames_end` is the blob offset where frames must
+    /// end (the index's own offset).
+    pub fn decode(raw: &[u8], frames_end: u64) -> Result<LayerIndex, FormatError> {
+        let index: Index = postcard::from_bytes(raw)
+            .map_err(|e| FormatError::Corrupt(format!("index does not decode: {e}")))?;
+        index.validate(frames_end)
+    }
+
+    /// Check every invariant a reader relies on, and build the offset tables.
+    pub fn validate(self, frames_end: u64) -> Result<LayerIndex, FormatError> {
+        use limits::*;
+        let bad = |m: String| Err(FormatError::Corrupt(m));
+        if self.frames.len() > MAX_FRAMES {
+            return bad(format!(
+                "{} frames exceeds the limit of {MAX_FRAMES}",
+                self.frames.len()
+            ));
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return bad(format!(
+                "{} entries exceeds the limit of {MAX_ENTRIES}",
+                self.entries.len()
+            ));
+        }
+        let mut c_offsets = Vec::with_capacity(self.frames.len() + 1);
+        let mut u_offsets = Vec::with_capacity(self.frames.len() + 1);
+        let (mut c, mut u) = (0u64, 0u64);
+        for (i, f) in self.frames.iter().enumerate() {
+            if f.u_len == 0 || f.c_len == 0 || f.u_len > MAX_FRAME_LEN {
+                return bad(format!(
+                    "frame {i} has invalid lengths (compressed {}, uncompressed {})",
+                    f.c_len, f.u_len
+                ));
+            }
+            c_offsets.push(c);
+            u_offsets.push(u);
+            c += f.c_len as u64;
+            u += f.u_len as u64;
+        }
+        c_offsets.push(c);
+        u_offsets.push(u);
+        if c != frames_end {
+            return bad(format!(
+                "frames end at blob offset {c}, but the index starts at {frames_end}"
+            ));
+        }
+        if u != self.tar_size {
+            return bad(format!(
+                "frames hold {u} tar bytes, but the tar is {} bytes",
+                self.tar_size
+            ));
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let name = || String::from_utf8_lossy(&e.path).into_owned();
+            if e.path.len() > MAX_PATH || !is_normalized(&e.path) {
+                return bad(format!("entry {i} has an invalid path {:?}", name()));
+            }
+            if e.link.len() > MAX_PATH || (e.kind == EntryKind::Hardlink && !is_normalized(&e.link))
+            {
+                return bad(format!("entry {:?} has an invalid link target", name()));
+            }
+            let end = e.data_offset.checked_add(e.data_len);
+            if end.is_none_or(|end| end > self.tar_size) {
+                return bad(format!(
+                    "entry {:?}: data outside the tar ({}+{})",
+                    name(),
+                    e.data_offset,
+                    e.data_len
+                ));
+            }
+            if e.kind != EntryKind::File && (e.data_len != 0 || e.size != 0) {
+                return bad(format!(
+                    "entry {:?}: a {:?} cannot have data",
+                    name(),
+                    e.kind
+                ));
+            }
+            if e.xattrs.len() > MAX_XATTRS_PER_ENTRY
+                || e.xattrs.iter().any(|x| x.value.len() > MAX_XATTR_VALUE)
+            {
+                return bad(format!("entry {:?}: too many or too large xattrs", name()));
+            }
+            if e.sparse.is_empty() {
+                if e.data_len != e.size {
+                    return bad(format!(
+                        "entry {:?}: size {} but {} data bytes",
+                        name(),
+                        e.size,
+                        e.data_len
+                    ));
+                }
+            } else {
+                if e.sparse.len() > MAX_SPARSE_SEGMENTS {
+                    return bad(format!("entry {:?}: too many sparse segments", name()));
+                }
+                let (mut pos, mut stored) = (0u64, 0u64);
+                for s in &e.sparse {
+                    let end = s.offset.checked_add(s.len);
+                    if s.offset < pos || end.is_none_or(|end| end > e.size) {
+                        return bad(format!(
+                            "entry {:?}: sparse map out of order or past the file size",
+                            name()
+                        ));
+                    }
+                    pos = s.offset + s.len;
+                    stored += s.len;
+                }
+                if stored != e.data_len {
+                    return bad(format!(
+                        "entry {:?}: sparse map covers {stored} bytes, data is {}",
+                        name(),
+                        e.data_len
+                    ));
+                }
+            }
+        }
+        Ok(LayerIndex {
+            index: self,
+            c_offsets,
+            u_offsets,
+        })
+    }
+}
+
+/// A path is normalized if it is empty (the root) or a `/`-joined list of
+/// components none of which is empty, `.` or `..`, and it holds no NUL.
+pub fn is_normalized(p: &[u8]) -> bool {
+    p.is_empty()
+        || (!p.contains(&0)
+            && p.split(|&b| b == b'/')
+                .all(|c| !c.is_empty() && c != b"." && c != b".."))
+}
+
+/// Normalize a tar path (`./a//b/`, `/a/b`) to the index's form, or `None`
+/// if it climbs out of the root (`..`) or holds a NUL.
+pub fn normalize_path(p: &[u8]) -> Option<Vec<u8>> {
+    if p.contains(&0) {
+        return None;
+    }
+    let mut out: Vec<&[u8]> = Vec::new();
+    for c in p.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out.join(&b'/'))
+}
+
+impl LayerIndex {
+    pub fn frames(&self) -> &[Frame] {
+        &self.index.frames
+    }
+    pub fn entries(&self) -> &[Entry] {
+        &self.index.entries
+    }
+    /// Blob byte range `[start, end)` of frame `i`.
+    pub fn frame_blob_range(&self, i: usize) -> (u64, u64) {
+        (self.c_offsets[i], self.c_offsets[i + 1])
+    }
+    /// Tar byte range `[start, end)` that frame `i` decompresses to.
+    pub fn frame_tar_range(&self, i: usize) -> (u64, u64) {
+        (self.u_offsets[i], self.u_offsets[i + 1])
+    }
+    /// Where the index itself starts in the blob.
+    pub fn frames_end(&self) -> u64 {
+        *self.c_offsets.last().unwrap()
+    }
+    /// Frames covering tar bytes `[offset, offset + len)`, as a range of
+    /// frame numbers (empty for `len == 0`).
+    pub fn frames_for(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        if len == 0 || offset >= self.index.tar_size {
+            return 0..0;
+        }
+        let end = (offset + len).min(self.index.tar_size);
+        // u_offsets is sorted; the frame holding `offset` is the last one
+        // starting at or before it.
+        let first = self.u_offsets.partition_point(|&o| o <= offset) - 1;
+        let last = self.u_offsets.partition_point(|&o| o < end) - 1;
+        first..last + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize() {
+        assert_eq!(normalize_path(b"./a//b/").unwrap(), b"a/b");
+        assert_eq!(normalize_path(b"/etc/passwd").unwrap(), b"etc/passwd");
+        assert_eq!(normalize_path(b"./").unwrap(), b"");
+        assert!(normalize_path(b"a/../../etc").is_none());
+        assert!(
+            is_normalized(b"a/b")
+                && is_normalized(b"")
+                && !is_normalized(b"a//b")
+                && !is_normalized(b"../x")
+        );
+    }
+
+    fn frame(c: u32, u: u32) -> Frame {
+        Frame {
+            c_len: c,
+            u_len: u,
+            id: ChunkId([0; 32]),
+        }
+    }
+
+    #[test]
+    fn frames_for_maps_tar_ranges() {
+        let idx = Index {
+            tar_size: 30,
+            diff_id: [0; 32],
+            chunk_params: ChunkParams::default(),
+            frames: vec![frame(5, 10), frame(5, 10), frame(5, 10)],
+            entries: vec![],
+        }
+        .validate(15)
+        .unwrap();
+        assert_eq!(idx.frames_for(0, 1), 0..1);
+        assert_eq!(idx.frames_for(9, 2), 0..2);
+        assert_eq!(idx.frames_for(10, 10), 1..2);
+        assert_eq!(idx.frames_for(5, 100), 0..3);
+        assert_eq!(idx.frames_for(30, 1), 0..0);
+        assert_eq!(idx.frame_blob_range(2), (10, 15));
+        assert_eq!(idx.frame_tar_range(1), (10, 20));
+    }
+
+    #[test]
+    fn validation_rejects_inconsistent_tables() {
+        let base = Index {
+            tar_size: 10,
+            diff_id: [0; 32],
+            chunk_params: ChunkParams::default(),
+            frames: vec![frame(5, 10)],
+            entries: vec![],
+        };
+        assert!(
+            base.clone().validate(6).is_err(),
+            "frames must end where the index starts"
+        );
+        let mut t = base.clone();
+        t.tar_size = 11;
+        assert!(t.validate(5).is_err());
+        let mut t = base.clone();
+        t.frames[0].u_len = limits::MAX_FRAME_LEN + 1;
+        assert!(t.validate(5).is_err());
+    }
+}

@@ -1,0 +1,659 @@
+//! Writing a HyperBox layer from a tar stream.
+//!
+//! The `tar` crate parses headers (GNU long names, PAX records); underneath it
+//! a [`Tap`] sees every byte the parser reads, in order, and routes it:
+//! bytes inside the current file's data region go to the content-defined
+//! chunker, everything else (headers, padding, the end-of-archive blocks and
+//! whatever follows them) to header frames. Because every input byte ends up
+//! in exactly one frame, in order, the frames decompress to the input tar
+//! byte for byte. Frames are compressed in parallel batches.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use rayon::prelude::*;
+
+use super::index::{
+    normalize_path, ChunkParams, Entry, EntryKind, Frame, Index, SparseSegment, Xattr,
+};
+use super::{encode_footer, encode_index_frame, FormatError, IndexLocation, FORMAT_VERSION};
+use crate::digest::{ChunkId, Digest, Sha256Writer};
+
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    pub chunk: ChunkParams,
+    /// zstd level for data and header frames.
+    pub level: i32,
+    /// Header bytes between two files are split into frames of at most this.
+    pub header_frame_max: usize,
+    /// Uncompressed bytes gathered before a parallel compression batch.
+    pub batch_bytes: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            chunk: ChunkParams::default(),
+            level: 3,
+            header_frame_max: 256 << 10,
+            batch_bytes: 16 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    pub entries: usize,
+    pub frames: usize,
+    pub data_chunks: usize,
+    pub tar_bytes: u64,
+    pub blob_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct ConvertedLayer {
+    pub location: IndexLocation,
+    /// sha256 of the whole blob (the layer descriptor's digest).
+    pub blob_digest: Digest,
+    pub blob_size: u64,
+    /// sha256 of the uncompressed tar (unchanged by conversion).
+    pub diff_id: Digest,
+    pub index: Index,
+    pub stats: LayerStats,
+}
+
+/// Convert the tar stream `input` into a HyperBox layer written to `out`.
+pub fn convert_tar<R: Read, W: Write>(
+    input: R,
+    out: W,
+    opts: &WriteOptions,
+) -> Result<ConvertedLayer, FormatError> {
+    let c = opts.chunk;
+    if !(64 <= c.min
+        && c.min <= c.avg
+        && c.avg <= c.max
+        && c.max <= super::index::limits::MAX_FRAME_LEN / 2)
+    {
+        return Err(FormatError::Corrupt(format!(
+            "invalid chunk parameters {c:?}"
+        )));
+    }
+    let splitter = Rc::new(RefCell::new(Splitter::new(out, opts)));
+    let mut archive = tar::Archive::new(Tap {
+        inner: input,
+        splitter: splitter.clone(),
+    });
+    let mut entries = Vec::new();
+    let mut last_path = String::from("(start of archive)");
+    let tar_err = |e: io::Error, splitter: &Rc<RefCell<Splitter<W>>>, last: &str| {
+        splitter
+            .borrow_mut()
+            .err
+            .take()
+            .unwrap_or_else(|| FormatError::Tar(format!("{e} (after entry {last:?})")))
+    };
+    {
+        let iter = archive
+            .entries()
+            .map_err(|e| tar_err(e, &splitter, &last_path))?;
+        for raw in iter {
+            let mut e = raw.map_err(|e| tar_err(e, &splitter, &last_path))?;
+            let header_pos = e.raw_header_position();
+            let data_pos = e.raw_file_position();
+            let parsed = {
+                let s = splitter.borrow();
+                debug_assert_eq!(s.pos, data_pos, "the tar parser read past the header");
+                let raw_header = s.header_bytes_from(header_pos);
+                entry_from_tar(&mut e, raw_header, data_pos)
+            }
+            .map_err(|m| FormatError::Tar(format!("entry after {last_path:?}: {m}")))?;
+            let mut s = splitter.borrow_mut();
+            if let Some(entry) = parsed {
+                last_path = String::from_utf8_lossy(&entry.path).into_owned();
+                if entry.data_len > 0 {
+                    s.start_data_region(data_pos, data_pos + entry.data_len);
+                } else {
+                    s.flush_header_if_large();
+                }
+                entries.push(entry);
+            } else {
+                s.flush_header_if_large();
+            }
+            if let Some(err) = s.err.take() {
+                return Err(err);
+            }
+        }
+    }
+    // The parser stops at the end-of-archive marker; keep every byte after it.
+    let mut tap = archive.into_inner();
+    io::copy(&mut tap, &mut io::sink()).map_err(|e| tar_err(e, &splitter, &last_path))?;
+    drop(tap);
+    let splitter = Rc::try_unwrap(splitter)
+        .ok()
+        .expect("the tap is gone")
+        .into_inner();
+    splitter.finish(entries, opts)
+}
+
+/// Turn one parsed tar entry into an index entry. `raw_header` holds the raw
+/// bytes from the entry's own header block up to its data.
+fn entry_from_tar<R: Read>(
+    e: &mut tar::Entry<R>,
+    raw_header: &[u8],
+    data_pos: u64,
+) -> Result<Option<Entry>, String> {
+    use tar::EntryType as T;
+    let h = e.header().clone();
+    let etype = h.entry_type();
+    let kind = match etype {
+        T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
+        T::Directory => EntryKind::Dir,
+        T::Symlink => EntryKind::Symlink,
+        T::Link => EntryKind::Hardlink,
+        T::Char => EntryKind::CharDevice,
+        T::Block => EntryKind::BlockDevice,
+        T::Fifo => EntryKind::Fifo,
+        // Global PAX headers and other non-file records stay in the byte
+        // stream but are not filesystem entries.
+        _ => return Ok(None),
+    };
+    let raw_path = e.path_bytes().into_owned();
+    let path = normalize_path(&raw_path).ok_or_else(|| {
+        format!(
+            "path {:?} is outside the layer root",
+            String::from_utf8_lossy(&raw_path)
+        )
+    })?;
+    let name = String::from_utf8_lossy(&path).into_owned();
+    let ctx = |what: &str, err: io::Error| format!("{name:?}: bad {what}: {err}");
+    // Numeric fields are read as Go's archive/tar (containerd's reader) reads
+    // them: octal or base-256, and an empty field is 0.
+    let block = raw_header
+        .get(..512)
+        .ok_or_else(|| format!("{name:?}: header block missing"))?;
+    let num = |what: &str, range: std::ops::Range<usize>| {
+        tar_number(&block[range]).ok_or_else(|| format!("{name:?}: bad {what} field"))
+    };
+    let mut entry = Entry {
+        path,
+        kind,
+        mode: num("mode", 100..108)? as u32 & 0o7777,
+        uid: num("uid", 108..116)?,
+        gid: num("gid", 116..124)?,
+        mtime: num("mtime", 136..148)? as i64,
+        mtime_nsec: 0,
+        size: 0,
+        data_offset: 0,
+        data_len: 0,
+        link: Vec::new(),
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: Vec::new(),
+        sparse: Vec::new(),
+    };
+    if let Some(pax) = e.pax_extensions().map_err(|err| ctx("PAX header", err))? {
+        for ext in pax {
+            let ext = ext.map_err(|err| ctx("PAX record", err))?;
+            let key = ext.key_bytes();
+            let value = ext.value_bytes();
+            if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
+                entry.xattrs.push(Xattr {
+                    name: xname.to_vec(),
+                    value: value.to_vec(),
+                });
+            } else if key == b"mtime" {
+                (entry.mtime, entry.mtime_nsec) =
+                    parse_pax_time(value).ok_or_else(|| format!("{name:?}: bad PAX mtime"))?;
+            } else if key == b"uid" || key == b"gid" {
+                let v = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                let v = v.ok_or_else(|| format!("{name:?}: bad PAX uid/gid"))?;
+                if key == b"uid" {
+                    entry.uid = v
+                } else {
+                    entry.gid = v
+                }
+            } else if key.starts_with(b"GNU.sparse.") {
+                return Err(format!("{name:?}: PAX-format sparse files (GNU.sparse.*) are not supported; re-create the layer with --format=gnu or without --sparse"));
+            }
+        }
+    }
+    match kind {
+        EntryKind::File => {
+            entry.data_offset = data_pos;
+            if etype == T::GNUSparse {
+                let (segments, real_size) = gnu_sparse_map(raw_header)
+                    .ok_or_else(|| format!("{name:?}: bad GNU sparse map"))?;
+                entry.size = real_size;
+                entry.data_len = segments.iter().map(|s| s.len).sum();
+                let stored = h.entry_size().map_err(|err| ctx("size", err))?;
+                if entry.data_len != stored {
+                    return Err(format!(
+                        "{name:?}: sparse map holds {} bytes, the entry stores {stored}",
+                        entry.data_len
+                    ));
+                }
+                entry.sparse = segments;
+            } else {
+                entry.size = e.size();
+                entry.data_len = entry.size;
+            }
+        }
+        EntryKind::Symlink | EntryKind::Hardlink => {
+            let target = e
+                .link_name_bytes()
+                .ok_or_else(|| format!("{name:?}: link without a target"))?
+                .into_owned();
+            entry.link = if kind == EntryKind::Hardlink {
+                normalize_path(&target)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| format!("{name:?}: hard link target outside the layer"))?
+            } else {
+                target
+            };
+        }
+        EntryKind::CharDevice | EntryKind::BlockDevice => {
+            entry.dev_major = num("device major", 329..337)? as u32;
+            entry.dev_minor = num("device minor", 337..345)? as u32;
+        }
+        EntryKind::Dir | EntryKind::Fifo => {}
+    }
+    Ok(Some(entry))
+}
+
+/// PAX times are decimal seconds with an optional fraction: `-1.5`, `1700000000.123456789`.
+fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut nsec: u32 = 0;
+    for i in 0..9 {
+        nsec = nsec * 10 + frac.as_bytes().get(i).map_or(0, |b| (b - b'0') as u32);
+    }
+    Some(if !neg {
+        (secs, nsec)
+    } else if nsec == 0 {
+        (-secs, 0)
+    } else {
+        (-secs - 1, 1_000_000_000 - nsec)
+    })
+}
+
+/// A tar numeric field: octal text, or base-256 when the top bit is set.
+fn tar_number(f: &[u8]) -> Option<u64> {
+    if f.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = (f[0] & 0x7f) as u64;
+        for &b in &f[1..] {
+            v = v.checked_mul(256)?.checked_add(b as u64)?;
+        }
+        return Some(v);
+    }
+    let s = std::str::from_utf8(f)
+        .ok()?
+        .trim_matches(|c| c == '\0' || c == ' ');
+    if s.is_empty() {
+        Some(0)
+    } else {
+        u64::from_str_radix(s, 8).ok()
+    }
+}
+
+/// The sparse map of an old-GNU sparse entry: 4 slots in the header at 386,
+/// `isextended` at 482, real size at 483; each extension block holds 21 slots
+/// and its own `isextended` at 504.
+fn gnu_sparse_map(raw: &[u8]) -> Option<(Vec<SparseSegment>, u64)> {
+    let header = raw.get(..512)?;
+    let real_size = tar_number(&header[483..495])?;
+    let mut segs = Vec::new();
+    let mut push = |slot: &[u8]| -> Option<()> {
+        let (off, len) = (tar_number(&slot[..12])?, tar_number(&slot[12..24])?);
+        if len > 0 {
+            segs.push(SparseSegment { offset: off, len });
+        }
+        Some(())
+    };
+    for s in 0..4 {
+        push(&header[386 + 24 * s..410 + 24 * s])?;
+    }
+    let mut extended = header[482] != 0;
+    let mut at = 512;
+    while extended {
+        let block = raw.get(at..at + 512)?;
+        for s in 0..21 {
+            push(&block[24 * s..24 * s + 24])?;
+        }
+        extended = block[504] != 0;
+        at += 512;
+    }
+    Some((segs, real_size))
+}
+
+/// Sees every byte the tar parser reads and hands it to the splitter.
+struct Tap<R, W: Write> {
+    inner: R,
+    splitter: Rc<RefCell<Splitter<W>>>,
+}
+
+impl<R: Read, W: Write> Read for Tap<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut s = self.splitter.borrow_mut();
+        s.feed(&buf[..n]);
+        if s.err.is_some() {
+            return Err(io::Error::other("layer output failed"));
+        }
+        Ok(n)
+    }
+}
+
+/// Routes tar bytes into frames and writes them out in order.
+struct Splitter<W: Write> {
+    /// Tar offset of the next byte to arrive.
+    pos: u64,
+    /// Header bytes not yet framed, starting at tar offset `hdr_start`.
+    hdr: Vec<u8>,
+    hdr_start: u64,
+    /// The current file's data region `[start, end)` in the tar, if any.
+    region: Option<(u64, u64)>,
+    /// Data bytes of the region not yet cut into chunks.
+    data: Vec<u8>,
+    diff_id: Sha256Writer,
+    sink: FrameSink<W>,
+    chunk: ChunkParams,
+    header_frame_max: usize,
+    data_chunks: usize,
+    err: Option<FormatError>,
+}
+
+impl<W: Write> Splitter<W> {
+    fn new(out: W, opts: &WriteOptions) -> Self {
+        Self {
+            pos: 0,
+            hdr: Vec::new(),
+            hdr_start: 0,
+            region: None,
+            data: Vec::new(),
+            diff_id: Sha256Writer::new(),
+            sink: FrameSink::new(out, opts.level, opts.batch_bytes),
+            chunk: opts.chunk,
+            header_frame_max: opts.header_frame_max,
+            data_chunks: 0,
+            err: None,
+        }
+    }
+
+    fn header_bytes_from(&self, tar_offset: u64) -> &[u8] {
+        let from = tar_offset.saturating_sub(self.hdr_start) as usize;
+        &self.hdr[from.min(self.hdr.len())..]
+    }
+
+    fn start_data_region(&mut self, start: u64, end: u64) {
+        debug_assert_eq!(self.pos, start);
+        self.flush_header();
+        self.region = Some((start, end));
+    }
+
+    fn feed(&mut self, mut b: &[u8]) {
+        self.diff_id.update(b);
+        while !b.is_empty() {
+            match self.region {
+                Some((_, end)) => {
+                    let n = b.len().min((end - self.pos) as usize);
+                    self.data.extend_from_slice(&b[..n]);
+                    self.pos += n as u64;
+                    b = &b[n..];
+                    let done = self.pos == end;
+                    self.cut_chunks(done);
+                    if done {
+                        self.region = None;
+                        debug_assert!(self.hdr.is_empty());
+                        self.hdr_start = self.pos;
+                    }
+                }
+                None => {
+                    self.hdr.extend_from_slice(b);
+                    self.pos += b.len() as u64;
+                    b = &[];
+                }
+            }
+        }
+    }
+
+    /// Cut the buffered data into content-defined chunks. Until the region is
+    /// complete, only cuts that more data could not move are taken: the
+    /// first chunk of a window of `max` bytes is final.
+    fn cut_chunks(&mut self, complete: bool) {
+        let ChunkParams { min, avg, max } = self.chunk;
+        let max = max as usize;
+        if !complete && self.data.len() < 2 * max {
+            return;
+        }
+        let mut at = 0;
+        while self.data.len() - at >= max {
+            let window = &self.data[at..at + max];
+            let cut = fastcdc::v2020::FastCDC::new(window, min, avg, max as u32)
+                .next()
+                .map_or(max, |c| c.length);
+            self.emit(at, at + cut);
+            at += cut;
+        }
+        if complete {
+            let rest = &self.data[at..];
+            let cuts: Vec<usize> = fastcdc::v2020::FastCDC::new(rest, min, avg, max as u32)
+                .map(|c| c.length)
+                .collect();
+            for len in cuts {
+                self.emit(at, at + len);
+                at += len;
+            }
+        }
+        self.data.drain(..at);
+    }
+
+    fn emit(&mut self, from: usize, to: usize) {
+        let chunk = self.data[from..to].to_vec();
+        self.data_chunks += 1;
+        if let Err(e) = self.sink.push(chunk) {
+            self.err.get_or_insert(e);
+        }
+    }
+
+    fn flush_header(&mut self) {
+        while !self.hdr.is_empty() {
+            let n = self.hdr.len().min(self.header_frame_max);
+            let frame: Vec<u8> = self.hdr.drain(..n).collect();
+            self.hdr_start += n as u64;
+            if let Err(e) = self.sink.push(frame) {
+                self.err.get_or_insert(e);
+            }
+        }
+        self.hdr_start = self.pos;
+    }
+
+    fn flush_header_if_large(&mut self) {
+        if self.hdr.len() >= self.header_frame_max {
+            self.flush_header();
+        }
+    }
+
+    fn finish(
+        mut self,
+        entries: Vec<Entry>,
+        opts: &WriteOptions,
+    ) -> Result<ConvertedLayer, FormatError> {
+        if let Some((_, end)) = self.region {
+            return Err(FormatError::Tar(format!(
+                "archive ends inside file data ({} of {end} bytes)",
+                self.pos
+            )));
+        }
+        self.flush_header();
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        let diff_id = self.diff_id.finish();
+        let tar_size = self.pos;
+        let (frames, mut out) = self.sink.finish()?;
+        let index = Index {
+            tar_size,
+            diff_id: *diff_id.as_bytes(),
+            chunk_params: opts.chunk,
+            frames,
+            entries,
+        };
+        let frames_end = out.len;
+        let index_frame = encode_index_frame(&index, 19);
+        let location = IndexLocation {
+            offset: frames_end,
+            length: index_frame.len() as u64,
+            digest: Digest::of(&index_frame),
+            version: FORMAT_VERSION,
+        };
+        out.write_all(&index_frame)?;
+        out.write_all(&encode_footer(&location))?;
+        out.inner.flush()?;
+        let stats = LayerStats {
+            entries: index.entries.len(),
+            frames: index.frames.len(),
+            data_chunks: self.data_chunks,
+            tar_bytes: tar_size,
+            blob_bytes: out.len,
+        };
+        Ok(ConvertedLayer {
+            location,
+            blob_digest: out.hash.finish(),
+            blob_size: out.len,
+            diff_id,
+            index,
+            stats,
+        })
+    }
+}
+
+/// Output that hashes and counts what it writes.
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256Writer,
+    len: u64,
+}
+impl<W: Write> HashingWriter<W> {
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        self.inner.write_all(b)?;
+        self.hash.update(b);
+        self.len += b.len() as u64;
+        Ok(())
+    }
+}
+
+/// Compresses frames in parallel batches and writes them in order.
+struct FrameSink<W> {
+    out: HashingWriter<W>,
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
+    frames: Vec<Frame>,
+    level: i32,
+    batch_bytes: usize,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+/// Compress one frame with this thread's reusable zstd context.
+pub fn compress_frame(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut z = zstd::bulk::Compressor::new(level)?;
+            z.include_checksum(false)?;
+            z.include_contentsize(true)?;
+            *c = Some((level, z));
+        }
+        c.as_mut().unwrap().1.compress(data)
+    })
+}
+
+impl<W: Write> FrameSink<W> {
+    fn new(out: W, level: i32, batch_bytes: usize) -> Self {
+        Self {
+            out: HashingWriter {
+                inner: out,
+                hash: Sha256Writer::new(),
+                len: 0,
+            },
+            pending: Vec::new(),
+            pending_bytes: 0,
+            frames: Vec::new(),
+            level,
+            batch_bytes,
+        }
+    }
+
+    fn push(&mut self, data: Vec<u8>) -> Result<(), FormatError> {
+        self.pending_bytes += data.len();
+        self.pending.push(data);
+        if self.pending_bytes >= self.batch_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), FormatError> {
+        let level = self.level;
+        let done: Vec<io::Result<(Vec<u8>, ChunkId, u32)>> = self
+            .pending
+            .par_drain(..)
+            .map(|d| Ok((compress_frame(&d, level)?, ChunkId::of(&d), d.len() as u32)))
+            .collect();
+        self.pending_bytes = 0;
+        for r in done {
+            let (z, id, u_len) = r?;
+            self.out.write_all(&z)?;
+            self.frames.push(Frame {
+                c_len: z.len() as u32,
+                u_len,
+                id,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Vec<Frame>, HashingWriter<W>), FormatError> {
+        self.flush()?;
+        Ok((self.frames, self.out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1700000000, 500_000_000))
+        );
+        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
+        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(parse_pax_time(b"1.x"), None);
+    }
+
+    #[test]
+    fn tar_numbers() {
+        assert_eq!(tar_number(b"0000644\0"), Some(0o644));
+        assert_eq!(tar_number(b"\0\0\0"), Some(0));
+        assert_eq!(
+            tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            Some(256)
+        );
+        assert_eq!(tar_number(b"9"), None);
+    }
+}

@@ -1,0 +1,18 @@
+//! HyperBox: a lazy-loading remote snapshotter for containerd.
+//!
+//! Modules, and the one direction data and imports flow in (a module uses
+//! only those on its left, plus the leaves):
+//!
+//! ```text
+//! registry ─▶ fetcher ─▶ store ─▶ fs ─▶ snapshotter ─▶ (containerd)
+//! leaves:     digest, format
+//! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
+//! ```
+//!
+//! Only `registry` names the HTTP client; only `format` names zstd's frame
+//! layout. See docs/architecture.md.
+
+pub mod convert;
+pub mod digest;
+pub mod format;
+pub mod registry;
