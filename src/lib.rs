@@ -12,7 +12,9 @@
 //! Only `registry` names the HTTP client; only `format` names zstd's frame
 //! layout. See docs/architecture.md.
 
+pub mod config;
 pub mod convert;
 pub mod digest;
 pub mod format;
+pub mod inspect;
 pub mod registry;

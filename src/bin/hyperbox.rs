@@ -1,1 +1,306 @@
-fn main() {}
+//! `hyperbox`: the HyperBox command line (convert and inspect images).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use hyperbox::config::Config;
+use hyperbox::convert::{self, ConvertOptions, ImageLocation, ImageStore};
+use hyperbox::format::{self, writer::WriteOptions, ChunkParams, IndexLocation};
+use hyperbox::registry::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "hyperbox",
+    version,
+    about = "HyperBox: lazy-loading images for containerd"
+)]
+struct Cli {
+    /// Config file (default /etc/hyperbox/config.toml, if it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ChunkArgs {
+    /// Average chunk size in KiB (min is a half, max four times this).
+    #[arg(long, default_value_t = ChunkParams::default().avg >> 10)]
+    chunk_size: u32,
+    /// zstd compression level of the frames.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+}
+
+impl ChunkArgs {
+    fn write_options(&self) -> WriteOptions {
+        let avg = self.chunk_size << 10;
+        WriteOptions {
+            chunk: ChunkParams {
+                min: avg / 2,
+                avg,
+                max: avg * 4,
+            },
+            level: self.level,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an image to HyperBox layers and push it.
+    ///
+    /// SRC and DST are registry references (https, or http with --plain-http
+    /// or for registries listed in [registry] insecure) or OCI image layout
+    /// directories written oci:PATH[:TAG].
+    Convert {
+        /// Use http instead of https for registries.
+        #[arg(long)]
+        plain_http: bool,
+        /// Layers converted at once (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        chunk: ChunkArgs,
+        /// Print only the summary.
+        #[arg(long, short)]
+        quiet: bool,
+        src: String,
+        dst: String,
+    },
+    /// Convert one layer file (tar, tar+gzip or tar+zstd) to a HyperBox layer file.
+    ConvertLayer {
+        #[command(flatten)]
+        chunk: ChunkArgs,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    /// Print the index of a HyperBox layer file, or of every layer of an image.
+    Inspect {
+        /// Use http instead of https for registries.
+        #[arg(long)]
+        plain_http: bool,
+        /// Print JSON (entries and frames included).
+        #[arg(long)]
+        json: bool,
+        /// List every entry.
+        #[arg(long)]
+        entries: bool,
+        /// Read and verify every chunk against the index.
+        #[arg(long)]
+        verify: bool,
+        /// A layer file, a registry reference, or oci:PATH[:TAG].
+        target: String,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("hyperbox: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.cmd {
+        Cmd::Convert {
+            plain_http,
+            jobs,
+            chunk,
+            quiet,
+            src,
+            dst,
+        } => {
+            let client = Arc::new(Client::new(&config.registry, plain_http)?);
+            let src_loc: ImageLocation = src.parse()?;
+            let dst_loc: ImageLocation = dst.parse()?;
+            let mut opts = ConvertOptions {
+                write: chunk.write_options(),
+                quiet,
+                ..Default::default()
+            };
+            opts.progress_bars = !quiet && std::io::stderr().is_terminal();
+            if let Some(j) = jobs {
+                opts.jobs = j;
+            }
+            let summary = rt.block_on(convert::convert(
+                ImageStore::new(src_loc, client.clone()),
+                ImageStore::new(dst_loc.clone(), client),
+                opts,
+            ))?;
+            println!("converted {src} → {dst_loc}");
+            println!("{summary}");
+            if let Some(d) = summary.digest {
+                println!("digest {d}");
+            }
+        }
+        Cmd::ConvertLayer {
+            chunk,
+            input,
+            output,
+        } => {
+            let started = std::time::Instant::now();
+            let out = convert::convert_file(&input, &output, &chunk.write_options())?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{} → {}: {} tar → {}, {} entries, {} chunks, {:.2}s, {:.1} MB/s",
+                input.display(),
+                output.display(),
+                convert::human(out.stats.tar_bytes),
+                convert::human(out.blob_size),
+                out.stats.entries,
+                out.stats.frames,
+                secs,
+                out.stats.tar_bytes as f64 / 1e6 / secs.max(1e-6)
+            );
+            println!("digest {}\ndiff_id {}", out.blob_digest, out.diff_id);
+            for (k, v) in out.location.to_annotations() {
+                println!("annotation {k}={v}");
+            }
+        }
+        Cmd::Inspect {
+            plain_http,
+            json,
+            entries,
+            verify,
+            target,
+        } => {
+            let path = PathBuf::from(&target);
+            let reports = if path.is_file() {
+                let file = std::fs::File::open(&path)?;
+                let (loc, idx) = format::open_layer(&file, None)
+                    .with_context(|| format!("layer {}", path.display()))?;
+                if verify {
+                    verify_all(&file, &idx).with_context(|| format!("layer {}", path.display()))?;
+                }
+                vec![hyperbox::inspect::report(
+                    &target,
+                    file.metadata()?.len(),
+                    &loc,
+                    &idx,
+                )]
+            } else {
+                let client = Arc::new(Client::new(&config.registry, plain_http)?);
+                rt.block_on(inspect_image(
+                    ImageStore::new(target.parse()?, client),
+                    verify,
+                ))?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                for (i, r) in reports.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    r.print_text(entries);
+                }
+            }
+            if verify && !json {
+                println!("verified every chunk of {} layer(s)", reports.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verify_all(src: &(impl format::BlobSource + ?Sized), idx: &format::LayerIndex) -> Result<()> {
+    for i in 0..idx.frames().len() {
+        format::read_frame(src, idx, i)?;
+    }
+    Ok(())
+}
+
+/// Inspect every HyperBox layer of an image: one range request for each
+/// index (the annotations say where it is), or the whole blob with --verify.
+async fn inspect_image(
+    store: ImageStore,
+    verify: bool,
+) -> Result<Vec<hyperbox::inspect::LayerReport>> {
+    use oci_spec::image::{ImageIndex, ImageManifest};
+    let root = store.root().await?;
+    let mut manifests = Vec::new();
+    if root.media_type.contains("index") || root.media_type.contains("manifest.list") {
+        let index = ImageIndex::from_reader(&root.bytes[..])?;
+        for d in index.manifests() {
+            manifests.push(
+                store
+                    .manifest(&d.digest().to_string().parse()?, d.media_type().as_ref())
+                    .await?,
+            );
+        }
+    } else {
+        manifests.push(root);
+    }
+    let work = tempfile::tempdir()?;
+    let mut reports = Vec::new();
+    for m in manifests {
+        let manifest = ImageManifest::from_reader(&m.bytes[..])?;
+        for layer in manifest.layers() {
+            let name = layer.digest().to_string();
+            let annotations = layer.annotations().clone().unwrap_or_default();
+            let Some(loc) = IndexLocation::from_annotations(&annotations)
+                .with_context(|| format!("layer {name}"))?
+            else {
+                eprintln!(
+                    "layer {name}: not a HyperBox layer ({})",
+                    layer.media_type()
+                );
+                continue;
+            };
+            let digest = name.parse()?;
+            let ctx = || format!("layer {name}");
+            let idx = if verify {
+                let path = work.path().join(&name[7..]);
+                store.blob_to_file(&digest, &path, |_| {}).await?;
+                let file = std::fs::File::open(&path)?;
+                let (_, idx) = format::open_layer(&file, Some(&loc)).with_context(ctx)?;
+                verify_all(&file, &idx).with_context(ctx)?;
+                idx
+            } else {
+                loc.check_bounds(layer.size()).with_context(ctx)?;
+                let bytes = match store.location() {
+                    ImageLocation::Registry(r) => {
+                        store_client_range(&store, r, &digest, loc.offset, loc.length).await?
+                    }
+                    ImageLocation::Layout { dir, .. } => {
+                        let file = std::fs::File::open(dir.join("blobs/sha256").join(&name[7..]))?;
+                        format::BlobSource::read_at(&file, loc.offset, loc.length as usize)?
+                    }
+                };
+                format::parse_index_frame(&bytes, &loc).with_context(ctx)?
+            };
+            reports.push(hyperbox::inspect::report(&name, layer.size(), &loc, &idx));
+        }
+    }
+    if reports.is_empty() {
+        bail!("{}: no HyperBox layers", store.location());
+    }
+    Ok(reports)
+}
+
+async fn store_client_range(
+    store: &ImageStore,
+    r: &hyperbox::registry::Reference,
+    digest: &hyperbox::digest::Digest,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    Ok(store
+        .client()
+        .get_blob_range(&r.repo, digest, offset, len)
+        .await?)
+}

@@ -1,1 +1,644 @@
+//! The OCI distribution client: the only module that names the HTTP client.
+//!
+//! Auth: anonymous or credentialed bearer tokens from the `WWW-Authenticate`
+//! challenge, basic auth, credentials from docker's `config.json`. Range reads
+//! insist on `206 Partial Content` with a matching `Content-Range`.
 
+mod reference;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use futures_util::StreamExt;
+use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+pub use reference::{Reference, ReferenceError, Repo};
+
+use crate::digest::{Digest, Sha256Writer};
+
+/// Media types a manifest GET accepts, most specific first.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// The registry section of the config file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) reached over plain http instead of https.
+    pub insecure: Vec<String>,
+    /// docker `config.json` to read credentials from; default
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("{repo}: {what}: HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
+    Status {
+        repo: String,
+        what: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{repo}: {what}: {source}")]
+    Transport {
+        repo: String,
+        what: String,
+        source: reqwest::Error,
+    },
+    #[error("{repo}: {what}: {problem}")]
+    Protocol {
+        repo: String,
+        what: String,
+        problem: String,
+    },
+    #[error("credentials from {path}: {problem}")]
+    Credentials { path: String, problem: String },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+pub struct Client {
+    http: reqwest::Client,
+    plain_http: bool,
+    insecure: Vec<String>,
+    /// registry host → (user, password) from docker's config.json.
+    creds: HashMap<String, (String, String)>,
+    /// (registry, scope) → bearer token.
+    tokens: Mutex<HashMap<(String, String), String>>,
+}
+
+/// A fetched manifest or index.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+impl Client {
+    /// `plain_http` makes every registry use http (as `ctr --plain-http`).
+    pub fn new(cfg: &RegistryConfig, plain_http: bool) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| RegistryError::Transport {
+                repo: String::new(),
+                what: "HTTP client".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            http,
+            plain_http,
+            insecure: cfg.insecure.clone(),
+            creds: load_docker_credentials(cfg.docker_config.as_deref())?,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn base(&self, registry: &str) -> String {
+        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        format!("{scheme}://{host}/v2/")
+    }
+
+    fn url(&self, repo: &Repo, rest: &str) -> String {
+        format!("{}{}/{rest}", self.base(&repo.registry), repo.name)
+    }
+
+    /// Send a request built by `build`, authenticating on a 401 and retrying once.
+    async fn send(
+        &self,
+        repo: &Repo,
+        push: bool,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response> {
+        let scope = format!(
+            "repository:{}:{}",
+            repo.name,
+            if push { "pull,push" } else { "pull" }
+        );
+        let key = (repo.registry.clone(), scope.clone());
+        let transport = |e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: what.to_string(),
+            source: e,
+        };
+        for attempt in 0..2 {
+            let mut req = build(&self.http);
+            let token = self.tokens.lock().unwrap().get(&key).cloned();
+            if let Some(t) = token {
+                req = req.header(header::AUTHORIZATION, t);
+            }
+            let resp = req.send().await.map_err(transport)?;
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                return Ok(resp);
+            }
+            let challenge = resp
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let auth = self.authorize(repo, &challenge, &scope, what).await?;
+            self.tokens.lock().unwrap().insert(key.clone(), auth);
+        }
+        unreachable!()
+    }
+
+    /// Answer a `WWW-Authenticate` challenge with an `Authorization` value.
+    async fn authorize(
+        &self,
+        repo: &Repo,
+        challenge: &str,
+        scope: &str,
+        what: &str,
+    ) -> Result<String> {
+        use base64::Engine;
+        let creds = self.creds.get(&repo.registry);
+        let basic = creds.map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
+        let fail = |problem: String| RegistryError::Protocol {
+            repo: repo.to_string(),
+            what: what.to_string(),
+            problem,
+        };
+        let (kind, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+        if kind.eq_ignore_ascii_case("basic") {
+            return basic.ok_or_else(|| {
+                fail("registry asks for credentials and none are configured (docker login)".into())
+            });
+        }
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(fail(format!(
+                "unauthorized, with an auth challenge HyperBox does not know: {challenge:?}"
+            )));
+        }
+        let params = parse_challenge(params);
+        let realm = params
+            .get("realm")
+            .ok_or_else(|| fail("bearer challenge without a realm".into()))?;
+        let mut req = self.http.get(realm.as_str()).query(&[("scope", scope)]);
+        if let Some(service) = params.get("service") {
+            req = req.query(&[("service", service)]);
+        }
+        if let Some(b) = basic {
+            req = req.header(header::AUTHORIZATION, b);
+        }
+        let resp = req.send().await.map_err(|e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: "token".into(),
+            source: e,
+        })?;
+        if !resp.status().is_success() {
+            return Err(fail(format!(
+                "token endpoint {realm} answered HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let t: Token = resp
+            .json()
+            .await
+            .map_err(|e| fail(format!("token response: {e}")))?;
+        let t = t
+            .token
+            .or(t.access_token)
+            .ok_or_else(|| fail("token response holds no token".into()))?;
+        Ok(format!("Bearer {t}"))
+    }
+
+    async fn check(resp: Response, repo: &Repo, what: &str) -> Result<Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let mut body = resp.text().await.unwrap_or_default();
+        body.truncate(300);
+        Err(RegistryError::Status {
+            repo: repo.to_string(),
+            what: what.to_string(),
+            status,
+            body: body.trim().to_string(),
+        })
+    }
+
+    /// GET a manifest or index by tag or digest, verifying it against the
+    /// digest when the reference names one.
+    pub async fn get_manifest(&self, repo: &Repo, target: &str) -> Result<Manifest> {
+        let what = format!("manifest {target}");
+        let url = self.url(repo, &format!("manifests/{target}"));
+        let resp = self
+            .send(repo, false, &what, |c| {
+                c.get(&url).header(header::ACCEPT, MANIFEST_ACCEPT)
+            })
+            .await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: what.clone(),
+            source: e,
+        })?;
+        let digest = Digest::of(&bytes);
+        if let Ok(want) = target.parse::<Digest>() {
+            if want != digest {
+                return Err(RegistryError::Protocol {
+                    repo: repo.to_string(),
+                    what,
+                    problem: format!("content hashes to {digest}"),
+                });
+            }
+        }
+        Ok(Manifest {
+            bytes: bytes.to_vec(),
+            media_type,
+            digest,
+        })
+    }
+
+    pub async fn blob_exists(&self, repo: &Repo, digest: &Digest) -> Result<bool> {
+        let what = format!("blob {digest}");
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let resp = self.send(repo, true, &what, |c| c.head(&url)).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Self::check(resp, repo, &what).await.map(|_| false),
+        }
+    }
+
+    /// Download a blob into `dest`, verifying its digest; returns its size.
+    pub async fn get_blob_to_file(
+        &self,
+        repo: &Repo,
+        digest: &Digest,
+        dest: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64> {
+        let what = format!("blob {digest}");
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let resp = self.send(repo, false, &what, |c| c.get(&url)).await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        let mut file = tokio::fs::File::create(dest).await?;
+        let mut hash = Sha256Writer::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| RegistryError::Transport {
+                repo: repo.to_string(),
+                what: what.clone(),
+                source: e,
+            })?;
+            hash.update(&piece);
+            file.write_all(&piece).await?;
+            progress(piece.len() as u64);
+        }
+        file.flush().await?;
+        let size = hash.len();
+        let got = hash.finish();
+        if &got != digest {
+            return Err(RegistryError::Protocol {
+                repo: repo.to_string(),
+                what,
+                problem: format!("content hashes to {got}"),
+            });
+        }
+        Ok(size)
+    }
+
+    /// GET a small blob (a config) into memory, verifying its digest.
+    pub async fn get_blob(&self, repo: &Repo, digest: &Digest) -> Result<Vec<u8>> {
+        let what = format!("blob {digest}");
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let resp = self.send(repo, false, &what, |c| c.get(&url)).await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: what.clone(),
+            source: e,
+        })?;
+        if &Digest::of(&bytes) != digest {
+            return Err(RegistryError::Protocol {
+                repo: repo.to_string(),
+                what,
+                problem: "content does not match its digest".into(),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// GET bytes `[offset, offset+len)` of a blob. Only a `206` whose
+    /// `Content-Range` names exactly that range, with exactly `len` bytes, is
+    /// accepted: a `200` carrying the whole blob is an error, never a range.
+    pub async fn get_blob_range(
+        &self,
+        repo: &Repo,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let what = format!("blob {digest} bytes {offset}+{len}");
+        let fail = |problem: String| RegistryError::Protocol {
+            repo: repo.to_string(),
+            what: what.clone(),
+            problem,
+        };
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| fail("range overflows".into()))?;
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let range = format!("bytes={offset}-{last}");
+        let resp = self
+            .send(repo, false, &what, |c| {
+                c.get(&url).header(header::RANGE, &range)
+            })
+            .await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(fail(format!(
+                "expected 206 Partial Content, got {}",
+                resp.status().as_u16()
+            )));
+        }
+        let cr = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let want = format!("bytes {offset}-{last}/");
+        if !cr.starts_with(&want) {
+            return Err(fail(format!(
+                "Content-Range {cr:?} does not match the request"
+            )));
+        }
+        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: what.clone(),
+            source: e,
+        })?;
+        if bytes.len() as u64 != len {
+            return Err(fail(format!("got {} bytes", bytes.len())));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// The size of a blob, from a HEAD request.
+    pub async fn blob_size(&self, repo: &Repo, digest: &Digest) -> Result<u64> {
+        let what = format!("blob {digest}");
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let resp = self.send(repo, false, &what, |c| c.head(&url)).await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or_else(|| RegistryError::Protocol {
+                repo: repo.to_string(),
+                what,
+                problem: "no Content-Length".into(),
+            })
+    }
+
+    /// Upload a blob (monolithic: POST for a session, then one PUT).
+    pub async fn push_blob(&self, repo: &Repo, digest: &Digest, body: BlobBody<'_>) -> Result<()> {
+        let what = format!("upload of blob {digest}");
+        let url = self.url(repo, "blobs/uploads/");
+        let resp = self
+            .send(repo, true, &what, |c| {
+                c.request(Method::POST, &url)
+                    .header(header::CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let resp = Self::check(resp, repo, &what).await?;
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| RegistryError::Protocol {
+                repo: repo.to_string(),
+                what: what.clone(),
+                problem: "no upload Location".into(),
+            })?;
+        let mut put_url = reqwest::Url::parse(&url)
+            .and_then(|base| base.join(location))
+            .map_err(|e| RegistryError::Protocol {
+                repo: repo.to_string(),
+                what: what.clone(),
+                problem: format!("bad Location: {e}"),
+            })?;
+        put_url
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let len = match &body {
+            BlobBody::Bytes(b) => b.len() as u64,
+            BlobBody::File(p) => std::fs::metadata(p)?.len(),
+        };
+        let resp = self
+            .send(repo, true, &what, |c| {
+                let payload = match &body {
+                    BlobBody::Bytes(b) => reqwest::Body::from(b.to_vec()),
+                    // A file that vanished mid-upload sends nothing; the
+                    // registry then rejects the digest.
+                    BlobBody::File(p) => match std::fs::File::open(p) {
+                        Ok(f) => reqwest::Body::from(tokio::fs::File::from_std(f)),
+                        Err(_) => reqwest::Body::from(Vec::new()),
+                    },
+                };
+                c.put(put_url.clone())
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .header(header::CONTENT_LENGTH, len)
+                    .body(payload)
+            })
+            .await?;
+        Self::check(resp, repo, &what).await?;
+        Ok(())
+    }
+
+    /// PUT a manifest under a tag or its digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &Repo,
+        target: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<()> {
+        let what = format!("manifest {target}");
+        let url = self.url(repo, &format!("manifests/{target}"));
+        let resp = self
+            .send(repo, true, &what, |c| {
+                c.put(&url)
+                    .header(header::CONTENT_TYPE, media_type)
+                    .body(bytes.to_vec())
+            })
+            .await?;
+        Self::check(resp, repo, &what).await?;
+        Ok(())
+    }
+}
+
+/// What to upload.
+pub enum BlobBody<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+/// Parse `realm="...",service="...",scope="..."`.
+fn parse_challenge(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some((k, v)) = rest.split_once('=') else {
+            break;
+        };
+        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let v = v.trim_start();
+        let (val, next) = if let Some(q) = v.strip_prefix('"') {
+            match q.find('"') {
+                Some(end) => (&q[..end], &q[end + 1..]),
+                None => (q, ""),
+            }
+        } else {
+            match v.find(',') {
+                Some(end) => (&v[..end], &v[end..]),
+                None => (v, ""),
+            }
+        };
+        out.insert(k, val.to_string());
+        rest = next.trim_start_matches(',').trim();
+    }
+    out
+}
+
+/// Read `auths` from docker's config.json: host → (user, password).
+fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (String, String)>> {
+    use base64::Engine;
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("DOCKER_CONFIG") {
+            Some(d) => PathBuf::from(d).join("config.json"),
+            None => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".docker/config.json"),
+                None => return Ok(HashMap::new()),
+            },
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => {
+            return Err(RegistryError::Credentials {
+                path: path.display().to_string(),
+                problem: e.to_string(),
+            })
+        }
+    };
+    #[derive(Deserialize)]
+    struct DockerConfig {
+        #[serde(default)]
+        auths: HashMap<String, AuthEntry>,
+    }
+    #[derive(Deserialize)]
+    struct AuthEntry {
+        auth: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+    }
+    let bad = |problem: String| RegistryError::Credentials {
+        path: path.display().to_string(),
+        problem,
+    };
+    let cfg: DockerConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (host, a) in cfg.auths {
+        let pair = match (a.auth, a.username, a.password) {
+            (Some(auth), _, _) => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|e| bad(format!("{host}: {e}")))?;
+                let raw = String::from_utf8(raw)
+                    .map_err(|_| bad(format!("{host}: auth is not UTF-8")))?;
+                let (u, p) = raw
+                    .split_once(':')
+                    .ok_or_else(|| bad(format!("{host}: auth is not user:password")))?;
+                (u.to_string(), p.to_string())
+            }
+            (None, Some(u), Some(p)) => (u, p),
+            _ => continue,
+        };
+        // docker writes Docker Hub as a URL; everything else as host[:port].
+        let host = host
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let host = if host == "index.docker.io" {
+            "docker.io".to_string()
+        } else {
+            host
+        };
+        out.insert(host, pair);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_params() {
+        let p = parse_challenge(
+            r#"realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull");
+    }
+
+    #[test]
+    fn docker_config_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"r.example:5000":{"username":"a","password":"b"}}}"#).unwrap();
+        let c = load_docker_credentials(Some(&p)).unwrap();
+        assert_eq!(c["docker.io"], ("user".to_string(), "pass".to_string()));
+        assert_eq!(c["r.example:5000"], ("a".to_string(), "b".to_string()));
+    }
+}

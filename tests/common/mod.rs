@@ -260,3 +260,153 @@ impl Drop for Containerd {
         }
     }
 }
+
+/// The host platform in OCI terms.
+pub fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// A tar layer built in memory.
+pub struct LayerBuilder(tar::Builder<Vec<u8>>);
+
+impl LayerBuilder {
+    pub fn new() -> Self {
+        Self(tar::Builder::new(Vec::new()))
+    }
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    }
+    pub fn dir(mut self, path: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Directory, 0o755, 0);
+        self.0.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+    pub fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+    /// A layer with busybox and its applet links: enough to run `sh -c`.
+    pub fn busybox() -> Self {
+        let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
+        let mut l = Self::new()
+            .dir("bin")
+            .dir("etc")
+            .dir("tmp")
+            .file("bin/busybox", 0o755, &bb);
+        for applet in [
+            "sh",
+            "cat",
+            "echo",
+            "ls",
+            "wc",
+            "sha256sum",
+            "head",
+            "find",
+            "stat",
+        ] {
+            l = l.symlink(&format!("bin/{applet}"), "busybox");
+        }
+        l.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    hyperbox::digest::Digest::of(data).to_string()
+}
+
+fn put_blob(dir: &Path, data: &[u8]) -> String {
+    let d = sha256(data);
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("blobs/sha256").join(&d[7..]), data).unwrap();
+    d
+}
+
+/// Write an image (gzip layers) into the OCI layout `dir` under `tag`; with
+/// `platforms` > 1, as a multi-platform index (the same layers for each).
+/// Returns the manifest (or index) digest.
+pub fn write_oci_image(
+    dir: &Path,
+    tag: &str,
+    layers: &[Vec<u8>],
+    cmd: &[&str],
+    platforms: &[&str],
+) -> String {
+    let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+    let mut layer_descs = Vec::new();
+    for l in layers {
+        let gz = gzip(l);
+        let d = put_blob(dir, &gz);
+        layer_descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
+    }
+    let mut manifests = Vec::new();
+    for arch in platforms {
+        let config = serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = serde_json::to_vec(&config).unwrap();
+        let cd = put_blob(dir, &config);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": layer_descs,
+        });
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        let md = put_blob(dir, &manifest);
+        manifests.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(), "platform": {"architecture": arch, "os": "linux"}}));
+    }
+    let (root_type, root_digest, root_size) = if manifests.len() == 1 {
+        let m = manifests.pop().unwrap();
+        (
+            m["mediaType"].as_str().unwrap().to_string(),
+            m["digest"].as_str().unwrap().to_string(),
+            m["size"].as_u64().unwrap(),
+        )
+    } else {
+        let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests})).unwrap();
+        (
+            "application/vnd.oci.image.index.v1+json".to_string(),
+            put_blob(dir, &index),
+            index.len() as u64,
+        )
+    };
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": root_type, "digest": root_digest, "size": root_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    root_digest
+}
+
+/// Count access-log lines of the registry matching all `needles`.
+pub fn count_requests(log: &str, needles: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}

@@ -1,0 +1,95 @@
+//! The daemon's and CLI's configuration file (`/etc/hyperbox/config.toml`).
+//!
+//! Each module owns its section's struct; this module only composes them,
+//! checks the version, and reports errors naming the file and field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::RegistryConfig;
+
+pub const DEFAULT_PATH: &str = "/etc/hyperbox/config.toml";
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Version of this file's layout; only 1 exists.
+    pub version: u32,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {problem}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+impl Config {
+    /// Load `path`, or the default path if it exists, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, must_exist) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let err = |problem: String| ConfigError {
+            path: path.clone(),
+            problem,
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if cfg.version != CONFIG_VERSION {
+            return Err(err(format!(
+                "version = {} is not supported (expected {CONFIG_VERSION})",
+                cfg.version
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "version = 1\n[registry]\ninsecur = []\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("insecur"), "{e}");
+        std::fs::write(&p, "version = 2\n").unwrap();
+        assert!(Config::load(Some(&p))
+            .unwrap_err()
+            .to_string()
+            .contains("version = 2"));
+        std::fs::write(
+            &p,
+            "version = 1\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().registry.insecure,
+            vec!["127.0.0.1:5000"]
+        );
+    }
+}
