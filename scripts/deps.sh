@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what building, testing and the demo need on Debian (bookworm).
+# Idempotent: apt runs only when a package is missing.
+set -euo pipefail
+
+packages=(
+  containerd runc fuse3 docker-registry   # the real parts tests and the demo run
+  protobuf-compiler                       # containerd-snapshots' build
+  clang libclang-dev                      # the rocksdb build
+  zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
+  pkg-config ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's containerd package starts a system containerd; tests run their own.
+command -v cargo >/dev/null || { echo "deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+cargo fetch --locked -q 2>/dev/null || cargo fetch -q
