@@ -105,8 +105,49 @@ impl Write for Sha256Writer {
 }
 
 /// The id of a chunk: blake3 of its uncompressed bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Serialized as a 32-byte string (postcard: length byte + bytes, decoded in
+/// one copy), or as hex in human-readable formats such as JSON.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);
+
+impl Serialize for ChunkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ChunkId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a 32-byte blake3 digest")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ChunkId, E> {
+                v.try_into()
+                    .map(ChunkId)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ChunkId, E> {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(v, &mut out)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
+                Ok(ChunkId(out))
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_str(V)
+        } else {
+            d.deserialize_bytes(V)
+        }
+    }
+}
 
 impl ChunkId {
     pub fn of(bytes: &[u8]) -> Self {
@@ -148,6 +189,18 @@ mod tests {
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn chunk_id_encodings() {
+        let id = ChunkId::of(b"x");
+        let bin = postcard::to_stdvec(&id).unwrap();
+        assert_eq!(bin.len(), 33);
+        assert_eq!(postcard::from_bytes::<ChunkId>(&bin).unwrap(), id);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{}\"", id.hex()));
+        assert_eq!(serde_json::from_str::<ChunkId>(&json).unwrap(), id);
+        assert!(postcard::from_bytes::<ChunkId>(&[3, 1, 2, 3]).is_err());
     }
 
     #[test]

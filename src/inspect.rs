@@ -32,8 +32,8 @@ pub struct EntryReport {
     pub path: String,
     pub kind: &'static str,
     pub mode: String,
-    pub uid: u64,
-    pub gid: u64,
+    pub uid: u32,
+    pub gid: u32,
     pub mtime: i64,
     pub size: u64,
     pub chunks: usize,
@@ -85,21 +85,21 @@ pub fn report(layer: &str, blob_size: u64, loc: &IndexLocation, idx: &LayerIndex
             gid: e.gid,
             mtime: e.mtime,
             size: e.size,
-            chunks: idx.frames_for(e.data_offset, e.data_len).len(),
-            link: (!e.link.is_empty()).then(|| String::from_utf8_lossy(&e.link).into_owned()),
+            chunks: idx.frames_for(e.data_offset, e.data_len()).len(),
+            link: (!e.link().is_empty()).then(|| String::from_utf8_lossy(e.link()).into_owned()),
             device: matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice)
-                .then_some((e.dev_major, e.dev_minor)),
+                .then_some(e.device()),
             xattrs: e
-                .xattrs
+                .xattrs()
                 .iter()
                 .map(|x| String::from_utf8_lossy(&x.name).into_owned())
                 .collect(),
-            sparse_segments: e.sparse.len(),
+            sparse_segments: e.sparse().len(),
         })
         .collect();
     let frames = (0..idx.frames().len())
         .map(|i| {
-            let f = &idx.frames()[i];
+            let f = idx.frames().get(i);
             FrameReport {
                 id: f.id.hex(),
                 blob_offset: idx.frame_blob_range(i).0,

@@ -155,7 +155,11 @@ fn offsets_outside_the_blob() {
     let (forged, floc) = reseal(&blob, &loc, |i| i.entries[1].data_offset = i.tar_size);
     let err = format::open_layer(&forged[..], Some(&floc)).unwrap_err();
     assert!(err.to_string().contains("data outside the tar"), "{err}");
-    let (forged, floc) = reseal(&blob, &loc, |i| i.frames[0].c_len += 1);
+    let (forged, floc) = reseal(&blob, &loc, |i| {
+        let mut f = i.frames.get(0);
+        f.c_len += 1;
+        i.frames.set(0, f)
+    });
     let err = format::open_layer(&forged[..], Some(&floc)).unwrap_err();
     assert!(
         err.to_string().contains("frames end at blob offset"),
@@ -182,7 +186,9 @@ fn index_that_does_not_match_its_digest() {
 fn chunk_whose_blake3_differs_from_the_index() {
     let (blob, loc) = converted();
     let (forged, floc) = reseal(&blob, &loc, |i| {
-        i.frames[2].id = ChunkId::of(b"something else")
+        let mut f = i.frames.get(2);
+        f.id = ChunkId::of(b"something else");
+        i.frames.set(2, f)
     });
     let (_, idx) = format::open_layer(&forged[..], Some(&floc)).unwrap();
     let err = format::read_frame(&forged[..], &idx, 2).unwrap_err();
@@ -268,7 +274,11 @@ fn cli_errors_name_the_layer() {
     // inspect --verify names the file and the chunk.
     let dir = tempfile::tempdir().unwrap();
     let (blob, loc) = converted();
-    let (forged, _) = reseal(&blob, &loc, |i| i.frames[1].id = ChunkId::of(b"x"));
+    let (forged, _) = reseal(&blob, &loc, |i| {
+        let mut f = i.frames.get(1);
+        f.id = ChunkId::of(b"x");
+        i.frames.set(1, f)
+    });
     let path = dir.path().join("layer.tar.zst");
     std::fs::write(&path, forged).unwrap();
     let out = hyperbox()

@@ -177,30 +177,27 @@ fn gnu_tar_with_sparse_files_round_trips() {
     let sparse = &entries["sparse"];
     assert_eq!(sparse.size, 8 << 20);
     assert!(
-        !sparse.sparse.is_empty() && sparse.data_len < 1 << 20,
+        !sparse.sparse().is_empty() && sparse.data_len() < 1 << 20,
         "sparse map not kept: {sparse:?}"
     );
     let hello = &entries["dir/hello.txt"];
     assert_eq!((hello.uid, hello.gid, hello.mtime), (1234, 5678, 981173106));
     assert_eq!(entries["large.bin"].mode, 0o4755);
     assert_eq!(entries["chardev"].kind, EntryKind::CharDevice);
+    assert_eq!(entries["chardev"].device(), (1, 3));
     assert_eq!(
-        (entries["chardev"].dev_major, entries["chardev"].dev_minor),
-        (1, 3)
-    );
-    assert_eq!(
-        (entries["blockdev"].kind, entries["blockdev"].dev_major),
-        (EntryKind::BlockDevice, 7)
+        (entries["blockdev"].kind, entries["blockdev"].device()),
+        (EntryKind::BlockDevice, (7, 0))
     );
     assert_eq!(entries["fifo"].kind, EntryKind::Fifo);
-    assert_eq!(entries["dir/link-to-hello"].link, b"hello.txt");
-    assert_eq!(entries["dangling"].link, b"/nonexistent/target");
+    assert_eq!(entries["dir/link-to-hello"].link(), b"hello.txt");
+    assert_eq!(entries["dangling"].link(), b"/nonexistent/target");
     // GNU tar stores the second name of a hard link as the link.
     let hl = entries
         .values()
         .find(|e| e.kind == EntryKind::Hardlink)
         .expect("a hard link");
-    assert!(hl.link == b"dir/hello.txt" || hl.link == b"hardlink-to-hello");
+    assert!(hl.link() == b"dir/hello.txt" || hl.link() == b"hardlink-to-hello");
     assert!(entries.keys().any(|k| k.len() > 250), "GNU long name lost");
     assert!(entries.contains_key("dir/.wh.deleted") && entries.contains_key("opaque/.wh..wh..opq"));
     assert!(entries.contains_key(""), "the root dir entry");
@@ -235,14 +232,14 @@ fn pax_tar_with_xattrs_round_trips() {
     let entries = by_path(&idx);
     let cap = &entries["capfile"];
     assert!(
-        cap.xattrs
+        cap.xattrs()
             .iter()
             .any(|x| x.name == b"security.capability" && x.value.len() >= 20),
         "{cap:?}"
     );
     let hello = &entries["dir/hello.txt"];
     assert!(hello
-        .xattrs
+        .xattrs()
         .iter()
         .any(|x| x.name == b"user.color" && x.value == b"blue"));
     assert_eq!(hello.mtime_nsec, 789_000_000, "PAX sub-second mtime");

@@ -17,7 +17,10 @@ use std::collections::HashMap;
 use std::io;
 
 use crate::digest::{ChunkId, Digest};
-pub use index::{ChunkParams, Entry, EntryKind, Frame, Index, LayerIndex, SparseSegment, Xattr};
+pub use index::{
+    ChunkParams, Entry, EntryExtra, EntryKind, Frame, FrameTable, Index, LayerIndex, SparseSegment,
+    Xattr,
+};
 
 /// Media type of a HyperBox layer: a standard zstd-compressed tar.
 pub const MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -290,7 +293,7 @@ pub fn decode_frame(
     i: usize,
     compressed: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
-    let f = &index.frames()[i];
+    let f = index.frames().get(i);
     let fail = |problem: String| FormatError::ChunkVerify {
         frame: i,
         id: f.id,
@@ -407,10 +410,10 @@ pub fn read_file_range<S: BlobSource + ?Sized>(
         offset: 0,
         len: entry.size,
     }];
-    let segments: &[SparseSegment] = if entry.sparse.is_empty() {
+    let segments: &[SparseSegment] = if entry.sparse().is_empty() {
         &plain
     } else {
-        &entry.sparse
+        entry.sparse()
     };
     let mut stored = entry.data_offset;
     for seg in segments {

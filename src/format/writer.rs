@@ -15,7 +15,7 @@ use std::rc::Rc;
 use rayon::prelude::*;
 
 use super::index::{
-    normalize_path, ChunkParams, Entry, EntryKind, Frame, Index, SparseSegment, Xattr,
+    normalize_path, ChunkParams, Entry, EntryKind, Frame, FrameTable, Index, SparseSegment, Xattr,
 };
 use super::{encode_footer, encode_index_frame, FormatError, IndexLocation, FORMAT_VERSION};
 use crate::digest::{ChunkId, Digest, Sha256Writer};
@@ -111,8 +111,9 @@ pub fn convert_tar<R: Read, W: Write>(
             let mut s = splitter.borrow_mut();
             if let Some(entry) = parsed {
                 last_path = String::from_utf8_lossy(&entry.path).into_owned();
-                if entry.data_len > 0 {
-                    s.start_data_region(data_pos, data_pos + entry.data_len);
+                let data_len = entry.data_len();
+                if data_len > 0 {
+                    s.start_data_region(data_pos, data_pos + data_len);
                 } else {
                     s.flush_header_if_large();
                 }
@@ -175,30 +176,21 @@ fn entry_from_tar<R: Read>(
     let num = |what: &str, range: std::ops::Range<usize>| {
         tar_number(&block[range]).ok_or_else(|| format!("{name:?}: bad {what} field"))
     };
-    let mut entry = Entry {
-        path,
-        kind,
-        mode: num("mode", 100..108)? as u32 & 0o7777,
-        uid: num("uid", 108..116)?,
-        gid: num("gid", 116..124)?,
-        mtime: num("mtime", 136..148)? as i64,
-        mtime_nsec: 0,
-        size: 0,
-        data_offset: 0,
-        data_len: 0,
-        link: Vec::new(),
-        dev_major: 0,
-        dev_minor: 0,
-        xattrs: Vec::new(),
-        sparse: Vec::new(),
+    let id = |what: &str, v: u64| {
+        u32::try_from(v).map_err(|_| format!("{name:?}: {what} {v} does not fit 32 bits"))
     };
+    let mut entry = Entry::new(path, kind);
+    entry.mode = num("mode", 100..108)? as u32 & 0o7777;
+    entry.uid = id("uid", num("uid", 108..116)?)?;
+    entry.gid = id("gid", num("gid", 116..124)?)?;
+    entry.mtime = num("mtime", 136..148)? as i64;
     if let Some(pax) = e.pax_extensions().map_err(|err| ctx("PAX header", err))? {
         for ext in pax {
             let ext = ext.map_err(|err| ctx("PAX record", err))?;
             let key = ext.key_bytes();
             let value = ext.value_bytes();
             if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
-                entry.xattrs.push(Xattr {
+                entry.extra_mut().xattrs.push(Xattr {
                     name: xname.to_vec(),
                     value: value.to_vec(),
                 });
@@ -206,8 +198,13 @@ fn entry_from_tar<R: Read>(
                 (entry.mtime, entry.mtime_nsec) =
                     parse_pax_time(value).ok_or_else(|| format!("{name:?}: bad PAX mtime"))?;
             } else if key == b"uid" || key == b"gid" {
-                let v = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-                let v = v.ok_or_else(|| format!("{name:?}: bad PAX uid/gid"))?;
+                let v = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                let v = id(
+                    "PAX uid/gid",
+                    v.ok_or_else(|| format!("{name:?}: bad PAX uid/gid"))?,
+                )?;
                 if key == b"uid" {
                     entry.uid = v
                 } else {
@@ -225,18 +222,16 @@ fn entry_from_tar<R: Read>(
                 let (segments, real_size) = gnu_sparse_map(raw_header)
                     .ok_or_else(|| format!("{name:?}: bad GNU sparse map"))?;
                 entry.size = real_size;
-                entry.data_len = segments.iter().map(|s| s.len).sum();
+                let held: u64 = segments.iter().map(|s| s.len).sum();
                 let stored = h.entry_size().map_err(|err| ctx("size", err))?;
-                if entry.data_len != stored {
+                if held != stored {
                     return Err(format!(
-                        "{name:?}: sparse map holds {} bytes, the entry stores {stored}",
-                        entry.data_len
+                        "{name:?}: sparse map holds {held} bytes, the entry stores {stored}"
                     ));
                 }
-                entry.sparse = segments;
+                entry.extra_mut().sparse = segments;
             } else {
                 entry.size = e.size();
-                entry.data_len = entry.size;
             }
         }
         EntryKind::Symlink | EntryKind::Hardlink => {
@@ -244,7 +239,7 @@ fn entry_from_tar<R: Read>(
                 .link_name_bytes()
                 .ok_or_else(|| format!("{name:?}: link without a target"))?
                 .into_owned();
-            entry.link = if kind == EntryKind::Hardlink {
+            entry.extra_mut().link = if kind == EntryKind::Hardlink {
                 normalize_path(&target)
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| format!("{name:?}: hard link target outside the layer"))?
@@ -253,8 +248,9 @@ fn entry_from_tar<R: Read>(
             };
         }
         EntryKind::CharDevice | EntryKind::BlockDevice => {
-            entry.dev_major = num("device major", 329..337)? as u32;
-            entry.dev_minor = num("device minor", 337..345)? as u32;
+            let x = entry.extra_mut();
+            x.dev_major = num("device major", 329..337)? as u32;
+            x.dev_minor = num("device minor", 337..345)? as u32;
         }
         EntryKind::Dir | EntryKind::Fifo => {}
     }
@@ -557,7 +553,7 @@ struct FrameSink<W> {
     out: HashingWriter<W>,
     pending: Vec<Vec<u8>>,
     pending_bytes: usize,
-    frames: Vec<Frame>,
+    frames: FrameTable,
     level: i32,
     batch_bytes: usize,
 }
@@ -590,7 +586,7 @@ impl<W: Write> FrameSink<W> {
             },
             pending: Vec::new(),
             pending_bytes: 0,
-            frames: Vec::new(),
+            frames: FrameTable::default(),
             level,
             batch_bytes,
         }
@@ -625,7 +621,7 @@ impl<W: Write> FrameSink<W> {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(Vec<Frame>, HashingWriter<W>), FormatError> {
+    fn finish(mut self) -> Result<(FrameTable, HashingWriter<W>), FormatError> {
         self.flush()?;
         Ok((self.frames, self.out))
     }
