@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each bench uses a part of the corpus helpers
 //! Benchmark corpora shared by the benches: a tar of real files from this
 //! machine (binaries, libraries, text), and a synthetic 100k-entry index.
 
@@ -49,22 +50,14 @@ pub fn synthetic_index(entries: usize) -> Index {
     let mut es = Vec::with_capacity(entries);
     let mut tar_off = 0u64;
     for i in 0..entries {
-        let path = format!(
-            "usr/lib/python3/dist-packages/package{:04}/sub{:02}/module_{i}.py",
-            i / 100,
-            i % 37
-        )
-        .into_bytes();
+        let path =
+            format!("usr/lib/python3/dist-packages/package{:04}/sub{:02}/module_{i}.py", i / 100, i % 37).into_bytes();
         let (kind, size) = match i % 20 {
             0 | 1 => (EntryKind::Dir, 0),
             2 => (EntryKind::Symlink, 0),
             _ => (EntryKind::File, 1000 + (i as u64 * 7919) % 300_000),
         };
-        frames.push(Frame {
-            c_len: 300,
-            u_len: 512,
-            id: ChunkId::of(&(i as u64).to_le_bytes()),
-        });
+        frames.push(Frame { c_len: 300, u_len: 512, id: ChunkId::of(&(i as u64).to_le_bytes()) });
         tar_off += 512;
         let data_offset = tar_off;
         let mut left = size;
@@ -90,11 +83,5 @@ pub fn synthetic_index(entries: usize) -> Index {
         }
         es.push(e);
     }
-    Index {
-        tar_size: tar_off,
-        diff_id: [0; 32],
-        chunk_params: ChunkParams::default(),
-        frames,
-        entries: es,
-    }
+    Index { tar_size: tar_off, diff_id: [0; 32], chunk_params: ChunkParams::default(), frames, entries: es }
 }

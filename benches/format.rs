@@ -10,12 +10,7 @@ mod corpus;
 
 fn convert(c: &mut Criterion) {
     let tar = corpus::usr_tar(
-        &[
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib/aarch64-linux-gnu",
-            "/usr/bin",
-            "/usr/share/doc",
-        ],
+        &["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/bin", "/usr/share/doc"],
         96 << 20,
     );
     let mut g = c.benchmark_group("convert");
@@ -23,26 +18,14 @@ fn convert(c: &mut Criterion) {
     g.sample_size(10);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for threads in [1, cores] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        g.bench_with_input(
-            BenchmarkId::new("chunk+hash+compress", format!("{threads}-thread")),
-            &tar,
-            |b, tar| {
-                b.iter(|| {
-                    pool.install(|| {
-                        writer::convert_tar(
-                            &tar[..],
-                            std::io::sink(),
-                            &writer::WriteOptions::default(),
-                        )
-                        .unwrap()
-                    })
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        g.bench_with_input(BenchmarkId::new("chunk+hash+compress", format!("{threads}-thread")), &tar, |b, tar| {
+            b.iter(|| {
+                pool.install(|| {
+                    writer::convert_tar(&tar[..], std::io::sink(), &writer::WriteOptions::default()).unwrap()
                 })
-            },
-        );
+            })
+        });
     }
     g.finish();
 }
@@ -64,12 +47,8 @@ fn index(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("index-100k");
     g.sample_size(20);
-    g.bench_function("encode", |b| {
-        b.iter(|| format::encode_index_frame(&index, 3))
-    });
-    g.bench_function("parse+verify", |b| {
-        b.iter(|| format::parse_index_frame(&frame, &loc).unwrap())
-    });
+    g.bench_function("encode", |b| b.iter(|| format::encode_index_frame(&index, 3)));
+    g.bench_function("parse+verify", |b| b.iter(|| format::parse_index_frame(&frame, &loc).unwrap()));
     g.finish();
 }
 

@@ -23,10 +23,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            version: CONFIG_VERSION,
-            registry: RegistryConfig::default(),
-        }
+        Self { version: CONFIG_VERSION, registry: RegistryConfig::default() }
     }
 }
 
@@ -44,23 +41,15 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_PATH), false),
         };
-        let err = |problem: String| ConfigError {
-            path: path.clone(),
-            problem,
-        };
+        let err = |problem: String| ConfigError { path: path.clone(), problem };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Config::default())
-            }
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => return Err(err(e.to_string())),
         };
         let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         if cfg.version != CONFIG_VERSION {
-            return Err(err(format!(
-                "version = {} is not supported (expected {CONFIG_VERSION})",
-                cfg.version
-            )));
+            return Err(err(format!("version = {} is not supported (expected {CONFIG_VERSION})", cfg.version)));
         }
         Ok(cfg)
     }
@@ -78,18 +67,8 @@ mod tests {
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("insecur"), "{e}");
         std::fs::write(&p, "version = 2\n").unwrap();
-        assert!(Config::load(Some(&p))
-            .unwrap_err()
-            .to_string()
-            .contains("version = 2"));
-        std::fs::write(
-            &p,
-            "version = 1\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n",
-        )
-        .unwrap();
-        assert_eq!(
-            Config::load(Some(&p)).unwrap().registry.insecure,
-            vec!["127.0.0.1:5000"]
-        );
+        assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("version = 2"));
+        std::fs::write(&p, "version = 1\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().registry.insecure, vec!["127.0.0.1:5000"]);
     }
 }

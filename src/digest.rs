@@ -130,9 +130,7 @@ impl<'de> Deserialize<'de> for ChunkId {
                 f.write_str("a 32-byte blake3 digest")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ChunkId, E> {
-                v.try_into()
-                    .map(ChunkId)
-                    .map_err(|_| E::invalid_length(v.len(), &self))
+                v.try_into().map(ChunkId).map_err(|_| E::invalid_length(v.len(), &self))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ChunkId, E> {
                 let mut out = [0u8; 32];
@@ -175,10 +173,7 @@ mod tests {
     #[test]
     fn digest_round_trip_and_rejects_bad_strings() {
         let d = Digest::of(b"hello");
-        assert_eq!(
-            d.to_string(),
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
+        assert_eq!(d.to_string(), "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         for bad in [
             "",

@@ -87,13 +87,8 @@ pub fn report(layer: &str, blob_size: u64, loc: &IndexLocation, idx: &LayerIndex
             size: e.size,
             chunks: idx.frames_for(e.data_offset, e.data_len()).len(),
             link: (!e.link().is_empty()).then(|| String::from_utf8_lossy(e.link()).into_owned()),
-            device: matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice)
-                .then_some(e.device()),
-            xattrs: e
-                .xattrs()
-                .iter()
-                .map(|x| String::from_utf8_lossy(&x.name).into_owned())
-                .collect(),
+            device: matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice).then_some(e.device()),
+            xattrs: e.xattrs().iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect(),
             sparse_segments: e.sparse().len(),
         })
         .collect();
@@ -125,9 +120,7 @@ pub fn report(layer: &str, blob_size: u64, loc: &IndexLocation, idx: &LayerIndex
         dirs: count(EntryKind::Dir),
         symlinks: count(EntryKind::Symlink),
         hardlinks: count(EntryKind::Hardlink),
-        other: count(EntryKind::CharDevice)
-            + count(EntryKind::BlockDevice)
-            + count(EntryKind::Fifo),
+        other: count(EntryKind::CharDevice) + count(EntryKind::BlockDevice) + count(EntryKind::Fifo),
         entries,
         frames,
     }
@@ -141,12 +134,7 @@ impl LayerReport {
             "format      HyperBox v{}, index {} bytes at {} ({})",
             self.format_version, self.index_length, self.index_offset, self.index_digest
         );
-        println!(
-            "sizes       blob {}, tar {} (diff_id {})",
-            human(self.blob_size),
-            human(self.tar_size),
-            self.diff_id
-        );
+        println!("sizes       blob {}, tar {} (diff_id {})", human(self.blob_size), human(self.tar_size), self.diff_id);
         println!(
             "entries     {} ({} files, {} dirs, {} symlinks, {} hard links, {} other)",
             self.entry_count, self.files, self.dirs, self.symlinks, self.hardlinks, self.other
@@ -160,16 +148,9 @@ impl LayerReport {
             p.max >> 10
         );
         if with_entries {
-            println!(
-                "{:<8} {:<5} {:>11} {:>12} {:>6}  path",
-                "kind", "mode", "uid:gid", "size", "chunks"
-            );
+            println!("{:<8} {:<5} {:>11} {:>12} {:>6}  path", "kind", "mode", "uid:gid", "size", "chunks");
             for e in &self.entries {
-                let link = e
-                    .link
-                    .as_ref()
-                    .map(|l| format!(" -> {l}"))
-                    .unwrap_or_default();
+                let link = e.link.as_ref().map(|l| format!(" -> {l}")).unwrap_or_default();
                 println!(
                     "{:<8} {:<5} {:>11} {:>12} {:>6}  /{}{link}",
                     e.kind,

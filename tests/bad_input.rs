@@ -11,14 +11,8 @@ use hyperbox::digest::{ChunkId, Digest};
 use hyperbox::format::{self, writer, FormatError, IndexLocation, FOOTER_LEN};
 
 fn sample_tar() -> Vec<u8> {
-    let data: Vec<u8> = (0..400_000u32)
-        .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
-        .collect();
-    LayerBuilder::new()
-        .dir("d")
-        .file("d/a", 0o644, &data)
-        .file("d/b", 0o600, b"small")
-        .finish()
+    let data: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8 ^ (i >> 9) as u8).collect();
+    LayerBuilder::new().dir("d").file("d/a", 0o644, &data).file("d/b", 0o600, b"small").finish()
 }
 
 fn converted() -> (Vec<u8>, IndexLocation) {
@@ -28,22 +22,14 @@ fn converted() -> (Vec<u8>, IndexLocation) {
 }
 
 /// Re-seal a blob after editing its index: new index frame, new footer.
-fn reseal(
-    blob: &[u8],
-    loc: &IndexLocation,
-    edit: impl FnOnce(&mut format::Index),
-) -> (Vec<u8>, IndexLocation) {
+fn reseal(blob: &[u8], loc: &IndexLocation, edit: impl FnOnce(&mut format::Index)) -> (Vec<u8>, IndexLocation) {
     let (_, idx) = format::open_layer(blob, Some(loc)).unwrap();
     let mut index = idx.index.clone();
     edit(&mut index);
     let mut out = blob[..loc.offset as usize].to_vec();
     let frame = format::encode_index_frame(&index, 3);
-    let new_loc = IndexLocation {
-        offset: loc.offset,
-        length: frame.len() as u64,
-        digest: Digest::of(&frame),
-        version: 1,
-    };
+    let new_loc =
+        IndexLocation { offset: loc.offset, length: frame.len() as u64, digest: Digest::of(&frame), version: 1 };
     out.extend_from_slice(&frame);
     out.extend_from_slice(&format::encode_footer(&new_loc));
     (out, new_loc)
@@ -53,8 +39,7 @@ fn reseal(
 fn truncated_tar_is_an_error() {
     let tar = sample_tar();
     for cut in [100, 700, 200_000, tar.len() - 1100] {
-        let err =
-            writer::convert_tar(&tar[..cut], std::io::sink(), &Default::default()).unwrap_err();
+        let err = writer::convert_tar(&tar[..cut], std::io::sink(), &Default::default()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, FormatError::Tar(_)), "cut at {cut}: {msg}");
         assert!(msg.contains("tar"), "{msg}");
@@ -71,12 +56,7 @@ fn path_escaping_the_root_is_rejected() {
     h.as_old_mut().name[..9].copy_from_slice(b"../escape");
     h.set_cksum();
     b.append(&h, &b"x"[..]).unwrap();
-    let err = writer::convert_tar(
-        &b.into_inner().unwrap()[..],
-        std::io::sink(),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err = writer::convert_tar(&b.into_inner().unwrap()[..], std::io::sink(), &Default::default()).unwrap_err();
     assert!(err.to_string().contains("outside the layer root"), "{err}");
 }
 
@@ -100,11 +80,7 @@ fn unknown_format_version() {
     let n = blob.len();
     blob[n - FOOTER_LEN + 16] = 2; // version field of the footer
     let err = format::open_layer(&blob[..], None).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("unsupported HyperBox format version 2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("unsupported HyperBox format version 2"), "{err}");
     let mut ann = loc.to_annotations();
     ann.insert(format::ANN_VERSION.into(), "7".into());
     let err = IndexLocation::from_annotations(&ann).unwrap_err();
@@ -114,19 +90,13 @@ fn unknown_format_version() {
 #[test]
 fn index_larger_than_its_limit() {
     let (blob, loc) = converted();
-    let huge = IndexLocation {
-        length: 1 << 40,
-        ..loc.clone()
-    };
+    let huge = IndexLocation { length: 1 << 40, ..loc.clone() };
     let err = format::open_layer(&blob[..], Some(&huge)).unwrap_err();
     assert!(matches!(err, FormatError::IndexTooLarge { .. }), "{err}");
     // An index frame that claims to decompress to more than the limit.
     let mut frame = blob[loc.offset as usize..(loc.offset + loc.length) as usize].to_vec();
     frame[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    let forged = IndexLocation {
-        digest: Digest::of(&frame),
-        ..loc.clone()
-    };
+    let forged = IndexLocation { digest: Digest::of(&frame), ..loc.clone() };
     let err = format::parse_index_frame(&frame, &forged).unwrap_err();
     assert!(matches!(err, FormatError::IndexTooLarge { .. }), "{err}");
 }
@@ -135,18 +105,9 @@ fn index_larger_than_its_limit() {
 fn offsets_outside_the_blob() {
     let (blob, loc) = converted();
     for bad in [
-        IndexLocation {
-            offset: loc.offset + 10,
-            ..loc.clone()
-        },
-        IndexLocation {
-            offset: u64::MAX - 2,
-            ..loc.clone()
-        },
-        IndexLocation {
-            offset: 0,
-            ..loc.clone()
-        },
+        IndexLocation { offset: loc.offset + 10, ..loc.clone() },
+        IndexLocation { offset: u64::MAX - 2, ..loc.clone() },
+        IndexLocation { offset: 0, ..loc.clone() },
     ] {
         let err = format::open_layer(&blob[..], Some(&bad)).unwrap_err();
         assert!(err.to_string().contains("does not end the"), "{err}");
@@ -161,17 +122,11 @@ fn offsets_outside_the_blob() {
         i.frames.set(0, f)
     });
     let err = format::open_layer(&forged[..], Some(&floc)).unwrap_err();
-    assert!(
-        err.to_string().contains("frames end at blob offset"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("frames end at blob offset"), "{err}");
     // Annotations that are not numbers.
     let mut ann: HashMap<String, String> = loc.to_annotations();
     ann.insert(format::ANN_INDEX_OFFSET.into(), "-1".into());
-    assert!(IndexLocation::from_annotations(&ann)
-        .unwrap_err()
-        .to_string()
-        .contains("index-offset"));
+    assert!(IndexLocation::from_annotations(&ann).unwrap_err().to_string().contains("index-offset"));
 }
 
 #[test]
@@ -193,14 +148,8 @@ fn chunk_whose_blake3_differs_from_the_index() {
     let (_, idx) = format::open_layer(&forged[..], Some(&floc)).unwrap();
     let err = format::read_frame(&forged[..], &idx, 2).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, FormatError::ChunkVerify { frame: 2, .. }),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("chunk 2") && msg.contains("hashes to"),
-        "{msg}"
-    );
+    assert!(matches!(err, FormatError::ChunkVerify { frame: 2, .. }), "{msg}");
+    assert!(msg.contains("chunk 2") && msg.contains("hashes to"), "{msg}");
     // Flipped bytes inside a compressed frame never come back as data.
     let (_, idx) = format::open_layer(&blob[..], Some(&loc)).unwrap();
     for i in 0..idx.frames().len() {
@@ -208,10 +157,7 @@ fn chunk_whose_blake3_differs_from_the_index() {
         for pos in [s, (s + e) / 2, e - 1] {
             let mut bad = blob.clone();
             bad[pos as usize] ^= 0x40;
-            assert!(
-                format::read_frame(&bad[..], &idx, i).is_err(),
-                "frame {i} byte {pos} flip went unnoticed"
-            );
+            assert!(format::read_frame(&bad[..], &idx, i).is_err(), "frame {i} byte {pos} flip went unnoticed");
         }
     }
 }
@@ -221,10 +167,7 @@ fn chunk_whose_blake3_differs_from_the_index() {
 #[test]
 fn cli_errors_name_the_layer() {
     let layout = tempfile::tempdir().unwrap();
-    let layers = vec![
-        LayerBuilder::new().file("ok", 0o644, b"fine").finish(),
-        sample_tar(),
-    ];
+    let layers = vec![LayerBuilder::new().file("ok", 0o644, b"fine").finish(), sample_tar()];
     write_oci_image(layout.path(), "t", &layers, &["true"], &[oci_arch()]);
     // Corrupt the second layer's gzip body but keep its digest valid by
     // rewriting the manifest: the converter must fail on the content itself.
@@ -233,27 +176,15 @@ fn cli_errors_name_the_layer() {
     let mid = bad.len() / 2;
     bad[mid] ^= 0xff;
     let bad_digest = sha256(&bad);
-    std::fs::write(
-        layout.path().join("blobs/sha256").join(&bad_digest[7..]),
-        &bad,
-    )
-    .unwrap();
+    std::fs::write(layout.path().join("blobs/sha256").join(&bad_digest[7..]), &bad).unwrap();
     let idx: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
     let mdig = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
     let mpath = layout.path().join("blobs/sha256").join(&mdig[7..]);
-    let manifest = String::from_utf8(std::fs::read(&mpath).unwrap())
-        .unwrap()
-        .replace(&sha256(&gz), &bad_digest);
+    let manifest = String::from_utf8(std::fs::read(&mpath).unwrap()).unwrap().replace(&sha256(&gz), &bad_digest);
     let new_mdig = sha256(manifest.as_bytes());
-    std::fs::write(
-        layout.path().join("blobs/sha256").join(&new_mdig[7..]),
-        &manifest,
-    )
-    .unwrap();
-    let index = std::fs::read_to_string(layout.path().join("index.json"))
-        .unwrap()
-        .replace(&mdig, &new_mdig);
+    std::fs::write(layout.path().join("blobs/sha256").join(&new_mdig[7..]), &manifest).unwrap();
+    let index = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &new_mdig);
     std::fs::write(layout.path().join("index.json"), index).unwrap();
 
     let out_dir = tempfile::tempdir().unwrap();
@@ -265,10 +196,7 @@ fn cli_errors_name_the_layer() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains(&format!("layer 2/2 {bad_digest}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("layer 2/2 {bad_digest}")), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // inspect --verify names the file and the chunk.
@@ -281,23 +209,10 @@ fn cli_errors_name_the_layer() {
     });
     let path = dir.path().join("layer.tar.zst");
     std::fs::write(&path, forged).unwrap();
-    let out = hyperbox()
-        .args(["inspect", "--verify"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = hyperbox().args(["inspect", "--verify"]).arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains(&format!("layer {}", path.display())) && stderr.contains("chunk 1"),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("layer {}", path.display())) && stderr.contains("chunk 1"), "{stderr}");
     // Without --verify the index alone is fine.
-    assert!(hyperbox()
-        .arg("inspect")
-        .arg(&path)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(hyperbox().arg("inspect").arg(&path).output().unwrap().status.success());
 }

@@ -7,12 +7,8 @@ mod common;
 use common::*;
 
 fn image_layers() -> Vec<Vec<u8>> {
-    let base = LayerBuilder::busybox()
-        .file("etc/removed", 0o644, b"gone in layer 2\n")
-        .finish();
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let base = LayerBuilder::busybox().file("etc/removed", 0o644, b"gone in layer 2\n").finish();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let top = LayerBuilder::new()
         .dir("data")
         .file("data/hello.txt", 0o644, b"hello from layer 2\n")
@@ -24,28 +20,17 @@ fn image_layers() -> Vec<Vec<u8>> {
 
 #[test]
 fn converted_image_runs_on_vanilla_containerd() {
-    if !have_tools(
-        "converted_image_runs_on_vanilla_containerd",
-        &["docker-registry", "containerd", "ctr", "runc"],
-    ) {
+    if !have_tools("converted_image_runs_on_vanilla_containerd", &["docker-registry", "containerd", "ctr", "runc"]) {
         return;
     }
     let reg = Registry::start();
     let layout = tempfile::tempdir().unwrap();
     let layers = image_layers();
-    write_oci_image(
-        layout.path(),
-        "v1",
-        &layers,
-        &["sh", "-c", "cat /data/hello.txt"],
-        &[oci_arch()],
-    );
+    write_oci_image(layout.path(), "v1", &layers, &["sh", "-c", "cat /data/hello.txt"], &[oci_arch()]);
     let dst = format!("{}/demo:hyperbox", reg.addr);
 
-    let out = run(hyperbox()
-        .args(["convert", "--plain-http"])
-        .arg(format!("oci:{}:v1", layout.path().display()))
-        .arg(&dst));
+    let out =
+        run(hyperbox().args(["convert", "--plain-http"]).arg(format!("oci:{}:v1", layout.path().display())).arg(&dst));
     assert!(out.contains("2 layer(s)"), "{out}");
 
     // Every layer is a HyperBox layer with the annotations, and the diff_ids are untouched.
@@ -58,11 +43,7 @@ fn converted_image_runs_on_vanilla_containerd() {
         assert_eq!(r["tar_size"].as_u64().unwrap(), l.len() as u64);
     }
     // inspect read only the indexes, with range requests.
-    assert!(
-        count_requests(&reg.log(), &["GET /v2/demo/blobs/sha256:", " 206 "]) >= 2,
-        "{}",
-        reg.log()
-    );
+    assert!(count_requests(&reg.log(), &["GET /v2/demo/blobs/sha256:", " 206 "]) >= 2, "{}", reg.log());
 
     // A second conversion finds every blob in the registry and uploads none.
     let uploads = |log: &str| count_requests(log, &["PUT /v2/demo/blobs/uploads/"]);
@@ -87,10 +68,7 @@ fn converted_image_runs_on_vanilla_containerd() {
         "cat /data/hello.txt; ls /etc; wc -c /data/big.bin",
     ]));
     assert!(out.contains("hello from layer 2"), "{out}");
-    assert!(
-        out.contains("passwd") && !out.contains("removed"),
-        "whiteout not applied: {out}"
-    );
+    assert!(out.contains("passwd") && !out.contains("removed"), "whiteout not applied: {out}");
     assert!(out.contains("3000000 /data/big.bin"), "{out}");
     // The image's default command works too.
     let out = run(ctd.ctr().args(["run", "--rm", &dst, "c2"]));
@@ -99,22 +77,13 @@ fn converted_image_runs_on_vanilla_containerd() {
 
 #[test]
 fn multi_platform_index_converts_every_platform() {
-    if !have_tools(
-        "multi_platform_index_converts_every_platform",
-        &["docker-registry"],
-    ) {
+    if !have_tools("multi_platform_index_converts_every_platform", &["docker-registry"]) {
         return;
     }
     let reg = Registry::start();
     let layout = tempfile::tempdir().unwrap();
     let layers = image_layers();
-    write_oci_image(
-        layout.path(),
-        "multi",
-        &layers,
-        &["true"],
-        &["amd64", "arm64"],
-    );
+    write_oci_image(layout.path(), "multi", &layers, &["true"], &["amd64", "arm64"]);
     let dst = format!("{}/multi:hb", reg.addr);
     let out = run(hyperbox()
         .args(["convert", "--plain-http"])
@@ -129,10 +98,7 @@ fn multi_platform_index_converts_every_platform() {
     let out_dir = tempfile::tempdir().unwrap();
     let out_loc = format!("oci:{}:copy", out_dir.path().join("img").display());
     let out = run(hyperbox().args(["convert", "--plain-http", &dst, &out_loc]));
-    assert!(
-        out.contains("(4 already HyperBox)"),
-        "converted layers are kept as they are: {out}"
-    );
+    assert!(out.contains("(4 already HyperBox)"), "converted layers are kept as they are: {out}");
     let out = run(hyperbox().args(["inspect", "--verify", &out_loc]));
     assert!(out.contains("verified every chunk of 4 layer(s)"), "{out}");
 }

@@ -55,20 +55,10 @@ chmod 4755 large.bin
 
 /// Convert `tar_bytes`, check the byte-exact round trip with stock `zstd -d`,
 /// and check every regular file read through the index against `root`.
-fn check_round_trip(
-    name: &str,
-    tar_bytes: &[u8],
-    root: &Path,
-    opts: &writer::WriteOptions,
-) -> format::LayerIndex {
+fn check_round_trip(name: &str, tar_bytes: &[u8], root: &Path, opts: &writer::WriteOptions) -> format::LayerIndex {
     let mut blob = Vec::new();
-    let out =
-        writer::convert_tar(tar_bytes, &mut blob, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(
-        out.diff_id,
-        Digest::of(tar_bytes),
-        "{name}: diff_id changed"
-    );
+    let out = writer::convert_tar(tar_bytes, &mut blob, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(out.diff_id, Digest::of(tar_bytes), "{name}: diff_id changed");
     assert_eq!(out.blob_digest, Digest::of(&blob));
     assert_eq!(out.blob_size, blob.len() as u64);
 
@@ -77,30 +67,16 @@ fn check_round_trip(
     let zpath = dir.path().join("layer.tar.zst");
     std::fs::write(&zpath, &blob).unwrap();
     let out_tar = dir.path().join("layer.tar");
-    common::run(
-        Command::new("zstd")
-            .arg("-q")
-            .arg("-d")
-            .arg(&zpath)
-            .arg("-o")
-            .arg(&out_tar),
-    );
+    common::run(Command::new("zstd").arg("-q").arg("-d").arg(&zpath).arg("-o").arg(&out_tar));
     let decompressed = std::fs::read(&out_tar).unwrap();
-    assert!(
-        decompressed == tar_bytes,
-        "{name}: zstd -d output differs from the input tar"
-    );
+    assert!(decompressed == tar_bytes, "{name}: zstd -d output differs from the input tar");
 
     // The footer leads to the same index the annotations describe.
     let (loc, idx) = format::open_layer(&blob[..], None).unwrap();
     assert_eq!(loc, out.location);
     let (_, via_annotations) = format::open_layer(
         &blob[..],
-        Some(
-            &format::IndexLocation::from_annotations(&loc.to_annotations())
-                .unwrap()
-                .unwrap(),
-        ),
+        Some(&format::IndexLocation::from_annotations(&loc.to_annotations()).unwrap().unwrap()),
     )
     .unwrap();
     assert_eq!(via_annotations.index, idx.index);
@@ -117,19 +93,11 @@ fn check_round_trip(
         }
         let want = std::fs::read(&path).unwrap();
         let got = format::read_file_range(&blob[..], &idx, e, 0, e.size).unwrap();
-        assert!(
-            got == want,
-            "{name}: {} reads back differently",
-            path.display()
-        );
+        assert!(got == want, "{name}: {} reads back differently", path.display());
         // and a range in the middle
         if e.size > 10 {
             let got = format::read_file_range(&blob[..], &idx, e, 3, e.size - 6).unwrap();
-            assert!(
-                got[..] == want[3..want.len() - 3],
-                "{name}: partial read of {}",
-                path.display()
-            );
+            assert!(got[..] == want[3..want.len() - 3], "{name}: partial read of {}", path.display());
         }
         files += 1;
     }
@@ -138,65 +106,49 @@ fn check_round_trip(
 }
 
 fn by_path(idx: &format::LayerIndex) -> BTreeMap<String, format::Entry> {
-    idx.entries()
-        .iter()
-        .map(|e| (String::from_utf8_lossy(&e.path).into_owned(), e.clone()))
-        .collect()
+    idx.entries().iter().map(|e| (String::from_utf8_lossy(&e.path).into_owned(), e.clone())).collect()
 }
 
 fn small_chunks() -> writer::WriteOptions {
     writer::WriteOptions {
-        chunk: format::ChunkParams {
-            min: 16 << 10,
-            avg: 32 << 10,
-            max: 64 << 10,
-        },
+        // Every file chunked on its own (the pax test covers packing).
+        small_file_max: 0,
+        chunk: format::ChunkParams { min: 16 << 10, avg: 32 << 10, max: 64 << 10 },
         ..Default::default()
     }
 }
 
 #[test]
 fn gnu_tar_with_sparse_files_round_trips() {
-    if !common::have_tools(
-        "gnu_tar_with_sparse_files_round_trips",
-        &["tar", "zstd", "setcap", "setfattr", "mknod"],
-    ) {
+    if !common::have_tools("gnu_tar_with_sparse_files_round_trips", &["tar", "zstd", "setcap", "setfattr", "mknod"]) {
         return;
     }
     let opts = small_chunks();
     let fixture = tempfile::tempdir().unwrap();
     make_fixture(fixture.path(), opts.chunk.max);
-    let tar = common::run(Command::new("bash").arg("-c").arg(format!(
-        "tar --format=gnu --sparse -C {} -cf - . | base64 -w0",
-        fixture.path().display()
-    )));
+    let tar = common::run(
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("tar --format=gnu --sparse -C {} -cf - . | base64 -w0", fixture.path().display())),
+    );
     let tar = base64_decode(&tar);
     let idx = check_round_trip("gnu", &tar, fixture.path(), &opts);
     let entries = by_path(&idx);
 
     let sparse = &entries["sparse"];
     assert_eq!(sparse.size, 8 << 20);
-    assert!(
-        !sparse.sparse().is_empty() && sparse.data_len() < 1 << 20,
-        "sparse map not kept: {sparse:?}"
-    );
+    assert!(!sparse.sparse().is_empty() && sparse.data_len() < 1 << 20, "sparse map not kept: {sparse:?}");
     let hello = &entries["dir/hello.txt"];
     assert_eq!((hello.uid, hello.gid, hello.mtime), (1234, 5678, 981173106));
     assert_eq!(entries["large.bin"].mode, 0o4755);
     assert_eq!(entries["chardev"].kind, EntryKind::CharDevice);
     assert_eq!(entries["chardev"].device(), (1, 3));
-    assert_eq!(
-        (entries["blockdev"].kind, entries["blockdev"].device()),
-        (EntryKind::BlockDevice, (7, 0))
-    );
+    assert_eq!((entries["blockdev"].kind, entries["blockdev"].device()), (EntryKind::BlockDevice, (7, 0)));
     assert_eq!(entries["fifo"].kind, EntryKind::Fifo);
     assert_eq!(entries["dir/link-to-hello"].link(), b"hello.txt");
     assert_eq!(entries["dangling"].link(), b"/nonexistent/target");
     // GNU tar stores the second name of a hard link as the link.
-    let hl = entries
-        .values()
-        .find(|e| e.kind == EntryKind::Hardlink)
-        .expect("a hard link");
+    let hl = entries.values().find(|e| e.kind == EntryKind::Hardlink).expect("a hard link");
     assert!(hl.link() == b"dir/hello.txt" || hl.link() == b"hardlink-to-hello");
     assert!(entries.keys().any(|k| k.len() > 250), "GNU long name lost");
     assert!(entries.contains_key("dir/.wh.deleted") && entries.contains_key("opaque/.wh..wh..opq"));
@@ -213,10 +165,7 @@ fn gnu_tar_with_sparse_files_round_trips() {
 
 #[test]
 fn pax_tar_with_xattrs_round_trips() {
-    if !common::have_tools(
-        "pax_tar_with_xattrs_round_trips",
-        &["tar", "zstd", "setcap", "setfattr", "mknod"],
-    ) {
+    if !common::have_tools("pax_tar_with_xattrs_round_trips", &["tar", "zstd", "setcap", "setfattr", "mknod"]) {
         return;
     }
     let opts = writer::WriteOptions::default();
@@ -231,27 +180,16 @@ fn pax_tar_with_xattrs_round_trips() {
     let idx = check_round_trip("pax", &tar, fixture.path(), &opts);
     let entries = by_path(&idx);
     let cap = &entries["capfile"];
-    assert!(
-        cap.xattrs()
-            .iter()
-            .any(|x| x.name == b"security.capability" && x.value.len() >= 20),
-        "{cap:?}"
-    );
+    assert!(cap.xattrs().iter().any(|x| x.name == b"security.capability" && x.value.len() >= 20), "{cap:?}");
     let hello = &entries["dir/hello.txt"];
-    assert!(hello
-        .xattrs()
-        .iter()
-        .any(|x| x.name == b"user.color" && x.value == b"blue"));
+    assert!(hello.xattrs().iter().any(|x| x.name == b"user.color" && x.value == b"blue"));
     assert_eq!(hello.mtime_nsec, 789_000_000, "PAX sub-second mtime");
     assert_eq!(entries["exactly-chunk-max"].size, opts.chunk.max as u64);
 }
 
 #[test]
 fn pax_sparse_is_rejected_with_a_clear_error() {
-    if !common::have_tools(
-        "pax_sparse_is_rejected_with_a_clear_error",
-        &["tar", "truncate"],
-    ) {
+    if !common::have_tools("pax_sparse_is_rejected_with_a_clear_error", &["tar", "truncate"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -259,12 +197,7 @@ fn pax_sparse_is_rejected_with_a_clear_error() {
         "cd {} && truncate -s 1M s && echo x >> s && tar --format=pax --sparse -cf - s | base64 -w0",
         dir.path().display()
     )));
-    let err = writer::convert_tar(
-        &base64_decode(&tar)[..],
-        std::io::sink(),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err = writer::convert_tar(&base64_decode(&tar)[..], std::io::sink(), &Default::default()).unwrap_err();
     assert!(err.to_string().contains("sparse"), "{err}");
 }
 
@@ -278,8 +211,7 @@ fn tar_crate_archive_with_trailing_bytes_round_trips() {
     h.set_size(data.len() as u64);
     h.set_mode(0o644);
     h.set_entry_type(tar::EntryType::Regular);
-    b.append_data(&mut h, "a/".to_string() + &"x".repeat(300), &data[..])
-        .unwrap();
+    b.append_data(&mut h, "a/".to_string() + &"x".repeat(300), &data[..]).unwrap();
     let mut h = tar::Header::new_gnu();
     h.set_size(0);
     h.set_entry_type(tar::EntryType::Directory);
@@ -291,23 +223,15 @@ fn tar_crate_archive_with_trailing_bytes_round_trips() {
     let out = writer::convert_tar(&tar[..], &mut blob, &Default::default()).unwrap();
     assert_eq!(out.diff_id, Digest::of(&tar));
     let mut back = Vec::new();
-    zstd::stream::read::Decoder::new(&blob[..])
-        .unwrap()
-        .read_to_end(&mut back)
-        .unwrap();
+    zstd::stream::read::Decoder::new(&blob[..]).unwrap().read_to_end(&mut back).unwrap();
     assert!(back == tar);
     let (_, idx) = format::open_layer(&blob[..], None).unwrap();
     let e = idx.entries().iter().find(|e| e.path.len() > 300).unwrap();
-    assert_eq!(
-        format::read_file_range(&blob[..], &idx, e, 0, e.size).unwrap(),
-        data
-    );
+    assert_eq!(format::read_file_range(&blob[..], &idx, e, 0, e.size).unwrap(), data);
     assert_eq!(idx.entries()[1].path, b"a");
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .unwrap()
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()
 }

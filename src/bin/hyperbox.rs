@@ -13,11 +13,7 @@ use hyperbox::format::{self, writer::WriteOptions, ChunkParams, IndexLocation};
 use hyperbox::registry::Client;
 
 #[derive(Parser)]
-#[command(
-    name = "hyperbox",
-    version,
-    about = "HyperBox: lazy-loading images for containerd"
-)]
+#[command(name = "hyperbox", version, about = "HyperBox: lazy-loading images for containerd")]
 struct Cli {
     /// Config file (default /etc/hyperbox/config.toml, if it exists).
     #[arg(long, global = true)]
@@ -39,15 +35,7 @@ struct ChunkArgs {
 impl ChunkArgs {
     fn write_options(&self) -> WriteOptions {
         let avg = self.chunk_size << 10;
-        WriteOptions {
-            chunk: ChunkParams {
-                min: avg / 2,
-                avg,
-                max: avg * 4,
-            },
-            level: self.level,
-            ..Default::default()
-        }
+        WriteOptions { chunk: ChunkParams { min: avg / 2, avg, max: avg * 4 }, level: self.level, ..Default::default() }
     }
 }
 
@@ -101,9 +89,7 @@ enum Cmd {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
@@ -116,22 +102,11 @@ fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
-        Cmd::Convert {
-            plain_http,
-            jobs,
-            chunk,
-            quiet,
-            src,
-            dst,
-        } => {
+        Cmd::Convert { plain_http, jobs, chunk, quiet, src, dst } => {
             let client = Arc::new(Client::new(&config.registry, plain_http)?);
             let src_loc: ImageLocation = src.parse()?;
             let dst_loc: ImageLocation = dst.parse()?;
-            let mut opts = ConvertOptions {
-                write: chunk.write_options(),
-                quiet,
-                ..Default::default()
-            };
+            let mut opts = ConvertOptions { write: chunk.write_options(), quiet, ..Default::default() };
             opts.progress_bars = !quiet && std::io::stderr().is_terminal();
             if let Some(j) = jobs {
                 opts.jobs = j;
@@ -147,11 +122,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("digest {d}");
             }
         }
-        Cmd::ConvertLayer {
-            chunk,
-            input,
-            output,
-        } => {
+        Cmd::ConvertLayer { chunk, input, output } => {
             let started = std::time::Instant::now();
             let out = convert::convert_file(&input, &output, &chunk.write_options())?;
             let secs = started.elapsed().as_secs_f64();
@@ -171,33 +142,19 @@ fn run(cli: Cli) -> Result<()> {
                 println!("annotation {k}={v}");
             }
         }
-        Cmd::Inspect {
-            plain_http,
-            json,
-            entries,
-            verify,
-            target,
-        } => {
+        Cmd::Inspect { plain_http, json, entries, verify, target } => {
             let path = PathBuf::from(&target);
             let reports = if path.is_file() {
                 let file = std::fs::File::open(&path)?;
-                let (loc, idx) = format::open_layer(&file, None)
-                    .with_context(|| format!("layer {}", path.display()))?;
+                let (loc, idx) =
+                    format::open_layer(&file, None).with_context(|| format!("layer {}", path.display()))?;
                 if verify {
                     verify_all(&file, &idx).with_context(|| format!("layer {}", path.display()))?;
                 }
-                vec![hyperbox::inspect::report(
-                    &target,
-                    file.metadata()?.len(),
-                    &loc,
-                    &idx,
-                )]
+                vec![hyperbox::inspect::report(&target, file.metadata()?.len(), &loc, &idx)]
             } else {
                 let client = Arc::new(Client::new(&config.registry, plain_http)?);
-                rt.block_on(inspect_image(
-                    ImageStore::new(target.parse()?, client),
-                    verify,
-                ))?
+                rt.block_on(inspect_image(ImageStore::new(target.parse()?, client), verify))?
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -226,21 +183,14 @@ fn verify_all(src: &(impl format::BlobSource + ?Sized), idx: &format::LayerIndex
 
 /// Inspect every HyperBox layer of an image: one range request for each
 /// index (the annotations say where it is), or the whole blob with --verify.
-async fn inspect_image(
-    store: ImageStore,
-    verify: bool,
-) -> Result<Vec<hyperbox::inspect::LayerReport>> {
+async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::inspect::LayerReport>> {
     use oci_spec::image::{ImageIndex, ImageManifest};
     let root = store.root().await?;
     let mut manifests = Vec::new();
     if root.media_type.contains("index") || root.media_type.contains("manifest.list") {
         let index = ImageIndex::from_reader(&root.bytes[..])?;
         for d in index.manifests() {
-            manifests.push(
-                store
-                    .manifest(&d.digest().to_string().parse()?, d.media_type().as_ref())
-                    .await?,
-            );
+            manifests.push(store.manifest(&d.digest().to_string().parse()?, d.media_type().as_ref()).await?);
         }
     } else {
         manifests.push(root);
@@ -252,13 +202,9 @@ async fn inspect_image(
         for layer in manifest.layers() {
             let name = layer.digest().to_string();
             let annotations = layer.annotations().clone().unwrap_or_default();
-            let Some(loc) = IndexLocation::from_annotations(&annotations)
-                .with_context(|| format!("layer {name}"))?
+            let Some(loc) = IndexLocation::from_annotations(&annotations).with_context(|| format!("layer {name}"))?
             else {
-                eprintln!(
-                    "layer {name}: not a HyperBox layer ({})",
-                    layer.media_type()
-                );
+                eprintln!("layer {name}: not a HyperBox layer ({})", layer.media_type());
                 continue;
             };
             let digest = name.parse()?;
@@ -299,8 +245,5 @@ async fn store_client_range(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>> {
-    Ok(store
-        .client()
-        .get_blob_range(&r.repo, digest, offset, len)
-        .await?)
+    Ok(store.client().get_blob_range(&r.repo, digest, offset, len).await?)
 }

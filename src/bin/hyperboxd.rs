@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(
-    name = "hyperboxd",
-    version,
-    about = "HyperBox remote snapshotter daemon for containerd"
-)]
+#[command(name = "hyperboxd", version, about = "HyperBox remote snapshotter daemon for containerd")]
 struct Args {
     /// Config file (default /etc/hyperbox/config.toml, if it exists).
     #[arg(long)]
@@ -26,17 +22,15 @@ struct Args {
 fn main() {
     let args = Args::parse();
     if args.print_default_config {
-        print!(
-            "{}",
-            toml::to_string_pretty(&hyperbox::config::Config::default())
-                .expect("config serializes")
-        );
+        print!("{}", toml::to_string_pretty(&hyperbox::config::Config::default()).expect("config serializes"));
         return;
     }
     if let Err(e) = hyperbox::config::Config::load(args.config.as_deref()) {
         eprintln!("hyperboxd: {e}");
         std::process::exit(2);
     }
-    eprintln!("hyperboxd: the snapshotter service is not implemented in this version; only --print-default-config works");
+    eprintln!(
+        "hyperboxd: the snapshotter service is not implemented in this version; only --print-default-config works"
+    );
     std::process::exit(1);
 }

@@ -123,8 +123,7 @@ fn is_tar_layer(mt: &str) -> bool {
 }
 
 fn is_index(mt: &str) -> bool {
-    mt == "application/vnd.oci.image.index.v1+json"
-        || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
+    mt == "application/vnd.oci.image.index.v1+json" || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
 struct Converter {
@@ -138,11 +137,7 @@ struct Converter {
 }
 
 /// Convert the image at `src` and write it to `dst`.
-pub async fn convert(
-    src: ImageStore,
-    dst: ImageStore,
-    opts: ConvertOptions,
-) -> Result<Summary, ConvertError> {
+pub async fn convert(src: ImageStore, dst: ImageStore, opts: ConvertOptions) -> Result<Summary, ConvertError> {
     let start = Instant::now();
     let bars = if opts.progress_bars {
         MultiProgress::new()
@@ -154,34 +149,23 @@ pub async fn convert(
         dst,
         opts,
         bars,
-        work: tempfile::Builder::new()
-            .prefix("hyperbox-convert-")
-            .tempdir()?,
+        work: tempfile::Builder::new().prefix("hyperbox-convert-").tempdir()?,
         seen: Mutex::new(HashSet::new()),
         summary: Mutex::new(Summary::default()),
     });
     let root = c.src.root().await?;
     let what = c.src.location().to_string();
     let (bytes, media_type) = if is_index(&root.media_type) {
-        let mut index =
-            ImageIndex::from_reader(&root.bytes[..]).map_err(|e| ConvertError::Image {
-                what: what.clone(),
-                problem: e.to_string(),
-            })?;
+        let mut index = ImageIndex::from_reader(&root.bytes[..])
+            .map_err(|e| ConvertError::Image { what: what.clone(), problem: e.to_string() })?;
         let mut out = Vec::new();
         for desc in index.manifests() {
             let digest = parse_digest(desc, &what)?;
             let child = c.src.manifest(&digest, desc.media_type().as_ref()).await?;
             if is_index(&child.media_type) {
-                return Err(ConvertError::Image {
-                    what,
-                    problem: "nested image indexes are not supported".into(),
-                });
+                return Err(ConvertError::Image { what, problem: "nested image indexes are not supported".into() });
             }
-            let (bytes, mt) = c
-                .clone()
-                .convert_manifest(&child.bytes, &format!("{what} ({digest})"))
-                .await?;
+            let (bytes, mt) = c.clone().convert_manifest(&child.bytes, &format!("{what} ({digest})")).await?;
             let new_digest = c.dst.put_manifest(&bytes, &mt, false).await?;
             let mut d = desc.clone();
             d.set_digest(oci_digest(&new_digest));
@@ -192,13 +176,7 @@ pub async fn convert(
         index.set_manifests(out);
         index.set_media_type(Some(MediaType::ImageIndex));
         (
-            index
-                .to_string()
-                .map_err(|e| ConvertError::Image {
-                    what,
-                    problem: e.to_string(),
-                })?
-                .into_bytes(),
+            index.to_string().map_err(|e| ConvertError::Image { what, problem: e.to_string() })?.into_bytes(),
             MediaType::ImageIndex.to_string(),
         )
     } else {
@@ -212,53 +190,31 @@ pub async fn convert(
 }
 
 fn parse_digest(d: &Descriptor, what: &str) -> Result<Digest, ConvertError> {
-    d.digest()
-        .to_string()
-        .parse()
-        .map_err(|e: crate::digest::DigestParseError| ConvertError::Image {
-            what: what.to_string(),
-            problem: e.to_string(),
-        })
+    d.digest().to_string().parse().map_err(|e: crate::digest::DigestParseError| ConvertError::Image {
+        what: what.to_string(),
+        problem: e.to_string(),
+    })
 }
 
 fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
-    d.to_string()
-        .parse()
-        .expect("a sha256 digest is a valid OCI digest")
+    d.to_string().parse().expect("a sha256 digest is a valid OCI digest")
 }
 
 impl Converter {
     /// Convert one image manifest; returns the new manifest and its media type.
-    async fn convert_manifest(
-        self: Arc<Self>,
-        bytes: &[u8],
-        what: &str,
-    ) -> Result<(Vec<u8>, String), ConvertError> {
-        let image_err = |problem: String| ConvertError::Image {
-            what: what.to_string(),
-            problem,
-        };
-        let mut manifest =
-            ImageManifest::from_reader(bytes).map_err(|e| image_err(format!("manifest: {e}")))?;
+    async fn convert_manifest(self: Arc<Self>, bytes: &[u8], what: &str) -> Result<(Vec<u8>, String), ConvertError> {
+        let image_err = |problem: String| ConvertError::Image { what: what.to_string(), problem };
+        let mut manifest = ImageManifest::from_reader(bytes).map_err(|e| image_err(format!("manifest: {e}")))?;
         let config_digest = parse_digest(manifest.config(), what)?;
         let config_bytes = self.src.blob(&config_digest).await?;
-        let diff_ids = config_diff_ids(&config_bytes)
-            .map_err(|e| image_err(format!("config {config_digest}: {e}")))?;
+        let diff_ids = config_diff_ids(&config_bytes).map_err(|e| image_err(format!("config {config_digest}: {e}")))?;
         let layers = manifest.layers().clone();
-        let tar_layers = layers
-            .iter()
-            .filter(|l| is_tar_layer(l.media_type().as_ref()) || has_hyperbox(l))
-            .count();
+        let tar_layers = layers.iter().filter(|l| is_tar_layer(l.media_type().as_ref()) || has_hyperbox(l)).count();
         if tar_layers != diff_ids.len() {
-            return Err(image_err(format!(
-                "{tar_layers} layers but the config lists {} diff_ids",
-                diff_ids.len()
-            )));
+            return Err(image_err(format!("{tar_layers} layers but the config lists {} diff_ids", diff_ids.len())));
         }
         if !self.dst.has_blob(&config_digest).await? {
-            self.dst
-                .put_blob(&config_digest, BlobBody::Bytes(&config_bytes))
-                .await?;
+            self.dst.put_blob(&config_digest, BlobBody::Bytes(&config_bytes)).await?;
         }
         let n = layers.len();
         let mut diff_iter = diff_ids.into_iter();
@@ -266,11 +222,8 @@ impl Converter {
             .into_iter()
             .enumerate()
             .map(|(i, l)| {
-                let diff_id = if is_tar_layer(l.media_type().as_ref()) || has_hyperbox(&l) {
-                    diff_iter.next()
-                } else {
-                    None
-                };
+                let diff_id =
+                    if is_tar_layer(l.media_type().as_ref()) || has_hyperbox(&l) { diff_iter.next() } else { None };
                 (i, l, diff_id)
             })
             .collect();
@@ -279,33 +232,23 @@ impl Converter {
                 let me = self.clone();
                 let name = format!("layer {}/{n} {}", i + 1, l.digest());
                 async move {
-                    me.convert_layer(&l, diff_id.as_deref(), &name)
-                        .await
-                        .map_err(|e| match e {
-                            ConvertError::Layer { .. } => e,
-                            other => ConvertError::Layer {
-                                layer: name.clone(),
-                                problem: other.to_string(),
-                            },
-                        })
+                    me.convert_layer(&l, diff_id.as_deref(), &name).await.map_err(|e| match e {
+                        ConvertError::Layer { .. } => e,
+                        other => ConvertError::Layer { layer: name.clone(), problem: other.to_string() },
+                    })
                 }
             })
             .buffered(self.opts.jobs.max(1))
             .try_collect()
             .await?;
         let mut config_desc = manifest.config().clone();
-        if config_desc.media_type()
-            == &MediaType::Other("application/vnd.docker.container.image.v1+json".into())
-        {
+        if config_desc.media_type() == &MediaType::Other("application/vnd.docker.container.image.v1+json".into()) {
             config_desc.set_media_type(MediaType::ImageConfig);
         }
         manifest.set_config(config_desc);
         manifest.set_layers(new_layers);
         manifest.set_media_type(Some(MediaType::ImageManifest));
-        let out = manifest
-            .to_string()
-            .map_err(|e| image_err(e.to_string()))?
-            .into_bytes();
+        let out = manifest.to_string().map_err(|e| image_err(e.to_string()))?.into_bytes();
         self.summary.lock().unwrap().manifests += 1;
         Ok((out, MediaType::ImageManifest.to_string()))
     }
@@ -317,10 +260,7 @@ impl Converter {
         name: &str,
     ) -> Result<Descriptor, ConvertError> {
         let digest = parse_digest(layer, name)?;
-        let layer_err = |problem: String| ConvertError::Layer {
-            layer: name.to_string(),
-            problem,
-        };
+        let layer_err = |problem: String| ConvertError::Layer { layer: name.to_string(), problem };
         if !is_tar_layer(layer.media_type().as_ref()) || has_hyperbox(layer) {
             // Not a tar, or already converted: copy as is.
             if !self.dst.has_blob(&digest).await? {
@@ -348,26 +288,15 @@ impl Converter {
         let output = self.work.path().join(format!("out-{}", digest.hex()));
         let started = Instant::now();
         let pb = bar.clone();
-        let bytes_in = self
-            .src
-            .blob_to_file(&digest, &input, move |n| pb.inc(n))
-            .await?;
+        let bytes_in = self.src.blob_to_file(&digest, &input, move |n| pb.inc(n)).await?;
         bar.set_position(0);
         bar.set_message("convert");
-        let (opts, pb, inp, outp) = (
-            self.opts.write.clone(),
-            bar.clone(),
-            input.clone(),
-            output.clone(),
-        );
+        let (opts, pb, inp, outp) = (self.opts.write.clone(), bar.clone(), input.clone(), output.clone());
         let converted = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let file = std::fs::File::open(&inp).map_err(|e| e.to_string())?;
-            let reader =
-                decompressed(pb.wrap_read(file)).map_err(|e| format!("reading the layer: {e}"))?;
-            let out = std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::fs::File::create(&outp).map_err(|e| e.to_string())?,
-            );
+            let reader = decompressed(pb.wrap_read(file)).map_err(|e| format!("reading the layer: {e}"))?;
+            let out =
+                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&outp).map_err(|e| e.to_string())?);
             convert_tar(reader, out, &opts).map_err(|e| e.to_string())
         })
         .await
@@ -384,20 +313,13 @@ impl Converter {
         }
         bar.set_message("push");
         if !self.dst.has_blob(&converted.blob_digest).await? {
-            self.dst
-                .put_blob(&converted.blob_digest, BlobBody::File(&output))
-                .await?;
+            self.dst.put_blob(&converted.blob_digest, BlobBody::File(&output)).await?;
         }
         let _ = std::fs::remove_file(&output);
         bar.finish_with_message("done");
         let dups = {
             let mut seen = self.seen.lock().unwrap();
-            converted
-                .index
-                .frames
-                .iter()
-                .filter(|f| !seen.insert(f.id))
-                .count()
+            converted.index.frames.iter().filter(|f| !seen.insert(f.id)).count()
         };
         {
             let mut s = self.summary.lock().unwrap();
@@ -447,9 +369,7 @@ fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, serde_json::Error> {
 }
 
 fn has_hyperbox(d: &Descriptor) -> bool {
-    d.annotations()
-        .as_ref()
-        .is_some_and(|a| IndexLocation::from_annotations(a).ok().flatten().is_some())
+    d.annotations().as_ref().is_some_and(|a| IndexLocation::from_annotations(a).ok().flatten().is_some())
 }
 
 /// Wrap a layer blob in the decompressor its first bytes call for: gzip,
@@ -475,8 +395,5 @@ pub fn convert_file(
     let name = input.display().to_string();
     let reader = decompressed(std::fs::File::open(input)?)?;
     let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(output)?);
-    convert_tar(reader, out, opts).map_err(|e| ConvertError::Layer {
-        layer: name,
-        problem: e.to_string(),
-    })
+    convert_tar(reader, out, opts).map_err(|e| ConvertError::Layer { layer: name, problem: e.to_string() })
 }

@@ -27,18 +27,13 @@ impl FromStr for ImageLocation {
                     _ => (rest, None),
                 };
                 if dir.is_empty() {
-                    return Err(StoreError::Location(format!(
-                        "{s:?}: oci: needs a directory"
-                    )));
+                    return Err(StoreError::Location(format!("{s:?}: oci: needs a directory")));
                 }
-                Ok(ImageLocation::Layout {
-                    dir: PathBuf::from(dir),
-                    tag,
-                })
+                Ok(ImageLocation::Layout { dir: PathBuf::from(dir), tag })
             }
-            None => Ok(ImageLocation::Registry(s.parse().map_err(
-                |e: crate::registry::ReferenceError| StoreError::Location(e.to_string()),
-            )?)),
+            None => Ok(ImageLocation::Registry(
+                s.parse().map_err(|e: crate::registry::ReferenceError| StoreError::Location(e.to_string()))?,
+            )),
         }
     }
 }
@@ -84,10 +79,7 @@ impl ImageStore {
     }
 
     fn layout_err(dir: &Path, problem: impl Into<String>) -> StoreError {
-        StoreError::Layout {
-            dir: dir.display().to_string(),
-            problem: problem.into(),
-        }
+        StoreError::Layout { dir: dir.display().to_string(), problem: problem.into() }
     }
 
     fn blob_path(dir: &Path, d: &Digest) -> PathBuf {
@@ -96,39 +88,26 @@ impl ImageStore {
 
     fn read_layout_index(dir: &Path) -> Result<serde_json::Value, StoreError> {
         let p = dir.join("index.json");
-        let text =
-            std::fs::read(&p).map_err(|e| Self::layout_err(dir, format!("index.json: {e}")))?;
+        let text = std::fs::read(&p).map_err(|e| Self::layout_err(dir, format!("index.json: {e}")))?;
         serde_json::from_slice(&text).map_err(|e| Self::layout_err(dir, format!("index.json: {e}")))
     }
 
     /// The manifest or index the location names.
     pub async fn root(&self) -> Result<Manifest, StoreError> {
         match &self.loc {
-            ImageLocation::Registry(r) => {
-                Ok(self.client.get_manifest(&r.repo, &r.target()).await?)
-            }
+            ImageLocation::Registry(r) => Ok(self.client.get_manifest(&r.repo, &r.target()).await?),
             ImageLocation::Layout { dir, tag } => {
                 let index = Self::read_layout_index(dir)?;
                 let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
                 let matching: Vec<_> = manifests
                     .iter()
-                    .filter(|m| {
-                        tag.as_deref()
-                            .is_none_or(|t| m["annotations"][REF_NAME].as_str() == Some(t))
-                    })
+                    .filter(|m| tag.as_deref().is_none_or(|t| m["annotations"][REF_NAME].as_str() == Some(t)))
                     .collect();
                 let desc = match (matching.as_slice(), tag) {
                     ([one], _) => *one,
-                    ([], Some(t)) => {
-                        return Err(Self::layout_err(dir, format!("no image tagged {t:?}")))
-                    }
+                    ([], Some(t)) => return Err(Self::layout_err(dir, format!("no image tagged {t:?}"))),
                     ([], None) => return Err(Self::layout_err(dir, "holds no image")),
-                    (_, _) => {
-                        return Err(Self::layout_err(
-                            dir,
-                            "holds several images: name one as oci:PATH:TAG",
-                        ))
-                    }
+                    (_, _) => return Err(Self::layout_err(dir, "holds several images: name one as oci:PATH:TAG")),
                 };
                 let digest: Digest = desc["digest"]
                     .as_str()
@@ -142,16 +121,9 @@ impl ImageStore {
     }
 
     /// A manifest (or index) by digest, verified.
-    pub async fn manifest(
-        &self,
-        digest: &Digest,
-        media_type: &str,
-    ) -> Result<Manifest, StoreError> {
+    pub async fn manifest(&self, digest: &Digest, media_type: &str) -> Result<Manifest, StoreError> {
         match &self.loc {
-            ImageLocation::Registry(r) => Ok(self
-                .client
-                .get_manifest(&r.repo, &digest.to_string())
-                .await?),
+            ImageLocation::Registry(r) => Ok(self.client.get_manifest(&r.repo, &digest.to_string()).await?),
             ImageLocation::Layout { .. } => {
                 let bytes = self.blob(digest).await?;
                 let media_type = if media_type.is_empty() {
@@ -162,11 +134,7 @@ impl ImageStore {
                 } else {
                     media_type.to_string()
                 };
-                Ok(Manifest {
-                    bytes,
-                    media_type,
-                    digest: digest.clone(),
-                })
+                Ok(Manifest { bytes, media_type, digest: digest.clone() })
             }
         }
     }
@@ -180,10 +148,7 @@ impl ImageStore {
                     .await
                     .map_err(|e| Self::layout_err(dir, format!("blob {digest}: {e}")))?;
                 if &Digest::of(&bytes) != digest {
-                    return Err(Self::layout_err(
-                        dir,
-                        format!("blob {digest} does not match its digest"),
-                    ));
+                    return Err(Self::layout_err(dir, format!("blob {digest} does not match its digest")));
                 }
                 Ok(bytes)
             }
@@ -198,17 +163,14 @@ impl ImageStore {
         progress: impl FnMut(u64) + Send + 'static,
     ) -> Result<u64, StoreError> {
         match &self.loc {
-            ImageLocation::Registry(r) => Ok(self
-                .client
-                .get_blob_to_file(&r.repo, digest, dest, progress)
-                .await?),
+            ImageLocation::Registry(r) => Ok(self.client.get_blob_to_file(&r.repo, digest, dest, progress).await?),
             ImageLocation::Layout { dir, .. } => {
                 let src = Self::blob_path(dir, digest);
                 let (dir, digest, dest) = (dir.clone(), digest.clone(), dest.to_path_buf());
                 tokio::task::spawn_blocking(move || {
                     let mut progress = progress;
-                    let mut input = std::fs::File::open(&src)
-                        .map_err(|e| Self::layout_err(&dir, format!("blob {digest}: {e}")))?;
+                    let mut input =
+                        std::fs::File::open(&src).map_err(|e| Self::layout_err(&dir, format!("blob {digest}: {e}")))?;
                     let mut out = std::fs::File::create(&dest)?;
                     let mut hash = Sha256Writer::new();
                     let mut buf = vec![0u8; 1 << 20];
@@ -223,10 +185,7 @@ impl ImageStore {
                     }
                     let size = hash.len();
                     if hash.finish() != digest {
-                        return Err(Self::layout_err(
-                            &dir,
-                            format!("blob {digest} does not match its digest"),
-                        ));
+                        return Err(Self::layout_err(&dir, format!("blob {digest} does not match its digest")));
                     }
                     Ok(size)
                 })
@@ -278,29 +237,19 @@ impl ImageStore {
     }
 
     /// Store a manifest; with `tagged`, also make it the location's image.
-    pub async fn put_manifest(
-        &self,
-        bytes: &[u8],
-        media_type: &str,
-        tagged: bool,
-    ) -> Result<Digest, StoreError> {
+    pub async fn put_manifest(&self, bytes: &[u8], media_type: &str, tagged: bool) -> Result<Digest, StoreError> {
         let digest = Digest::of(bytes);
         match &self.loc {
             ImageLocation::Registry(r) => {
-                let target = if tagged {
-                    r.target()
-                } else {
-                    digest.to_string()
-                };
-                self.client
-                    .put_manifest(&r.repo, &target, bytes, media_type)
-                    .await?;
+                let target = if tagged { r.target() } else { digest.to_string() };
+                self.client.put_manifest(&r.repo, &target, bytes, media_type).await?;
             }
             ImageLocation::Layout { dir, tag } => {
                 self.put_blob(&digest, BlobBody::Bytes(bytes)).await?;
                 if tagged {
                     let mut index = Self::read_layout_index(dir)?;
-                    let mut desc = serde_json::json!({"mediaType": media_type, "digest": digest.to_string(), "size": bytes.len()});
+                    let mut desc =
+                        serde_json::json!({"mediaType": media_type, "digest": digest.to_string(), "size": bytes.len()});
                     if let Some(t) = tag {
                         desc["annotations"] = serde_json::json!({ REF_NAME: t });
                     }

@@ -159,18 +159,7 @@ pub struct EntryExtra {
 
 impl Entry {
     pub fn new(path: Vec<u8>, kind: EntryKind) -> Self {
-        Entry {
-            path,
-            kind,
-            mode: 0,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            size: 0,
-            data_offset: 0,
-            extra: None,
-        }
+        Entry { path, kind, mode: 0, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0, size: 0, data_offset: 0, extra: None }
     }
     pub fn extra_mut(&mut self) -> &mut EntryExtra {
         self.extra.get_or_insert_with(Default::default)
@@ -179,9 +168,7 @@ impl Entry {
         self.extra.as_ref().map_or(&[], |x| &x.link)
     }
     pub fn device(&self) -> (u32, u32) {
-        self.extra
-            .as_ref()
-            .map_or((0, 0), |x| (x.dev_major, x.dev_minor))
+        self.extra.as_ref().map_or((0, 0), |x| (x.dev_major, x.dev_minor))
     }
     pub fn xattrs(&self) -> &[Xattr] {
         self.extra.as_ref().map_or(&[], |x| &x.xattrs)
@@ -210,11 +197,7 @@ pub struct ChunkParams {
 impl Default for ChunkParams {
     /// See docs/format.md, "Chunk size", for the measurement behind this.
     fn default() -> Self {
-        Self {
-            min: 64 << 10,
-            avg: 128 << 10,
-            max: 512 << 10,
-        }
+        Self { min: 64 << 10, avg: 128 << 10, max: 512 << 10 }
     }
 }
 
@@ -249,39 +232,35 @@ impl Index {
     /// Decode and validate. `frames_end` is the blob offset where frames must
     /// end (the index's own offset).
     pub fn decode(raw: &[u8], frames_end: u64) -> Result<LayerIndex, FormatError> {
-        let index: Index = postcard::from_bytes(raw)
-            .map_err(|e| FormatError::Corrupt(format!("index does not decode: {e}")))?;
+        let index: Index =
+            postcard::from_bytes(raw).map_err(|e| FormatError::Corrupt(format!("index does not decode: {e}")))?;
         index.validate(frames_end)
     }
 
     /// Check every invariant a reader relies on, and build the offset tables.
     pub fn validate(self, frames_end: u64) -> Result<LayerIndex, FormatError> {
+        let (c_offsets, u_offsets) = self.check(frames_end)?;
+        Ok(LayerIndex { index: self, c_offsets, u_offsets })
+    }
+
+    /// Check every invariant; returns the frames' blob and tar offsets.
+    pub fn check(&self, frames_end: u64) -> Result<(Vec<u64>, Vec<u64>), FormatError> {
         use limits::*;
         let bad = |m: String| Err(FormatError::Corrupt(m));
         if !self.frames.consistent() {
             return bad("frame table columns differ in length".into());
         }
         if self.frames.len() > MAX_FRAMES {
-            return bad(format!(
-                "{} frames exceeds the limit of {MAX_FRAMES}",
-                self.frames.len()
-            ));
+            return bad(format!("{} frames exceeds the limit of {MAX_FRAMES}", self.frames.len()));
         }
         if self.entries.len() > MAX_ENTRIES {
-            return bad(format!(
-                "{} entries exceeds the limit of {MAX_ENTRIES}",
-                self.entries.len()
-            ));
+            return bad(format!("{} entries exceeds the limit of {MAX_ENTRIES}", self.entries.len()));
         }
         let mut c_offsets = Vec::with_capacity(self.frames.len() + 1);
         let mut u_offsets = Vec::with_capacity(self.frames.len() + 1);
         let (mut c, mut u) = (0u64, 0u64);
         for (i, (&c_len, &u_len)) in self.frames.c_len.iter().zip(&self.frames.u_len).enumerate() {
-            let f = Frame {
-                c_len,
-                u_len,
-                id: ChunkId([0; 32]),
-            };
+            let f = Frame { c_len, u_len, id: ChunkId([0; 32]) };
             if f.u_len == 0 || f.c_len == 0 || f.u_len > MAX_FRAME_LEN {
                 return bad(format!(
                     "frame {i} has invalid lengths (compressed {}, uncompressed {})",
@@ -296,36 +275,23 @@ impl Index {
         c_offsets.push(c);
         u_offsets.push(u);
         if c != frames_end {
-            return bad(format!(
-                "frames end at blob offset {c}, but the index starts at {frames_end}"
-            ));
+            return bad(format!("frames end at blob offset {c}, but the index starts at {frames_end}"));
         }
         if u != self.tar_size {
-            return bad(format!(
-                "frames hold {u} tar bytes, but the tar is {} bytes",
-                self.tar_size
-            ));
+            return bad(format!("frames hold {u} tar bytes, but the tar is {} bytes", self.tar_size));
         }
         for (i, e) in self.entries.iter().enumerate() {
             let name = || String::from_utf8_lossy(&e.path).into_owned();
             if e.path.len() > MAX_PATH || !is_normalized(&e.path) {
                 return bad(format!("entry {i} has an invalid path {:?}", name()));
             }
-            if e.link().len() > MAX_PATH
-                || (e.kind == EntryKind::Hardlink && !is_normalized(e.link()))
-            {
+            if e.link().len() > MAX_PATH || (e.kind == EntryKind::Hardlink && !is_normalized(e.link())) {
                 return bad(format!("entry {:?} has an invalid link target", name()));
             }
             if e.kind != EntryKind::File && (e.size != 0 || !e.sparse().is_empty()) {
-                return bad(format!(
-                    "entry {:?}: a {:?} cannot have data",
-                    name(),
-                    e.kind
-                ));
+                return bad(format!("entry {:?}: a {:?} cannot have data", name(), e.kind));
             }
-            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY
-                || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE)
-            {
+            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE) {
                 return bad(format!("entry {:?}: too many or too large xattrs", name()));
             }
             if e.sparse().len() > MAX_SPARSE_SEGMENTS {
@@ -337,38 +303,23 @@ impl Index {
             for seg in e.sparse() {
                 let end = seg.offset.checked_add(seg.len);
                 if seg.offset < pos || end.is_none_or(|end| end > e.size) {
-                    return bad(format!(
-                        "entry {:?}: sparse map out of order or past the file size",
-                        name()
-                    ));
+                    return bad(format!("entry {:?}: sparse map out of order or past the file size", name()));
                 }
                 pos = seg.offset + seg.len;
             }
             let end = e.data_offset.checked_add(e.data_len());
             if end.is_none_or(|end| end > self.tar_size) {
-                return bad(format!(
-                    "entry {:?}: data outside the tar ({}+{})",
-                    name(),
-                    e.data_offset,
-                    e.data_len()
-                ));
+                return bad(format!("entry {:?}: data outside the tar ({}+{})", name(), e.data_offset, e.data_len()));
             }
         }
-        Ok(LayerIndex {
-            index: self,
-            c_offsets,
-            u_offsets,
-        })
+        Ok((c_offsets, u_offsets))
     }
 }
 
 /// A path is normalized if it is empty (the root) or a `/`-joined list of
 /// components none of which is empty, `.` or `..`, and it holds no NUL.
 pub fn is_normalized(p: &[u8]) -> bool {
-    p.is_empty()
-        || (!p.contains(&0)
-            && p.split(|&b| b == b'/')
-                .all(|c| !c.is_empty() && c != b"." && c != b".."))
+    p.is_empty() || (!p.contains(&0) && p.split(|&b| b == b'/').all(|c| !c.is_empty() && c != b"." && c != b".."))
 }
 
 /// Normalize a tar path (`./a//b/`, `/a/b`) to the index's form, or `None`
@@ -432,20 +383,11 @@ mod tests {
         assert_eq!(normalize_path(b"/etc/passwd").unwrap(), b"etc/passwd");
         assert_eq!(normalize_path(b"./").unwrap(), b"");
         assert!(normalize_path(b"a/../../etc").is_none());
-        assert!(
-            is_normalized(b"a/b")
-                && is_normalized(b"")
-                && !is_normalized(b"a//b")
-                && !is_normalized(b"../x")
-        );
+        assert!(is_normalized(b"a/b") && is_normalized(b"") && !is_normalized(b"a//b") && !is_normalized(b"../x"));
     }
 
     fn frame(c: u32, u: u32) -> Frame {
-        Frame {
-            c_len: c,
-            u_len: u,
-            id: ChunkId([0; 32]),
-        }
+        Frame { c_len: c, u_len: u, id: ChunkId([0; 32]) }
     }
 
     #[test]
@@ -454,9 +396,7 @@ mod tests {
             tar_size: 30,
             diff_id: [0; 32],
             chunk_params: ChunkParams::default(),
-            frames: [frame(5, 10), frame(5, 10), frame(5, 10)]
-                .into_iter()
-                .collect(),
+            frames: [frame(5, 10), frame(5, 10), frame(5, 10)].into_iter().collect(),
             entries: vec![],
         }
         .validate(15)
@@ -479,10 +419,7 @@ mod tests {
             frames: [frame(5, 10)].into_iter().collect(),
             entries: vec![],
         };
-        assert!(
-            base.clone().validate(6).is_err(),
-            "frames must end where the index starts"
-        );
+        assert!(base.clone().validate(6).is_err(), "frames must end where the index starts");
         let mut t = base.clone();
         t.tar_size = 11;
         assert!(t.validate(5).is_err());

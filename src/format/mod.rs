@@ -18,8 +18,7 @@ use std::io;
 
 use crate::digest::{ChunkId, Digest};
 pub use index::{
-    ChunkParams, Entry, EntryExtra, EntryKind, Frame, FrameTable, Index, LayerIndex, SparseSegment,
-    Xattr,
+    ChunkParams, Entry, EntryExtra, EntryKind, Frame, FrameTable, Index, LayerIndex, SparseSegment, Xattr,
 };
 
 /// Media type of a HyperBox layer: a standard zstd-compressed tar.
@@ -55,20 +54,14 @@ pub enum FormatError {
     Tar(String),
     #[error("not a HyperBox layer: {0}")]
     NotHyperBox(String),
-    #[error(
-        "unsupported HyperBox format version {found} (this build reads version {FORMAT_VERSION})"
-    )]
+    #[error("unsupported HyperBox format version {found} (this build reads version {FORMAT_VERSION})")]
     UnsupportedVersion { found: u32 },
     #[error("index is {len} bytes, over the limit of {limit}")]
     IndexTooLarge { len: u64, limit: u64 },
     #[error("corrupt layer: {0}")]
     Corrupt(String),
     #[error("chunk {frame} ({id}) failed verification: {problem}")]
-    ChunkVerify {
-        frame: usize,
-        id: ChunkId,
-        problem: String,
-    },
+    ChunkVerify { frame: usize, id: ChunkId, problem: String },
 }
 
 /// Where a layer's index is: what the annotations (or the footer) say.
@@ -97,44 +90,27 @@ impl IndexLocation {
         let Some(version) = a.get(ANN_VERSION) else {
             return Ok(None);
         };
-        let get = |k: &str| {
-            a.get(k)
-                .ok_or_else(|| FormatError::Corrupt(format!("annotation {k} is missing")))
-        };
+        let get = |k: &str| a.get(k).ok_or_else(|| FormatError::Corrupt(format!("annotation {k} is missing")));
         let num = |k: &str| -> Result<u64, FormatError> {
-            get(k)?
-                .parse()
-                .map_err(|_| FormatError::Corrupt(format!("annotation {k} is not a number")))
+            get(k)?.parse().map_err(|_| FormatError::Corrupt(format!("annotation {k} is not a number")))
         };
-        let version: u32 = version.parse().map_err(|_| {
-            FormatError::Corrupt(format!("annotation {ANN_VERSION} is not a number"))
-        })?;
+        let version: u32 =
+            version.parse().map_err(|_| FormatError::Corrupt(format!("annotation {ANN_VERSION} is not a number")))?;
         if version != FORMAT_VERSION {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
         let digest = get(ANN_INDEX_DIGEST)?
             .parse()
             .map_err(|e| FormatError::Corrupt(format!("annotation {ANN_INDEX_DIGEST}: {e}")))?;
-        Ok(Some(Self {
-            offset: num(ANN_INDEX_OFFSET)?,
-            length: num(ANN_INDEX_LENGTH)?,
-            digest,
-            version,
-        }))
+        Ok(Some(Self { offset: num(ANN_INDEX_OFFSET)?, length: num(ANN_INDEX_LENGTH)?, digest, version }))
     }
 
     /// Check the location against the blob's size before fetching anything.
     pub fn check_bounds(&self, blob_size: u64) -> Result<(), FormatError> {
         if self.length > index::limits::MAX_INDEX_COMPRESSED + INDEX_HEADER_LEN as u64 {
-            return Err(FormatError::IndexTooLarge {
-                len: self.length,
-                limit: index::limits::MAX_INDEX_COMPRESSED,
-            });
+            return Err(FormatError::IndexTooLarge { len: self.length, limit: index::limits::MAX_INDEX_COMPRESSED });
         }
-        let end = self
-            .offset
-            .checked_add(self.length)
-            .and_then(|e| e.checked_add(FOOTER_LEN as u64));
+        let end = self.offset.checked_add(self.length).and_then(|e| e.checked_add(FOOTER_LEN as u64));
         if end != Some(blob_size) {
             return Err(FormatError::Corrupt(format!(
                 "index at {}+{} plus the {FOOTER_LEN}-byte footer does not end the {blob_size}-byte blob",
@@ -176,32 +152,21 @@ pub fn encode_footer(loc: &IndexLocation) -> [u8; FOOTER_LEN] {
 /// Parse the last [`FOOTER_LEN`] bytes of a blob of `blob_size` bytes.
 pub fn parse_footer(f: &[u8], blob_size: u64) -> Result<IndexLocation, FormatError> {
     if f.len() != FOOTER_LEN {
-        return Err(FormatError::NotHyperBox(format!(
-            "blob too short for a footer ({} bytes)",
-            f.len()
-        )));
+        return Err(FormatError::NotHyperBox(format!("blob too short for a footer ({} bytes)", f.len())));
     }
     if le_u32(&f[..4]) != FOOTER_FRAME_MAGIC || le_u32(&f[4..8]) as usize != FOOTER_PAYLOAD_LEN {
-        return Err(FormatError::NotHyperBox(
-            "no footer frame at the end of the blob".into(),
-        ));
+        return Err(FormatError::NotHyperBox("no footer frame at the end of the blob".into()));
     }
     let p = &f[8..];
     if &p[..8] != FOOTER_MAGIC {
-        return Err(FormatError::NotHyperBox(format!(
-            "footer magic is {:?}, expected {:?}",
-            &p[..8],
-            FOOTER_MAGIC
-        )));
+        return Err(FormatError::NotHyperBox(format!("footer magic is {:?}, expected {:?}", &p[..8], FOOTER_MAGIC)));
     }
     let version = le_u32(&p[8..12]);
     if version != FORMAT_VERSION {
         return Err(FormatError::UnsupportedVersion { found: version });
     }
     if le_u32(&p[12..16]) != 0 {
-        return Err(FormatError::Corrupt(
-            "footer flags set that version 1 does not define".into(),
-        ));
+        return Err(FormatError::Corrupt("footer flags set that version 1 does not define".into()));
     }
     let loc = IndexLocation {
         offset: le_u64(&p[16..24]),
@@ -232,28 +197,17 @@ pub fn encode_index_frame(index: &Index, level: i32) -> Vec<u8> {
 pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex, FormatError> {
     use index::limits::*;
     if bytes.len() as u64 != loc.length {
-        return Err(FormatError::Corrupt(format!(
-            "index is {} bytes, expected {}",
-            bytes.len(),
-            loc.length
-        )));
+        return Err(FormatError::Corrupt(format!("index is {} bytes, expected {}", bytes.len(), loc.length)));
     }
     let actual = Digest::of(bytes);
     if actual != loc.digest {
-        return Err(FormatError::Corrupt(format!(
-            "index digest is {actual}, expected {}",
-            loc.digest
-        )));
+        return Err(FormatError::Corrupt(format!("index digest is {actual}, expected {}", loc.digest)));
     }
     if bytes.len() < INDEX_HEADER_LEN || le_u32(&bytes[..4]) != INDEX_FRAME_MAGIC {
-        return Err(FormatError::Corrupt(
-            "no index frame at the index offset".into(),
-        ));
+        return Err(FormatError::Corrupt("no index frame at the index offset".into()));
     }
     if le_u32(&bytes[4..8]) as usize != bytes.len() - 8 || &bytes[8..12] != INDEX_MAGIC {
-        return Err(FormatError::Corrupt(
-            "index frame header is inconsistent".into(),
-        ));
+        return Err(FormatError::Corrupt("index frame header is inconsistent".into()));
     }
     let version = le_u32(&bytes[12..16]);
     if version != FORMAT_VERSION {
@@ -261,59 +215,34 @@ pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex
     }
     let raw_len = le_u64(&bytes[16..24]);
     if raw_len > MAX_INDEX_RAW {
-        return Err(FormatError::IndexTooLarge {
-            len: raw_len,
-            limit: MAX_INDEX_RAW,
-        });
+        return Err(FormatError::IndexTooLarge { len: raw_len, limit: MAX_INDEX_RAW });
     }
     let z = &bytes[INDEX_HEADER_LEN..];
     if z.len() as u64 > MAX_INDEX_COMPRESSED {
-        return Err(FormatError::IndexTooLarge {
-            len: z.len() as u64,
-            limit: MAX_INDEX_COMPRESSED,
-        });
+        return Err(FormatError::IndexTooLarge { len: z.len() as u64, limit: MAX_INDEX_COMPRESSED });
     }
     // Decompressing into a buffer of exactly the declared size bounds memory:
     // zstd fails rather than grow past it.
     let raw = zstd::bulk::decompress(z, raw_len as usize)
         .map_err(|e| FormatError::Corrupt(format!("index does not decompress: {e}")))?;
     if raw.len() as u64 != raw_len {
-        return Err(FormatError::Corrupt(format!(
-            "index decompresses to {} bytes, header says {raw_len}",
-            raw.len()
-        )));
+        return Err(FormatError::Corrupt(format!("index decompresses to {} bytes, header says {raw_len}", raw.len())));
     }
     Index::decode(&raw, loc.offset)
 }
 
 /// Decompress frame `i` from its compressed bytes and verify it against the
 /// index. Nothing else in HyperBox turns blob bytes into tar bytes.
-pub fn decode_frame(
-    index: &LayerIndex,
-    i: usize,
-    compressed: &[u8],
-) -> Result<Vec<u8>, FormatError> {
+pub fn decode_frame(index: &LayerIndex, i: usize, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
     let f = index.frames().get(i);
-    let fail = |problem: String| FormatError::ChunkVerify {
-        frame: i,
-        id: f.id,
-        problem,
-    };
+    let fail = |problem: String| FormatError::ChunkVerify { frame: i, id: f.id, problem };
     if compressed.len() != f.c_len as usize {
-        return Err(fail(format!(
-            "{} compressed bytes, expected {}",
-            compressed.len(),
-            f.c_len
-        )));
+        return Err(fail(format!("{} compressed bytes, expected {}", compressed.len(), f.c_len)));
     }
-    let data = zstd::bulk::decompress(compressed, f.u_len as usize)
-        .map_err(|e| fail(format!("does not decompress: {e}")))?;
+    let data =
+        zstd::bulk::decompress(compressed, f.u_len as usize).map_err(|e| fail(format!("does not decompress: {e}")))?;
     if data.len() != f.u_len as usize {
-        return Err(fail(format!(
-            "decompresses to {} bytes, expected {}",
-            data.len(),
-            f.u_len
-        )));
+        return Err(fail(format!("decompresses to {} bytes, expected {}", data.len(), f.u_len)));
     }
     let id = ChunkId::of(&data);
     if id != f.id {
@@ -336,10 +265,7 @@ impl BlobSource for [u8] {
         let start = usize::try_from(offset).ok().filter(|&s| s <= self.len());
         match start.and_then(|s| self.get(s..s.checked_add(len)?)) {
             Some(b) => Ok(b.to_vec()),
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the blob",
-            )),
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the blob")),
         }
     }
 }
@@ -364,9 +290,7 @@ pub fn open_layer<S: BlobSource + ?Sized>(
 ) -> Result<(IndexLocation, LayerIndex), FormatError> {
     let size = src.size()?;
     if size < FOOTER_LEN as u64 {
-        return Err(FormatError::NotHyperBox(format!(
-            "blob is only {size} bytes"
-        )));
+        return Err(FormatError::NotHyperBox(format!("blob is only {size} bytes")));
     }
     let loc = match expected {
         Some(loc) => {
@@ -381,11 +305,7 @@ pub fn open_layer<S: BlobSource + ?Sized>(
 }
 
 /// Read, decompress and verify frame `i` from a blob.
-pub fn read_frame<S: BlobSource + ?Sized>(
-    src: &S,
-    index: &LayerIndex,
-    i: usize,
-) -> Result<Vec<u8>, FormatError> {
+pub fn read_frame<S: BlobSource + ?Sized>(src: &S, index: &LayerIndex, i: usize) -> Result<Vec<u8>, FormatError> {
     let (start, end) = index.frame_blob_range(i);
     decode_frame(index, i, &src.read_at(start, (end - start) as usize)?)
 }
@@ -406,26 +326,14 @@ pub fn read_file_range<S: BlobSource + ?Sized>(
     let mut out = vec![0u8; (end - offset) as usize];
     // Map logical ranges to stored (tar) ranges: one segment for a plain
     // file, the data segments for a sparse one.
-    let plain = [SparseSegment {
-        offset: 0,
-        len: entry.size,
-    }];
-    let segments: &[SparseSegment] = if entry.sparse().is_empty() {
-        &plain
-    } else {
-        entry.sparse()
-    };
+    let plain = [SparseSegment { offset: 0, len: entry.size }];
+    let segments: &[SparseSegment] = if entry.sparse().is_empty() { &plain } else { entry.sparse() };
     let mut stored = entry.data_offset;
     for seg in segments {
         let (s, e) = (seg.offset.max(offset), (seg.offset + seg.len).min(end));
         if s < e {
             let tar_start = stored + (s - seg.offset);
-            read_tar_range(
-                src,
-                index,
-                tar_start,
-                &mut out[(s - offset) as usize..(e - offset) as usize],
-            )?;
+            read_tar_range(src, index, tar_start, &mut out[(s - offset) as usize..(e - offset) as usize])?;
         }
         stored += seg.len;
     }
@@ -449,9 +357,7 @@ fn read_tar_range<S: BlobSource + ?Sized>(
         filled += n;
     }
     if filled != buf.len() {
-        return Err(FormatError::Corrupt(
-            "file data extends past the frames".into(),
-        ));
+        return Err(FormatError::Corrupt("file data extends past the frames".into()));
     }
     Ok(())
 }

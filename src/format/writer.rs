@@ -11,33 +11,39 @@
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use rayon::prelude::*;
 
-use super::index::{
-    normalize_path, ChunkParams, Entry, EntryKind, Frame, FrameTable, Index, SparseSegment, Xattr,
-};
+use super::index::{normalize_path, ChunkParams, Entry, EntryKind, Frame, FrameTable, Index, SparseSegment, Xattr};
 use super::{encode_footer, encode_index_frame, FormatError, IndexLocation, FORMAT_VERSION};
 use crate::digest::{ChunkId, Digest, Sha256Writer};
 
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
     pub chunk: ChunkParams,
-    /// zstd level for data and header frames.
+    /// zstd level for data and packed frames.
     pub level: i32,
-    /// Header bytes between two files are split into frames of at most this.
-    pub header_frame_max: usize,
-    /// Uncompressed bytes gathered before a parallel compression batch.
+    /// Files smaller than this are not chunked on their own: their data is
+    /// packed, with the tar headers around them, into shared frames. Reading
+    /// such a file fetches its neighbours too (usually siblings in the same
+    /// directory), and small files compress far better together.
+    pub small_file_max: u64,
+    /// Packed frames (headers and small files) are cut once they reach this.
+    pub pack_frame_max: usize,
+    /// Uncompressed bytes handed to the compressing thread at a time.
     pub batch_bytes: usize,
 }
 
 impl Default for WriteOptions {
+    /// See docs/benchmarks.md, "Chunk size, packing and level".
     fn default() -> Self {
         Self {
             chunk: ChunkParams::default(),
             level: 3,
-            header_frame_max: 256 << 10,
-            batch_bytes: 16 << 20,
+            small_file_max: 16 << 10,
+            pack_frame_max: 64 << 10,
+            batch_bytes: 8 << 20,
         }
     }
 }
@@ -64,39 +70,53 @@ pub struct ConvertedLayer {
 }
 
 /// Convert the tar stream `input` into a HyperBox layer written to `out`.
-pub fn convert_tar<R: Read, W: Write>(
+///
+/// Two stages run at once: this thread parses the tar and cuts frames; a
+/// writer thread compresses each batch of frames across the rayon pool and
+/// writes them in order.
+pub fn convert_tar<R: Read, W: Write + Send>(
     input: R,
     out: W,
     opts: &WriteOptions,
 ) -> Result<ConvertedLayer, FormatError> {
     let c = opts.chunk;
-    if !(64 <= c.min
-        && c.min <= c.avg
-        && c.avg <= c.max
-        && c.max <= super::index::limits::MAX_FRAME_LEN / 2)
-    {
-        return Err(FormatError::Corrupt(format!(
-            "invalid chunk parameters {c:?}"
-        )));
+    if !(64 <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= super::index::limits::MAX_FRAME_LEN / 2) {
+        return Err(FormatError::Corrupt(format!("invalid chunk parameters {c:?}")));
     }
-    let splitter = Rc::new(RefCell::new(Splitter::new(out, opts)));
-    let mut archive = tar::Archive::new(Tap {
-        inner: input,
-        splitter: splitter.clone(),
-    });
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
+        let level = opts.level;
+        let writer = scope.spawn(move || write_frames(rx, out, level));
+        let parsed = split_tar(input, tx, opts);
+        // split_tar has dropped the sender: the writer drains and returns.
+        let written = writer.join().expect("frame writer panicked");
+        let (frames, out) = match (parsed, written) {
+            (Ok(p), Ok(w)) => (p, w),
+            // A failed write makes the parser fail too; report the cause.
+            (_, Err(e)) | (Err(e), _) => return Err(e),
+        };
+        finish(frames, out.0, out.1, opts)
+    })
+}
+
+/// What the parsing stage found.
+struct Parsed {
+    entries: Vec<Entry>,
+    diff_id: Digest,
+    tar_size: u64,
+    data_chunks: usize,
+}
+
+fn split_tar<R: Read>(input: R, tx: SyncSender<Vec<Vec<u8>>>, opts: &WriteOptions) -> Result<Parsed, FormatError> {
+    let splitter = Rc::new(RefCell::new(Splitter::new(tx, opts)));
+    let mut archive = tar::Archive::new(Tap { inner: input, splitter: splitter.clone() });
     let mut entries = Vec::new();
     let mut last_path = String::from("(start of archive)");
-    let tar_err = |e: io::Error, splitter: &Rc<RefCell<Splitter<W>>>, last: &str| {
-        splitter
-            .borrow_mut()
-            .err
-            .take()
-            .unwrap_or_else(|| FormatError::Tar(format!("{e} (after entry {last:?})")))
+    let tar_err = |e: io::Error, splitter: &Rc<RefCell<Splitter>>, last: &str| {
+        splitter.borrow_mut().err.take().unwrap_or_else(|| FormatError::Tar(format!("{e} (after entry {last:?})")))
     };
     {
-        let iter = archive
-            .entries()
-            .map_err(|e| tar_err(e, &splitter, &last_path))?;
+        let iter = archive.entries().map_err(|e| tar_err(e, &splitter, &last_path))?;
         for raw in iter {
             let mut e = raw.map_err(|e| tar_err(e, &splitter, &last_path))?;
             let header_pos = e.raw_header_position();
@@ -112,14 +132,15 @@ pub fn convert_tar<R: Read, W: Write>(
             if let Some(entry) = parsed {
                 last_path = String::from_utf8_lossy(&entry.path).into_owned();
                 let data_len = entry.data_len();
-                if data_len > 0 {
+                if data_len >= opts.small_file_max.max(1) {
                     s.start_data_region(data_pos, data_pos + data_len);
                 } else {
-                    s.flush_header_if_large();
+                    // Small file data (if any) flows into the packed frame.
+                    s.flush_packed_if_large();
                 }
                 entries.push(entry);
             } else {
-                s.flush_header_if_large();
+                s.flush_packed_if_large();
             }
             if let Some(err) = s.err.take() {
                 return Err(err);
@@ -130,20 +151,21 @@ pub fn convert_tar<R: Read, W: Write>(
     let mut tap = archive.into_inner();
     io::copy(&mut tap, &mut io::sink()).map_err(|e| tar_err(e, &splitter, &last_path))?;
     drop(tap);
-    let splitter = Rc::try_unwrap(splitter)
-        .ok()
-        .expect("the tap is gone")
-        .into_inner();
-    splitter.finish(entries, opts)
+    let mut s = Rc::try_unwrap(splitter).ok().expect("the tap is gone").into_inner();
+    if let Some((_, end)) = s.region {
+        return Err(FormatError::Tar(format!("archive ends inside file data ({} of {end} bytes)", s.pos)));
+    }
+    s.flush_packed();
+    s.send_batch();
+    if let Some(e) = s.err.take() {
+        return Err(e);
+    }
+    Ok(Parsed { entries, diff_id: s.diff_id.finish(), tar_size: s.pos, data_chunks: s.data_chunks })
 }
 
 /// Turn one parsed tar entry into an index entry. `raw_header` holds the raw
 /// bytes from the entry's own header block up to its data.
-fn entry_from_tar<R: Read>(
-    e: &mut tar::Entry<R>,
-    raw_header: &[u8],
-    data_pos: u64,
-) -> Result<Option<Entry>, String> {
+fn entry_from_tar<R: Read>(e: &mut tar::Entry<R>, raw_header: &[u8], data_pos: u64) -> Result<Option<Entry>, String> {
     use tar::EntryType as T;
     let h = e.header().clone();
     let etype = h.entry_type();
@@ -160,25 +182,17 @@ fn entry_from_tar<R: Read>(
         _ => return Ok(None),
     };
     let raw_path = e.path_bytes().into_owned();
-    let path = normalize_path(&raw_path).ok_or_else(|| {
-        format!(
-            "path {:?} is outside the layer root",
-            String::from_utf8_lossy(&raw_path)
-        )
-    })?;
+    let path = normalize_path(&raw_path)
+        .ok_or_else(|| format!("path {:?} is outside the layer root", String::from_utf8_lossy(&raw_path)))?;
     let name = String::from_utf8_lossy(&path).into_owned();
     let ctx = |what: &str, err: io::Error| format!("{name:?}: bad {what}: {err}");
     // Numeric fields are read as Go's archive/tar (containerd's reader) reads
     // them: octal or base-256, and an empty field is 0.
-    let block = raw_header
-        .get(..512)
-        .ok_or_else(|| format!("{name:?}: header block missing"))?;
+    let block = raw_header.get(..512).ok_or_else(|| format!("{name:?}: header block missing"))?;
     let num = |what: &str, range: std::ops::Range<usize>| {
         tar_number(&block[range]).ok_or_else(|| format!("{name:?}: bad {what} field"))
     };
-    let id = |what: &str, v: u64| {
-        u32::try_from(v).map_err(|_| format!("{name:?}: {what} {v} does not fit 32 bits"))
-    };
+    let id = |what: &str, v: u64| u32::try_from(v).map_err(|_| format!("{name:?}: {what} {v} does not fit 32 bits"));
     let mut entry = Entry::new(path, kind);
     entry.mode = num("mode", 100..108)? as u32 & 0o7777;
     entry.uid = id("uid", num("uid", 108..116)?)?;
@@ -190,21 +204,13 @@ fn entry_from_tar<R: Read>(
             let key = ext.key_bytes();
             let value = ext.value_bytes();
             if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
-                entry.extra_mut().xattrs.push(Xattr {
-                    name: xname.to_vec(),
-                    value: value.to_vec(),
-                });
+                entry.extra_mut().xattrs.push(Xattr { name: xname.to_vec(), value: value.to_vec() });
             } else if key == b"mtime" {
                 (entry.mtime, entry.mtime_nsec) =
                     parse_pax_time(value).ok_or_else(|| format!("{name:?}: bad PAX mtime"))?;
             } else if key == b"uid" || key == b"gid" {
-                let v = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok());
-                let v = id(
-                    "PAX uid/gid",
-                    v.ok_or_else(|| format!("{name:?}: bad PAX uid/gid"))?,
-                )?;
+                let v = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+                let v = id("PAX uid/gid", v.ok_or_else(|| format!("{name:?}: bad PAX uid/gid"))?)?;
                 if key == b"uid" {
                     entry.uid = v
                 } else {
@@ -219,15 +225,13 @@ fn entry_from_tar<R: Read>(
         EntryKind::File => {
             entry.data_offset = data_pos;
             if etype == T::GNUSparse {
-                let (segments, real_size) = gnu_sparse_map(raw_header)
-                    .ok_or_else(|| format!("{name:?}: bad GNU sparse map"))?;
+                let (segments, real_size) =
+                    gnu_sparse_map(raw_header).ok_or_else(|| format!("{name:?}: bad GNU sparse map"))?;
                 entry.size = real_size;
                 let held: u64 = segments.iter().map(|s| s.len).sum();
                 let stored = h.entry_size().map_err(|err| ctx("size", err))?;
                 if held != stored {
-                    return Err(format!(
-                        "{name:?}: sparse map holds {held} bytes, the entry stores {stored}"
-                    ));
+                    return Err(format!("{name:?}: sparse map holds {held} bytes, the entry stores {stored}"));
                 }
                 entry.extra_mut().sparse = segments;
             } else {
@@ -235,10 +239,7 @@ fn entry_from_tar<R: Read>(
             }
         }
         EntryKind::Symlink | EntryKind::Hardlink => {
-            let target = e
-                .link_name_bytes()
-                .ok_or_else(|| format!("{name:?}: link without a target"))?
-                .into_owned();
+            let target = e.link_name_bytes().ok_or_else(|| format!("{name:?}: link without a target"))?.into_owned();
             entry.extra_mut().link = if kind == EntryKind::Hardlink {
                 normalize_path(&target)
                     .filter(|t| !t.is_empty())
@@ -291,9 +292,7 @@ fn tar_number(f: &[u8]) -> Option<u64> {
         }
         return Some(v);
     }
-    let s = std::str::from_utf8(f)
-        .ok()?
-        .trim_matches(|c| c == '\0' || c == ' ');
+    let s = std::str::from_utf8(f).ok()?.trim_matches(|c| c == '\0' || c == ' ');
     if s.is_empty() {
         Some(0)
     } else {
@@ -332,12 +331,12 @@ fn gnu_sparse_map(raw: &[u8]) -> Option<(Vec<SparseSegment>, u64)> {
 }
 
 /// Sees every byte the tar parser reads and hands it to the splitter.
-struct Tap<R, W: Write> {
+struct Tap<R> {
     inner: R,
-    splitter: Rc<RefCell<Splitter<W>>>,
+    splitter: Rc<RefCell<Splitter>>,
 }
 
-impl<R: Read, W: Write> Read for Tap<R, W> {
+impl<R: Read> Read for Tap<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut s = self.splitter.borrow_mut();
@@ -349,27 +348,31 @@ impl<R: Read, W: Write> Read for Tap<R, W> {
     }
 }
 
-/// Routes tar bytes into frames and writes them out in order.
-struct Splitter<W: Write> {
+/// Routes tar bytes into frames and hands them, in batches, to the writer.
+struct Splitter {
     /// Tar offset of the next byte to arrive.
     pos: u64,
-    /// Header bytes not yet framed, starting at tar offset `hdr_start`.
+    /// Bytes of the packed frame being filled (headers, padding, small
+    /// files), starting at tar offset `hdr_start`.
     hdr: Vec<u8>,
     hdr_start: u64,
-    /// The current file's data region `[start, end)` in the tar, if any.
+    /// The current large file's data region `[start, end)` in the tar.
     region: Option<(u64, u64)>,
     /// Data bytes of the region not yet cut into chunks.
     data: Vec<u8>,
     diff_id: Sha256Writer,
-    sink: FrameSink<W>,
     chunk: ChunkParams,
-    header_frame_max: usize,
+    pack_frame_max: usize,
     data_chunks: usize,
+    batch: Vec<Vec<u8>>,
+    batch_len: usize,
+    batch_bytes: usize,
+    tx: SyncSender<Vec<Vec<u8>>>,
     err: Option<FormatError>,
 }
 
-impl<W: Write> Splitter<W> {
-    fn new(out: W, opts: &WriteOptions) -> Self {
+impl Splitter {
+    fn new(tx: SyncSender<Vec<Vec<u8>>>, opts: &WriteOptions) -> Self {
         Self {
             pos: 0,
             hdr: Vec::new(),
@@ -377,10 +380,13 @@ impl<W: Write> Splitter<W> {
             region: None,
             data: Vec::new(),
             diff_id: Sha256Writer::new(),
-            sink: FrameSink::new(out, opts.level, opts.batch_bytes),
             chunk: opts.chunk,
-            header_frame_max: opts.header_frame_max,
+            pack_frame_max: opts.pack_frame_max.max(512),
             data_chunks: 0,
+            batch: Vec::new(),
+            batch_len: 0,
+            batch_bytes: opts.batch_bytes,
+            tx,
             err: None,
         }
     }
@@ -392,7 +398,7 @@ impl<W: Write> Splitter<W> {
 
     fn start_data_region(&mut self, start: u64, end: u64) {
         debug_assert_eq!(self.pos, start);
-        self.flush_header();
+        self.flush_packed();
         self.region = Some((start, end));
     }
 
@@ -434,104 +440,136 @@ impl<W: Write> Splitter<W> {
         let mut at = 0;
         while self.data.len() - at >= max {
             let window = &self.data[at..at + max];
-            let cut = fastcdc::v2020::FastCDC::new(window, min, avg, max as u32)
-                .next()
-                .map_or(max, |c| c.length);
-            self.emit(at, at + cut);
+            let cut = fastcdc::v2020::FastCDC::new(window, min, avg, max as u32).next().map_or(max, |c| c.length);
+            self.emit_data(at, at + cut);
             at += cut;
         }
         if complete {
-            let rest = &self.data[at..];
-            let cuts: Vec<usize> = fastcdc::v2020::FastCDC::new(rest, min, avg, max as u32)
-                .map(|c| c.length)
-                .collect();
+            let cuts: Vec<usize> =
+                fastcdc::v2020::FastCDC::new(&self.data[at..], min, avg, max as u32).map(|c| c.length).collect();
             for len in cuts {
-                self.emit(at, at + len);
+                self.emit_data(at, at + len);
                 at += len;
             }
         }
         self.data.drain(..at);
     }
 
-    fn emit(&mut self, from: usize, to: usize) {
+    fn emit_data(&mut self, from: usize, to: usize) {
         let chunk = self.data[from..to].to_vec();
         self.data_chunks += 1;
-        if let Err(e) = self.sink.push(chunk) {
-            self.err.get_or_insert(e);
+        self.emit(chunk);
+    }
+
+    fn emit(&mut self, frame: Vec<u8>) {
+        self.batch_len += frame.len();
+        self.batch.push(frame);
+        if self.batch_len >= self.batch_bytes {
+            self.send_batch();
         }
     }
 
-    fn flush_header(&mut self) {
-        while !self.hdr.is_empty() {
-            let n = self.hdr.len().min(self.header_frame_max);
-            let frame: Vec<u8> = self.hdr.drain(..n).collect();
-            self.hdr_start += n as u64;
-            if let Err(e) = self.sink.push(frame) {
-                self.err.get_or_insert(e);
-            }
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
         }
+        self.batch_len = 0;
+        if self.tx.send(std::mem::take(&mut self.batch)).is_err() {
+            // The writer stopped; its own error is what gets reported.
+            self.err.get_or_insert(FormatError::Io(io::Error::other("frame writer stopped")));
+        }
+    }
+
+    /// Emit the packed frame. One that grew far past the target (a huge PAX
+    /// header) is split into target-sized frames.
+    fn flush_packed(&mut self) {
+        let mut hdr = std::mem::take(&mut self.hdr);
+        let max = self.pack_frame_max;
+        let mut rest = &hdr[..];
+        while !rest.is_empty() {
+            let n = if rest.len() <= 2 * max { rest.len() } else { max };
+            self.emit(rest[..n].to_vec());
+            rest = &rest[n..];
+        }
+        hdr.clear();
+        self.hdr = hdr;
         self.hdr_start = self.pos;
     }
 
-    fn flush_header_if_large(&mut self) {
-        if self.hdr.len() >= self.header_frame_max {
-            self.flush_header();
+    fn flush_packed_if_large(&mut self) {
+        if self.hdr.len() >= self.pack_frame_max {
+            self.flush_packed();
         }
-    }
-
-    fn finish(
-        mut self,
-        entries: Vec<Entry>,
-        opts: &WriteOptions,
-    ) -> Result<ConvertedLayer, FormatError> {
-        if let Some((_, end)) = self.region {
-            return Err(FormatError::Tar(format!(
-                "archive ends inside file data ({} of {end} bytes)",
-                self.pos
-            )));
-        }
-        self.flush_header();
-        if let Some(e) = self.err.take() {
-            return Err(e);
-        }
-        let diff_id = self.diff_id.finish();
-        let tar_size = self.pos;
-        let (frames, mut out) = self.sink.finish()?;
-        let index = Index {
-            tar_size,
-            diff_id: *diff_id.as_bytes(),
-            chunk_params: opts.chunk,
-            frames,
-            entries,
-        };
-        let frames_end = out.len;
-        let index_frame = encode_index_frame(&index, 19);
-        let location = IndexLocation {
-            offset: frames_end,
-            length: index_frame.len() as u64,
-            digest: Digest::of(&index_frame),
-            version: FORMAT_VERSION,
-        };
-        out.write_all(&index_frame)?;
-        out.write_all(&encode_footer(&location))?;
-        out.inner.flush()?;
-        let stats = LayerStats {
-            entries: index.entries.len(),
-            frames: index.frames.len(),
-            data_chunks: self.data_chunks,
-            tar_bytes: tar_size,
-            blob_bytes: out.len,
-        };
-        Ok(ConvertedLayer {
-            location,
-            blob_digest: out.hash.finish(),
-            blob_size: out.len,
-            diff_id,
-            index,
-            stats,
-        })
     }
 }
+
+/// The writing stage: compress each batch across the rayon pool (frames
+/// are independent), then write the frames in order, hashing the blob.
+fn write_frames<W: Write>(
+    rx: Receiver<Vec<Vec<u8>>>,
+    out: W,
+    level: i32,
+) -> Result<(FrameTable, HashingWriter<W>), FormatError> {
+    let mut out = HashingWriter { inner: out, hash: Sha256Writer::new(), len: 0 };
+    let mut frames = FrameTable::default();
+    for batch in rx {
+        let done: Vec<io::Result<(Vec<u8>, ChunkId, u32)>> =
+            batch.par_iter().map(|d| Ok((compress_frame(d, level)?, ChunkId::of(d), d.len() as u32))).collect();
+        for r in done {
+            let (z, id, u_len) = r?;
+            out.write_all(&z)?;
+            frames.push(Frame { c_len: z.len() as u32, u_len, id });
+        }
+    }
+    Ok((frames, out))
+}
+
+/// Append the index and the footer; check the index reads back.
+fn finish<W: Write>(
+    p: Parsed,
+    frames: FrameTable,
+    mut out: HashingWriter<W>,
+    opts: &WriteOptions,
+) -> Result<ConvertedLayer, FormatError> {
+    let index = Index {
+        tar_size: p.tar_size,
+        diff_id: *p.diff_id.as_bytes(),
+        chunk_params: opts.chunk,
+        frames,
+        entries: p.entries,
+    };
+    let frames_end = out.len;
+    let index_frame = encode_index_frame(&index, INDEX_LEVEL);
+    let location = IndexLocation {
+        offset: frames_end,
+        length: index_frame.len() as u64,
+        digest: Digest::of(&index_frame),
+        version: FORMAT_VERSION,
+    };
+    // Never write a layer this code could not read back.
+    index.check(frames_end)?;
+    out.write_all(&index_frame)?;
+    out.write_all(&encode_footer(&location))?;
+    out.inner.flush()?;
+    let stats = LayerStats {
+        entries: index.entries.len(),
+        frames: index.frames.len(),
+        data_chunks: p.data_chunks,
+        tar_bytes: p.tar_size,
+        blob_bytes: out.len,
+    };
+    Ok(ConvertedLayer {
+        location,
+        blob_digest: out.hash.finish(),
+        blob_size: out.len,
+        diff_id: p.diff_id,
+        index,
+        stats,
+    })
+}
+
+/// zstd level of the index: it is read on every lazy start, written once.
+const INDEX_LEVEL: i32 = 9;
 
 /// Output that hashes and counts what it writes.
 struct HashingWriter<W> {
@@ -546,16 +584,6 @@ impl<W: Write> HashingWriter<W> {
         self.len += b.len() as u64;
         Ok(())
     }
-}
-
-/// Compresses frames in parallel batches and writes them in order.
-struct FrameSink<W> {
-    out: HashingWriter<W>,
-    pending: Vec<Vec<u8>>,
-    pending_bytes: usize,
-    frames: FrameTable,
-    level: i32,
-    batch_bytes: usize,
 }
 
 thread_local! {
@@ -576,67 +604,13 @@ pub fn compress_frame(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     })
 }
 
-impl<W: Write> FrameSink<W> {
-    fn new(out: W, level: i32, batch_bytes: usize) -> Self {
-        Self {
-            out: HashingWriter {
-                inner: out,
-                hash: Sha256Writer::new(),
-                len: 0,
-            },
-            pending: Vec::new(),
-            pending_bytes: 0,
-            frames: FrameTable::default(),
-            level,
-            batch_bytes,
-        }
-    }
-
-    fn push(&mut self, data: Vec<u8>) -> Result<(), FormatError> {
-        self.pending_bytes += data.len();
-        self.pending.push(data);
-        if self.pending_bytes >= self.batch_bytes {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), FormatError> {
-        let level = self.level;
-        let done: Vec<io::Result<(Vec<u8>, ChunkId, u32)>> = self
-            .pending
-            .par_drain(..)
-            .map(|d| Ok((compress_frame(&d, level)?, ChunkId::of(&d), d.len() as u32)))
-            .collect();
-        self.pending_bytes = 0;
-        for r in done {
-            let (z, id, u_len) = r?;
-            self.out.write_all(&z)?;
-            self.frames.push(Frame {
-                c_len: z.len() as u32,
-                u_len,
-                id,
-            });
-        }
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<(FrameTable, HashingWriter<W>), FormatError> {
-        self.flush()?;
-        Ok((self.frames, self.out))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn pax_times() {
-        assert_eq!(
-            parse_pax_time(b"1700000000.5"),
-            Some((1700000000, 500_000_000))
-        );
+        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1700000000, 500_000_000)));
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_pax_time(b"1.x"), None);
@@ -646,10 +620,7 @@ mod tests {
     fn tar_numbers() {
         assert_eq!(tar_number(b"0000644\0"), Some(0o644));
         assert_eq!(tar_number(b"\0\0\0"), Some(0));
-        assert_eq!(
-            tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
-            Some(256)
-        );
+        assert_eq!(tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Some(256));
         assert_eq!(tar_number(b"9"), None);
     }
 }

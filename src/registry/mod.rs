@@ -41,24 +41,11 @@ pub enum RegistryError {
     #[error(transparent)]
     Reference(#[from] ReferenceError),
     #[error("{repo}: {what}: HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
-    Status {
-        repo: String,
-        what: String,
-        status: u16,
-        body: String,
-    },
+    Status { repo: String, what: String, status: u16, body: String },
     #[error("{repo}: {what}: {source}")]
-    Transport {
-        repo: String,
-        what: String,
-        source: reqwest::Error,
-    },
+    Transport { repo: String, what: String, source: reqwest::Error },
     #[error("{repo}: {what}: {problem}")]
-    Protocol {
-        repo: String,
-        what: String,
-        problem: String,
-    },
+    Protocol { repo: String, what: String, problem: String },
     #[error("credentials from {path}: {problem}")]
     Credentials { path: String, problem: String },
     #[error("I/O: {0}")]
@@ -92,11 +79,7 @@ impl Client {
             .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| RegistryError::Transport {
-                repo: String::new(),
-                what: "HTTP client".into(),
-                source: e,
-            })?;
+            .map_err(|e| RegistryError::Transport { repo: String::new(), what: "HTTP client".into(), source: e })?;
         Ok(Self {
             http,
             plain_http,
@@ -107,16 +90,8 @@ impl Client {
     }
 
     fn base(&self, registry: &str) -> String {
-        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) {
-            "http"
-        } else {
-            "https"
-        };
-        let host = if registry == "docker.io" {
-            "registry-1.docker.io"
-        } else {
-            registry
-        };
+        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) { "http" } else { "https" };
+        let host = if registry == "docker.io" { "registry-1.docker.io" } else { registry };
         format!("{scheme}://{host}/v2/")
     }
 
@@ -132,17 +107,9 @@ impl Client {
         what: &str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response> {
-        let scope = format!(
-            "repository:{}:{}",
-            repo.name,
-            if push { "pull,push" } else { "pull" }
-        );
+        let scope = format!("repository:{}:{}", repo.name, if push { "pull,push" } else { "pull" });
         let key = (repo.registry.clone(), scope.clone());
-        let transport = |e| RegistryError::Transport {
-            repo: repo.to_string(),
-            what: what.to_string(),
-            source: e,
-        };
+        let transport = |e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), source: e };
         for attempt in 0..2 {
             let mut req = build(&self.http);
             let token = self.tokens.lock().unwrap().get(&key).cloned();
@@ -166,41 +133,23 @@ impl Client {
     }
 
     /// Answer a `WWW-Authenticate` challenge with an `Authorization` value.
-    async fn authorize(
-        &self,
-        repo: &Repo,
-        challenge: &str,
-        scope: &str,
-        what: &str,
-    ) -> Result<String> {
+    async fn authorize(&self, repo: &Repo, challenge: &str, scope: &str, what: &str) -> Result<String> {
         use base64::Engine;
         let creds = self.creds.get(&repo.registry);
-        let basic = creds.map(|(u, p)| {
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-            )
-        });
-        let fail = |problem: String| RegistryError::Protocol {
-            repo: repo.to_string(),
-            what: what.to_string(),
-            problem,
-        };
+        let basic = creds
+            .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+        let fail =
+            |problem: String| RegistryError::Protocol { repo: repo.to_string(), what: what.to_string(), problem };
         let (kind, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if kind.eq_ignore_ascii_case("basic") {
-            return basic.ok_or_else(|| {
-                fail("registry asks for credentials and none are configured (docker login)".into())
-            });
+            return basic
+                .ok_or_else(|| fail("registry asks for credentials and none are configured (docker login)".into()));
         }
         if !kind.eq_ignore_ascii_case("bearer") {
-            return Err(fail(format!(
-                "unauthorized, with an auth challenge HyperBox does not know: {challenge:?}"
-            )));
+            return Err(fail(format!("unauthorized, with an auth challenge HyperBox does not know: {challenge:?}")));
         }
         let params = parse_challenge(params);
-        let realm = params
-            .get("realm")
-            .ok_or_else(|| fail("bearer challenge without a realm".into()))?;
+        let realm = params.get("realm").ok_or_else(|| fail("bearer challenge without a realm".into()))?;
         let mut req = self.http.get(realm.as_str()).query(&[("scope", scope)]);
         if let Some(service) = params.get("service") {
             req = req.query(&[("service", service)]);
@@ -214,24 +163,15 @@ impl Client {
             source: e,
         })?;
         if !resp.status().is_success() {
-            return Err(fail(format!(
-                "token endpoint {realm} answered HTTP {}",
-                resp.status().as_u16()
-            )));
+            return Err(fail(format!("token endpoint {realm} answered HTTP {}", resp.status().as_u16())));
         }
         #[derive(Deserialize)]
         struct Token {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Token = resp
-            .json()
-            .await
-            .map_err(|e| fail(format!("token response: {e}")))?;
-        let t = t
-            .token
-            .or(t.access_token)
-            .ok_or_else(|| fail("token response holds no token".into()))?;
+        let t: Token = resp.json().await.map_err(|e| fail(format!("token response: {e}")))?;
+        let t = t.token.or(t.access_token).ok_or_else(|| fail("token response holds no token".into()))?;
         Ok(format!("Bearer {t}"))
     }
 
@@ -255,11 +195,7 @@ impl Client {
     pub async fn get_manifest(&self, repo: &Repo, target: &str) -> Result<Manifest> {
         let what = format!("manifest {target}");
         let url = self.url(repo, &format!("manifests/{target}"));
-        let resp = self
-            .send(repo, false, &what, |c| {
-                c.get(&url).header(header::ACCEPT, MANIFEST_ACCEPT)
-            })
-            .await?;
+        let resp = self.send(repo, false, &what, |c| c.get(&url).header(header::ACCEPT, MANIFEST_ACCEPT)).await?;
         let resp = Self::check(resp, repo, &what).await?;
         let media_type = resp
             .headers()
@@ -282,11 +218,7 @@ impl Client {
                 });
             }
         }
-        Ok(Manifest {
-            bytes: bytes.to_vec(),
-            media_type,
-            digest,
-        })
+        Ok(Manifest { bytes: bytes.to_vec(), media_type, digest })
     }
 
     pub async fn blob_exists(&self, repo: &Repo, digest: &Digest) -> Result<bool> {
@@ -362,50 +294,24 @@ impl Client {
     /// GET bytes `[offset, offset+len)` of a blob. Only a `206` whose
     /// `Content-Range` names exactly that range, with exactly `len` bytes, is
     /// accepted: a `200` carrying the whole blob is an error, never a range.
-    pub async fn get_blob_range(
-        &self,
-        repo: &Repo,
-        digest: &Digest,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>> {
+    pub async fn get_blob_range(&self, repo: &Repo, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
         let what = format!("blob {digest} bytes {offset}+{len}");
-        let fail = |problem: String| RegistryError::Protocol {
-            repo: repo.to_string(),
-            what: what.clone(),
-            problem,
-        };
+        let fail = |problem: String| RegistryError::Protocol { repo: repo.to_string(), what: what.clone(), problem };
         if len == 0 {
             return Ok(Vec::new());
         }
-        let last = offset
-            .checked_add(len - 1)
-            .ok_or_else(|| fail("range overflows".into()))?;
+        let last = offset.checked_add(len - 1).ok_or_else(|| fail("range overflows".into()))?;
         let url = self.url(repo, &format!("blobs/{digest}"));
         let range = format!("bytes={offset}-{last}");
-        let resp = self
-            .send(repo, false, &what, |c| {
-                c.get(&url).header(header::RANGE, &range)
-            })
-            .await?;
+        let resp = self.send(repo, false, &what, |c| c.get(&url).header(header::RANGE, &range)).await?;
         let resp = Self::check(resp, repo, &what).await?;
         if resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(fail(format!(
-                "expected 206 Partial Content, got {}",
-                resp.status().as_u16()
-            )));
+            return Err(fail(format!("expected 206 Partial Content, got {}", resp.status().as_u16())));
         }
-        let cr = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let cr = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let want = format!("bytes {offset}-{last}/");
         if !cr.starts_with(&want) {
-            return Err(fail(format!(
-                "Content-Range {cr:?} does not match the request"
-            )));
+            return Err(fail(format!("Content-Range {cr:?} does not match the request")));
         }
         let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
             repo: repo.to_string(),
@@ -424,46 +330,28 @@ impl Client {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let resp = self.send(repo, false, &what, |c| c.head(&url)).await?;
         let resp = Self::check(resp, repo, &what).await?;
-        resp.headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .ok_or_else(|| RegistryError::Protocol {
-                repo: repo.to_string(),
-                what,
-                problem: "no Content-Length".into(),
-            })
+        resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).ok_or_else(|| {
+            RegistryError::Protocol { repo: repo.to_string(), what, problem: "no Content-Length".into() }
+        })
     }
 
     /// Upload a blob (monolithic: POST for a session, then one PUT).
     pub async fn push_blob(&self, repo: &Repo, digest: &Digest, body: BlobBody<'_>) -> Result<()> {
         let what = format!("upload of blob {digest}");
         let url = self.url(repo, "blobs/uploads/");
-        let resp = self
-            .send(repo, true, &what, |c| {
-                c.request(Method::POST, &url)
-                    .header(header::CONTENT_LENGTH, 0)
-            })
-            .await?;
+        let resp =
+            self.send(repo, true, &what, |c| c.request(Method::POST, &url).header(header::CONTENT_LENGTH, 0)).await?;
         let resp = Self::check(resp, repo, &what).await?;
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| RegistryError::Protocol {
-                repo: repo.to_string(),
-                what: what.clone(),
-                problem: "no upload Location".into(),
-            })?;
-        let mut put_url = reqwest::Url::parse(&url)
-            .and_then(|base| base.join(location))
-            .map_err(|e| RegistryError::Protocol {
+        let location = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+            RegistryError::Protocol { repo: repo.to_string(), what: what.clone(), problem: "no upload Location".into() }
+        })?;
+        let mut put_url =
+            reqwest::Url::parse(&url).and_then(|base| base.join(location)).map_err(|e| RegistryError::Protocol {
                 repo: repo.to_string(),
                 what: what.clone(),
                 problem: format!("bad Location: {e}"),
             })?;
-        put_url
-            .query_pairs_mut()
-            .append_pair("digest", &digest.to_string());
+        put_url.query_pairs_mut().append_pair("digest", &digest.to_string());
         let len = match &body {
             BlobBody::Bytes(b) => b.len() as u64,
             BlobBody::File(p) => std::fs::metadata(p)?.len(),
@@ -490,21 +378,11 @@ impl Client {
     }
 
     /// PUT a manifest under a tag or its digest.
-    pub async fn put_manifest(
-        &self,
-        repo: &Repo,
-        target: &str,
-        bytes: &[u8],
-        media_type: &str,
-    ) -> Result<()> {
+    pub async fn put_manifest(&self, repo: &Repo, target: &str, bytes: &[u8], media_type: &str) -> Result<()> {
         let what = format!("manifest {target}");
         let url = self.url(repo, &format!("manifests/{target}"));
         let resp = self
-            .send(repo, true, &what, |c| {
-                c.put(&url)
-                    .header(header::CONTENT_TYPE, media_type)
-                    .body(bytes.to_vec())
-            })
+            .send(repo, true, &what, |c| c.put(&url).header(header::CONTENT_TYPE, media_type).body(bytes.to_vec()))
             .await?;
         Self::check(resp, repo, &what).await?;
         Ok(())
@@ -560,12 +438,7 @@ fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (Strin
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
-        Err(e) => {
-            return Err(RegistryError::Credentials {
-                path: path.display().to_string(),
-                problem: e.to_string(),
-            })
-        }
+        Err(e) => return Err(RegistryError::Credentials { path: path.display().to_string(), problem: e.to_string() }),
     };
     #[derive(Deserialize)]
     struct DockerConfig {
@@ -578,10 +451,7 @@ fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (Strin
         username: Option<String>,
         password: Option<String>,
     }
-    let bad = |problem: String| RegistryError::Credentials {
-        path: path.display().to_string(),
-        problem,
-    };
+    let bad = |problem: String| RegistryError::Credentials { path: path.display().to_string(), problem };
     let cfg: DockerConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let mut out = HashMap::new();
     for (host, a) in cfg.auths {
@@ -590,11 +460,8 @@ fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (Strin
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
                     .map_err(|e| bad(format!("{host}: {e}")))?;
-                let raw = String::from_utf8(raw)
-                    .map_err(|_| bad(format!("{host}: auth is not UTF-8")))?;
-                let (u, p) = raw
-                    .split_once(':')
-                    .ok_or_else(|| bad(format!("{host}: auth is not user:password")))?;
+                let raw = String::from_utf8(raw).map_err(|_| bad(format!("{host}: auth is not UTF-8")))?;
+                let (u, p) = raw.split_once(':').ok_or_else(|| bad(format!("{host}: auth is not user:password")))?;
                 (u.to_string(), p.to_string())
             }
             (None, Some(u), Some(p)) => (u, p),
@@ -608,11 +475,7 @@ fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (Strin
             .next()
             .unwrap_or("")
             .to_string();
-        let host = if host == "index.docker.io" {
-            "docker.io".to_string()
-        } else {
-            host
-        };
+        let host = if host == "index.docker.io" { "docker.io".to_string() } else { host };
         out.insert(host, pair);
     }
     Ok(out)

@@ -42,21 +42,13 @@ impl Reference {
 impl FromStr for Reference {
     type Err = ReferenceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |p: &str| ReferenceError {
-            reference: s.to_string(),
-            problem: p.to_string(),
-        };
+        let err = |p: &str| ReferenceError { reference: s.to_string(), problem: p.to_string() };
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?),
-            ),
+            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
             None => (s, None),
         };
         let (registry, path) = match rest.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (first.to_string(), path)
             }
             _ => ("docker.io".to_string(), rest),
@@ -67,41 +59,20 @@ impl FromStr for Reference {
         };
         if name.is_empty()
             || !name.split('/').all(|c| {
-                !c.is_empty()
-                    && c.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
-                    })
+                !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
             })
         {
-            return Err(err(
-                "repository must be lowercase letters, digits, '.', '_', '-' and '/'",
-            ));
+            return Err(err("repository must be lowercase letters, digits, '.', '_', '-' and '/'"));
         }
         if let Some(t) = &tag {
-            if t.is_empty()
-                || t.len() > 128
-                || !t
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
+            if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
                 return Err(err("bad tag"));
             }
         }
-        let name = if registry == "docker.io" && !name.contains('/') {
-            format!("library/{name}")
-        } else {
-            name.to_string()
-        };
-        let tag = if tag.is_none() && digest.is_none() {
-            Some("latest".into())
-        } else {
-            tag
-        };
-        Ok(Reference {
-            repo: Repo { registry, name },
-            tag,
-            digest,
-        })
+        let name =
+            if registry == "docker.io" && !name.contains('/') { format!("library/{name}") } else { name.to_string() };
+        let tag = if tag.is_none() && digest.is_none() { Some("latest".into()) } else { tag };
+        Ok(Reference { repo: Repo { registry, name }, tag, digest })
     }
 }
 
@@ -134,11 +105,7 @@ mod tests {
         assert_eq!(r.to_string(), "docker.io/library/busybox:latest");
         let r: Reference = "127.0.0.1:5000/a/b:v1".parse().unwrap();
         assert_eq!(
-            (
-                r.repo.registry.as_str(),
-                r.repo.name.as_str(),
-                r.tag.as_deref()
-            ),
+            (r.repo.registry.as_str(), r.repo.name.as_str(), r.tag.as_deref()),
             ("127.0.0.1:5000", "a/b", Some("v1"))
         );
         let d = Digest::of(b"x");

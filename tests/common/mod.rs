@@ -16,20 +16,12 @@ fn prerequisites_required() -> bool {
 
 /// Returns false (after printing why) when a test must be skipped.
 pub fn have_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
     let root = unsafe { libc_geteuid() } == 0;
     if missing.is_empty() && root {
         return true;
     }
-    let why = if !root {
-        "not running as root".to_string()
-    } else {
-        format!("missing {}", missing.join(", "))
-    };
+    let why = if !root { "not running as root".to_string() } else { format!("missing {}", missing.join(", ")) };
     if prerequisites_required() {
         panic!("{test}: {why} (HYPERBOX_REQUIRE_E2E=1; run `make deps`)");
     }
@@ -53,9 +45,7 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 /// Run a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -73,11 +63,7 @@ pub fn hyperbox() -> Command {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -97,10 +83,7 @@ pub struct Daemon {
 }
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -142,18 +125,9 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let daemon = Daemon {
-            child,
-            name: "docker-registry",
-        };
-        wait_until("docker-registry", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
-        Registry {
-            addr,
-            dir,
-            _daemon: daemon,
-        }
+        let daemon = Daemon { child, name: "docker-registry" };
+        wait_until("docker-registry", Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok());
+        Registry { addr, dir, _daemon: daemon }
     }
 
     /// The registry's log: one access-log line per request, with status and bytes.
@@ -208,14 +182,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let c = Containerd {
-            dir,
-            socket,
-            daemon: Some(Daemon {
-                child,
-                name: "containerd",
-            }),
-        };
+        let c = Containerd { dir, socket, daemon: Some(Daemon { child, name: "containerd" }) };
         wait_until("containerd", Duration::from_secs(30), || {
             c.socket.exists()
                 && c.ctr()
@@ -230,10 +197,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     pub fn ctr(&self) -> Command {
         let mut c = Command::new(which("ctr").expect("ctr"));
-        c.arg("--address")
-            .arg(&self.socket)
-            .arg("--namespace")
-            .arg("hyperbox-test");
+        c.arg("--address").arg(&self.socket).arg("--namespace").arg("hyperbox-test");
         c
     }
 
@@ -248,11 +212,8 @@ impl Drop for Containerd {
         // Leave no mounts behind under the temp dir before it is removed.
         let root = self.dir.path().to_string_lossy().into_owned();
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(1))
-                .filter(|m| m.starts_with(&root))
-                .collect();
+            let mut points: Vec<&str> =
+                mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|m| m.starts_with(&root)).collect();
             points.sort_by_key(|p| std::cmp::Reverse(p.len()));
             for p in points {
                 let _ = Command::new("umount").arg("-l").arg(p).status();
@@ -305,22 +266,8 @@ impl LayerBuilder {
     /// A layer with busybox and its applet links: enough to run `sh -c`.
     pub fn busybox() -> Self {
         let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
-        let mut l = Self::new()
-            .dir("bin")
-            .dir("etc")
-            .dir("tmp")
-            .file("bin/busybox", 0o755, &bb);
-        for applet in [
-            "sh",
-            "cat",
-            "echo",
-            "ls",
-            "wc",
-            "sha256sum",
-            "head",
-            "find",
-            "stat",
-        ] {
+        let mut l = Self::new().dir("bin").dir("etc").dir("tmp").file("bin/busybox", 0o755, &bb);
+        for applet in ["sh", "cat", "echo", "ls", "wc", "sha256sum", "head", "find", "stat"] {
             l = l.symlink(&format!("bin/{applet}"), "busybox");
         }
         l.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
@@ -351,13 +298,7 @@ fn put_blob(dir: &Path, data: &[u8]) -> String {
 /// Write an image (gzip layers) into the OCI layout `dir` under `tag`; with
 /// `platforms` > 1, as a multi-platform index (the same layers for each).
 /// Returns the manifest (or index) digest.
-pub fn write_oci_image(
-    dir: &Path,
-    tag: &str,
-    layers: &[Vec<u8>],
-    cmd: &[&str],
-    platforms: &[&str],
-) -> String {
+pub fn write_oci_image(dir: &Path, tag: &str, layers: &[Vec<u8>], cmd: &[&str], platforms: &[&str]) -> String {
     let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
     let mut layer_descs = Vec::new();
     for l in layers {
@@ -392,11 +333,7 @@ pub fn write_oci_image(
         )
     } else {
         let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests})).unwrap();
-        (
-            "application/vnd.oci.image.index.v1+json".to_string(),
-            put_blob(dir, &index),
-            index.len() as u64,
-        )
+        ("application/vnd.oci.image.index.v1+json".to_string(), put_blob(dir, &index), index.len() as u64)
     };
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": root_type, "digest": root_digest, "size": root_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
@@ -406,7 +343,5 @@ pub fn write_oci_image(
 
 /// Count access-log lines of the registry matching all `needles`.
 pub fn count_requests(log: &str, needles: &[&str]) -> usize {
-    log.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .count()
+    log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
 }
