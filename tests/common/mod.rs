@@ -105,6 +105,22 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with("")
+    }
+
+    /// A registry that demands basic auth for `user`/`password` (htpasswd).
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("htpasswd");
+        let out = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+        std::fs::write(&file, out).unwrap();
+        let reg =
+            Self::start_with(&format!("auth:\n  htpasswd:\n    realm: hyperbox-test\n    path: {}\n", file.display()));
+        std::mem::forget(dir); // the htpasswd file must outlive the registry; it is tiny
+        reg
+    }
+
+    fn start_with(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -112,7 +128,7 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
                 dir.path().join("data").display()
             ),
         )
@@ -271,6 +287,10 @@ impl LayerBuilder {
             l = l.symlink(&format!("bin/{applet}"), "busybox");
         }
         l.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+    }
+    /// A small layer without busybox, for tests that never run it.
+    pub fn busybox_free() -> Self {
+        Self::new().dir("etc").file("etc/os-release", 0o644, b"ID=hyperbox-test\n")
     }
     pub fn finish(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
