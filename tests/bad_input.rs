@@ -60,6 +60,43 @@ fn path_escaping_the_root_is_rejected() {
     assert!(err.to_string().contains("outside the layer root"), "{err}");
 }
 
+/// An extension header before a pre-POSIX (V7) header: the tar crate leaves
+/// it unapplied while Go's reader (containerd) applies it, so the index could
+/// name other files than containerd unpacks. Refused.
+#[test]
+fn unapplied_extension_header_is_rejected() {
+    let mut b = tar::Builder::new(Vec::new());
+    let record = b"30 path=elsewhere/redirected\n";
+    let mut h = tar::Header::new_old();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_path("PaxHeader").unwrap();
+    h.set_size(record.len() as u64);
+    h.set_cksum();
+    b.append(&h, &record[..]).unwrap();
+    let mut h = tar::Header::new_old();
+    h.set_path("plain").unwrap();
+    h.set_size(1);
+    h.set_cksum();
+    b.append(&h, &b"x"[..]).unwrap();
+    let err = writer::convert_tar(&b.into_inner().unwrap()[..], std::io::sink(), &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("extension header"), "{err}");
+}
+
+/// A few hundred compressed bytes that would decode to hundreds of megabytes
+/// of empty xattrs: refused while decoding, before the memory is taken.
+#[test]
+fn index_that_expands_beyond_its_budget() {
+    let (blob, loc) = converted();
+    let (_, idx) = format::open_layer(&blob[..], Some(&loc)).unwrap();
+    let mut index = idx.index.clone();
+    index.entries[0].extra_mut().xattrs = vec![format::Xattr { name: vec![], value: vec![] }; 3_000_000];
+    let frame = format::encode_index_frame(&index, 19);
+    assert!(frame.len() < 4096, "the bomb should be small: {}", frame.len());
+    let bomb = IndexLocation { offset: loc.offset, length: frame.len() as u64, digest: Digest::of(&frame), version: 1 };
+    let err = format::parse_index_frame(&frame, &bomb).unwrap_err();
+    assert!(err.to_string().contains("more memory than its size allows"), "{err}");
+}
+
 #[test]
 fn footer_with_wrong_magic() {
     let (mut blob, _) = converted();

@@ -84,3 +84,56 @@ fn credentials_come_from_docker_config() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A manifest may list one layer twice (empty layers often repeat), and may
+/// hold foreign layers whose blobs live elsewhere: both convert.
+#[test]
+fn repeated_and_foreign_layers() {
+    let layout = tempfile::tempdir().unwrap();
+    let a = LayerBuilder::busybox_free().file("a", 0o644, &vec![1u8; 100_000]).finish();
+    write_oci_image(layout.path(), "v1", &[a.clone(), a.clone()], &["true"], &[oci_arch()]);
+    let src = format!("oci:{}:v1", layout.path().display());
+    let out_dir = tempfile::tempdir().unwrap();
+    let dst = format!("oci:{}:hb", out_dir.path().display());
+    let out = run(hyperbox().args(["convert", "-q", &src, &dst]));
+    assert!(out.contains("2 layer(s)"), "{out}");
+    let out = run(hyperbox().args(["inspect", "--verify", &dst]));
+    assert!(out.contains("verified every chunk of 2 layer(s)"), "{out}");
+
+    // Add a foreign layer (its blob is not in the layout) to the manifest and config.
+    let foreign = LayerBuilder::busybox_free().file("f", 0o644, b"foreign").finish();
+    let fgz = gzip(&foreign);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| layout.path().join("blobs/sha256").join(&d[7..]);
+    let mdig = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).unwrap()).unwrap();
+    let cdig = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&cdig)).unwrap()).unwrap();
+    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(sha256(&foreign).into());
+    let config = serde_json::to_vec(&config).unwrap();
+    std::fs::write(blob(&sha256(&config)), &config).unwrap();
+    manifest["config"]["digest"] = sha256(&config).into();
+    manifest["config"]["size"] = config.len().into();
+    manifest["layers"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "digest": sha256(&fgz), "size": fgz.len(), "urls": ["https://example.invalid/layer"]
+    }));
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    std::fs::write(blob(&sha256(&manifest)), &manifest).unwrap();
+    let index = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &sha256(&manifest));
+    let index = index.replace(
+        &format!("\"size\":{}", std::fs::metadata(blob(&mdig)).unwrap().len()),
+        &format!("\"size\":{}", manifest.len()),
+    );
+    std::fs::write(layout.path().join("index.json"), index).unwrap();
+    let out = run(hyperbox().args(["convert", "-q", &src, &dst]));
+    assert!(out.contains("3 layer(s)"), "{out}");
+    let converted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("index.json")).unwrap()).unwrap();
+    let m = converted["manifests"][0]["digest"].as_str().unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("blobs/sha256").join(&m[7..])).unwrap()).unwrap();
+    assert_eq!(m["layers"][2]["mediaType"], "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip");
+    assert_eq!(m["layers"][2]["digest"], sha256(&fgz).as_str());
+}

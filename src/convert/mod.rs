@@ -122,6 +122,19 @@ fn is_tar_layer(mt: &str) -> bool {
     )
 }
 
+/// Layers whose blobs may not be copied between registries (Windows base
+/// layers and the like): they keep their descriptor and their diff_id.
+fn is_foreign(mt: &str) -> bool {
+    mt.starts_with("application/vnd.docker.image.rootfs.foreign.diff.tar")
+        || mt.starts_with("application/vnd.oci.image.layer.nondistributable.v1.tar")
+}
+
+/// Layers that have a diff_id in the image config.
+fn has_diff_id(l: &Descriptor) -> bool {
+    let mt = l.media_type().as_ref();
+    is_tar_layer(mt) || is_foreign(mt) || has_hyperbox(l)
+}
+
 fn is_index(mt: &str) -> bool {
     mt == "application/vnd.oci.image.index.v1+json" || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -201,6 +214,11 @@ fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
 }
 
 impl Converter {
+    /// A fresh file name in the work dir, removed when dropped.
+    fn temp(&self, prefix: &str) -> std::io::Result<tempfile::TempPath> {
+        Ok(tempfile::Builder::new().prefix(prefix).tempfile_in(self.work.path())?.into_temp_path())
+    }
+
     /// Convert one image manifest; returns the new manifest and its media type.
     async fn convert_manifest(self: Arc<Self>, bytes: &[u8], what: &str) -> Result<(Vec<u8>, String), ConvertError> {
         let image_err = |problem: String| ConvertError::Image { what: what.to_string(), problem };
@@ -209,7 +227,7 @@ impl Converter {
         let config_bytes = self.src.blob(&config_digest).await?;
         let diff_ids = config_diff_ids(&config_bytes).map_err(|e| image_err(format!("config {config_digest}: {e}")))?;
         let layers = manifest.layers().clone();
-        let tar_layers = layers.iter().filter(|l| is_tar_layer(l.media_type().as_ref()) || has_hyperbox(l)).count();
+        let tar_layers = layers.iter().filter(|l| has_diff_id(l)).count();
         if tar_layers != diff_ids.len() {
             return Err(image_err(format!("{tar_layers} layers but the config lists {} diff_ids", diff_ids.len())));
         }
@@ -222,8 +240,7 @@ impl Converter {
             .into_iter()
             .enumerate()
             .map(|(i, l)| {
-                let diff_id =
-                    if is_tar_layer(l.media_type().as_ref()) || has_hyperbox(&l) { diff_iter.next() } else { None };
+                let diff_id = if has_diff_id(&l) { diff_iter.next() } else { None };
                 (i, l, diff_id)
             })
             .collect();
@@ -261,13 +278,17 @@ impl Converter {
     ) -> Result<Descriptor, ConvertError> {
         let digest = parse_digest(layer, name)?;
         let layer_err = |problem: String| ConvertError::Layer { layer: name.to_string(), problem };
+        if is_foreign(layer.media_type().as_ref()) {
+            // Its blob lives elsewhere (its `urls`); the descriptor is enough.
+            self.summary.lock().unwrap().layers += 1;
+            return Ok(layer.clone());
+        }
         if !is_tar_layer(layer.media_type().as_ref()) || has_hyperbox(layer) {
             // Not a tar, or already converted: copy as is.
             if !self.dst.has_blob(&digest).await? {
-                let tmp = self.work.path().join(format!("copy-{}", digest.hex()));
+                let tmp = self.temp("copy-")?;
                 self.src.blob_to_file(&digest, &tmp, |_| {}).await?;
                 self.dst.put_blob(&digest, BlobBody::File(&tmp)).await?;
-                let _ = std::fs::remove_file(&tmp);
             }
             let mut s = self.summary.lock().unwrap();
             s.layers += 1;
@@ -284,14 +305,15 @@ impl Converter {
         );
         bar.set_prefix(digest.hex()[..12].to_string());
         bar.set_message("download");
-        let input = self.work.path().join(format!("in-{}", digest.hex()));
-        let output = self.work.path().join(format!("out-{}", digest.hex()));
+        // Unique names: a manifest may list the same layer twice.
+        let input = self.temp("in-")?;
+        let output = self.temp("out-")?;
         let started = Instant::now();
         let pb = bar.clone();
         let bytes_in = self.src.blob_to_file(&digest, &input, move |n| pb.inc(n)).await?;
         bar.set_position(0);
         bar.set_message("convert");
-        let (opts, pb, inp, outp) = (self.opts.write.clone(), bar.clone(), input.clone(), output.clone());
+        let (opts, pb, inp, outp) = (self.opts.write.clone(), bar.clone(), input.to_path_buf(), output.to_path_buf());
         let converted = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let file = std::fs::File::open(&inp).map_err(|e| e.to_string())?;
             let reader = decompressed(pb.wrap_read(file)).map_err(|e| format!("reading the layer: {e}"))?;
@@ -302,7 +324,7 @@ impl Converter {
         .await
         .expect("layer conversion panicked")
         .map_err(layer_err)?;
-        let _ = std::fs::remove_file(&input);
+        drop(input);
         if let Some(want) = diff_id {
             if converted.diff_id.to_string() != want {
                 return Err(layer_err(format!(
@@ -315,7 +337,7 @@ impl Converter {
         if !self.dst.has_blob(&converted.blob_digest).await? {
             self.dst.put_blob(&converted.blob_digest, BlobBody::File(&output)).await?;
         }
-        let _ = std::fs::remove_file(&output);
+        drop(output);
         bar.finish_with_message("done");
         let dups = {
             let mut seen = self.seen.lock().unwrap();

@@ -60,6 +60,20 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// Writes to two sinks.
+struct Tee<'a, A, B>(&'a mut A, &'a mut B);
+impl<A: std::io::Write, B: std::io::Write> std::io::Write for Tee<'_, A, B> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(b)?;
+        self.1.write_all(b)?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
 pub struct ImageStore {
     loc: ImageLocation,
     client: Arc<Client>,
@@ -208,14 +222,25 @@ impl ImageStore {
             ImageLocation::Layout { dir, .. } => {
                 Self::init_layout(dir)?;
                 let dest = Self::blob_path(dir, digest);
-                let tmp = dest.with_extension("tmp");
+                // A unique temp file, verified, then renamed into place: a
+                // blob in the layout is always whole and matches its name.
+                let mut tmp = tempfile::NamedTempFile::new_in(dest.parent().unwrap())?;
+                let mut hash = Sha256Writer::new();
                 match body {
-                    BlobBody::Bytes(b) => std::fs::write(&tmp, b)?,
+                    BlobBody::Bytes(b) => {
+                        hash.update(b);
+                        std::io::Write::write_all(&mut tmp, b)?;
+                    }
                     BlobBody::File(p) => {
-                        std::fs::copy(p, &tmp)?;
+                        let mut input = std::fs::File::open(p)?;
+                        let mut both = Tee(&mut hash, tmp.as_file_mut());
+                        std::io::copy(&mut input, &mut both)?;
                     }
                 }
-                std::fs::rename(&tmp, &dest)?;
+                if &hash.finish() != digest {
+                    return Err(Self::layout_err(dir, format!("blob {digest}: content does not match the digest")));
+                }
+                tmp.persist(&dest).map_err(|e| e.error)?;
                 Ok(())
             }
         }

@@ -17,16 +17,112 @@ pub mod limits {
     /// Compressed index bytes (the skippable frame's payload).
     pub const MAX_INDEX_COMPRESSED: u64 = 64 << 20;
     /// Decoded index bytes.
-    pub const MAX_INDEX_RAW: u64 = 512 << 20;
-    pub const MAX_ENTRIES: usize = 4_000_000;
-    pub const MAX_FRAMES: usize = 16_000_000;
+    pub const MAX_INDEX_RAW: u64 = 128 << 20;
+    pub const MAX_ENTRIES: usize = 2_000_000;
+    pub const MAX_FRAMES: usize = 4_000_000;
     /// Largest uncompressed frame. The converter's chunks are far smaller;
     /// this bounds the memory one read can need.
     pub const MAX_FRAME_LEN: u32 = 8 << 20;
+    /// Largest compressed frame: zstd's worst case for `MAX_FRAME_LEN`
+    /// (ZSTD_COMPRESSBOUND: n + n/256, plus a margin for small inputs).
+    pub const MAX_FRAME_COMPRESSED: u32 = MAX_FRAME_LEN + (MAX_FRAME_LEN >> 8) + (128 << 10);
     pub const MAX_PATH: usize = 16 << 10;
     pub const MAX_XATTRS_PER_ENTRY: usize = 1024;
     pub const MAX_XATTR_VALUE: usize = 64 << 10;
     pub const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
+}
+
+/// Bounded decoding. postcard would happily decode 20 MB of zstd-squeezed
+/// empty xattrs into half a gigabyte; every sequence and byte string of the
+/// index is therefore decoded through these helpers, which charge the memory
+/// it will occupy against a budget set for the decode and fail once it is
+/// spent. Outside [`with_budget`] nothing is charged.
+pub(crate) mod budget {
+    use std::cell::Cell;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
+
+    thread_local! {
+        static LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+        static EXHAUSTED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Run `f` with `bytes` of decoding budget on this thread; the flag says
+    /// whether the budget ran out (decoders may hide the error's message).
+    pub fn with_budget<T>(bytes: usize, f: impl FnOnce() -> T) -> (T, bool) {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                LEFT.with(|l| l.set(None));
+                EXHAUSTED.with(|e| e.set(false));
+            }
+        }
+        LEFT.with(|l| l.set(Some(bytes)));
+        EXHAUSTED.with(|e| e.set(false));
+        let _reset = Reset;
+        let out = f();
+        (out, EXHAUSTED.with(|e| e.get()))
+    }
+
+    pub const EXHAUSTED_MSG: &str = "index needs more memory than its size allows (malformed or malicious)";
+
+    fn charge<E: de::Error>(n: usize) -> Result<(), E> {
+        LEFT.with(|l| match l.get() {
+            None => Ok(()),
+            Some(left) if n <= left => {
+                l.set(Some(left - n));
+                Ok(())
+            }
+            Some(_) => {
+                EXHAUSTED.with(|e| e.set(true));
+                Err(E::custom(EXHAUSTED_MSG))
+            }
+        })
+    }
+
+    /// Room left, to size an allocation up front without trusting a length.
+    fn room(elem: usize) -> usize {
+        LEFT.with(|l| l.get()).map_or(4096, |left| left / elem.max(1))
+    }
+
+    pub fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
+                let elem = std::mem::size_of::<T>();
+                let hint = a.size_hint().unwrap_or(0);
+                charge::<A::Error>(hint.min(room(elem)) * elem)?;
+                let mut out = Vec::with_capacity(hint.min(room(elem) + 1));
+                while let Some(x) = a.next_element()? {
+                    if out.len() >= hint {
+                        charge::<A::Error>(elem)?;
+                    }
+                    out.push(x);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+
+    pub fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let v: serde_bytes::ByteBuf = serde_bytes::ByteBuf::deserialize(d)?;
+        charge::<D::Error>(v.len())?;
+        Ok(v.into_vec())
+    }
+
+    pub fn boxed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Box<T>>, D::Error> {
+        let v: Option<T> = Option::deserialize(d)?;
+        if v.is_some() {
+            charge::<D::Error>(std::mem::size_of::<T>())?;
+        }
+        Ok(v.map(Box::new))
+    }
 }
 
 /// One zstd frame of the blob. It decompresses to `u_len` bytes of the tar
@@ -44,9 +140,11 @@ pub struct Frame {
 /// compress better than interleaved records.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameTable {
+    #[serde(deserialize_with = "budget::seq")]
     c_len: Vec<u32>,
+    #[serde(deserialize_with = "budget::seq")]
     u_len: Vec<u32>,
-    #[serde(with = "serde_bytes")]
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "budget::bytes")]
     ids: Vec<u8>,
 }
 
@@ -106,9 +204,9 @@ pub enum EntryKind {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Xattr {
-    #[serde(with = "serde_bytes")]
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "budget::bytes")]
     pub name: Vec<u8>,
-    #[serde(with = "serde_bytes")]
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "budget::bytes")]
     pub value: Vec<u8>,
 }
 
@@ -129,7 +227,7 @@ pub struct SparseSegment {
 pub struct Entry {
     /// Normalized relative path: no leading `/` or `./`, no trailing `/`, no
     /// `.` or `..` components. The root directory is the empty path.
-    #[serde(with = "serde_bytes")]
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "budget::bytes")]
     pub path: Vec<u8>,
     pub kind: EntryKind,
     /// Permission bits plus setuid, setgid and sticky (07777).
@@ -142,18 +240,21 @@ pub struct Entry {
     pub size: u64,
     /// Offset in the tar stream of the entry's data (regular files).
     pub data_offset: u64,
+    #[serde(deserialize_with = "budget::boxed")]
     pub extra: Option<Box<EntryExtra>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryExtra {
     /// Symlink target, or for a hard link the normalized path it links to.
-    #[serde(with = "serde_bytes")]
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "budget::bytes")]
     pub link: Vec<u8>,
     pub dev_major: u32,
     pub dev_minor: u32,
+    #[serde(deserialize_with = "budget::seq")]
     pub xattrs: Vec<Xattr>,
     /// Data segments of a sparse file, in order; empty otherwise.
+    #[serde(deserialize_with = "budget::seq")]
     pub sparse: Vec<SparseSegment>,
 }
 
@@ -209,6 +310,7 @@ pub struct Index {
     pub diff_id: [u8; 32],
     pub chunk_params: ChunkParams,
     pub frames: FrameTable,
+    #[serde(deserialize_with = "budget::seq")]
     pub entries: Vec<Entry>,
 }
 
@@ -232,8 +334,14 @@ impl Index {
     /// Decode and validate. `frames_end` is the blob offset where frames must
     /// end (the index's own offset).
     pub fn decode(raw: &[u8], frames_end: u64) -> Result<LayerIndex, FormatError> {
-        let index: Index =
-            postcard::from_bytes(raw).map_err(|e| FormatError::Corrupt(format!("index does not decode: {e}")))?;
+        // A real index takes at most about 8 times its encoded size in memory
+        // (an 80-byte Entry is at least 10 bytes encoded, plus its path, which
+        // costs the same in both); allow that, no more.
+        let budget = raw.len().saturating_mul(8).saturating_add(16 << 20);
+        let (decoded, exhausted) = budget::with_budget(budget, || postcard::from_bytes::<Index>(raw));
+        let index = decoded.map_err(|e| {
+            FormatError::Corrupt(if exhausted { budget::EXHAUSTED_MSG.to_string() } else { format!("index does not decode: {e}") })
+        })?;
         index.validate(frames_end)
     }
 
@@ -261,7 +369,7 @@ impl Index {
         let (mut c, mut u) = (0u64, 0u64);
         for (i, (&c_len, &u_len)) in self.frames.c_len.iter().zip(&self.frames.u_len).enumerate() {
             let f = Frame { c_len, u_len, id: ChunkId([0; 32]) };
-            if f.u_len == 0 || f.c_len == 0 || f.u_len > MAX_FRAME_LEN {
+            if f.u_len == 0 || f.c_len == 0 || f.u_len > MAX_FRAME_LEN || f.c_len > MAX_FRAME_COMPRESSED {
                 return bad(format!(
                     "frame {i} has invalid lengths (compressed {}, uncompressed {})",
                     f.c_len, f.u_len
@@ -364,7 +472,7 @@ impl LayerIndex {
         if len == 0 || offset >= self.index.tar_size {
             return 0..0;
         }
-        let end = (offset + len).min(self.index.tar_size);
+        let end = offset.saturating_add(len).min(self.index.tar_size);
         // u_offsets is sorted; the frame holding `offset` is the last one
         // starting at or before it.
         let first = self.u_offsets.partition_point(|&o| o <= offset) - 1;

@@ -282,8 +282,10 @@ impl BlobSource for std::fs::File {
     }
 }
 
-/// Open a layer blob: read the footer, then the index it points to.
-/// `expected`, from the annotations when known, must agree with the footer.
+/// Open a layer blob: find the index, then read, verify and decode it.
+/// With `expected` (the location from the layer's annotations, which come
+/// from a digest-verified manifest) the footer is not read; without it, the
+/// footer says where the index is.
 pub fn open_layer<S: BlobSource + ?Sized>(
     src: &S,
     expected: Option<&IndexLocation>,
@@ -310,6 +312,9 @@ pub fn read_frame<S: BlobSource + ?Sized>(src: &S, index: &LayerIndex, i: usize)
     decode_frame(index, i, &src.read_at(start, (end - start) as usize)?)
 }
 
+/// Most bytes one [`read_file_range`] call returns (it allocates them).
+pub const MAX_READ: u64 = 256 << 20;
+
 /// Read a regular file's logical bytes `[offset, offset+len)` (zeros in the
 /// holes of a sparse file), verifying every frame it touches.
 pub fn read_file_range<S: BlobSource + ?Sized>(
@@ -322,6 +327,12 @@ pub fn read_file_range<S: BlobSource + ?Sized>(
     let end = offset.saturating_add(len).min(entry.size);
     if offset >= end {
         return Ok(Vec::new());
+    }
+    if end - offset > MAX_READ {
+        return Err(FormatError::Corrupt(format!(
+            "a read of {} bytes is over the {MAX_READ}-byte limit of one call",
+            end - offset
+        )));
     }
     let mut out = vec![0u8; (end - offset) as usize];
     // Map logical ranges to stored (tar) ranges: one segment for a plain

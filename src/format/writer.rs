@@ -120,27 +120,43 @@ fn split_tar<R: Read>(input: R, tx: SyncSender<Vec<Vec<u8>>>, opts: &WriteOption
         for raw in iter {
             let mut e = raw.map_err(|e| tar_err(e, &splitter, &last_path))?;
             let header_pos = e.raw_header_position();
-            let data_pos = e.raw_file_position();
+            // The data starts where the parser stopped reading: after the
+            // header and, for GNU sparse files, the sparse extension blocks,
+            // which `raw_file_position` does not count.
+            let data_pos = splitter.borrow().pos;
+            if e.raw_file_position() > data_pos {
+                return Err(FormatError::Tar(format!("entry after {last_path:?}: data starts before its header ends")));
+            }
+            // Bytes the tar stores for this entry, whatever its type.
+            let stored =
+                e.header().entry_size().map_err(|err| FormatError::Tar(format!("entry after {last_path:?}: {err}")))?;
             let parsed = {
                 let s = splitter.borrow();
-                debug_assert_eq!(s.pos, data_pos, "the tar parser read past the header");
-                let raw_header = s.header_bytes_from(header_pos);
-                entry_from_tar(&mut e, raw_header, data_pos)
+                entry_from_tar(&mut e, s.header_bytes_from(header_pos), data_pos)
             }
             .map_err(|m| FormatError::Tar(format!("entry after {last_path:?}: {m}")))?;
             let mut s = splitter.borrow_mut();
-            if let Some(entry) = parsed {
-                last_path = String::from_utf8_lossy(&entry.path).into_owned();
-                let data_len = entry.data_len();
-                if data_len >= opts.small_file_max.max(1) {
-                    s.start_data_region(data_pos, data_pos + data_len);
-                } else {
-                    // Small file data (if any) flows into the packed frame.
-                    s.flush_packed_if_large();
+            let chunked = match &parsed {
+                Some(entry) => {
+                    last_path = String::from_utf8_lossy(&entry.path).into_owned();
+                    entry.kind == EntryKind::File && entry.data_len() >= opts.small_file_max.max(1)
                 }
-                entries.push(entry);
+                None => false,
+            };
+            if chunked {
+                let data_len = parsed.as_ref().map_or(0, |e| e.data_len());
+                s.start_region(data_pos, data_pos + data_len, RegionKind::Chunked);
+            } else if stored >= opts.small_file_max.max(1) {
+                // Data that is not a file's contents (a hard link or directory
+                // with a size, a global PAX header, an unknown entry type):
+                // kept in the stream, cut into plain frames as it arrives.
+                s.start_region(data_pos, data_pos + stored, RegionKind::Plain);
             } else {
+                // Small file data (if any) flows into the packed frame.
                 s.flush_packed_if_large();
+            }
+            if let Some(entry) = parsed {
+                entries.push(entry);
             }
             if let Some(err) = s.err.take() {
                 return Err(err);
@@ -148,11 +164,12 @@ fn split_tar<R: Read>(input: R, tx: SyncSender<Vec<Vec<u8>>>, opts: &WriteOption
         }
     }
     // The parser stops at the end-of-archive marker; keep every byte after it.
+    splitter.borrow_mut().trailer = true;
     let mut tap = archive.into_inner();
     io::copy(&mut tap, &mut io::sink()).map_err(|e| tar_err(e, &splitter, &last_path))?;
     drop(tap);
     let mut s = Rc::try_unwrap(splitter).ok().expect("the tap is gone").into_inner();
-    if let Some((_, end)) = s.region {
+    if let Some((_, end, _)) = s.region {
         return Err(FormatError::Tar(format!("archive ends inside file data ({} of {end} bytes)", s.pos)));
     }
     s.flush_packed();
@@ -169,7 +186,11 @@ fn entry_from_tar<R: Read>(e: &mut tar::Entry<R>, raw_header: &[u8], data_pos: u
     use tar::EntryType as T;
     let h = e.header().clone();
     let etype = h.entry_type();
+    let raw_path = e.path_bytes().into_owned();
     let kind = match etype {
+        // Go's archive/tar (containerd's reader) takes typeflag '\0' with a
+        // name ending in '/' for a directory; so do we.
+        T::Regular if h.as_old().linkflag[0] == 0 && raw_path.ends_with(b"/") => EntryKind::Dir,
         T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
         T::Directory => EntryKind::Dir,
         T::Symlink => EntryKind::Symlink,
@@ -177,11 +198,19 @@ fn entry_from_tar<R: Read>(e: &mut tar::Entry<R>, raw_header: &[u8], data_pos: u
         T::Char => EntryKind::CharDevice,
         T::Block => EntryKind::BlockDevice,
         T::Fifo => EntryKind::Fifo,
+        // Extension headers reach us only when the tar crate did not apply
+        // them (it ignores them before a pre-POSIX header; Go does not), so
+        // the index could disagree with what containerd unpacks: refuse.
+        T::XHeader | T::GNULongName | T::GNULongLink => {
+            return Err(format!(
+                "{:?} extension header the parser could not apply (before a pre-POSIX header?)",
+                etype
+            ));
+        }
         // Global PAX headers and other non-file records stay in the byte
         // stream but are not filesystem entries.
         _ => return Ok(None),
     };
-    let raw_path = e.path_bytes().into_owned();
     let path = normalize_path(&raw_path)
         .ok_or_else(|| format!("path {:?} is outside the layer root", String::from_utf8_lossy(&raw_path)))?;
     let name = String::from_utf8_lossy(&path).into_owned();
@@ -348,6 +377,18 @@ impl<R: Read> Read for Tap<R> {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegionKind {
+    /// A file's contents, cut by content (FastCDC).
+    Chunked,
+    /// Other data stored in the tar, cut into packed-size frames.
+    Plain,
+}
+
+/// Bytes of headers (with extension records and small files) that may pile
+/// up between two data regions before the tar is refused.
+const MAX_HEADER_BYTES: usize = 64 << 20;
+
 /// Routes tar bytes into frames and hands them, in batches, to the writer.
 struct Splitter {
     /// Tar offset of the next byte to arrive.
@@ -356,8 +397,10 @@ struct Splitter {
     /// files), starting at tar offset `hdr_start`.
     hdr: Vec<u8>,
     hdr_start: u64,
-    /// The current large file's data region `[start, end)` in the tar.
-    region: Option<(u64, u64)>,
+    /// The data region `[start, end)` being read, if any.
+    region: Option<(u64, u64, RegionKind)>,
+    /// Past the end-of-archive marker: nothing needs the packed bytes kept.
+    trailer: bool,
     /// Data bytes of the region not yet cut into chunks.
     data: Vec<u8>,
     diff_id: Sha256Writer,
@@ -378,6 +421,7 @@ impl Splitter {
             hdr: Vec::new(),
             hdr_start: 0,
             region: None,
+            trailer: false,
             data: Vec::new(),
             diff_id: Sha256Writer::new(),
             chunk: opts.chunk,
@@ -396,23 +440,26 @@ impl Splitter {
         &self.hdr[from.min(self.hdr.len())..]
     }
 
-    fn start_data_region(&mut self, start: u64, end: u64) {
+    fn start_region(&mut self, start: u64, end: u64, kind: RegionKind) {
         debug_assert_eq!(self.pos, start);
         self.flush_packed();
-        self.region = Some((start, end));
+        self.region = Some((start, end, kind));
     }
 
     fn feed(&mut self, mut b: &[u8]) {
         self.diff_id.update(b);
         while !b.is_empty() {
             match self.region {
-                Some((_, end)) => {
+                Some((_, end, kind)) => {
                     let n = b.len().min((end - self.pos) as usize);
                     self.data.extend_from_slice(&b[..n]);
                     self.pos += n as u64;
                     b = &b[n..];
                     let done = self.pos == end;
-                    self.cut_chunks(done);
+                    match kind {
+                        RegionKind::Chunked => self.cut_chunks(done),
+                        RegionKind::Plain => self.cut_plain(done),
+                    }
                     if done {
                         self.region = None;
                         debug_assert!(self.hdr.is_empty());
@@ -423,9 +470,33 @@ impl Splitter {
                     self.hdr.extend_from_slice(b);
                     self.pos += b.len() as u64;
                     b = &[];
+                    if self.trailer {
+                        self.flush_packed_if_large();
+                    } else if self.hdr.len() > MAX_HEADER_BYTES {
+                        // Headers, extension records and small files between
+                        // two larger files: nothing legitimate comes close.
+                        self.err.get_or_insert(FormatError::Tar(format!(
+                            "more than {} MiB of headers before tar offset {}",
+                            MAX_HEADER_BYTES >> 20,
+                            self.pos
+                        )));
+                    }
                 }
             }
         }
+    }
+
+    /// Cut non-file data into frames of the packed size as it arrives.
+    fn cut_plain(&mut self, complete: bool) {
+        let max = self.pack_frame_max;
+        let mut at = 0;
+        while self.data.len() - at >= max || (complete && at < self.data.len()) {
+            let n = (self.data.len() - at).min(max);
+            let frame = self.data[at..at + n].to_vec();
+            self.emit(frame);
+            at += n;
+        }
+        self.data.drain(..at);
     }
 
     /// Cut the buffered data into content-defined chunks. Until the region is

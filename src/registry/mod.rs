@@ -110,13 +110,18 @@ impl Client {
         let scope = format!("repository:{}:{}", repo.name, if push { "pull,push" } else { "pull" });
         let key = (repo.registry.clone(), scope.clone());
         let transport = |e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), source: e };
+        let base = reqwest::Url::parse(&self.base(&repo.registry)).expect("registry base URL parses");
         for attempt in 0..2 {
-            let mut req = build(&self.http);
+            let mut req = build(&self.http).build().map_err(transport)?;
+            // Credentials go only to the registry itself, never to another
+            // host an upload Location or redirect points at.
             let token = self.tokens.lock().unwrap().get(&key).cloned();
-            if let Some(t) = token {
-                req = req.header(header::AUTHORIZATION, t);
+            if let Some(t) = token.filter(|_| req.url().origin() == base.origin()) {
+                if let Ok(v) = header::HeaderValue::from_str(&t) {
+                    req.headers_mut().insert(header::AUTHORIZATION, v);
+                }
             }
-            let resp = req.send().await.map_err(transport)?;
+            let resp = self.http.execute(req).await.map_err(transport)?;
             if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
                 return Ok(resp);
             }
@@ -203,11 +208,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
-        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
-            repo: repo.to_string(),
-            what: what.clone(),
-            source: e,
-        })?;
+        let bytes = read_limited(resp, MAX_MANIFEST, repo, &what).await?;
         let digest = Digest::of(&bytes);
         if let Ok(want) = target.parse::<Digest>() {
             if want != digest {
@@ -276,11 +277,7 @@ impl Client {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let resp = self.send(repo, false, &what, |c| c.get(&url)).await?;
         let resp = Self::check(resp, repo, &what).await?;
-        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
-            repo: repo.to_string(),
-            what: what.clone(),
-            source: e,
-        })?;
+        let bytes = read_limited(resp, MAX_SMALL_BLOB, repo, &what).await?;
         if &Digest::of(&bytes) != digest {
             return Err(RegistryError::Protocol {
                 repo: repo.to_string(),
@@ -313,11 +310,7 @@ impl Client {
         if !cr.starts_with(&want) {
             return Err(fail(format!("Content-Range {cr:?} does not match the request")));
         }
-        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
-            repo: repo.to_string(),
-            what: what.clone(),
-            source: e,
-        })?;
+        let bytes = read_limited(resp, len, repo, &what).await?;
         if bytes.len() as u64 != len {
             return Err(fail(format!("got {} bytes", bytes.len())));
         }
@@ -387,6 +380,38 @@ impl Client {
         Self::check(resp, repo, &what).await?;
         Ok(())
     }
+}
+
+/// Largest manifest or index accepted (containerd's own limit is 4 MiB).
+pub const MAX_MANIFEST: u64 = 8 << 20;
+/// Largest blob [`Client::get_blob`] reads into memory (image configs).
+pub const MAX_SMALL_BLOB: u64 = 64 << 20;
+
+/// Read a response body, failing as soon as it passes `limit` bytes: a
+/// server cannot make us buffer without bound.
+async fn read_limited(resp: Response, limit: u64, repo: &Repo, what: &str) -> Result<Vec<u8>> {
+    let too_big = || RegistryError::Protocol {
+        repo: repo.to_string(),
+        what: what.to_string(),
+        problem: format!("response is larger than {limit} bytes"),
+    };
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(too_big());
+    }
+    let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0).min(limit) as usize);
+    let mut stream = resp.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| RegistryError::Transport {
+            repo: repo.to_string(),
+            what: what.to_string(),
+            source: e,
+        })?;
+        if out.len() as u64 + piece.len() as u64 > limit {
+            return Err(too_big());
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
 }
 
 /// What to upload.
