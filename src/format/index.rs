@@ -340,7 +340,11 @@ impl Index {
         let budget = raw.len().saturating_mul(8).saturating_add(16 << 20);
         let (decoded, exhausted) = budget::with_budget(budget, || postcard::from_bytes::<Index>(raw));
         let index = decoded.map_err(|e| {
-            FormatError::Corrupt(if exhausted { budget::EXHAUSTED_MSG.to_string() } else { format!("index does not decode: {e}") })
+            FormatError::Corrupt(if exhausted {
+                budget::EXHAUSTED_MSG.to_string()
+            } else {
+                format!("index does not decode: {e}")
+            })
         })?;
         index.validate(frames_end)
     }
