@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::RegistryConfig;
+use crate::store::StoreConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/hyperbox/config.toml";
 pub const CONFIG_VERSION: u32 = 1;
@@ -19,11 +20,13 @@ pub struct Config {
     pub version: u32,
     #[serde(default)]
     pub registry: RegistryConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { version: CONFIG_VERSION, registry: RegistryConfig::default() }
+        Self { version: CONFIG_VERSION, registry: RegistryConfig::default(), store: StoreConfig::default() }
     }
 }
 
@@ -50,6 +53,9 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         if cfg.version != CONFIG_VERSION {
             return Err(err(format!("version = {} is not supported (expected {CONFIG_VERSION})", cfg.version)));
+        }
+        if !(0.0..=1.0).contains(&cfg.store.evict_to) {
+            return Err(err(format!("store.evict_to = {} must be between 0 and 1", cfg.store.evict_to)));
         }
         Ok(cfg)
     }

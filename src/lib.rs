@@ -5,12 +5,12 @@
 //!
 //! ```text
 //! registry ─▶ fetcher ─▶ store ─▶ fs ─▶ snapshotter ─▶ (containerd)
-//! leaves:     digest, format
+//! leaves:     digest, format, config
 //! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
 //! ```
 //!
-//! Only `registry` names the HTTP client; only `format` names zstd's frame
-//! layout. See docs/architecture.md.
+//! Only `registry` names the HTTP client, only `store` names RocksDB, and
+//! only `format` knows zstd's frame layout. See docs/architecture.md.
 
 pub mod config;
 pub mod convert;
@@ -18,3 +18,4 @@ pub mod digest;
 pub mod format;
 pub mod inspect;
 pub mod registry;
+pub mod store;

@@ -232,21 +232,30 @@ pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex
 }
 
 /// Decompress frame `i` from its compressed bytes and verify it against the
-/// index. Nothing else in HyperBox turns blob bytes into tar bytes.
+/// index.
 pub fn decode_frame(index: &LayerIndex, i: usize, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
     let f = index.frames().get(i);
-    let fail = |problem: String| FormatError::ChunkVerify { frame: i, id: f.id, problem };
     if compressed.len() != f.c_len as usize {
-        return Err(fail(format!("{} compressed bytes, expected {}", compressed.len(), f.c_len)));
+        let problem = format!("{} compressed bytes, expected {}", compressed.len(), f.c_len);
+        return Err(FormatError::ChunkVerify { frame: i, id: f.id, problem });
     }
-    let data =
-        zstd::bulk::decompress(compressed, f.u_len as usize).map_err(|e| fail(format!("does not decompress: {e}")))?;
-    if data.len() != f.u_len as usize {
-        return Err(fail(format!("decompresses to {} bytes, expected {}", data.len(), f.u_len)));
+    verify_frame(f.id, f.u_len, compressed).map_err(|problem| FormatError::ChunkVerify { frame: i, id: f.id, problem })
+}
+
+/// Decompress one frame into exactly `u_len` bytes and check that they hash
+/// to `id`. Nothing else in HyperBox turns compressed bytes into data: the
+/// reader, the store (on every read) and the fetcher all come through here.
+pub fn verify_frame(id: ChunkId, u_len: u32, compressed: &[u8]) -> Result<Vec<u8>, String> {
+    if u_len > index::limits::MAX_FRAME_LEN {
+        return Err(format!("declared length {u_len} is over the frame limit"));
     }
-    let id = ChunkId::of(&data);
-    if id != f.id {
-        return Err(fail(format!("content hashes to {id}")));
+    let data = zstd::bulk::decompress(compressed, u_len as usize).map_err(|e| format!("does not decompress: {e}"))?;
+    if data.len() != u_len as usize {
+        return Err(format!("decompresses to {} bytes, expected {u_len}", data.len()));
+    }
+    let actual = ChunkId::of(&data);
+    if actual != id {
+        return Err(format!("content hashes to {actual}"));
     }
     Ok(data)
 }
