@@ -137,3 +137,37 @@ fn repeated_and_foreign_layers() {
     assert_eq!(m["layers"][2]["mediaType"], "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip");
     assert_eq!(m["layers"][2]["digest"], sha256(&fgz).as_str());
 }
+
+/// A layer whose descriptor understates its size: the copy stops at the
+/// declared size and the error names the layer.
+#[test]
+fn blob_longer_than_its_descriptor_is_refused() {
+    let layout = tempfile::tempdir().unwrap();
+    write_oci_image(layout.path(), "v1", &[LayerBuilder::busybox_free().finish()], &["true"], &[oci_arch()]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| layout.path().join("blobs/sha256").join(&d[7..]);
+    let mdig = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).unwrap()).unwrap();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    manifest["layers"][0]["size"] = (size - 10).into();
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    std::fs::write(blob(&sha256(&manifest)), &manifest).unwrap();
+    let text = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &sha256(&manifest));
+    let old_len = format!("\"size\":{}", std::fs::metadata(blob(&mdig)).unwrap().len());
+    std::fs::write(layout.path().join("index.json"), text.replace(&old_len, &format!("\"size\":{}", manifest.len())))
+        .unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = hyperbox()
+        .args(["convert", "-q"])
+        .arg(format!("oci:{}:v1", layout.path().display()))
+        .arg(format!("oci:{}:v1", out_dir.path().display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("layer 1/1") && stderr.contains(&format!("longer than its {} bytes", size - 10)),
+        "{stderr}"
+    );
+}

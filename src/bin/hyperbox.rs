@@ -211,7 +211,7 @@ async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::
             let ctx = || format!("layer {name}");
             let idx = if verify {
                 let path = work.path().join(&name[7..]);
-                store.blob_to_file(&digest, &path, |_| {}).await?;
+                store.blob_to_file(&digest, layer.size(), &path, |_| {}).await?;
                 let file = std::fs::File::open(&path)?;
                 let (_, idx) = format::open_layer(&file, Some(&loc)).with_context(ctx)?;
                 verify_all(&file, &idx).with_context(ctx)?;

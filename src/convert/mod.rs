@@ -287,7 +287,7 @@ impl Converter {
             // Not a tar, or already converted: copy as is.
             if !self.dst.has_blob(&digest).await? {
                 let tmp = self.temp("copy-")?;
-                self.src.blob_to_file(&digest, &tmp, |_| {}).await?;
+                self.src.blob_to_file(&digest, layer.size(), &tmp, |_| {}).await?;
                 self.dst.put_blob(&digest, BlobBody::File(&tmp)).await?;
             }
             let mut s = self.summary.lock().unwrap();
@@ -310,7 +310,7 @@ impl Converter {
         let output = self.temp("out-")?;
         let started = Instant::now();
         let pb = bar.clone();
-        let bytes_in = self.src.blob_to_file(&digest, &input, move |n| pb.inc(n)).await?;
+        let bytes_in = self.src.blob_to_file(&digest, layer.size(), &input, move |n| pb.inc(n)).await?;
         bar.set_position(0);
         bar.set_message("convert");
         let (opts, pb, inp, outp) = (self.opts.write.clone(), bar.clone(), input.to_path_buf(), output.to_path_buf());

@@ -169,15 +169,19 @@ impl ImageStore {
         }
     }
 
-    /// Copy a blob into `dest`, verified; returns its size.
+    /// Copy a blob of `size` bytes (as its descriptor says) into `dest`,
+    /// verified; returns its size.
     pub async fn blob_to_file(
         &self,
         digest: &Digest,
+        size: u64,
         dest: &Path,
         progress: impl FnMut(u64) + Send + 'static,
     ) -> Result<u64, StoreError> {
         match &self.loc {
-            ImageLocation::Registry(r) => Ok(self.client.get_blob_to_file(&r.repo, digest, dest, progress).await?),
+            ImageLocation::Registry(r) => {
+                Ok(self.client.get_blob_to_file(&r.repo, digest, size, dest, progress).await?)
+            }
             ImageLocation::Layout { dir, .. } => {
                 let src = Self::blob_path(dir, digest);
                 let (dir, digest, dest) = (dir.clone(), digest.clone(), dest.to_path_buf());
@@ -194,10 +198,21 @@ impl ImageStore {
                             break;
                         }
                         hash.update(&buf[..n]);
+                        if hash.len() > size {
+                            return Err(Self::layout_err(
+                                &dir,
+                                format!("blob {digest} is longer than its {size} bytes"),
+                            ));
+                        }
                         std::io::Write::write_all(&mut out, &buf[..n])?;
                         progress(n as u64);
                     }
-                    let size = hash.len();
+                    if hash.len() != size {
+                        return Err(Self::layout_err(
+                            &dir,
+                            format!("blob {digest} is {} bytes, not {size}", hash.len()),
+                        ));
+                    }
                     if hash.finish() != digest {
                         return Err(Self::layout_err(&dir, format!("blob {digest} does not match its digest")));
                     }

@@ -233,11 +233,14 @@ impl Client {
         }
     }
 
-    /// Download a blob into `dest`, verifying its digest; returns its size.
+    /// Download a blob of `size` bytes (its descriptor says) into `dest`,
+    /// verifying length and digest. A body longer than `size` is cut off
+    /// at once rather than written out.
     pub async fn get_blob_to_file(
         &self,
         repo: &Repo,
         digest: &Digest,
+        size: u64,
         dest: &Path,
         mut progress: impl FnMut(u64),
     ) -> Result<u64> {
@@ -254,12 +257,25 @@ impl Client {
                 what: what.clone(),
                 source: e,
             })?;
+            if hash.len() + piece.len() as u64 > size {
+                return Err(RegistryError::Protocol {
+                    repo: repo.to_string(),
+                    what,
+                    problem: format!("body is longer than the descriptor's {size} bytes"),
+                });
+            }
             hash.update(&piece);
             file.write_all(&piece).await?;
             progress(piece.len() as u64);
         }
         file.flush().await?;
-        let size = hash.len();
+        if hash.len() != size {
+            return Err(RegistryError::Protocol {
+                repo: repo.to_string(),
+                what,
+                problem: format!("got {} bytes, the descriptor says {size}", hash.len()),
+            });
+        }
         let got = hash.finish();
         if &got != digest {
             return Err(RegistryError::Protocol {
