@@ -212,17 +212,8 @@ fn cli_errors_name_the_layer() {
     let mut bad = gz.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0xff;
-    let bad_digest = sha256(&bad);
-    std::fs::write(layout.path().join("blobs/sha256").join(&bad_digest[7..]), &bad).unwrap();
-    let idx: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
-    let mdig = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let mpath = layout.path().join("blobs/sha256").join(&mdig[7..]);
-    let manifest = String::from_utf8(std::fs::read(&mpath).unwrap()).unwrap().replace(&sha256(&gz), &bad_digest);
-    let new_mdig = sha256(manifest.as_bytes());
-    std::fs::write(layout.path().join("blobs/sha256").join(&new_mdig[7..]), &manifest).unwrap();
-    let index = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &new_mdig);
-    std::fs::write(layout.path().join("index.json"), index).unwrap();
+    let bad_digest = put_blob(layout.path(), &bad);
+    edit_manifest(layout.path(), |m| m["layers"][1]["digest"] = bad_digest.clone().into());
 
     let out_dir = tempfile::tempdir().unwrap();
     let out = hyperbox()

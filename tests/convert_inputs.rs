@@ -103,30 +103,19 @@ fn repeated_and_foreign_layers() {
     // Add a foreign layer (its blob is not in the layout) to the manifest and config.
     let foreign = LayerBuilder::busybox_free().file("f", 0o644, b"foreign").finish();
     let fgz = gzip(&foreign);
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| layout.path().join("blobs/sha256").join(&d[7..]);
-    let mdig = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).unwrap()).unwrap();
-    let cdig = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&cdig)).unwrap()).unwrap();
-    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(sha256(&foreign).into());
-    let config = serde_json::to_vec(&config).unwrap();
-    std::fs::write(blob(&sha256(&config)), &config).unwrap();
-    manifest["config"]["digest"] = sha256(&config).into();
-    manifest["config"]["size"] = config.len().into();
-    manifest["layers"].as_array_mut().unwrap().push(serde_json::json!({
-        "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-        "digest": sha256(&fgz), "size": fgz.len(), "urls": ["https://example.invalid/layer"]
-    }));
-    let manifest = serde_json::to_vec(&manifest).unwrap();
-    std::fs::write(blob(&sha256(&manifest)), &manifest).unwrap();
-    let index = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &sha256(&manifest));
-    let index = index.replace(
-        &format!("\"size\":{}", std::fs::metadata(blob(&mdig)).unwrap().len()),
-        &format!("\"size\":{}", manifest.len()),
-    );
-    std::fs::write(layout.path().join("index.json"), index).unwrap();
+    let dir = layout.path();
+    edit_manifest(dir, |manifest| {
+        let cdig = manifest["config"]["digest"].as_str().unwrap().to_string();
+        let mut config: serde_json::Value = serde_json::from_slice(&read_blob(dir, &cdig)).unwrap();
+        config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(sha256(&foreign).into());
+        let config = serde_json::to_vec(&config).unwrap();
+        manifest["config"]["digest"] = put_blob(dir, &config).into();
+        manifest["config"]["size"] = config.len().into();
+        manifest["layers"].as_array_mut().unwrap().push(serde_json::json!({
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": sha256(&fgz), "size": fgz.len(), "urls": ["https://example.invalid/layer"]
+        }));
+    });
     let out = run(hyperbox().args(["convert", "-q", &src, &dst]));
     assert!(out.contains("3 layer(s)"), "{out}");
     let converted: serde_json::Value =
@@ -144,19 +133,11 @@ fn repeated_and_foreign_layers() {
 fn blob_longer_than_its_descriptor_is_refused() {
     let layout = tempfile::tempdir().unwrap();
     write_oci_image(layout.path(), "v1", &[LayerBuilder::busybox_free().finish()], &["true"], &[oci_arch()]);
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| layout.path().join("blobs/sha256").join(&d[7..]);
-    let mdig = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).unwrap()).unwrap();
-    let size = manifest["layers"][0]["size"].as_u64().unwrap();
-    manifest["layers"][0]["size"] = (size - 10).into();
-    let manifest = serde_json::to_vec(&manifest).unwrap();
-    std::fs::write(blob(&sha256(&manifest)), &manifest).unwrap();
-    let text = std::fs::read_to_string(layout.path().join("index.json")).unwrap().replace(&mdig, &sha256(&manifest));
-    let old_len = format!("\"size\":{}", std::fs::metadata(blob(&mdig)).unwrap().len());
-    std::fs::write(layout.path().join("index.json"), text.replace(&old_len, &format!("\"size\":{}", manifest.len())))
-        .unwrap();
+    let mut size = 0;
+    edit_manifest(layout.path(), |m| {
+        size = m["layers"][0]["size"].as_u64().unwrap();
+        m["layers"][0]["size"] = (size - 10).into();
+    });
     let out_dir = tempfile::tempdir().unwrap();
     let out = hyperbox()
         .args(["convert", "-q"])

@@ -308,7 +308,8 @@ pub fn sha256(data: &[u8]) -> String {
     hyperbox::digest::Digest::of(data).to_string()
 }
 
-fn put_blob(dir: &Path, data: &[u8]) -> String {
+/// Store a blob in the OCI layout `dir`; returns its digest.
+pub fn put_blob(dir: &Path, data: &[u8]) -> String {
     let d = sha256(data);
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("blobs/sha256").join(&d[7..]), data).unwrap();
@@ -359,6 +360,24 @@ pub fn write_oci_image(dir: &Path, tag: &str, layers: &[Vec<u8>], cmd: &[&str], 
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": root_type, "digest": root_digest, "size": root_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     root_digest
+}
+
+pub fn read_blob(dir: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(dir.join("blobs/sha256").join(&digest[7..])).unwrap()
+}
+
+/// Edit the manifest of the (single) image in the OCI layout `dir`: the
+/// edited manifest is stored and index.json points at it.
+pub fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let old = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&read_blob(dir, &old)).unwrap();
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    index["manifests"][0]["digest"] = put_blob(dir, &bytes).into();
+    index["manifests"][0]["size"] = bytes.len().into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
 /// Count access-log lines of the registry matching all `needles`.
