@@ -187,7 +187,7 @@ async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::
     use oci_spec::image::{ImageIndex, ImageManifest};
     let root = store.root().await?;
     let mut manifests = Vec::new();
-    if root.media_type.contains("index") || root.media_type.contains("manifest.list") {
+    if convert::is_index(&root.media_type) {
         let index = ImageIndex::from_reader(&root.bytes[..])?;
         for d in index.manifests() {
             manifests.push(store.manifest(&d.digest().to_string().parse()?, d.media_type().as_ref()).await?);
@@ -220,7 +220,7 @@ async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::
                 loc.check_bounds(layer.size()).with_context(ctx)?;
                 let bytes = match store.location() {
                     ImageLocation::Registry(r) => {
-                        store_client_range(&store, r, &digest, loc.offset, loc.length).await?
+                        store.client().get_blob_range(&r.repo, &digest, loc.offset, loc.length).await?
                     }
                     ImageLocation::Layout { dir, .. } => {
                         let file = std::fs::File::open(dir.join("blobs/sha256").join(&name[7..]))?;
@@ -236,14 +236,4 @@ async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::
         bail!("{}: no HyperBox layers", store.location());
     }
     Ok(reports)
-}
-
-async fn store_client_range(
-    store: &ImageStore,
-    r: &hyperbox::registry::Reference,
-    digest: &hyperbox::digest::Digest,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    Ok(store.client().get_blob_range(&r.repo, digest, offset, len).await?)
 }

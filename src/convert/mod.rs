@@ -135,7 +135,8 @@ fn has_diff_id(l: &Descriptor) -> bool {
     is_tar_layer(mt) || is_foreign(mt) || has_hyperbox(l)
 }
 
-fn is_index(mt: &str) -> bool {
+/// Whether a manifest media type is a multi-platform index.
+pub fn is_index(mt: &str) -> bool {
     mt == "application/vnd.oci.image.index.v1+json" || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
