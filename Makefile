@@ -23,7 +23,7 @@ test: deps
 	HYPERBOX_REQUIRE_E2E=1 $(CARGO) test --workspace --all-targets
 
 bench: deps
-	$(CARGO) bench --bench format
+	$(CARGO) bench --bench format --bench fetch
 
 fmt:
 	$(CARGO) fmt --all

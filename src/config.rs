@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fetcher::FetchConfig;
 use crate::registry::RegistryConfig;
 use crate::store::StoreConfig;
 
@@ -22,11 +23,18 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub fetch: FetchConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { version: CONFIG_VERSION, registry: RegistryConfig::default(), store: StoreConfig::default() }
+        Self {
+            version: CONFIG_VERSION,
+            registry: RegistryConfig::default(),
+            store: StoreConfig::default(),
+            fetch: FetchConfig::default(),
+        }
     }
 }
 
@@ -57,6 +65,7 @@ impl Config {
         if !(0.0..=1.0).contains(&cfg.store.evict_to) {
             return Err(err(format!("store.evict_to = {} must be between 0 and 1", cfg.store.evict_to)));
         }
+        cfg.fetch.validate().map_err(err)?;
         Ok(cfg)
     }
 }
@@ -76,5 +85,9 @@ mod tests {
         assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("version = 2"));
         std::fs::write(&p, "version = 1\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n").unwrap();
         assert_eq!(Config::load(Some(&p)).unwrap().registry.insecure, vec!["127.0.0.1:5000"]);
+        std::fs::write(&p, "version = 1\n[fetch]\nmax_prefetch_requests = 0\n").unwrap();
+        assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("fetch.max_prefetch_requests"));
+        std::fs::write(&p, "version = 1\n[registry.mirrors]\n\"docker.io\" = [\"http://10.0.0.5:5000\"]\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().registry.mirrors["docker.io"], vec!["http://10.0.0.5:5000"]);
     }
 }

@@ -4,17 +4,21 @@
 //! only those on its left, plus the leaves):
 //!
 //! ```text
-//! registry ─▶ fetcher ─▶ store ─▶ fs ─▶ snapshotter ─▶ (containerd)
+//! registry, store ─▶ fetcher ─▶ fs ─▶ snapshotter ─▶ (containerd)
 //! leaves:     digest, format, config
 //! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
 //! ```
 //!
 //! Only `registry` names the HTTP client, only `store` names RocksDB, and
-//! only `format` knows zstd's frame layout. See docs/architecture.md.
+//! only `format` knows zstd's frame layout. The fetcher is the read path:
+//! it asks the store first and fills it from the registry, so the store
+//! stays a plain database (nydus' cache over its backend). See
+//! docs/architecture.md.
 
 pub mod config;
 pub mod convert;
 pub mod digest;
+pub mod fetcher;
 pub mod format;
 pub mod inspect;
 pub mod registry;

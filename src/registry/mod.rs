@@ -1,14 +1,20 @@
 //! The OCI distribution client: the only module that names the HTTP client.
 //!
 //! Auth: anonymous or credentialed bearer tokens from the `WWW-Authenticate`
-//! challenge, basic auth, credentials from docker's `config.json`. Range reads
-//! insist on `206 Partial Content` with a matching `Content-Range`.
+//! challenge (fetched again when a registry answers 401 to a token it has
+//! expired), basic auth, credentials from docker's `config.json` or handed
+//! over at run time ([`Client::set_credentials`], for CRI). Range reads insist
+//! on `206 Partial Content` with a matching `Content-Range`. Mirrors are
+//! listed per registry; [`Client::pull_sources`] gives the order to try them
+//! in, and the caller (the fetcher) owns the retry policy, helped by
+//! [`RegistryError::is_transient`].
 
 mod reference;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
@@ -26,7 +32,7 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
 /// The registry section of the config file.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// Registries (`host[:port]`) reached over plain http instead of https.
@@ -34,6 +40,27 @@ pub struct RegistryConfig {
     /// docker `config.json` to read credentials from; default
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Mirrors to pull from before the registry itself, in order:
+    /// `"docker.io" = ["mirror.example:5000", "http://10.0.0.5:5000"]`.
+    /// A mirror written with `http://` is reached over plain http.
+    pub mirrors: HashMap<String, Vec<String>>,
+    /// Time allowed to open a connection.
+    pub connect_timeout_ms: u64,
+    /// Longest silence while waiting for a response or its next bytes: a
+    /// stalled connection fails after this, and the fetcher retries.
+    pub read_timeout_ms: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            insecure: Vec::new(),
+            docker_config: None,
+            mirrors: HashMap::new(),
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 30_000,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +69,14 @@ pub enum RegistryError {
     Reference(#[from] ReferenceError),
     #[error("{repo}: {what}: HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
     Status { repo: String, what: String, status: u16, body: String },
-    #[error("{repo}: {what}: {source}")]
-    Transport { repo: String, what: String, source: reqwest::Error },
+    /// `error` is shown with its causes ("connection closed before message
+    /// completed", "operation timed out"), which reqwest's own text omits.
+    #[error("{repo}: {what}: {}", causes(.error))]
+    Transport { repo: String, what: String, error: reqwest::Error },
     #[error("{repo}: {what}: {problem}")]
     Protocol { repo: String, what: String, problem: String },
+    #[error("{repo}: {what}: authorization failed: {problem}")]
+    Auth { repo: String, what: String, problem: String },
     #[error("credentials from {path}: {problem}")]
     Credentials { path: String, problem: String },
     #[error("I/O: {0}")]
@@ -54,12 +85,29 @@ pub enum RegistryError {
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
+impl RegistryError {
+    /// Whether trying again may help: a transport failure (refused, reset,
+    /// timed out, cut short), a 5xx, 408 or 429, or a response that broke the
+    /// protocol (a 200 for a range, a short body: proxies do this under
+    /// load). Other 4xx answers are final.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Transport { .. } | RegistryError::Protocol { .. } | RegistryError::Io(_) => true,
+            RegistryError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            RegistryError::Reference(_) | RegistryError::Credentials { .. } | RegistryError::Auth { .. } => false,
+        }
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     plain_http: bool,
     insecure: Vec<String>,
-    /// registry host → (user, password) from docker's config.json.
-    creds: HashMap<String, (String, String)>,
+    /// registry → mirrors, in the order to try them.
+    mirrors: HashMap<String, Vec<String>>,
+    /// registry host → (user, password), from docker's config.json or
+    /// [`Client::set_credentials`].
+    creds: Mutex<HashMap<String, (String, String)>>,
     /// (registry, scope) → bearer token.
     tokens: Mutex<HashMap<(String, String), String>>,
 }
@@ -77,16 +125,52 @@ impl Client {
     pub fn new(cfg: &RegistryConfig, plain_http: bool) -> Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(30))
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)))
+            .read_timeout(Duration::from_millis(cfg.read_timeout_ms.max(1)))
             .build()
-            .map_err(|e| RegistryError::Transport { repo: String::new(), what: "HTTP client".into(), source: e })?;
+            .map_err(|e| RegistryError::Transport { repo: String::new(), what: "HTTP client".into(), error: e })?;
+        let mut insecure = cfg.insecure.clone();
+        let mut mirrors = HashMap::new();
+        for (registry, list) in &cfg.mirrors {
+            let hosts = list
+                .iter()
+                .map(|m| match m.strip_prefix("http://") {
+                    Some(host) => {
+                        insecure.push(host.trim_end_matches('/').to_string());
+                        host.trim_end_matches('/').to_string()
+                    }
+                    None => m.trim_start_matches("https://").trim_end_matches('/').to_string(),
+                })
+                .collect();
+            mirrors.insert(registry.clone(), hosts);
+        }
         Ok(Self {
             http,
             plain_http,
-            insecure: cfg.insecure.clone(),
-            creds: load_docker_credentials(cfg.docker_config.as_deref())?,
+            insecure,
+            mirrors,
+            creds: Mutex::new(load_docker_credentials(cfg.docker_config.as_deref())?),
             tokens: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Credentials for `registry` handed over at run time (the CRI passes
+    /// them with each pull); they replace any from docker's config.json.
+    pub fn set_credentials(&self, registry: &str, user: &str, secret: &str) {
+        self.creds.lock().unwrap().insert(registry.to_string(), (user.to_string(), secret.to_string()));
+        // Tokens got with other credentials may carry other rights.
+        self.tokens.lock().unwrap().retain(|(r, _), _| r != registry);
+    }
+
+    /// Where to read `repo`'s content from, in order: its mirrors, then
+    /// the registry itself. Content is addressed by digest and verified, so
+    /// a mirror can only be slow or wrong, never trusted.
+    pub fn pull_sources(&self, repo: &Repo) -> Vec<Repo> {
+        let mut out: Vec<Repo> = (self.mirrors.get(&repo.registry).into_iter().flatten())
+            .map(|m| Repo { registry: m.clone(), name: repo.name.clone() })
+            .collect();
+        out.push(repo.clone());
+        out
     }
 
     fn base(&self, registry: &str) -> String {
@@ -109,7 +193,7 @@ impl Client {
     ) -> Result<Response> {
         let scope = format!("repository:{}:{}", repo.name, if push { "pull,push" } else { "pull" });
         let key = (repo.registry.clone(), scope.clone());
-        let transport = |e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), source: e };
+        let transport = |e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), error: e };
         let base = reqwest::Url::parse(&self.base(&repo.registry)).expect("registry base URL parses");
         for attempt in 0..2 {
             let mut req = build(&self.http).build().map_err(transport)?;
@@ -140,11 +224,10 @@ impl Client {
     /// Answer a `WWW-Authenticate` challenge with an `Authorization` value.
     async fn authorize(&self, repo: &Repo, challenge: &str, scope: &str, what: &str) -> Result<String> {
         use base64::Engine;
-        let creds = self.creds.get(&repo.registry);
+        let creds = self.creds.lock().unwrap().get(&repo.registry).cloned();
         let basic = creds
             .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
-        let fail =
-            |problem: String| RegistryError::Protocol { repo: repo.to_string(), what: what.to_string(), problem };
+        let fail = |problem: String| RegistryError::Auth { repo: repo.to_string(), what: what.to_string(), problem };
         let (kind, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if kind.eq_ignore_ascii_case("basic") {
             return basic
@@ -165,7 +248,7 @@ impl Client {
         let resp = req.send().await.map_err(|e| RegistryError::Transport {
             repo: repo.to_string(),
             what: "token".into(),
-            source: e,
+            error: e,
         })?;
         if !resp.status().is_success() {
             return Err(fail(format!("token endpoint {realm} answered HTTP {}", resp.status().as_u16())));
@@ -252,11 +335,8 @@ impl Client {
         let mut hash = Sha256Writer::new();
         let mut stream = resp.bytes_stream();
         while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|e| RegistryError::Transport {
-                repo: repo.to_string(),
-                what: what.clone(),
-                source: e,
-            })?;
+            let piece =
+                piece.map_err(|e| RegistryError::Transport { repo: repo.to_string(), what: what.clone(), error: e })?;
             if hash.len() + piece.len() as u64 > size {
                 return Err(RegistryError::Protocol {
                     repo: repo.to_string(),
@@ -398,6 +478,21 @@ impl Client {
     }
 }
 
+/// An error and its causes, outermost first, without repeats.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = c.source();
+    }
+    out
+}
+
 /// Largest manifest or index accepted (containerd's own limit is 4 MiB).
 pub const MAX_MANIFEST: u64 = 8 << 20;
 /// Largest blob [`Client::get_blob`] reads into memory (image configs).
@@ -417,11 +512,8 @@ async fn read_limited(resp: Response, limit: u64, repo: &Repo, what: &str) -> Re
     let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0).min(limit) as usize);
     let mut stream = resp.bytes_stream();
     while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| RegistryError::Transport {
-            repo: repo.to_string(),
-            what: what.to_string(),
-            source: e,
-        })?;
+        let piece =
+            piece.map_err(|e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), error: e })?;
         if out.len() as u64 + piece.len() as u64 > limit {
             return Err(too_big());
         }

@@ -3,6 +3,8 @@
 //! are stopped by process id when the test ends, whether it passed or not.
 #![allow(dead_code)]
 
+pub mod faultproxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,591 @@
+//! The fetcher: the read path for chunks of remote layers. It answers from
+//! the store, and fetches what the store lacks from the registry, verifies
+//! it, stores it, and answers with it.
+//!
+//! - **Coalescing**: the missing frames of one call are sorted by position
+//!   and merged into range requests while the gap between two is at most
+//!   `coalesce_gap_bytes` and the request at most `max_request_bytes`. Frames
+//!   in a gap come along, are verified and stored too.
+//! - **Single flight**: one fetch per chunk id at a time. A reader of a chunk
+//!   already on its way waits for that fetch; N readers make one request.
+//!   Fetches run in their own task, so a reader that gives up (an
+//!   interrupted FUSE read) cancels nothing others wait for.
+//! - **Budget and priority**: at most `max_concurrent_requests` requests at
+//!   once, at most `max_prefetch_requests` of them prefetch; a free slot goes
+//!   to demand first, and a demand read joining a queued prefetch raises it.
+//! - **Retries**: sources are the registry's mirrors, then the registry
+//!   ([`Client::pull_sources`]). Transient failures (transport, 5xx, a 200
+//!   for a range, a short body, bytes that fail verification) are retried
+//!   with exponential backoff and jitter; a permanent one (a 4xx) moves to
+//!   the next source. A fetch gives up after `attempts` tries per source or
+//!   `timeout_ms` overall, with an error naming the registry, repository,
+//!   blob and chunk.
+//!
+//! Nothing leaves this module unverified: every frame is decompressed and
+//! hashed before anyone sees it ([`VerifiedChunk::verify`]), and store hits
+//! are verified by the store on read.
+
+mod sched;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::digest::{ChunkId, Digest};
+use crate::format::LayerIndex;
+use crate::registry::{Client, Repo};
+use crate::store::{Store, VerifiedChunk};
+use sched::{Scheduler, Ticket};
+
+/// The fetch section of the config file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Registry requests in flight at once, all kinds.
+    pub max_concurrent_requests: usize,
+    /// Of those, how many may be prefetch; the rest stay free for demand.
+    pub max_prefetch_requests: usize,
+    /// Missing frames separated by at most this many bytes of other frames
+    /// are fetched in one request (the bytes between come along).
+    pub coalesce_gap_bytes: u64,
+    /// Largest range one request asks for (a single frame larger than this
+    /// is still fetched whole). 0 turns coalescing off: one frame a request.
+    pub max_request_bytes: u64,
+    /// Tries per source (each mirror, then the registry).
+    pub attempts: u32,
+    /// First backoff between tries; doubles each time, with jitter.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A fetch that has not succeeded after this long fails (a FUSE read then
+    /// returns EIO).
+    pub timeout_ms: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 16,
+            max_prefetch_requests: 4,
+            coalesce_gap_bytes: 128 << 10,
+            max_request_bytes: 4 << 20,
+            attempts: 4,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            timeout_ms: 60_000,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// Problems with the values, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_requests == 0 {
+            return Err("fetch.max_concurrent_requests must be at least 1".into());
+        }
+        if self.max_prefetch_requests == 0 || self.max_prefetch_requests > self.max_concurrent_requests {
+            return Err("fetch.max_prefetch_requests must be between 1 and max_concurrent_requests".into());
+        }
+        if self.attempts == 0 {
+            return Err("fetch.attempts must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("fetch.timeout_ms must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Who is asking. Demand is a reader waiting now; prefetch is a guess.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Priority {
+    Prefetch = 0,
+    Demand = 1,
+}
+
+/// A layer whose chunks can be fetched: where its blob lives, and its index.
+#[derive(Debug)]
+pub struct RemoteLayer {
+    pub repo: Repo,
+    pub blob: Digest,
+    pub index: Arc<LayerIndex>,
+}
+
+impl RemoteLayer {
+    fn name(&self) -> String {
+        format!("layer {} of {}", self.blob, self.repo)
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("fetching chunk {chunk} of {layer} (blob bytes {offset}+{len}) failed after {attempts} tries in {elapsed_ms} ms: {problem}")]
+    Remote { layer: String, chunk: ChunkId, offset: u64, len: u64, attempts: u32, elapsed_ms: u64, problem: String },
+    #[error("{layer}: frame {frame} does not exist (the index has {frames})")]
+    NoSuchFrame { layer: String, frame: usize, frames: usize },
+    #[error("{0}")]
+    Store(String),
+    #[error("{layer}: chunk {chunk}: the fetch it waited for ended without an answer")]
+    Lost { layer: String, chunk: ChunkId },
+}
+
+/// Counters since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FetchStats {
+    /// Range requests sent (tries included), by priority.
+    pub demand_requests: u64,
+    pub prefetch_requests: u64,
+    /// Compressed bytes received in good responses.
+    pub bytes: u64,
+    /// Chunks fetched, verified and handed to the store.
+    pub chunks: u64,
+    /// Tries after a failed one.
+    pub retries: u64,
+    /// Failed tries (transport, status, protocol, verification).
+    pub errors: u64,
+    /// Responses holding a frame that failed verification.
+    pub verify_failures: u64,
+    /// Reads of a chunk that waited for a fetch already in flight.
+    pub joined: u64,
+    /// Frames answered from the store.
+    pub store_hits: u64,
+    /// Fetches that gave up.
+    pub failures: u64,
+}
+
+impl FetchStats {
+    pub fn requests(&self) -> u64 {
+        self.demand_requests + self.prefetch_requests
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    demand_requests: AtomicU64,
+    prefetch_requests: AtomicU64,
+    bytes: AtomicU64,
+    chunks: AtomicU64,
+    retries: AtomicU64,
+    errors: AtomicU64,
+    verify_failures: AtomicU64,
+    joined: AtomicU64,
+    store_hits: AtomicU64,
+    failures: AtomicU64,
+}
+
+type Answer = Option<Result<Bytes, FetchError>>;
+
+/// A fetch in flight: its answer, once sent, and the priority of the
+/// request carrying it (raised when a demand read joins).
+struct Flight {
+    rx: watch::Receiver<Answer>,
+    prio: Arc<AtomicU8>,
+}
+
+/// Frames fetched in one range request, first to last in blob order.
+struct Group {
+    first: usize,
+    last: usize,
+    /// The frames this group answers flights for, with their senders.
+    leads: Vec<(usize, ChunkId, watch::Sender<Answer>)>,
+    prio: Arc<AtomicU8>,
+}
+
+struct Inner {
+    client: Arc<Client>,
+    store: Arc<Store>,
+    cfg: FetchConfig,
+    sched: Arc<Scheduler>,
+    inflight: Mutex<HashMap<ChunkId, Flight>>,
+    n: Counters,
+}
+
+/// Cheap to clone; clones share flights, budget and counters.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+impl Fetcher {
+    pub fn new(client: Arc<Client>, store: Arc<Store>, cfg: FetchConfig) -> Fetcher {
+        let sched = Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests);
+        Fetcher {
+            inner: Arc::new(Inner {
+                client,
+                store,
+                cfg,
+                sched,
+                inflight: Mutex::new(HashMap::new()),
+                n: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    pub fn stats(&self) -> FetchStats {
+        let n = &self.inner.n;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FetchStats {
+            demand_requests: g(&n.demand_requests),
+            prefetch_requests: g(&n.prefetch_requests),
+            bytes: g(&n.bytes),
+            chunks: g(&n.chunks),
+            retries: g(&n.retries),
+            errors: g(&n.errors),
+            verify_failures: g(&n.verify_failures),
+            joined: g(&n.joined),
+            store_hits: g(&n.store_hits),
+            failures: g(&n.failures),
+        }
+    }
+
+    /// Wait until no fetch is in flight (every fetched chunk is stored).
+    /// Readers are answered before their chunks are written to the store.
+    pub async fn settled(&self) {
+        while !self.inner.inflight.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The verified data of frames `frames` of `layer`, in that order.
+    pub async fn read(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: std::ops::Range<usize>,
+        prio: Priority,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        self.read_frames(layer, &frames.collect::<Vec<_>>(), prio).await
+    }
+
+    /// The verified data of the listed frames of `layer`, in that order.
+    pub async fn read_frames(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let table = layer.index.frames();
+        if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
+            return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
+        }
+        let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
+        let mut out: Vec<Option<Bytes>> = self.local(ids.clone()).await?;
+        self.inner.n.store_hits.fetch_add(out.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
+        // A fetch we waited for can vanish without an answer only if its task
+        // died; then we look again (and lead ourselves), a bounded number of times.
+        for _ in 0..3 {
+            let missing: Vec<usize> = (0..frames.len()).filter(|&p| out[p].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let mut at: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+            for &p in &missing {
+                at.entry(ids[p]).or_default().push(p);
+            }
+            let mut waits = self.join_or_lead(layer, missing.iter().map(|&p| (frames[p], ids[p])), prio);
+            for (id, rx) in waits.iter_mut() {
+                let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
+                let data = (*answer).clone().expect("waited for an answer")?;
+                for &p in &at[id] {
+                    out[p] = Some(data.clone());
+                }
+            }
+        }
+        out.into_iter()
+            .zip(ids)
+            .map(|(o, id)| o.ok_or_else(|| FetchError::Lost { layer: layer.name(), chunk: id }))
+            .collect()
+    }
+
+    /// Look the chunks up in the store (verified there), off the runtime.
+    async fn local(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<Bytes>>, FetchError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || {
+            ids.iter().map(|id| store.get(id).map(|o| o.map(Bytes::from))).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .expect("store lookup panicked")
+        .map_err(|e| FetchError::Store(e.to_string()))
+    }
+
+    /// For each missing chunk, join its flight or start one. Returns what to
+    /// wait for, one receiver per distinct chunk; new flights are grouped into
+    /// range requests and handed to a task of their own.
+    fn join_or_lead(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        missing: impl Iterator<Item = (usize, ChunkId)>,
+        prio: Priority,
+    ) -> Vec<(ChunkId, watch::Receiver<Answer>)> {
+        let inner = &self.inner;
+        let mut waits: Vec<(ChunkId, watch::Receiver<Answer>)> = Vec::new();
+        let mut seen: HashMap<ChunkId, usize> = HashMap::new();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut raised = false;
+        {
+            let mut inflight = inner.inflight.lock().unwrap();
+            let mut leads: Vec<(usize, ChunkId)> = Vec::new();
+            for (frame, id) in missing {
+                if seen.insert(id, waits.len()).is_some() {
+                    continue;
+                }
+                if let Some(f) = inflight.get(&id) {
+                    inner.n.joined.fetch_add(1, Ordering::Relaxed);
+                    if prio == Priority::Demand && f.prio.swap(Priority::Demand as u8, Ordering::Relaxed) != prio as u8
+                    {
+                        raised = true;
+                    }
+                    waits.push((id, f.rx.clone()));
+                } else {
+                    leads.push((frame, id));
+                    // A placeholder until grouped below, in this same lock.
+                    waits.push((id, watch::channel(None).1));
+                }
+            }
+            leads.sort_unstable_by_key(|&(frame, _)| frame);
+            for (frame, id) in leads {
+                let (start, end) = layer.index.frame_blob_range(frame);
+                let joins = groups.last().is_some_and(|g| {
+                    let (g_start, _) = layer.index.frame_blob_range(g.first);
+                    let (_, g_end) = layer.index.frame_blob_range(g.last);
+                    inner.cfg.max_request_bytes > 0
+                        && start - g_end <= inner.cfg.coalesce_gap_bytes
+                        && end - g_start <= inner.cfg.max_request_bytes
+                });
+                if !joins {
+                    groups.push(Group {
+                        first: frame,
+                        last: frame,
+                        leads: Vec::new(),
+                        prio: Arc::new(AtomicU8::new(prio as u8)),
+                    });
+                }
+                let g = groups.last_mut().unwrap();
+                g.last = frame;
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone() });
+                g.leads.push((frame, id, tx));
+                waits[seen[&id]].1 = rx;
+            }
+        }
+        if raised {
+            inner.sched.kick();
+        }
+        for g in groups {
+            // Queue now, in frame order (prefetch order is trace order).
+            let ticket = inner.sched.enqueue(g.prio.clone());
+            let (inner, layer) = (inner.clone(), layer.clone());
+            tokio::spawn(async move { inner.run_group(layer, g, ticket).await });
+        }
+        waits
+    }
+}
+
+/// Removes a group's flights from the in-flight map: after the chunks are
+/// stored, before an error is sent (so a later read tries afresh rather than
+/// joining a failed flight), or when the task dies.
+struct FlightGuard<'a> {
+    inner: &'a Inner,
+    ids: Vec<ChunkId>,
+}
+
+impl FlightGuard<'_> {
+    fn release(&mut self) {
+        let mut inflight = self.inner.inflight.lock().unwrap();
+        for id in self.ids.drain(..) {
+            inflight.remove(&id);
+        }
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Inner {
+    async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, g: Group, ticket: Ticket) {
+        let mut guard = FlightGuard { inner: &self, ids: g.leads.iter().map(|l| l.1).collect() };
+        // A flight that ended between the reader's store lookup and taking
+        // the in-flight lock has stored its chunks: look once more.
+        let store = self.store.clone();
+        let ids: Vec<ChunkId> = g.leads.iter().map(|l| l.1).collect();
+        let found = tokio::task::spawn_blocking(move || ids.iter().map(|id| store.get(id).ok().flatten()).collect())
+            .await
+            .unwrap_or_else(|_| vec![None; g.leads.len()]);
+        let mut pending = Vec::new();
+        for (lead, found) in g.leads.into_iter().zip::<Vec<Option<Vec<u8>>>>(found) {
+            match found {
+                Some(data) => {
+                    self.n.store_hits.fetch_add(1, Ordering::Relaxed);
+                    let _ = lead.2.send(Some(Ok(Bytes::from(data))));
+                }
+                None => pending.push(lead),
+            }
+        }
+        let (Some(first), Some(last)) = (pending.first().map(|l| l.0), pending.last().map(|l| l.0)) else { return };
+        match self.fetch_verified(&layer, first, last, &g.prio, ticket).await {
+            Ok(chunks) => {
+                for (frame, _, tx) in &pending {
+                    let data = chunks[frame - first].1.clone();
+                    let _ = tx.send(Some(Ok(data)));
+                }
+                self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                let store = self.store.clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    chunks.iter().try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
+                })
+                .await
+                .expect("store put panicked");
+                if let Err(e) = stored {
+                    // The readers have their verified data; the next reader
+                    // of these chunks fetches them again.
+                    tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks");
+                }
+            }
+            Err(e) => {
+                self.n.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "fetch failed");
+                guard.release();
+                for (_, _, tx) in &pending {
+                    let _ = tx.send(Some(Err(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// Fetch blob frames `first..=last` in one range request and verify each,
+    /// trying mirrors then the registry, with retries. Returns each frame's
+    /// chunk and data, in order.
+    async fn fetch_verified(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        first: usize,
+        last: usize,
+        prio: &Arc<AtomicU8>,
+        ticket: Ticket,
+    ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
+        let mut ticket = Some(ticket);
+        let (start, _) = layer.index.frame_blob_range(first);
+        let (_, end) = layer.index.frame_blob_range(last);
+        let began = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.timeout_ms);
+        let sources = self.client.pull_sources(&layer.repo);
+        let mut tries = 0u32;
+        let mut problem = String::new();
+        'sources: for (s, source) in sources.iter().enumerate() {
+            let last_source = s + 1 == sources.len();
+            for attempt in 0..self.cfg.attempts {
+                if attempt > 0 {
+                    self.n.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = self.backoff(attempt);
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        break 'sources;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                tries += 1;
+                let attempt_result = tokio::time::timeout_at(deadline, async {
+                    let permit = match ticket.take() {
+                        Some(t) => t.wait().await,
+                        None => self.sched.acquire(prio.clone()).await,
+                    };
+                    let counter = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                        &self.n.demand_requests
+                    } else {
+                        &self.n.prefetch_requests
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let r = self.client.get_blob_range(source, &layer.blob, start, end - start).await;
+                    drop(permit);
+                    r
+                })
+                .await;
+                let bytes = match attempt_result {
+                    Err(_) => {
+                        self.n.errors.fetch_add(1, Ordering::Relaxed);
+                        let waited = format!("no answer within {} ms", self.cfg.timeout_ms);
+                        problem = if problem.is_empty() { waited } else { format!("{problem}; then {waited}") };
+                        break 'sources;
+                    }
+                    Ok(Err(e)) => {
+                        self.n.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(layer = %layer.name(), source = %source, error = %e, "range request failed");
+                        let transient = e.is_transient();
+                        problem = e.to_string();
+                        if !transient {
+                            continue 'sources;
+                        }
+                        continue;
+                    }
+                    Ok(Ok(b)) => b,
+                };
+                self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                match verify_frames(layer.clone(), first, last, start, bytes).await {
+                    Ok(chunks) => return Ok(chunks),
+                    Err(p) => {
+                        self.n.errors.fetch_add(1, Ordering::Relaxed);
+                        self.n.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(layer = %layer.name(), source = %source, problem = %p, "fetched bytes failed verification");
+                        problem = format!("{source}: {p}");
+                        // A mirror serving wrong bytes is skipped; the registry itself is retried.
+                        if !last_source {
+                            continue 'sources;
+                        }
+                    }
+                }
+            }
+        }
+        Err(FetchError::Remote {
+            layer: layer.name(),
+            chunk: layer.index.frames().get(first).id,
+            offset: start,
+            len: end - start,
+            attempts: tries,
+            elapsed_ms: began.elapsed().as_millis() as u64,
+            problem,
+        })
+    }
+
+    /// Exponential backoff with equal jitter: half fixed, half random.
+    fn backoff(&self, attempt: u32) -> Duration {
+        use rand::Rng;
+        let exp = self.cfg.backoff_initial_ms.saturating_mul(1u64 << (attempt - 1).min(20));
+        let d = exp.min(self.cfg.backoff_max_ms).max(1);
+        Duration::from_millis(d / 2 + rand::thread_rng().gen_range(0..=d / 2))
+    }
+}
+
+/// Split a response into frames and verify each (decompress and hash), off
+/// the runtime. Any frame failing fails the whole response.
+async fn verify_frames(
+    layer: Arc<RemoteLayer>,
+    first: usize,
+    last: usize,
+    start: u64,
+    bytes: Vec<u8>,
+) -> Result<Vec<(VerifiedChunk, Bytes)>, String> {
+    tokio::task::spawn_blocking(move || {
+        (first..=last)
+            .map(|i| {
+                let f = layer.index.frames().get(i);
+                let (s, e) = layer.index.frame_blob_range(i);
+                let piece = bytes[(s - start) as usize..(e - start) as usize].to_vec();
+                VerifiedChunk::verify(f.id, f.u_len, piece)
+                    .map(|(chunk, data)| (chunk, Bytes::from(data)))
+                    .map_err(|e| format!("frame {i}: {e}"))
+            })
+            .collect()
+    })
+    .await
+    .expect("verification panicked")
+}

@@ -1,0 +1,371 @@
+//! The fetcher against a real `docker-registry`, directly and behind a
+//! fault-injecting proxy: coalescing and single flight shown by request
+//! counts, every fault met without an unverified byte coming back, retries
+//! that succeed once a fault stops, mirrors, token refresh, and a store
+//! under a small budget that refetches what it evicted.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::faultproxy::{Fault, FaultProxy};
+use hyperbox::fetcher::{FetchConfig, FetchError, Fetcher, Priority, RemoteLayer};
+use hyperbox::format::{self, writer, LayerIndex};
+use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
+use hyperbox::store::{Store, StoreConfig};
+use rand::{RngCore, SeedableRng};
+
+const TOOLS: &[&str] = &["docker-registry"];
+
+/// A converted layer: its blob, index, and every frame's data.
+struct TestLayer {
+    blob: Vec<u8>,
+    digest: hyperbox::digest::Digest,
+    index: Arc<LayerIndex>,
+    frames: Vec<Vec<u8>>,
+}
+
+/// A layer of `files` incompressible files of `size` bytes each, plus some
+/// small ones, so frames are both chunked and packed.
+fn make_layer(seed: u64, files: usize, size: usize) -> TestLayer {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut b = common::LayerBuilder::new().dir("data");
+    for i in 0..files {
+        let mut data = vec![0u8; size];
+        rng.fill_bytes(&mut data);
+        b = b.file(&format!("data/big{i}"), 0o644, &data);
+    }
+    for i in 0..50 {
+        b = b.file(&format!("data/small{i}"), 0o644, format!("small file {i} of layer {seed}\n").as_bytes());
+    }
+    let tar = b.finish();
+    let mut blob = Vec::new();
+    let layer = writer::convert_tar(&tar[..], &mut blob, &writer::WriteOptions::default()).unwrap();
+    let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
+    let frames = (0..index.frames().len()).map(|i| format::read_frame(&blob[..], &index, i).unwrap()).collect();
+    TestLayer { blob, digest: layer.blob_digest, index: Arc::new(index), frames }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: common::Registry,
+    proxy: FaultProxy,
+    layer: TestLayer,
+    fetcher: Fetcher,
+    remote: Arc<RemoteLayer>,
+}
+
+fn test_config() -> FetchConfig {
+    FetchConfig {
+        max_request_bytes: 1 << 20,
+        attempts: 3,
+        backoff_initial_ms: 10,
+        backoff_max_ms: 50,
+        timeout_ms: 10_000,
+        ..FetchConfig::default()
+    }
+}
+
+fn client(insecure: &[&str], mirrors: &[(&str, &str)]) -> Arc<Client> {
+    let cfg = RegistryConfig {
+        insecure: insecure.iter().map(|s| s.to_string()).collect(),
+        mirrors: mirrors.iter().map(|(r, m)| (r.to_string(), vec![m.to_string()])).collect(),
+        read_timeout_ms: 500,
+        connect_timeout_ms: 1_000,
+        ..RegistryConfig::default()
+    };
+    Arc::new(Client::new(&cfg, false).unwrap())
+}
+
+async fn push(registry: &str, layer: &TestLayer) {
+    // Default timeouts: an upload is not what these tests break.
+    let cfg = RegistryConfig { insecure: vec![registry.to_string()], ..RegistryConfig::default() };
+    let c = Client::new(&cfg, false).unwrap();
+    let repo = Repo { registry: registry.to_string(), name: "test/layer".into() };
+    c.push_blob(&repo, &layer.digest, BlobBody::Bytes(&layer.blob)).await.unwrap();
+}
+
+async fn setup(cfg: FetchConfig, store_cfg: StoreConfig) -> Setup {
+    let registry = common::Registry::start();
+    let proxy = FaultProxy::start(&registry.addr);
+    let layer = make_layer(1, 3, 1 << 20);
+    push(&registry.addr, &layer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db"), &store_cfg).unwrap());
+    let fetcher = Fetcher::new(client(&[&registry.addr, &proxy.addr], &[]), store, cfg);
+    let remote = Arc::new(RemoteLayer {
+        repo: Repo { registry: proxy.addr.clone(), name: "test/layer".into() },
+        blob: layer.digest.clone(),
+        index: layer.index.clone(),
+    });
+    Setup { _dir: dir, registry, proxy, layer, fetcher, remote }
+}
+
+/// How many range requests the fetcher's coalescing rule makes for all frames.
+fn expected_groups(index: &LayerIndex, cfg: &FetchConfig) -> u64 {
+    let (mut groups, mut g_start) = (0u64, None::<u64>);
+    for i in 0..index.frames().len() {
+        let (s, e) = index.frame_blob_range(i);
+        match g_start {
+            Some(gs) if cfg.max_request_bytes > 0 && e - gs <= cfg.max_request_bytes => {}
+            _ => {
+                groups += 1;
+                g_start = Some(s);
+            }
+        }
+    }
+    groups
+}
+
+fn check_frames(got: &[bytes::Bytes], want: &[Vec<u8>], first: usize) {
+    for (k, g) in got.iter().enumerate() {
+        assert!(g[..] == want[first + k][..], "frame {} differs from the original", first + k);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_make_one_coalesced_fetch() {
+    if !common::have_tools("concurrent_readers_make_one_coalesced_fetch", TOOLS) {
+        return;
+    }
+    let cfg = test_config();
+    let s = setup(cfg.clone(), StoreConfig::default()).await;
+    let n = s.layer.frames.len();
+    assert!(n > 20, "the layer has {n} frames");
+    // 16 readers of the whole layer at once.
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (f, l) = (s.fetcher.clone(), s.remote.clone());
+            tokio::spawn(async move { f.read(&l, 0..n, Priority::Demand).await })
+        })
+        .collect();
+    for r in readers {
+        check_frames(&r.await.unwrap().unwrap(), &s.layer.frames, 0);
+    }
+    let want = expected_groups(&s.layer.index, &cfg);
+    let st = s.fetcher.stats();
+    eprintln!(
+        "{n} frames, {} blob bytes: {} requests (expected {want}), stats {st:?}",
+        s.layer.blob.len(),
+        s.proxy.blob_gets()
+    );
+    assert_eq!(s.proxy.blob_gets(), want, "16 readers of {n} frames must make exactly the coalesced requests");
+    assert_eq!(st.requests(), want);
+    assert_eq!(st.chunks as usize, n);
+    // Everything is local now: no more requests.
+    let again = s.fetcher.read(&s.remote, 0..n, Priority::Demand).await.unwrap();
+    check_frames(&again, &s.layer.frames, 0);
+    assert_eq!(s.proxy.blob_gets(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_coalescing_each_frame_is_a_request() {
+    if !common::have_tools("without_coalescing_each_frame_is_a_request", TOOLS) {
+        return;
+    }
+    let cfg = FetchConfig { max_request_bytes: 0, ..test_config() };
+    let s = setup(cfg, StoreConfig::default()).await;
+    let n = s.layer.frames.len();
+    check_frames(&s.fetcher.read(&s.remote, 0..n, Priority::Demand).await.unwrap(), &s.layer.frames, 0);
+    assert_eq!(s.proxy.blob_gets(), n as u64);
+    // Frames with a stored frame between them are still one request each, and
+    // a gap within coalesce_gap_bytes is bridged when coalescing is on.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_gap_is_bridged_and_a_large_one_is_not() {
+    if !common::have_tools("a_small_gap_is_bridged_and_a_large_one_is_not", TOOLS) {
+        return;
+    }
+    // The layer setup() pushes; its frames decide the gap to configure.
+    let layer = make_layer(1, 3, 1 << 20);
+    let idx = &layer.index;
+    let big: Vec<usize> = (0..idx.frames().len()).filter(|&i| idx.frames().get(i).u_len >= 64 << 10).collect();
+    let (a, b) = (big[0], big[0] + 2);
+    let gap = idx.frame_blob_range(b).0 - idx.frame_blob_range(a).1;
+    let cfg = FetchConfig { coalesce_gap_bytes: gap, max_request_bytes: 64 << 20, ..test_config() };
+    let s = setup(cfg, StoreConfig::default()).await;
+    // Two frames with `gap` bytes of another frame between: one request.
+    let got = s.fetcher.read_frames(&s.remote, &[a, b], Priority::Demand).await.unwrap();
+    assert!(got[0][..] == layer.frames[a][..] && got[1][..] == layer.frames[b][..]);
+    assert_eq!(s.proxy.blob_gets(), 1);
+    // The bridged frame came along, verified, and is now local.
+    s.fetcher.settled().await;
+    assert!(s.fetcher.store().contains(&idx.frames().get(a + 1).id).unwrap());
+    // Two frames further apart than `gap`: two requests.
+    let x = b + 1;
+    let y = (x + 1..idx.frames().len()).find(|&y| idx.frame_blob_range(y).0 - idx.frame_blob_range(x).1 > gap).unwrap();
+    let got = s.fetcher.read_frames(&s.remote, &[x, y], Priority::Demand).await.unwrap();
+    assert!(got[0][..] == layer.frames[x][..] && got[1][..] == layer.frames[y][..]);
+    assert_eq!(s.proxy.blob_gets(), 3, "frames more than coalesce_gap_bytes apart are two requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_fails_cleanly_and_reads_succeed_once_it_stops() {
+    if !common::have_tools("every_fault_fails_cleanly_and_reads_succeed_once_it_stops", TOOLS) {
+        return;
+    }
+    let s = setup(test_config(), StoreConfig::default()).await;
+    let idx = &s.layer.index;
+    let faults = [Fault::Drop, Fault::Stall, Fault::Status500, Fault::Full200, Fault::FlipByte, Fault::Truncate];
+    // Each fault gets two frames of its own, so earlier successes do not hide it.
+    for (k, fault) in faults.iter().enumerate() {
+        let persistent = 2 * k..2 * k + 1;
+        let transient = 2 * k + 1..2 * k + 2;
+        // A fault that does not stop: an error naming registry, repository,
+        // blob and chunk; nothing stored, nothing returned.
+        s.proxy.set(*fault, None);
+        let before = s.proxy.blob_gets();
+        let err = s.fetcher.read(&s.remote, persistent.clone(), Priority::Demand).await.unwrap_err();
+        let msg = err.to_string();
+        eprintln!("{fault:?}: {msg}");
+        assert!(matches!(err, FetchError::Remote { .. }), "{fault:?}: {err:?}");
+        for needle in [s.proxy.addr.as_str(), "test/layer", &s.layer.digest.to_string()] {
+            assert!(msg.contains(needle), "{fault:?}: error {msg:?} does not name {needle}");
+        }
+        assert_eq!(s.proxy.blob_gets() - before, 3, "{fault:?}: 3 attempts, then give up");
+        for i in persistent.clone() {
+            assert!(!s.fetcher.store().contains(&idx.frames().get(i).id).unwrap(), "{fault:?}: frame {i} stored");
+        }
+        // The fault stops: the same read now succeeds with the right bytes.
+        s.proxy.set(Fault::None, None);
+        let got = s.fetcher.read(&s.remote, persistent.clone(), Priority::Demand).await.unwrap();
+        check_frames(&got, &s.layer.frames, persistent.start);
+        // A fault that happens once is absorbed by a retry.
+        s.proxy.set(*fault, Some(1));
+        let retries = s.fetcher.stats().retries;
+        let got = s.fetcher.read(&s.remote, transient.clone(), Priority::Demand).await.unwrap();
+        check_frames(&got, &s.layer.frames, transient.start);
+        assert_eq!(s.proxy.faulted() as usize, 3 * (k + 1) + k + 1, "{fault:?}: fault counts");
+        assert!(s.fetcher.stats().retries > retries, "{fault:?}: retried");
+    }
+    let st = s.fetcher.stats();
+    assert!(st.verify_failures >= 4, "flipped bytes are caught by verification: {st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_blob_is_a_clear_error_without_retries() {
+    if !common::have_tools("a_missing_blob_is_a_clear_error_without_retries", TOOLS) {
+        return;
+    }
+    let s = setup(test_config(), StoreConfig::default()).await;
+    let other = make_layer(2, 1, 200 << 10); // never pushed
+    let remote =
+        Arc::new(RemoteLayer { repo: s.remote.repo.clone(), blob: other.digest.clone(), index: other.index.clone() });
+    let msg = s.fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap_err().to_string();
+    assert!(msg.contains("404") && msg.contains(&other.digest.to_string()) && msg.contains("test/layer"), "{msg}");
+    assert_eq!(s.proxy.blob_gets(), 1, "a 404 is final: {msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_come_first_and_the_registry_backs_them_up() {
+    if !common::have_tools("mirrors_come_first_and_the_registry_backs_them_up", TOOLS) {
+        return;
+    }
+    let origin = common::Registry::start();
+    let mirror = common::Registry::start();
+    let (origin_proxy, mirror_proxy) = (FaultProxy::start(&origin.addr), FaultProxy::start(&mirror.addr));
+    let layer = make_layer(3, 2, 512 << 10);
+    push(&origin.addr, &layer).await;
+    let n = layer.frames.len();
+    let fetcher_for = |dir: &tempfile::TempDir| {
+        let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+        let mirror_url = format!("http://{}", mirror_proxy.addr);
+        let c = client(&[&origin_proxy.addr], &[(&origin_proxy.addr, &mirror_url)]);
+        Fetcher::new(c, store, test_config())
+    };
+    let remote = Arc::new(RemoteLayer {
+        repo: Repo { registry: origin_proxy.addr.clone(), name: "test/layer".into() },
+        blob: layer.digest.clone(),
+        index: layer.index.clone(),
+    });
+    // The mirror lacks the blob (404): each request falls through to the registry.
+    let d1 = tempfile::tempdir().unwrap();
+    check_frames(&fetcher_for(&d1).read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+    let groups = expected_groups(&layer.index, &test_config());
+    assert_eq!((mirror_proxy.blob_gets(), origin_proxy.blob_gets()), (groups, groups));
+    // Once the mirror has it, the registry is not asked.
+    push(&mirror.addr, &layer).await;
+    let d2 = tempfile::tempdir().unwrap();
+    check_frames(&fetcher_for(&d2).read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+    assert_eq!((mirror_proxy.blob_gets(), origin_proxy.blob_gets()), (2 * groups, groups));
+    // A mirror serving corrupt bytes is skipped for the registry, and nothing bad is kept.
+    mirror_proxy.set(Fault::FlipByte, None);
+    let d3 = tempfile::tempdir().unwrap();
+    let f3 = fetcher_for(&d3);
+    check_frames(&f3.read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+    assert_eq!(origin_proxy.blob_gets(), 2 * groups);
+    assert_eq!(f3.stats().verify_failures, groups);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_are_refreshed() {
+    if !common::have_tools("expired_tokens_are_refreshed", TOOLS) {
+        return;
+    }
+    let cfg =
+        FetchConfig { max_request_bytes: 0, max_concurrent_requests: 1, max_prefetch_requests: 1, ..test_config() };
+    let s = setup(cfg, StoreConfig::default()).await;
+    s.proxy.require_tokens(3);
+    let n = s.layer.frames.len().min(30);
+    check_frames(&s.fetcher.read(&s.remote, 0..n, Priority::Demand).await.unwrap(), &s.layer.frames, 0);
+    // Each token serves 3 requests; the 4th answers 401 and a new one is fetched.
+    assert_eq!(s.proxy.tokens_issued(), n.div_ceil(3) as u64);
+    assert_eq!(s.fetcher.stats().errors, 0, "a refresh is not an error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_reads_overtake_queued_prefetch() {
+    if !common::have_tools("demand_reads_overtake_queued_prefetch", TOOLS) {
+        return;
+    }
+    let cfg =
+        FetchConfig { max_request_bytes: 0, max_concurrent_requests: 2, max_prefetch_requests: 1, ..test_config() };
+    let s = setup(cfg, StoreConfig::default()).await;
+    s.proxy.set(Fault::Delay(100), None);
+    let n = s.layer.frames.len();
+    assert!(n > 20, "{n} frames");
+    // Prefetch all frames but the last, one request at a time (100 ms each).
+    let (f, l) = (s.fetcher.clone(), s.remote.clone());
+    let prefetch = tokio::spawn(async move { f.read(&l, 0..n - 1, Priority::Prefetch).await });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // A demand read of a frame queued at the end of the prefetch, and one of
+    // a frame outside it, both finish while the prefetch is still going.
+    let got = s.fetcher.read_frames(&s.remote, &[n - 2], Priority::Demand).await.unwrap();
+    assert!(got[0][..] == s.layer.frames[n - 2][..]);
+    let got = s.fetcher.read_frames(&s.remote, &[n - 1], Priority::Demand).await.unwrap();
+    assert!(got[0][..] == s.layer.frames[n - 1][..]);
+    assert!(!prefetch.is_finished(), "demand reads must not wait for the prefetch of {} frames", n - 1);
+    assert_eq!(s.fetcher.stats().joined, 1, "the demand read joined the prefetch's flight");
+    check_frames(&prefetch.await.unwrap().unwrap(), &s.layer.frames, 0);
+    let st = s.fetcher.stats();
+    assert_eq!(st.requests(), n as u64, "no chunk was fetched twice: {st:?}");
+    assert_eq!(st.demand_requests, 2, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_store_stays_in_budget_and_refetches() {
+    if !common::have_tools("a_small_store_stays_in_budget_and_refetches", TOOLS) {
+        return;
+    }
+    let budget = 1 << 20;
+    let s = setup(test_config(), StoreConfig { budget_bytes: budget, evict_to: 0.9 }).await;
+    let n = s.layer.frames.len();
+    assert!(s.layer.blob.len() as u64 > 2 * budget);
+    for pass in 0..2 {
+        for first in (0..n).step_by(4) {
+            let range = first..(first + 4).min(n);
+            let got = s.fetcher.read(&s.remote, range, Priority::Demand).await.unwrap();
+            check_frames(&got, &s.layer.frames, first);
+            s.fetcher.settled().await; // readers are answered before chunks are stored
+            let bytes = s.fetcher.store().stats().bytes;
+            assert!(bytes <= budget, "pass {pass}: store holds {bytes} bytes, budget {budget}");
+        }
+    }
+    let st = s.fetcher.store().stats();
+    assert!(st.evictions > 0, "{st:?}");
+    // The second pass found the early frames evicted and fetched them again.
+    assert!(s.fetcher.stats().chunks as usize > n, "{:?}", s.fetcher.stats());
+    drop(s.registry);
+}
