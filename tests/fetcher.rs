@@ -369,3 +369,31 @@ async fn a_small_store_stays_in_budget_and_refetches() {
     assert!(s.fetcher.stats().chunks as usize > n, "{:?}", s.fetcher.stats());
     drop(s.registry);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_handed_over_at_run_time_are_used() {
+    if !common::have_tools("credentials_handed_over_at_run_time_are_used", &["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let registry = common::Registry::start_with_auth("kubelet", "s3cret");
+    let layer = make_layer(4, 1, 256 << 10);
+    let cfg = RegistryConfig { insecure: vec![registry.addr.clone()], ..RegistryConfig::default() };
+    let repo = Repo { registry: registry.addr.clone(), name: "test/layer".into() };
+    let pusher = Client::new(&cfg, false).unwrap();
+    pusher.set_credentials(&registry.addr, "kubelet", "s3cret");
+    pusher.push_blob(&repo, &layer.digest, BlobBody::Bytes(&layer.blob)).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+    let client = Arc::new(Client::new(&cfg, false).unwrap());
+    let fetcher = Fetcher::new(client.clone(), store, test_config());
+    let remote = Arc::new(RemoteLayer { repo, blob: layer.digest.clone(), index: layer.index.clone() });
+    // Without credentials: a clear, final error.
+    let msg = fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap_err().to_string();
+    assert!(msg.contains("credentials") && msg.contains(&registry.addr), "{msg}");
+    assert_eq!(fetcher.stats().requests(), 1, "an auth failure is not retried: {msg}");
+    // With the credentials the CRI hands over, the same read works.
+    client.set_credentials(&registry.addr, "kubelet", "s3cret");
+    let n = layer.frames.len();
+    check_frames(&fetcher.read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+}
