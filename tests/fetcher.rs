@@ -208,9 +208,17 @@ async fn every_fault_fails_cleanly_and_reads_succeed_once_it_stops() {
     }
     let s = setup(test_config(), StoreConfig::default()).await;
     let idx = &s.layer.index;
-    let faults = [Fault::Drop, Fault::Stall, Fault::Status500, Fault::Full200, Fault::FlipByte, Fault::Truncate];
+    // Each fault, and what the error must say of its cause.
+    let faults = [
+        (Fault::Drop, "connection closed"),
+        (Fault::Stall, "timed out"),
+        (Fault::Status500, "HTTP 500"),
+        (Fault::Full200, "expected 206 Partial Content, got 200"),
+        (Fault::FlipByte, "failed verification"),
+        (Fault::Truncate, "error decoding response body"),
+    ];
     // Each fault gets two frames of its own, so earlier successes do not hide it.
-    for (k, fault) in faults.iter().enumerate() {
+    for (k, (fault, cause)) in faults.iter().enumerate() {
         let persistent = 2 * k..2 * k + 1;
         let transient = 2 * k + 1..2 * k + 2;
         // A fault that does not stop: an error naming registry, repository,
@@ -221,7 +229,7 @@ async fn every_fault_fails_cleanly_and_reads_succeed_once_it_stops() {
         let msg = err.to_string();
         eprintln!("{fault:?}: {msg}");
         assert!(matches!(err, FetchError::Remote { .. }), "{fault:?}: {err:?}");
-        for needle in [s.proxy.addr.as_str(), "test/layer", &s.layer.digest.to_string()] {
+        for needle in [s.proxy.addr.as_str(), "test/layer", &s.layer.digest.to_string(), cause] {
             assert!(msg.contains(needle), "{fault:?}: error {msg:?} does not name {needle}");
         }
         assert_eq!(s.proxy.blob_gets() - before, 3, "{fault:?}: 3 attempts, then give up");
@@ -297,6 +305,62 @@ async fn mirrors_come_first_and_the_registry_backs_them_up() {
     check_frames(&f3.read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
     assert_eq!(origin_proxy.blob_gets(), 2 * groups);
     assert_eq!(f3.stats().verify_failures, groups);
+    // A mirror that is down costs one try per request, then the registry serves.
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let d4 = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&d4.path().join("db"), &StoreConfig::default()).unwrap());
+    let f4 = Fetcher::new(client(&[&origin_proxy.addr], &[(&origin_proxy.addr, &dead)]), store, test_config());
+    check_frames(&f4.read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+    assert_eq!(f4.stats().errors, groups, "{:?}", f4.stats());
+    assert_eq!(origin_proxy.blob_gets(), 3 * groups);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_in_a_bridged_gap_are_fetched_once() {
+    if !common::have_tools("frames_in_a_bridged_gap_are_fetched_once", TOOLS) {
+        return;
+    }
+    let s = setup(
+        FetchConfig { coalesce_gap_bytes: 1 << 20, max_request_bytes: 64 << 20, ..test_config() },
+        StoreConfig::default(),
+    )
+    .await;
+    s.proxy.set(Fault::Delay(300), None);
+    // Reader A asks for frames 0 and 4; 1..=3 come along in the same request.
+    let (f, l) = (s.fetcher.clone(), s.remote.clone());
+    let a = tokio::spawn(async move { f.read_frames(&l, &[0, 4], Priority::Demand).await });
+    while s.proxy.blob_gets() < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Reader B asks for frame 2 while A's request is on its way: it waits for A's.
+    let got = s.fetcher.read_frames(&s.remote, &[2], Priority::Demand).await.unwrap();
+    assert!(got[0][..] == s.layer.frames[2][..]);
+    let got = a.await.unwrap().unwrap();
+    assert!(got[0][..] == s.layer.frames[0][..] && got[1][..] == s.layer.frames[4][..]);
+    assert_eq!(s.proxy.blob_gets(), 1);
+    assert_eq!(s.fetcher.stats().joined, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_into_store_fills_the_store_in_coalesced_requests() {
+    if !common::have_tools("fetch_into_store_fills_the_store_in_coalesced_requests", TOOLS) {
+        return;
+    }
+    let cfg = test_config();
+    let s = setup(cfg.clone(), StoreConfig::default()).await;
+    let n = s.layer.frames.len();
+    let all: Vec<usize> = (0..n).collect();
+    s.fetcher.fetch_into_store(&s.remote, &all, Priority::Prefetch).await.unwrap();
+    s.fetcher.settled().await;
+    for i in 0..n {
+        assert!(s.fetcher.store().contains(&s.layer.index.frames().get(i).id).unwrap(), "frame {i}");
+    }
+    let want = expected_groups(&s.layer.index, &cfg);
+    assert_eq!(s.proxy.blob_gets(), want);
+    assert_eq!(s.fetcher.stats().prefetch_requests, want);
+    // A second time finds everything stored, without reading it back.
+    s.fetcher.fetch_into_store(&s.remote, &all, Priority::Prefetch).await.unwrap();
+    assert_eq!(s.proxy.blob_gets(), want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +393,9 @@ async fn demand_reads_overtake_queued_prefetch() {
     // Prefetch all frames but the last, one request at a time (100 ms each).
     let (f, l) = (s.fetcher.clone(), s.remote.clone());
     let prefetch = tokio::spawn(async move { f.read(&l, 0..n - 1, Priority::Prefetch).await });
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    while s.fetcher.stats().prefetch_requests < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // A demand read of a frame queued at the end of the prefetch, and one of
     // a frame outside it, both finish while the prefetch is still going.
     let got = s.fetcher.read_frames(&s.remote, &[n - 2], Priority::Demand).await.unwrap();

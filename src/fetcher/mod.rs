@@ -185,6 +185,9 @@ type Answer = Option<Result<Bytes, FetchError>>;
 struct Flight {
     rx: watch::Receiver<Answer>,
     prio: Arc<AtomicU8>,
+    /// The blob it is fetched from: a reader of another layer that holds the
+    /// same chunk does not take this layer's failure as its own.
+    blob: Digest,
 }
 
 /// Frames fetched in one range request, first to last in blob order.
@@ -272,15 +275,29 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<Vec<Bytes>, FetchError> {
+        self.fetch(layer, frames, prio, true).await
+    }
+
+    /// Frames' data (or, without `want_data`, empty placeholders for those
+    /// already stored) from the store, fetching what it lacks.
+    async fn fetch(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+        want_data: bool,
+    ) -> Result<Vec<Bytes>, FetchError> {
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
             return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let mut out: Vec<Option<Bytes>> = self.local(ids.clone()).await?;
+        let mut out: Vec<Option<Bytes>> = self.local(ids.clone(), want_data).await?;
         self.inner.n.store_hits.fetch_add(out.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
-        // A fetch we waited for can vanish without an answer only if its task
-        // died; then we look again (and lead ourselves), a bounded number of times.
+        // A flight can end without an answer for us: its task died, or it
+        // failed fetching another layer's copy of the chunk. Then we look
+        // again and lead ourselves, a bounded number of times.
+        let mut last_err = None;
         for _ in 0..3 {
             let missing: Vec<usize> = (0..frames.len()).filter(|&p| out[p].is_none()).collect();
             if missing.is_empty() {
@@ -291,9 +308,16 @@ impl Fetcher {
                 at.entry(ids[p]).or_default().push(p);
             }
             let mut waits = self.join_or_lead(layer, missing.iter().map(|&p| (frames[p], ids[p])), prio);
-            for (id, rx) in waits.iter_mut() {
+            for (id, rx, ours) in waits.iter_mut() {
                 let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
-                let data = (*answer).clone().expect("waited for an answer")?;
+                let data = match (*answer).clone().expect("waited for an answer") {
+                    Ok(data) => data,
+                    Err(e) if *ours => return Err(e),
+                    Err(e) => {
+                        last_err = Some(e);
+                        continue;
+                    }
+                };
                 for &p in &at[id] {
                     out[p] = Some(data.clone());
                 }
@@ -301,15 +325,50 @@ impl Fetcher {
         }
         out.into_iter()
             .zip(ids)
-            .map(|(o, id)| o.ok_or_else(|| FetchError::Lost { layer: layer.name(), chunk: id }))
+            .map(|(o, id)| {
+                o.ok_or_else(|| last_err.clone().unwrap_or(FetchError::Lost { layer: layer.name(), chunk: id }))
+            })
             .collect()
     }
 
+    /// Make sure the listed frames are in the store, fetching what is
+    /// missing, a window at a time (about `max_prefetch_requests` full
+    /// requests), so memory stays bounded however long the list. Frames are
+    /// queued in the order given, window by window (prefetch passes trace
+    /// order). Nothing is decompressed for frames already stored.
+    pub async fn fetch_into_store(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+    ) -> Result<(), FetchError> {
+        let window = (self.inner.cfg.max_prefetch_requests as u64) * self.inner.cfg.max_request_bytes.max(1 << 20);
+        let mut start = 0;
+        while start < frames.len() {
+            let (mut end, mut bytes) = (start, 0u64);
+            while end < frames.len() && (end == start || bytes < window) {
+                if let Some(&f) = frames.get(end).filter(|&&f| f < layer.index.frames().len()) {
+                    bytes += layer.index.frames().get(f).c_len as u64;
+                }
+                end += 1;
+            }
+            self.fetch(layer, &frames[start..end], prio, false).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
     /// Look the chunks up in the store (verified there), off the runtime.
-    async fn local(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<Bytes>>, FetchError> {
+    /// Without `want_data`, only whether each is there.
+    async fn local(&self, ids: Vec<ChunkId>, want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
         let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || {
-            ids.iter().map(|id| store.get(id).map(|o| o.map(Bytes::from))).collect::<Result<Vec<_>, _>>()
+            ids.iter()
+                .map(|id| match want_data {
+                    true => store.get(id).map(|o| o.map(Bytes::from)),
+                    false => store.contains(id).map(|c| c.then(Bytes::new)),
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
         .expect("store lookup panicked")
@@ -324,9 +383,10 @@ impl Fetcher {
         layer: &Arc<RemoteLayer>,
         missing: impl Iterator<Item = (usize, ChunkId)>,
         prio: Priority,
-    ) -> Vec<(ChunkId, watch::Receiver<Answer>)> {
+    ) -> Vec<(ChunkId, watch::Receiver<Answer>, bool)> {
         let inner = &self.inner;
-        let mut waits: Vec<(ChunkId, watch::Receiver<Answer>)> = Vec::new();
+        let table = layer.index.frames();
+        let mut waits: Vec<(ChunkId, watch::Receiver<Answer>, bool)> = Vec::new();
         let mut seen: HashMap<ChunkId, usize> = HashMap::new();
         let mut groups: Vec<Group> = Vec::new();
         let mut raised = false;
@@ -343,15 +403,20 @@ impl Fetcher {
                     {
                         raised = true;
                     }
-                    waits.push((id, f.rx.clone()));
+                    waits.push((id, f.rx.clone(), f.blob == layer.blob));
                 } else {
                     leads.push((frame, id));
                     // A placeholder until grouped below, in this same lock.
-                    waits.push((id, watch::channel(None).1));
+                    waits.push((id, watch::channel(None).1, true));
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
             for (frame, id) in leads {
+                if let Some(f) = inflight.get(&id) {
+                    // Became a flight below, as a gap frame of this call.
+                    waits[seen[&id]].1 = f.rx.clone();
+                    continue;
+                }
                 let (start, end) = layer.index.frame_blob_range(frame);
                 let joins = groups.last().is_some_and(|g| {
                     let (g_start, _) = layer.index.frame_blob_range(g.first);
@@ -369,9 +434,19 @@ impl Fetcher {
                     });
                 }
                 let g = groups.last_mut().unwrap();
+                // Frames in the gap come along: make them flights too, so no
+                // other reader fetches them meanwhile.
+                for gap in g.last + 1..frame {
+                    let gap_id = table.get(gap).id;
+                    if !inflight.contains_key(&gap_id) {
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(gap_id, Flight { rx, prio: g.prio.clone(), blob: layer.blob.clone() });
+                        g.leads.push((gap, gap_id, tx));
+                    }
+                }
                 g.last = frame;
                 let (tx, rx) = watch::channel(None);
-                inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone() });
+                inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
                 g.leads.push((frame, id, tx));
                 waits[seen[&id]].1 = rx;
             }
@@ -380,7 +455,7 @@ impl Fetcher {
             inner.sched.kick();
         }
         for g in groups {
-            // Queue now, in frame order (prefetch order is trace order).
+            // Queue now, in the call's order of requests (its frames sorted).
             let ticket = inner.sched.enqueue(g.prio.clone());
             let (inner, layer) = (inner.clone(), layer.clone());
             tokio::spawn(async move { inner.run_group(layer, g, ticket).await });
@@ -417,11 +492,16 @@ impl Inner {
         let mut guard = FlightGuard { inner: &self, ids: g.leads.iter().map(|l| l.1).collect() };
         // A flight that ended between the reader's store lookup and taking
         // the in-flight lock has stored its chunks: look once more.
+        // Frames in a gap were never looked up at all.
         let store = self.store.clone();
         let ids: Vec<ChunkId> = g.leads.iter().map(|l| l.1).collect();
-        let found = tokio::task::spawn_blocking(move || ids.iter().map(|id| store.get(id).ok().flatten()).collect())
-            .await
-            .unwrap_or_else(|_| vec![None; g.leads.len()]);
+        let found = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| store.contains(id).ok().filter(|&c| c).and_then(|_| store.get(id).ok().flatten()))
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; g.leads.len()]);
         let mut pending = Vec::new();
         for (lead, found) in g.leads.into_iter().zip::<Vec<Option<Vec<u8>>>>(found) {
             match found {
@@ -478,38 +558,43 @@ impl Inner {
         let (start, _) = layer.index.frame_blob_range(first);
         let (_, end) = layer.index.frame_blob_range(last);
         let began = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.timeout_ms);
+        // The clock starts when the first slot is granted: time queued behind
+        // other requests (each bounded itself) does not count against a fetch.
+        let mut deadline: Option<tokio::time::Instant> = None;
         let sources = self.client.pull_sources(&layer.repo);
         let mut tries = 0u32;
         let mut problem = String::new();
         'sources: for (s, source) in sources.iter().enumerate() {
             let last_source = s + 1 == sources.len();
-            for attempt in 0..self.cfg.attempts {
+            // A mirror gets one try: a slow or broken mirror must not use up
+            // the time the registry itself may need.
+            let attempts = if last_source { self.cfg.attempts } else { 1 };
+            for attempt in 0..attempts {
                 if attempt > 0 {
                     self.n.retries.fetch_add(1, Ordering::Relaxed);
                     let pause = self.backoff(attempt);
-                    if tokio::time::Instant::now() + pause >= deadline {
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + pause >= d) {
                         break 'sources;
                     }
                     tokio::time::sleep(pause).await;
                 }
                 tries += 1;
-                let attempt_result = tokio::time::timeout_at(deadline, async {
-                    let permit = match ticket.take() {
-                        Some(t) => t.wait().await,
-                        None => self.sched.acquire(prio.clone()).await,
-                    };
-                    let counter = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
-                        &self.n.demand_requests
-                    } else {
-                        &self.n.prefetch_requests
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    let r = self.client.get_blob_range(source, &layer.blob, start, end - start).await;
-                    drop(permit);
-                    r
-                })
-                .await;
+                let permit = match ticket.take() {
+                    Some(t) => t.wait().await,
+                    None => self.sched.acquire(prio.clone()).await,
+                };
+                let until = *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(self.cfg.timeout_ms));
+                let counter = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                    &self.n.demand_requests
+                } else {
+                    &self.n.prefetch_requests
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let attempt_result =
+                    tokio::time::timeout_at(until, self.client.get_blob_range(source, &layer.blob, start, end - start))
+                        .await;
+                drop(permit);
                 let bytes = match attempt_result {
                     Err(_) => {
                         self.n.errors.fetch_add(1, Ordering::Relaxed);

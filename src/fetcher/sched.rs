@@ -6,6 +6,7 @@
 //! A waiting request's priority can be raised after it queued (a demand read
 //! joined a prefetch in flight): [`Scheduler::kick`] then re-dispatches.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,8 +24,10 @@ pub(crate) struct Scheduler {
 struct State {
     running: usize,
     running_prefetch: usize,
-    /// FIFO within each priority; short (one entry per queued request).
-    waiters: Vec<Waiter>,
+    /// FIFO queues. A prefetch of many chunks queues thousands of requests,
+    /// so every operation is O(1) but [`Scheduler::kick`].
+    demand: VecDeque<Waiter>,
+    prefetch: VecDeque<Waiter>,
 }
 
 struct Waiter {
@@ -76,13 +79,36 @@ impl Scheduler {
     /// were made, not the order their tasks happen to run), and wait later.
     pub(crate) fn enqueue(self: &Arc<Self>, prio: Arc<AtomicU8>) -> Ticket {
         let (tx, rx) = oneshot::channel();
-        self.state.lock().unwrap().waiters.push(Waiter { prio, tx });
+        {
+            let mut st = self.state.lock().unwrap();
+            if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                st.demand.push_back(Waiter { prio, tx });
+            } else {
+                st.prefetch.push_back(Waiter { prio, tx });
+            }
+        }
         self.dispatch();
         Ticket(rx)
     }
 
-    /// Re-run dispatch after a waiter's priority was raised.
+    /// Move waiters whose priority was raised to the demand queue, and
+    /// dispatch. O(queued prefetch); called only when a demand read joins a
+    /// prefetch in flight.
     pub(crate) fn kick(self: &Arc<Self>) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let queued = std::mem::take(&mut st.prefetch);
+            for w in queued {
+                if w.tx.is_closed() {
+                    continue;
+                }
+                if w.prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                    st.demand.push_back(w);
+                } else {
+                    st.prefetch.push_back(w);
+                }
+            }
+        }
         self.dispatch();
     }
 
@@ -91,17 +117,23 @@ impl Scheduler {
         loop {
             let (tx, permit) = {
                 let mut st = self.state.lock().unwrap();
-                st.waiters.retain(|w| !w.tx.is_closed());
                 if st.running >= self.max_total {
                     return;
                 }
-                let demand = Priority::Demand as u8;
-                let pick = st.waiters.iter().position(|w| w.prio.load(Ordering::Relaxed) >= demand).or_else(|| {
-                    (st.running_prefetch < self.max_prefetch).then_some(0).filter(|_| !st.waiters.is_empty())
-                });
-                let Some(i) = pick else { return };
-                let w = st.waiters.remove(i);
-                let prefetch = w.prio.load(Ordering::Relaxed) < demand;
+                // Waiters that went away are skipped here, lazily.
+                let w = loop {
+                    let next = match st.demand.pop_front() {
+                        Some(w) => Some(w),
+                        None if st.running_prefetch < self.max_prefetch => st.prefetch.pop_front(),
+                        None => None,
+                    };
+                    match next {
+                        Some(w) if w.tx.is_closed() => continue,
+                        other => break other,
+                    }
+                };
+                let Some(w) = w else { return };
+                let prefetch = w.prio.load(Ordering::Relaxed) < Priority::Demand as u8;
                 st.running += 1;
                 if prefetch {
                     st.running_prefetch += 1;

@@ -92,7 +92,8 @@ impl RegistryError {
     /// load). Other 4xx answers are final.
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Transport { .. } | RegistryError::Protocol { .. } | RegistryError::Io(_) => true,
+            RegistryError::Transport { error, .. } => !error.is_builder() && !error.is_redirect(),
+            RegistryError::Protocol { .. } | RegistryError::Io(_) => true,
             RegistryError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             RegistryError::Reference(_) | RegistryError::Credentials { .. } | RegistryError::Auth { .. } => false,
         }
@@ -142,6 +143,19 @@ impl Client {
                     None => m.trim_start_matches("https://").trim_end_matches('/').to_string(),
                 })
                 .collect();
+            for host in &hosts {
+                let bad = reqwest::Url::parse(&format!("http://{host}/v2/"))
+                    .ok()
+                    .filter(|u| u.host_str().is_some() && u.path() == "/v2/")
+                    .is_none();
+                if bad {
+                    return Err(RegistryError::Protocol {
+                        repo: registry.clone(),
+                        what: "registry.mirrors".into(),
+                        problem: format!("{host:?} is not host[:port] (optionally after http:// or https://)"),
+                    });
+                }
+            }
             mirrors.insert(registry.clone(), hosts);
         }
         Ok(Self {
@@ -250,8 +264,18 @@ impl Client {
             what: "token".into(),
             error: e,
         })?;
+        let status = resp.status().as_u16();
+        if status >= 500 || status == 429 || status == 408 {
+            // The token service is struggling: as transient as a registry 5xx.
+            return Err(RegistryError::Status {
+                repo: repo.to_string(),
+                what: format!("{what}: token from {realm}"),
+                status,
+                body: String::new(),
+            });
+        }
         if !resp.status().is_success() {
-            return Err(fail(format!("token endpoint {realm} answered HTTP {}", resp.status().as_u16())));
+            return Err(fail(format!("token endpoint {realm} answered HTTP {status}")));
         }
         #[derive(Deserialize)]
         struct Token {
