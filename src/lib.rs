@@ -20,6 +20,7 @@ pub mod convert;
 pub mod digest;
 pub mod fetcher;
 pub mod format;
+pub mod fs;
 pub mod inspect;
 pub mod registry;
 pub mod store;

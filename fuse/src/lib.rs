@@ -1,6 +1,308 @@
-//! The FUSE adapter of HyperBox: the only crate that will name `fuser`.
+//! The FUSE adapter of HyperBox: the only crate that names `fuser`.
 //!
-//! It translates FUSE operations into calls on `hyperbox::fs` (one call and
-//! one reply per operation), so the filesystem logic stays testable without
-//! `/dev/fuse`. It is built with the lazy filesystem (issue 4); until then the
-//! crate is empty on purpose and nothing depends on it.
+//! A read-only filesystem implements [`ReadOnlyFs`] with plain types (inode
+//! numbers, byte-string names, errno values); [`mount`] serves it through
+//! `fuser`, one call and one reply per operation. Reads get a [`ReadReply`]
+//! they may answer later from another thread, so a read waiting on the
+//! network never holds a FUSE worker: lookups, getattr and local reads keep
+//! flowing. The kernel caches hard: entries and attributes for a day, file
+//! pages across opens (`FOPEN_KEEP_CACHE`), because a layer never changes.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
+};
+
+/// How long the kernel may cache entries and attributes: layers are immutable.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+}
+
+/// What `stat` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits with setuid, setgid and sticky (07777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Device number as the kernel encodes it (`makedev`).
+    pub rdev: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+}
+
+/// An errno value (positive), as `libc` names them.
+pub type Errno32 = i32;
+
+/// A read-only filesystem. Every method but `read` answers at once; `read`
+/// must answer through its [`ReadReply`], possibly later and elsewhere.
+pub trait ReadOnlyFs: Send + Sync + 'static {
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno32>;
+    fn getattr(&self, ino: u64) -> Result<Attr, Errno32>;
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno32>;
+    /// Entries of directory `ino` from position `offset` (0 is the start),
+    /// including `.` and `..`. `add(ino, next_offset, kind, name)` returns
+    /// true when the reply buffer is full: stop then.
+    fn readdir(&self, ino: u64, offset: u64, add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool)
+        -> Result<(), Errno32>;
+    fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno32>;
+    /// Attribute names, each followed by a NUL byte.
+    fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno32>;
+    fn read(&self, ino: u64, offset: u64, size: u32, reply: ReadReply);
+}
+
+/// The answer to one read; send exactly once (dropping it unanswered
+/// answers EIO, so no reader hangs).
+pub struct ReadReply(Option<ReplyData>);
+
+impl ReadReply {
+    pub fn data(mut self, data: &[u8]) {
+        if let Some(r) = self.0.take() {
+            r.data(data);
+        }
+    }
+    pub fn error(mut self, errno: Errno32) {
+        if let Some(r) = self.0.take() {
+            r.error(Errno::from_i32(errno));
+        }
+    }
+}
+
+impl Drop for ReadReply {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.error(Errno::EIO);
+        }
+    }
+}
+
+struct Adapter<F>(F);
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let mtime = if a.mtime >= 0 {
+        UNIX_EPOCH + Duration::new(a.mtime as u64, a.mtime_nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(a.mtime.unsigned_abs()) + Duration::from_nanos(a.mtime_nsec as u64)
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno32>) {
+    match r {
+        Err(e) => reply.error(Errno::from_i32(e)),
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+    }
+}
+
+impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.0.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.0.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.0.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.0.read(ino.0, offset, size, ReadReply(Some(reply)));
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.0.readdir(ino.0, offset, &mut |child, next, kind, name| {
+            reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.0.getxattr(ino.0, name.as_bytes()));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.0.listxattr(ino.0));
+    }
+}
+
+/// A mounted filesystem; unmounted when dropped or by [`Mount::unmount`].
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    path: PathBuf,
+}
+
+impl Mount {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unmount and wait for the session's threads to finish.
+    pub fn unmount(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Mount `fs` read-only at `mountpoint`, served by `threads` FUSE workers.
+/// Open to every user (`allow_other`) with the kernel checking permissions
+/// from the modes (`default_permissions`): overlayfs checks a container
+/// process's access to a lower dir with that process's credentials.
+pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, threads: usize) -> io::Result<Mount> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fsname.to_string()),
+        MountOption::Subtype("hyperbox".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(threads.max(1));
+    cfg.clone_fd = threads > 1;
+    let session = fuser::spawn_mount(Adapter(fs), mountpoint, &cfg)?;
+    Ok(Mount { session: Some(session), path: mountpoint.to_path_buf() })
+}
+
+/// FUSE mounts of ours (`fuse.hyperbox`) at or below `root`, from
+/// `/proc/self/mountinfo`: what a crashed daemon left behind.
+pub fn stale_mounts(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        // id parent major:minor root mountpoint options [optional...] - fstype source super
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        if fields.get(dash + 1) != Some(&"fuse.hyperbox") {
+            continue;
+        }
+        let Some(mp) = fields.get(4) else { continue };
+        let path = PathBuf::from(unescape_mountinfo(mp));
+        if path.starts_with(root) {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Detach a mount (`umount2(MNT_DETACH)`): it goes away once unused.
+pub fn detach(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(super::unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,423 @@
+//! One read-only tree per layer, built from its index. Knows nothing of
+//! FUSE: `mount` serves it through the `fuse/` crate.
+//!
+//! The tree is exactly what the tar holds, in the form overlayfs expects of
+//! a lower layer (what containerd's overlayfs snapshotter unpacks):
+//! - `.wh.NAME` becomes `NAME`, a character device 0/0 (a whiteout);
+//! - `.wh..wh..opq` is not listed; its directory carries the xattr
+//!   `trusted.overlay.opaque=y`;
+//! - a hard link is another name for its target's inode (`nlink` counts it);
+//! - a directory the tar implies but does not list is 0755 root:root;
+//! - a path listed twice takes the later entry, as tar extraction does.
+//!
+//! Reads are planned here ([`LayerTree::plan_read`]: which frames, which
+//! bytes of each) and assembled from frame data fetched elsewhere.
+
+use std::collections::HashMap;
+
+use crate::format::{Entry, EntryKind, LayerIndex, SparseSegment};
+
+pub const ROOT: u64 = 1;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    /// An overlayfs whiteout: a character device 0/0.
+    Whiteout,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("not a regular file")]
+    NotFile,
+    #[error("not a symlink")]
+    NotSymlink,
+    #[error("no such attribute")]
+    NoAttr,
+}
+
+/// What `stat` shows of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeAttr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// 07777 bits.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub dev: (u32, u32),
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+}
+
+struct Node {
+    /// The index entry with the metadata; `None` for an implied directory.
+    entry: Option<u32>,
+    kind: NodeKind,
+    parent: u64,
+    nlink: u32,
+    opaque: bool,
+    /// Directories: children sorted by name.
+    children: Vec<(Box<[u8]>, u64)>,
+}
+
+pub struct LayerTree {
+    index: std::sync::Arc<LayerIndex>,
+    nodes: Vec<Node>,
+    /// Hard links skipped because their target is missing or a directory.
+    pub skipped_links: usize,
+}
+
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+impl LayerTree {
+    pub fn new(index: std::sync::Arc<LayerIndex>) -> LayerTree {
+        let mut t = LayerTree { index: index.clone(), nodes: Vec::new(), skipped_links: 0 };
+        t.nodes.push(Node {
+            entry: None,
+            kind: NodeKind::Dir,
+            parent: ROOT,
+            nlink: 2,
+            opaque: false,
+            children: Vec::new(),
+        });
+        // Children are gathered in maps while building, then sorted once.
+        let mut dirs: HashMap<u64, HashMap<Box<[u8]>, u64>> = HashMap::new();
+        let mut by_path: HashMap<&[u8], u64> = HashMap::new();
+        by_path.insert(b"", ROOT);
+        for (i, e) in index.entries().iter().enumerate() {
+            if e.path.is_empty() {
+                if e.kind == EntryKind::Dir {
+                    t.nodes[0].entry = Some(i as u32);
+                }
+                continue;
+            }
+            let (parent_path, name) = split(&e.path);
+            let parent = t.ensure_dir(parent_path, &mut by_path, &mut dirs);
+            if name == OPAQUE_MARKER {
+                t.nodes[(parent - 1) as usize].opaque = true;
+                continue;
+            }
+            let (name, kind) = match name.strip_prefix(WHITEOUT_PREFIX) {
+                Some(hidden) if !hidden.is_empty() => (hidden, NodeKind::Whiteout),
+                _ => (
+                    name,
+                    match e.kind {
+                        EntryKind::File => NodeKind::File,
+                        EntryKind::Dir => NodeKind::Dir,
+                        EntryKind::Symlink => NodeKind::Symlink,
+                        EntryKind::CharDevice => NodeKind::CharDevice,
+                        EntryKind::BlockDevice => NodeKind::BlockDevice,
+                        EntryKind::Fifo => NodeKind::Fifo,
+                        EntryKind::Hardlink => {
+                            match by_path.get(e.link()).copied().filter(|&x| t.node(x).kind != NodeKind::Dir) {
+                                Some(target) => {
+                                    t.nodes[(target - 1) as usize].nlink += 1;
+                                    let old = dirs.entry(parent).or_default().insert(name.into(), target);
+                                    if let Some(old) = old.filter(|&o| o != target) {
+                                        t.unlink(old);
+                                    }
+                                    by_path.insert(&e.path, target);
+                                }
+                                None => t.skipped_links += 1,
+                            }
+                            continue;
+                        }
+                    },
+                ),
+            };
+            let existing = dirs.get(&parent).and_then(|d| d.get(name)).copied();
+            match existing {
+                // A directory listed again keeps its children, takes the new metadata.
+                Some(ino) if kind == NodeKind::Dir && t.node(ino).kind == NodeKind::Dir => {
+                    t.nodes[(ino - 1) as usize].entry = Some(i as u32);
+                }
+                _ => {
+                    if let Some(old) = existing {
+                        t.unlink(old);
+                    }
+                    let ino = t.nodes.len() as u64 + 1;
+                    t.nodes.push(Node {
+                        entry: Some(i as u32),
+                        kind,
+                        parent,
+                        nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+                        opaque: false,
+                        children: Vec::new(),
+                    });
+                    dirs.entry(parent).or_default().insert(name.into(), ino);
+                    if kind != NodeKind::Whiteout {
+                        let full: &[u8] = &e.path;
+                        by_path.insert(full, ino);
+                    }
+                }
+            }
+        }
+        for (dir, children) in dirs {
+            let mut v: Vec<(Box<[u8]>, u64)> = children.into_iter().collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let subdirs = v.iter().filter(|(_, c)| t.node(*c).kind == NodeKind::Dir).count() as u32;
+            let d = &mut t.nodes[(dir - 1) as usize];
+            d.nlink = 2 + subdirs;
+            d.children = v;
+        }
+        t
+    }
+
+    /// The directory at `path`, created (implied) with its parents if absent.
+    fn ensure_dir<'a>(
+        &mut self,
+        path: &'a [u8],
+        by_path: &mut HashMap<&'a [u8], u64>,
+        dirs: &mut HashMap<u64, HashMap<Box<[u8]>, u64>>,
+    ) -> u64 {
+        if let Some(&ino) = by_path.get(path) {
+            if self.node(ino).kind == NodeKind::Dir {
+                return ino;
+            }
+        }
+        let (pp, name) = split(path);
+        let parent = self.ensure_dir(pp, by_path, dirs);
+        let ino = self.nodes.len() as u64 + 1;
+        self.nodes.push(Node {
+            entry: None,
+            kind: NodeKind::Dir,
+            parent,
+            nlink: 2,
+            opaque: false,
+            children: Vec::new(),
+        });
+        if let Some(old) = dirs.entry(parent).or_default().insert(name.into(), ino) {
+            self.unlink(old);
+        }
+        by_path.insert(path, ino);
+        ino
+    }
+
+    /// A name for `ino` went away (replaced by a later entry).
+    fn unlink(&mut self, ino: u64) {
+        let n = &mut self.nodes[(ino - 1) as usize];
+        n.nlink = n.nlink.saturating_sub(1);
+    }
+
+    fn node(&self, ino: u64) -> &Node {
+        &self.nodes[(ino - 1) as usize]
+    }
+
+    fn get(&self, ino: u64) -> Result<&Node, FsError> {
+        ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize)).ok_or(FsError::NotFound)
+    }
+
+    fn entry(&self, n: &Node) -> Option<&Entry> {
+        n.entry.map(|i| &self.index.entries()[i as usize])
+    }
+
+    pub fn index(&self) -> &std::sync::Arc<LayerIndex> {
+        &self.index
+    }
+
+    /// Number of inodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
+        let n = self.get(ino)?;
+        let mut a = NodeAttr {
+            ino,
+            kind: n.kind,
+            size: 0,
+            perm: 0o755,
+            nlink: n.nlink,
+            uid: 0,
+            gid: 0,
+            dev: (0, 0),
+            mtime: 0,
+            mtime_nsec: 0,
+        };
+        if let Some(e) = self.entry(n) {
+            a.uid = e.uid;
+            a.gid = e.gid;
+            a.mtime = e.mtime;
+            a.mtime_nsec = e.mtime_nsec;
+            a.perm = (e.mode & 0o7777) as u16;
+            match n.kind {
+                NodeKind::File => a.size = e.size,
+                NodeKind::Symlink => a.size = e.link().len() as u64,
+                NodeKind::CharDevice | NodeKind::BlockDevice => a.dev = e.device(),
+                NodeKind::Whiteout => a.perm = 0,
+                NodeKind::Dir | NodeKind::Fifo => {}
+            }
+        }
+        Ok(a)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64, FsError> {
+        let d = self.get(parent)?;
+        if d.kind != NodeKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        match name {
+            b"." => return Ok(parent),
+            b".." => return Ok(d.parent),
+            _ => {}
+        }
+        d.children.binary_search_by(|(n, _)| (**n).cmp(name)).map(|i| d.children[i].1).map_err(|_| FsError::NotFound)
+    }
+
+    /// Entries from position `offset`: `.` is 0, `..` is 1, then the children
+    /// in name order. `add(ino, next_offset, kind, name)` returns true to stop.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        add: &mut dyn FnMut(u64, u64, NodeKind, &[u8]) -> bool,
+    ) -> Result<(), FsError> {
+        let d = self.get(ino)?;
+        if d.kind != NodeKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let mut pos = offset;
+        loop {
+            let (child, kind, name): (u64, NodeKind, &[u8]) = match pos {
+                0 => (ino, NodeKind::Dir, b"."),
+                1 => (d.parent, NodeKind::Dir, b".."),
+                p => match d.children.get((p - 2) as usize) {
+                    Some((name, c)) => (*c, self.node(*c).kind, name),
+                    None => return Ok(()),
+                },
+            };
+            if add(child, pos + 1, kind, name) {
+                return Ok(());
+            }
+            pos += 1;
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        let n = self.get(ino)?;
+        match (n.kind, self.entry(n)) {
+            (NodeKind::Symlink, Some(e)) => Ok(e.link()),
+            _ => Err(FsError::NotSymlink),
+        }
+    }
+
+    /// Extended attributes, in the tar's order, then overlayfs' opaque mark.
+    pub fn xattrs(&self, ino: u64) -> Result<Vec<(&[u8], &[u8])>, FsError> {
+        let n = self.get(ino)?;
+        let mut out: Vec<(&[u8], &[u8])> =
+            self.entry(n).map(|e| e.xattrs().iter().map(|x| (&x.name[..], &x.value[..])).collect()).unwrap_or_default();
+        if n.opaque {
+            out.retain(|(k, _)| *k != OPAQUE_XATTR);
+            out.push((OPAQUE_XATTR, b"y"));
+        }
+        Ok(out)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
+        self.xattrs(ino)?.into_iter().find(|(k, _)| *k == name).map(|(_, v)| v).ok_or(FsError::NoAttr)
+    }
+
+    /// What a read of `size` bytes at `offset` of file `ino` needs.
+    pub fn plan_read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadPlan, FsError> {
+        let n = self.get(ino)?;
+        let e = match (n.kind, self.entry(n)) {
+            (NodeKind::File, Some(e)) => e,
+            _ => return Err(FsError::NotFile),
+        };
+        let end = offset.saturating_add(size as u64).min(e.size);
+        let mut plan = ReadPlan { len: end.saturating_sub(offset) as usize, pieces: Vec::new(), frames: Vec::new() };
+        if offset >= end {
+            return Ok(plan);
+        }
+        let plain = [SparseSegment { offset: 0, len: e.size }];
+        let segments: &[SparseSegment] = if e.sparse().is_empty() { &plain } else { e.sparse() };
+        let mut stored = e.data_offset;
+        for seg in segments {
+            let (s, t) = (seg.offset.max(offset), (seg.offset + seg.len).min(end));
+            if s < t {
+                plan.pieces.push(Piece {
+                    tar: stored + (s - seg.offset),
+                    out: (s - offset) as usize,
+                    len: (t - s) as usize,
+                });
+                plan.frames.extend(self.index.frames_for(stored + (s - seg.offset), t - s));
+            }
+            stored += seg.len;
+        }
+        plan.frames.sort_unstable();
+        plan.frames.dedup();
+        Ok(plan)
+    }
+}
+
+/// Bytes `[tar, tar+len)` of the tar go to `out..out+len` of the reply.
+#[derive(Clone, Debug)]
+struct Piece {
+    tar: u64,
+    out: usize,
+    len: usize,
+}
+
+/// A planned read: the frames it needs (sorted), then assembly.
+#[derive(Clone, Debug)]
+pub struct ReadPlan {
+    len: usize,
+    pieces: Vec<Piece>,
+    pub frames: Vec<usize>,
+}
+
+impl ReadPlan {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The reply: `data[k]` is frame `self.frames[k]`'s data. Holes of a
+    /// sparse file are zeros.
+    pub fn assemble(&self, index: &LayerIndex, data: &[impl AsRef<[u8]>]) -> Vec<u8> {
+        let mut out = vec![0u8; self.len];
+        for p in &self.pieces {
+            let mut done = 0usize;
+            while done < p.len {
+                let at = p.tar + done as u64;
+                let k = self.frames.partition_point(|&f| index.frame_tar_range(f).1 <= at);
+                let f = self.frames[k];
+                let (fstart, _) = index.frame_tar_range(f);
+                let d = data[k].as_ref();
+                let from = (at - fstart) as usize;
+                let n = (d.len() - from).min(p.len - done);
+                out[p.out + done..p.out + done + n].copy_from_slice(&d[from..from + n]);
+                done += n;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

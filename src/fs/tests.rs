@@ -1,0 +1,132 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::format::{self, writer};
+
+fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(1000);
+    h.set_gid(100);
+    h
+}
+
+/// A layer from (path, kind, data-or-link) triples.
+fn layer(items: &[(&str, tar::EntryType, &[u8])]) -> (Vec<u8>, Arc<LayerIndex>) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, data) in items {
+        match *kind {
+            tar::EntryType::Regular => {
+                let mut h = header(path, *kind, 0o640, data.len() as u64);
+                h.set_cksum();
+                b.append(&h, *data).unwrap();
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                let mut h = header(path, *kind, 0o777, 0);
+                h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
+                h.set_cksum();
+                b.append(&h, &[][..]).unwrap();
+            }
+            _ => {
+                let mut h = header(path, *kind, 0o755, 0);
+                h.set_cksum();
+                b.append(&h, &[][..]).unwrap();
+            }
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let c = writer::convert_tar(&tar[..], &mut blob, &writer::WriteOptions::default()).unwrap();
+    let (_, idx) = format::open_layer(&blob[..], Some(&c.location)).unwrap();
+    (blob, Arc::new(idx))
+}
+
+fn names(t: &LayerTree, dir: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    t.readdir(dir, 0, &mut |_, _, _, n| {
+        out.push(String::from_utf8_lossy(n).into_owned());
+        false
+    })
+    .unwrap();
+    out
+}
+
+fn path(t: &LayerTree, p: &str) -> u64 {
+    p.split('/').fold(ROOT, |d, n| t.lookup(d, n.as_bytes()).unwrap_or_else(|e| panic!("{p}: {e}")))
+}
+
+#[test]
+fn whiteouts_opaque_dirs_and_implied_parents() {
+    use tar::EntryType as T;
+    let (_, idx) = layer(&[
+        ("etc", T::Directory, b""),
+        ("etc/.wh.passwd", T::Regular, b""),
+        ("var/lib/.wh..wh..opq", T::Regular, b""),
+        ("var/lib/new", T::Regular, b"new\n"),
+    ]);
+    let t = LayerTree::new(idx);
+    assert_eq!(names(&t, ROOT), [".", "..", "etc", "var"]);
+    assert_eq!(names(&t, path(&t, "etc")), [".", "..", "passwd"]);
+    let wh = t.attr(path(&t, "etc/passwd")).unwrap();
+    assert_eq!((wh.kind, wh.dev, wh.perm), (NodeKind::Whiteout, (0, 0), 0));
+    let lib = path(&t, "var/lib");
+    assert_eq!(names(&t, lib), [".", "..", "new"]);
+    assert_eq!(t.getxattr(lib, OPAQUE_XATTR).unwrap(), b"y");
+    assert_eq!(t.getxattr(path(&t, "etc"), OPAQUE_XATTR), Err(FsError::NoAttr));
+    // var is implied: 0755 root; etc is listed: its own metadata.
+    let var = t.attr(path(&t, "var")).unwrap();
+    assert_eq!((var.perm, var.uid, var.nlink), (0o755, 0, 3));
+    assert_eq!(t.attr(path(&t, "etc")).unwrap().uid, 1000);
+    assert_eq!(t.lookup(lib, b"..").unwrap(), path(&t, "var"));
+}
+
+#[test]
+fn hard_links_share_an_inode_and_later_entries_win() {
+    use tar::EntryType as T;
+    let (_, idx) = layer(&[
+        ("a", T::Regular, b"first"),
+        ("b", T::Link, b"a"),
+        ("c", T::Link, b"a"),
+        ("d", T::Regular, b"old"),
+        ("d", T::Regular, b"newer"),
+        ("l", T::Symlink, b"../target"),
+        ("dangling", T::Link, b"missing"),
+    ]);
+    let t = LayerTree::new(idx);
+    let (a, b, c) = (path(&t, "a"), path(&t, "b"), path(&t, "c"));
+    assert!(a == b && b == c);
+    assert_eq!(t.attr(a).unwrap().nlink, 3);
+    assert_eq!(t.attr(path(&t, "d")).unwrap().size, 5);
+    assert_eq!(t.readlink(path(&t, "l")).unwrap(), b"../target");
+    assert_eq!(t.attr(path(&t, "l")).unwrap().size, 9);
+    assert_eq!(t.skipped_links, 1);
+    assert_eq!(t.lookup(ROOT, b"dangling"), Err(FsError::NotFound));
+}
+
+#[test]
+fn reads_span_frames_and_stop_at_the_end() {
+    use tar::EntryType as T;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let (blob, idx) = layer(&[("small", T::Regular, b"hello"), ("big", T::Regular, &big)]);
+    let t = LayerTree::new(idx.clone());
+    let ino = path(&t, "big");
+    let read = |offset: u64, size: u32| {
+        let plan = t.plan_read(ino, offset, size).unwrap();
+        let data: Vec<Vec<u8>> = plan.frames.iter().map(|&f| format::read_frame(&blob[..], &idx, f).unwrap()).collect();
+        plan.assemble(&idx, &data)
+    };
+    for (off, size) in [(0u64, 4096u32), (131_000, 300_000), (2_999_000, 128 << 10), (1_000_000, 1 << 20)] {
+        let end = (off as usize + size as usize).min(big.len());
+        assert!(read(off, size) == big[off as usize..end], "read {off}+{size}");
+    }
+    assert!(read(3_000_000, 10).is_empty());
+    assert!(t.plan_read(ino, 0, 1 << 20).unwrap().frames.len() >= 2, "1 MiB spans several frames");
+    let small = t.plan_read(path(&t, "small"), 0, 100).unwrap();
+    let data: Vec<Vec<u8>> = small.frames.iter().map(|&f| format::read_frame(&blob[..], &idx, f).unwrap()).collect();
+    assert_eq!(small.assemble(&idx, &data), b"hello");
+    assert_eq!(t.plan_read(ROOT, 0, 1).unwrap_err(), FsError::NotFile);
+}
