@@ -4,8 +4,9 @@
 //! only those on its left, plus the leaves):
 //!
 //! ```text
-//! registry, store ─▶ fetcher ─▶ fs ─▶ snapshotter ─▶ (containerd)
+//! registry, store ─▶ fetcher ─▶ mount ◀─ fs ;  mount ─▶ snapshotter ─▶ (containerd)
 //! leaves:     digest, format, config
+//! fs knows nothing of FUSE; `mount` serves an fs tree through the fuse/ crate
 //! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
 //! ```
 //!
@@ -22,5 +23,6 @@ pub mod fetcher;
 pub mod format;
 pub mod fs;
 pub mod inspect;
+pub mod mount;
 pub mod registry;
 pub mod store;

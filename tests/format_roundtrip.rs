@@ -13,49 +13,6 @@ use std::process::Command;
 use hyperbox::digest::Digest;
 use hyperbox::format::{self, writer, EntryKind};
 
-/// Build a directory with every kind of entry, using real tools.
-fn make_fixture(root: &Path, chunk_max: u32) {
-    let script = format!(
-        r#"set -eu
-cd "{root}"
-mkdir -p dir/sub empty-dir opaque
-printf 'hello world\n' > dir/hello.txt
-: > dir/empty
-head -c {chunk_max} /dev/urandom > exactly-chunk-max
-head -c 3000000 /dev/urandom > large.bin
-# a large file with repeated content: the same chunks twice
-cat large.bin large.bin > large-twice.bin
-ln -s hello.txt dir/link-to-hello
-ln -s /nonexistent/target dangling
-ln dir/hello.txt hardlink-to-hello
-mknod chardev c 1 3
-mknod blockdev b 7 0
-mkfifo fifo
-long=$(printf 'd%.0s' $(seq 1 120))
-mkdir -p "$long/$long"
-printf 'deep\n' > "$long/$long/$(printf 'f%.0s' $(seq 1 150))"
-printf 'caps\n' > capfile
-setcap cap_net_raw+ep capfile
-setfattr -n user.color -v blue dir/hello.txt
-setfattr -n trusted.overlay.opaque -v y opaque || true
-: > dir/.wh.deleted
-: > opaque/.wh..wh..opq
-# sparse: holes at the start, middle and end
-truncate -s 8M sparse
-printf 'middle' | dd of=sparse bs=1 seek=4194304 conv=notrunc status=none
-printf 'start' | dd of=sparse bs=1 seek=65536 conv=notrunc status=none
-# more data segments than the 4 a GNU header holds: extension blocks follow it
-truncate -s 2M sparse-many
-for i in $(seq 0 9); do printf 'segment %d' $i | dd of=sparse-many bs=1 seek=$((i * 200000 + 4096)) conv=notrunc status=none; done
-touch -d '2001-02-03 04:05:06.789' dir/hello.txt
-chown 1234:5678 dir/hello.txt
-chmod 4755 large.bin
-"#,
-        root = root.display()
-    );
-    common::run(Command::new("bash").arg("-c").arg(script));
-}
-
 /// Convert `tar_bytes`, check the byte-exact round trip with stock `zstd -d`,
 /// and check every regular file read through the index against `root`.
 fn check_round_trip(name: &str, tar_bytes: &[u8], root: &Path, opts: &writer::WriteOptions) -> format::LayerIndex {
@@ -128,7 +85,7 @@ fn gnu_tar_with_sparse_files_round_trips() {
     }
     let opts = small_chunks();
     let fixture = tempfile::tempdir().unwrap();
-    make_fixture(fixture.path(), opts.chunk.max);
+    common::make_fixture(fixture.path(), opts.chunk.max);
     let tar = common::run(
         Command::new("bash")
             .arg("-c")
@@ -175,7 +132,7 @@ fn pax_tar_with_xattrs_round_trips() {
     }
     let opts = writer::WriteOptions::default();
     let fixture = tempfile::tempdir().unwrap();
-    make_fixture(fixture.path(), opts.chunk.max);
+    common::make_fixture(fixture.path(), opts.chunk.max);
     std::fs::remove_file(fixture.path().join("sparse")).unwrap();
     std::fs::remove_file(fixture.path().join("sparse-many")).unwrap();
     let tar = common::run(Command::new("bash").arg("-c").arg(format!(

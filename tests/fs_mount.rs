@@ -1,0 +1,312 @@
+//! Layers served through real FUSE mounts, with their chunks fetched lazily
+//! from a real `docker-registry`: the mounted tree equals the same tar
+//! unpacked by GNU tar (in the form overlayfs expects of a lower layer),
+//! concurrent readers get the right bytes, a stalled registry does not stall
+//! local answers, and a dead one turns into EIO after a bounded time.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::faultproxy::{Fault, FaultProxy};
+use hyperbox::fetcher::{FetchConfig, Fetcher, RemoteLayer};
+use hyperbox::format::{self, writer};
+use hyperbox::mount::{LayerFs, Mount, TraceHook};
+use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
+use hyperbox::store::{Store, StoreConfig};
+
+/// Log lines of every test in this binary, for the ones that check them.
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct W(&'static Mutex<Vec<u8>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(move || W(buf)).try_init();
+        buf
+    })
+}
+
+struct Served {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    _registry: common::Registry,
+    proxy: FaultProxy,
+    mount: Option<Mount>,
+    mountpoint: PathBuf,
+    fetcher: Fetcher,
+    blob: hyperbox::digest::Digest,
+    trace: tokio::sync::mpsc::Receiver<hyperbox::mount::ChunkAccess>,
+}
+
+/// Convert `tar`, push it to a registry behind a fault proxy, and mount it
+/// through FUSE with an empty store.
+fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
+    logs();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let registry = common::Registry::start();
+    let proxy = FaultProxy::start(&registry.addr);
+    let mut blob = Vec::new();
+    let layer = writer::convert_tar(tar, &mut blob, &writer::WriteOptions::default()).unwrap();
+    let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
+    let push_cfg = RegistryConfig { insecure: vec![registry.addr.clone()], ..RegistryConfig::default() };
+    let repo = Repo { registry: registry.addr.clone(), name: "test/fs".into() };
+    rt.block_on(Client::new(&push_cfg, false).unwrap().push_blob(&repo, &layer.blob_digest, BlobBody::Bytes(&blob)))
+        .unwrap();
+    let cfg = RegistryConfig { insecure: vec![proxy.addr.clone()], read_timeout_ms, ..RegistryConfig::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+    let fetcher = Fetcher::new(Arc::new(Client::new(&cfg, false).unwrap()), store, fetch);
+    let remote = Arc::new(RemoteLayer {
+        repo: Repo { registry: proxy.addr.clone(), name: "test/fs".into() },
+        blob: layer.blob_digest.clone(),
+        index: Arc::new(index),
+    });
+    let (hook, trace) = TraceHook::new(1 << 16);
+    let fs = LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), Some(hook));
+    let mountpoint = dir.path().join("fs");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mount = fs.mount(&mountpoint, 4).unwrap();
+    Served {
+        rt,
+        _dir: dir,
+        _registry: registry,
+        proxy,
+        mount: Some(mount),
+        mountpoint,
+        fetcher,
+        blob: layer.blob_digest,
+        trace,
+    }
+}
+
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: valid path and buffer of the given length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}: {}", p.display(), std::io::Error::last_os_error());
+    let mut out = BTreeMap::new();
+    for name in names[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let cn = CString::new(name).unwrap();
+        let mut v = vec![0u8; 64 << 10];
+        // SAFETY: as above.
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(len >= 0, "lgetxattr {} {:?}", p.display(), String::from_utf8_lossy(name));
+        v.truncate(len as usize);
+        out.insert(String::from_utf8_lossy(name).into_owned(), v);
+    }
+    out
+}
+
+/// Compare the mounted tree with GNU tar's unpack of the same tar, turning
+/// the unpack's whiteout files into what overlayfs expects (as containerd
+/// does when it unpacks into an overlay snapshot).
+fn compare(mounted: &Path, unpacked: &Path, rel: &str, checked: &mut usize) {
+    let (m, u) = (mounted.join(rel), unpacked.join(rel));
+    let (mm, um) = (std::fs::symlink_metadata(&m).unwrap(), std::fs::symlink_metadata(&u).unwrap());
+    let what = format!("{rel:?}");
+    assert_eq!(mm.file_type(), um.file_type(), "{what}: type");
+    assert_eq!(mm.mode() & 0o7777, um.mode() & 0o7777, "{what}: mode");
+    assert_eq!((mm.uid(), mm.gid()), (um.uid(), um.gid()), "{what}: owner");
+    assert_eq!(mm.nlink(), um.nlink(), "{what}: nlink");
+    if !um.is_dir() {
+        // A directory's mtime changes as GNU tar fills it; the rest must match.
+        assert_eq!(mm.mtime(), um.mtime(), "{what}: mtime");
+    }
+    let mut want_x = xattrs(&u);
+    if um.is_dir() && u.join(".wh..wh..opq").exists() {
+        want_x.insert("trusted.overlay.opaque".into(), b"y".to_vec());
+    }
+    assert_eq!(xattrs(&m), want_x, "{what}: xattrs");
+    *checked += 1;
+    let ft = um.file_type();
+    if ft.is_symlink() {
+        assert_eq!(std::fs::read_link(&m).unwrap(), std::fs::read_link(&u).unwrap(), "{what}: target");
+    } else if ft.is_char_device() || ft.is_block_device() {
+        assert_eq!(mm.rdev(), um.rdev(), "{what}: device");
+    } else if ft.is_file() {
+        assert_eq!(mm.size(), um.size(), "{what}: size");
+        assert!(std::fs::read(&m).unwrap() == std::fs::read(&u).unwrap(), "{what}: content");
+    } else if ft.is_dir() {
+        let mut want: Vec<(String, bool)> = Vec::new(); // (name, is whiteout)
+        for e in std::fs::read_dir(&u).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name == ".wh..wh..opq" {
+                continue;
+            }
+            match name.strip_prefix(".wh.") {
+                Some(hidden) => want.push((hidden.to_string(), true)),
+                None => want.push((name, false)),
+            }
+        }
+        want.sort();
+        let mut got: Vec<String> =
+            std::fs::read_dir(&m).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        got.sort();
+        assert_eq!(got, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>(), "{what}: names");
+        for (name, whiteout) in want {
+            let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            if whiteout {
+                let w = std::fs::symlink_metadata(mounted.join(&child)).unwrap();
+                assert!(w.file_type().is_char_device() && w.rdev() == 0, "{child:?}: a whiteout is char 0/0");
+                *checked += 1;
+            } else {
+                compare(mounted, unpacked, &child, checked);
+            }
+        }
+    }
+}
+
+fn regular_files(root: &Path) -> Vec<PathBuf> {
+    let out = common::run(Command::new("find").arg(root).args(["-type", "f", "-not", "-name", ".wh.*"]));
+    out.lines().map(|l| Path::new(l).strip_prefix(root).unwrap().to_path_buf()).collect()
+}
+
+#[test]
+fn a_mounted_layer_equals_gnu_tars_unpack() {
+    if !common::have_tools(
+        "a_mounted_layer_equals_gnu_tars_unpack",
+        &["docker-registry", "tar", "setcap", "setfattr", "mknod", "fusermount3"],
+    ) {
+        return;
+    }
+    // GNU format carries sparse files, PAX carries xattrs (HyperBox takes
+    // GNU sparse maps, not PAX ones): one layer of each.
+    for (format, extra) in [("gnu", &["--sparse"][..]), ("posix", &["--xattrs", "--xattrs-include=*"][..])] {
+        let fixture = tempfile::tempdir().unwrap();
+        common::make_fixture(fixture.path(), 512 << 10);
+        if format == "posix" {
+            std::fs::remove_file(fixture.path().join("sparse")).unwrap();
+            std::fs::remove_file(fixture.path().join("sparse-many")).unwrap();
+        }
+        let tar_file = fixture.path().with_extension("tar");
+        common::run(
+            Command::new("tar")
+                .arg(format!("--format={format}"))
+                .args(extra)
+                .arg("-C")
+                .arg(fixture.path())
+                .arg("-cf")
+                .arg(&tar_file)
+                .arg("."),
+        );
+        let tar = std::fs::read(&tar_file).unwrap();
+        let unpacked = tempfile::tempdir().unwrap();
+        common::run(
+            Command::new("tar")
+                .args(["--xattrs", "--xattrs-include=*", "--same-owner", "-xpf"])
+                .arg(&tar_file)
+                .arg("-C")
+                .arg(unpacked.path()),
+        );
+        let _ = std::fs::remove_file(&tar_file);
+        mount_and_compare(format, &tar, unpacked.path());
+    }
+}
+
+fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
+    let mut s = serve(tar, FetchConfig::default(), 30_000);
+    let files = regular_files(unpacked);
+    assert!(files.len() >= 8, "{files:?}");
+    // 16 readers of every file at once, on a cold store: right bytes for all.
+    std::thread::scope(|scope| {
+        for k in 0..16 {
+            let (files, m, u) = (&files, &s.mountpoint, unpacked);
+            scope.spawn(move || {
+                for f in files.iter().cycle().skip(k).take(files.len()) {
+                    let got = std::fs::read(m.join(f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                    assert!(got == std::fs::read(u.join(f)).unwrap(), "reader {k}: {} differs", f.display());
+                }
+            });
+        }
+    });
+    let st = s.fetcher.stats();
+    eprintln!("{format}: after 16 cold readers: {st:?}");
+    assert!(st.joined > 0 || st.requests() < 16, "readers of the same chunks share fetches: {st:?}");
+    // Then the whole tree, metadata and all.
+    let mut checked = 0;
+    compare(&s.mountpoint, unpacked, "", &mut checked);
+    assert!(checked > 20, "{format}: compared {checked} entries");
+    if format == "posix" {
+        let caps = xattrs(&s.mountpoint.join("capfile"));
+        assert!(caps.contains_key("security.capability"), "file capabilities come through: {caps:?}");
+    }
+    // Every data frame read was reported once to the trace hook.
+    let mut reported = std::collections::HashSet::new();
+    while let Ok(a) = s.trace.try_recv() {
+        assert_eq!(a.layer, s.blob);
+        assert!(reported.insert(a.frame), "frame {} reported twice", a.frame);
+    }
+    assert!(!reported.is_empty());
+    // Unmount cleanly: the mountpoint is an empty dir again.
+    s.mount.take().unwrap().unmount().unwrap();
+    assert_eq!(std::fs::read_dir(&s.mountpoint).unwrap().count(), 0);
+}
+
+#[test]
+fn a_stalled_registry_stalls_only_reads_that_need_it_and_a_dead_one_gives_eio() {
+    if !common::have_tools("a_stalled_registry_stalls_only_reads_that_need_it", &["docker-registry", "fusermount3"]) {
+        return;
+    }
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut b = common::LayerBuilder::new().dir("d");
+    for name in ["warm", "cold"] {
+        let mut data = vec![0u8; 2 << 20];
+        rng.fill_bytes(&mut data);
+        b = b.file(&format!("d/{name}"), 0o644, &data);
+    }
+    let fetch = FetchConfig { attempts: 2, backoff_initial_ms: 10, timeout_ms: 3_000, ..FetchConfig::default() };
+    let s = serve(&b.finish(), fetch, 500);
+    let warm = s.mountpoint.join("d/warm");
+    let want = std::fs::read(&warm).unwrap();
+    s.rt.block_on(s.fetcher.settled()); // readers are answered before chunks are stored
+
+    s.proxy.set(Fault::Stall, None);
+    let cold = s.mountpoint.join("d/cold");
+    let reader = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = std::fs::File::open(&cold).and_then(|mut f| {
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map(|_| v)
+        });
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // While that read waits on the registry: metadata and local data answer.
+    let f = std::fs::File::open(&warm).unwrap();
+    // SAFETY: a valid fd; drops this file's cached pages, so the read below reaches the filesystem.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    drop(f);
+    assert_eq!(std::fs::read_dir(s.mountpoint.join("d")).unwrap().count(), 2);
+    assert!(std::fs::read(&warm).unwrap() == want);
+    assert!(!reader.is_finished(), "the cold read should still be waiting on the stalled registry");
+    // The stalled registry never answers: EIO, after a bounded time.
+    let (r, took) = reader.join().unwrap();
+    let err = r.expect_err("a read with the registry stalled must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(took < Duration::from_secs(20), "EIO took {took:?}");
+    let log = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    let line = log
+        .lines()
+        .find(|l| l.contains("read failed") && l.contains(&s.blob.to_string()))
+        .unwrap_or_else(|| panic!("no log line for the failed read in:\n{log}"));
+    assert!(line.contains("chunk blake3:"), "the log line names the chunk: {line}");
+}
