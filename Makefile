@@ -23,7 +23,7 @@ test: deps
 	HYPERBOX_REQUIRE_E2E=1 $(CARGO) test --workspace --all-targets
 
 bench: deps
-	$(CARGO) bench --bench format --bench fetch
+	$(CARGO) bench --bench format --bench fetch --bench fs
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,0 +1,178 @@
+//! Layers through FUSE, with a real `docker-registry` on loopback.
+//!
+//! - `fs/cached-seq-read/{fuse,ext4}`: read a 64 MiB file, already in the
+//!   page cache, with 1 MiB reads; the same file on ext4 side by side. Target:
+//!   FUSE at least 0.7 of ext4.
+//! - cold 4 KiB random reads (each in a chunk not yet fetched): latency p50
+//!   and p99 printed, over 200 reads.
+//! - hyperboxd's RSS with 10 mounted layers of 30,000 files each: printed
+//!   (this process's VmRSS before and after building and mounting them).
+//!
+//! `cargo bench --bench fs` (as root, with /dev/fuse); figures go in
+//! docs/benchmarks.md.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use hyperbox::fetcher::{FetchConfig, Fetcher, RemoteLayer};
+use hyperbox::format::{self, writer, LayerIndex};
+use hyperbox::mount::{LayerFs, Mount};
+use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
+use hyperbox::store::{Store, StoreConfig};
+use rand::{Rng, RngCore, SeedableRng};
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    registry: common::Registry,
+    client: Arc<Client>,
+}
+
+fn push(env: &Env, tar: &[u8]) -> Arc<RemoteLayer> {
+    let mut blob = Vec::new();
+    let layer = writer::convert_tar(tar, &mut blob, &writer::WriteOptions::default()).unwrap();
+    let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
+    let repo = Repo { registry: env.registry.addr.clone(), name: "bench/fs".into() };
+    env.rt.block_on(env.client.push_blob(&repo, &layer.blob_digest, BlobBody::Bytes(&blob))).unwrap();
+    Arc::new(RemoteLayer { repo, blob: layer.blob_digest, index: Arc::new(index) })
+}
+
+fn mount(env: &Env, layer: Arc<RemoteLayer>, store_dir: &Path, at: &Path) -> (Mount, Fetcher) {
+    let store = Arc::new(Store::open(store_dir, &StoreConfig::default()).unwrap());
+    let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
+    std::fs::create_dir_all(at).unwrap();
+    let m = LayerFs::new(layer, fetcher.clone(), env.rt.handle().clone(), None).mount(at, 4).unwrap();
+    (m, fetcher)
+}
+
+fn read_all(path: &Path, buf: &mut [u8]) -> u64 {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut n = 0u64;
+    loop {
+        let k = f.read(buf).unwrap();
+        if k == 0 {
+            return n;
+        }
+        n += k as u64;
+    }
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+fn benches(c: &mut Criterion) {
+    if !common::have_tools("fs benchmarks", &["docker-registry"]) || !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED fs benchmarks: need root, /dev/fuse and docker-registry");
+        return;
+    }
+    let registry = common::Registry::start();
+    let cfg = RegistryConfig { insecure: vec![registry.addr.clone()], ..RegistryConfig::default() };
+    let env = Env {
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        client: Arc::new(Client::new(&cfg, false).unwrap()),
+        registry,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+
+    // Cached sequential reads: FUSE and ext4, side by side.
+    let mut data = vec![0u8; 64 << 20];
+    rng.fill_bytes(&mut data);
+    let tar = common::LayerBuilder::new().file("big", 0o644, &data).file("other", 0o644, &data[..32 << 20]).finish();
+    let layer = push(&env, &tar);
+    let (m, _f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
+    let ext4 = dir.path().join("big-on-ext4");
+    std::fs::write(&ext4, &data).unwrap();
+    let fuse_file = m.path().join("big");
+    let mut buf = vec![0u8; 1 << 20];
+    assert_eq!(read_all(&fuse_file, &mut buf), data.len() as u64); // fetch, store, cache
+    read_all(&ext4, &mut buf);
+    let mut g = c.benchmark_group("fs/cached-seq-read");
+    g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("fuse", |b| b.iter(|| read_all(&fuse_file, &mut buf)));
+    g.bench_function("ext4", |b| b.iter(|| read_all(&ext4, &mut buf)));
+    g.finish();
+
+    // Cold 4 KiB random reads, each in a frame not fetched yet: a fresh
+    // store and mount, and one read in the middle of each of 200 frames of
+    // "big", in random order.
+    drop(m);
+    let (m2, f2) = mount(&env, layer.clone(), &dir.path().join("db2"), &dir.path().join("mnt2"));
+    let file = std::fs::File::open(m2.path().join("big")).unwrap();
+    let index: &LayerIndex = &layer.index;
+    let frames = index.frames().len();
+    let mut order: Vec<usize> = (0..frames).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.gen_range(0..=i));
+    }
+    let entry = index.entries().iter().find(|e| e.path == b"big").unwrap();
+    let mut lat = Vec::new();
+    let mut page = [0u8; 4096];
+    for &fr in order.iter().take(200) {
+        let (ts, te) = index.frame_tar_range(fr);
+        if ts < entry.data_offset || te > entry.data_offset + entry.size {
+            continue; // a frame of headers or of the other file
+        }
+        let off = (ts - entry.data_offset + (te - ts) / 2) & !4095;
+        let t = Instant::now();
+        file.read_exact_at(&mut page, off).unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort_unstable();
+    if !lat.is_empty() {
+        eprintln!(
+            "fs cold 4 KiB random reads over loopback ({} reads, one frame each): p50 {:?}, p99 {:?} ({} requests)",
+            lat.len(),
+            lat[lat.len() / 2],
+            lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+            f2.stats().requests()
+        );
+    }
+    drop(file);
+    drop(m2);
+
+    // Memory: 10 mounted layers of 30,000 small files each. Measured before
+    // the layers are built, after (their decoded indexes held, as the daemon
+    // holds them), and after mounting (trees, FUSE sessions, kernel lookups).
+    let start = rss_kib();
+    let mut layers = Vec::new();
+    for l in 0..10 {
+        let mut b = common::LayerBuilder::new();
+        for d in 0..300 {
+            b = b.dir(&format!("usr/lib/d{d}"));
+            for f in 0..100 {
+                b = b.file(&format!("usr/lib/d{d}/file-{f}.py"), 0o644, format!("# {l} {d} {f}\n").as_bytes());
+            }
+        }
+        layers.push(push(&env, &b.finish()));
+    }
+    let before = rss_kib();
+    let mut mounts = Vec::new();
+    for (l, layer) in layers.into_iter().enumerate() {
+        mounts.push(mount(&env, layer, &dir.path().join(format!("db-m{l}")), &dir.path().join(format!("mnt-m{l}"))));
+    }
+    // Touch every directory so the kernel has looked everything up once.
+    for (m, _) in &mounts {
+        assert_eq!(std::fs::read_dir(m.path().join("usr/lib")).unwrap().count(), 300);
+    }
+    let after = rss_kib();
+    eprintln!(
+        "fs RSS: {} MiB at start, {} MiB with 10 indexes of 30k files decoded, {} MiB with them mounted \
+         (mounting: +{} KiB per layer)",
+        start / 1024,
+        before / 1024,
+        after / 1024,
+        after.saturating_sub(before) / 10
+    );
+}
+
+criterion_group!(fs, benches);
+criterion_main!(fs);
