@@ -310,3 +310,157 @@ fn a_stalled_registry_stalls_only_reads_that_need_it_and_a_dead_one_gives_eio() 
         .unwrap_or_else(|| panic!("no log line for the failed read in:\n{log}"));
     assert!(line.contains("chunk blake3:"), "the log line names the chunk: {line}");
 }
+
+/// Compare two merged (overlay) views: what a container sees.
+fn compare_merged(a: &Path, b: &Path, rel: &str, checked: &mut usize) {
+    let (pa, pb) = (a.join(rel), b.join(rel));
+    let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
+    let what = format!("{rel:?}");
+    assert_eq!(ma.file_type(), mb.file_type(), "{what}: type");
+    assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "{what}: mode");
+    assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{what}: owner");
+    if !ma.is_dir() {
+        assert_eq!(ma.mtime(), mb.mtime(), "{what}: mtime");
+    }
+    assert_eq!(xattrs(&pa), xattrs(&pb), "{what}: xattrs");
+    *checked += 1;
+    if ma.file_type().is_symlink() {
+        assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap(), "{what}: target");
+    } else if ma.is_file() {
+        assert!(std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(), "{what}: content");
+    } else if ma.is_dir() {
+        let list = |p: &Path| {
+            let mut v: Vec<String> =
+                std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        };
+        let names = list(&pa);
+        assert_eq!(names, list(&pb), "{what}: names");
+        for n in names {
+            compare_merged(a, b, &if rel.is_empty() { n.clone() } else { format!("{rel}/{n}") }, checked);
+        }
+    }
+}
+
+#[test]
+fn three_layers_overlaid_equal_containerds_overlayfs_unpack() {
+    if !common::have_tools(
+        "three_layers_overlaid_equal_containerds_overlayfs_unpack",
+        &["docker-registry", "containerd", "ctr", "mount", "umount"],
+    ) {
+        return;
+    }
+    use common::LayerBuilder;
+    let l1 = LayerBuilder::new()
+        .dir("etc")
+        .file("etc/a", 0o644, b"a from 1\n")
+        .file("etc/b", 0o600, b"b from 1\n")
+        .dir("data")
+        .dir("data/old")
+        .file("data/old/x", 0o644, b"x\n")
+        .file("data/old/y", 0o644, b"y\n")
+        .dir("opq")
+        .file("opq/keep", 0o644, b"kept until layer 3\n")
+        .symlink("lnk", "etc/a")
+        .dir("gone")
+        .dir("gone/sub")
+        .file("gone/sub/f", 0o644, b"f\n")
+        .finish();
+    let l2 = LayerBuilder::new()
+        .dir("etc")
+        .file("etc/.wh.b", 0o644, b"")
+        .file("etc/c", 0o755, b"c from 2\n")
+        .dir("data")
+        .dir("data/old")
+        .file("data/old/.wh..wh..opq", 0o644, b"")
+        .file("data/old/new", 0o644, b"new in 2\n")
+        .finish();
+    let l3 = LayerBuilder::new()
+        .file(".wh.gone", 0o644, b"")
+        .dir("etc")
+        .file("etc/b", 0o640, b"b again in 3\n")
+        .file("etc/.wh.c", 0o644, b"")
+        .dir("opq")
+        .file("opq/.wh..wh..opq", 0o644, b"")
+        .file("opq/fresh", 0o644, b"fresh in 3\n")
+        .finish();
+    let reg = common::Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    common::write_oci_image(layout.path(), "v1", &[l1, l2, l3], &["true"], &[common::oci_arch()]);
+    let dst = format!("{}/ovl:hb", reg.addr);
+    common::run(
+        common::hyperbox()
+            .args(["convert", "-q", "--plain-http"])
+            .arg(format!("oci:{}:v1", layout.path().display()))
+            .arg(&dst),
+    );
+
+    // containerd's own overlayfs unpack of the converted image.
+    let ctd = common::Containerd::start("");
+    common::run(ctd.ctr().args(["image", "pull", "--plain-http", &dst]));
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("containerd");
+    std::fs::create_dir(&theirs).unwrap();
+    common::run(ctd.ctr().args(["image", "mount", &dst]).arg(&theirs));
+
+    // Ours: each layer through FUSE, lazily, then overlaid.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = RegistryConfig { insecure: vec![reg.addr.clone()], ..RegistryConfig::default() };
+    let client = Arc::new(Client::new(&cfg, false).unwrap());
+    let repo = Repo { registry: reg.addr.clone(), name: "ovl".into() };
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&rt.block_on(client.get_manifest(&repo, "hb")).unwrap().bytes).unwrap();
+    if let Some(m) = manifest["manifests"].as_array().and_then(|m| m.first()) {
+        let digest = m["digest"].as_str().unwrap().to_string();
+        manifest = serde_json::from_slice(&rt.block_on(client.get_manifest(&repo, &digest)).unwrap().bytes).unwrap();
+    }
+    let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+    let fetcher = Fetcher::new(client.clone(), store, FetchConfig::default());
+    let mut mounts = Vec::new();
+    let mut lowers = Vec::new();
+    for (k, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let blob: hyperbox::digest::Digest = l["digest"].as_str().unwrap().parse().unwrap();
+        let ann: std::collections::HashMap<String, String> = serde_json::from_value(l["annotations"].clone()).unwrap();
+        let loc = format::IndexLocation::from_annotations(&ann).unwrap().expect("a HyperBox layer");
+        let frame = rt.block_on(client.get_blob_range(&repo, &blob, loc.offset, loc.length)).unwrap();
+        let index = format::parse_index_frame(&frame, &loc).unwrap();
+        let remote = Arc::new(RemoteLayer { repo: repo.clone(), blob, index: Arc::new(index) });
+        let at = dir.path().join(format!("layer{k}"));
+        std::fs::create_dir(&at).unwrap();
+        mounts.push(LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), None).mount(&at, 2).unwrap());
+        lowers.push(at);
+    }
+    assert_eq!(lowers.len(), 3);
+    let ours = dir.path().join("hyperbox");
+    std::fs::create_dir(&ours).unwrap();
+    let lowerdir: Vec<String> = lowers.iter().rev().map(|p| p.display().to_string()).collect();
+    common::run(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!("lowerdir={}", lowerdir.join(":")))
+            .arg(&ours),
+    );
+
+    let result = std::panic::catch_unwind(|| {
+        let mut checked = 0;
+        compare_merged(&theirs, &ours, "", &mut checked);
+        // What the layers meant: deletions and opaque dirs took effect.
+        assert!(!ours.join("gone").exists() && !ours.join("etc/c").exists());
+        assert_eq!(std::fs::read(ours.join("etc/b")).unwrap(), b"b again in 3\n");
+        let names = |p: PathBuf| {
+            let mut v: Vec<String> =
+                std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(ours.join("data/old")), ["new"]);
+        assert_eq!(names(ours.join("opq")), ["fresh"]);
+        checked
+    });
+    let _ = Command::new("umount").arg(&ours).status();
+    let _ = ctd.ctr().args(["image", "unmount"]).arg(&theirs).status();
+    let checked = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(checked >= 10, "compared {checked} entries");
+    drop(mounts);
+}
