@@ -225,21 +225,35 @@ fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
     let mut s = serve(tar, FetchConfig::default(), 30_000);
     let files = regular_files(unpacked);
     assert!(files.len() >= 8, "{files:?}");
-    // 16 readers of every file at once, on a cold store: right bytes for all.
-    std::thread::scope(|scope| {
-        for k in 0..16 {
-            let (files, m, u) = (&files, &s.mountpoint, unpacked);
-            scope.spawn(move || {
-                for f in files.iter().cycle().skip(k).take(files.len()) {
-                    let got = std::fs::read(m.join(f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-                    assert!(got == std::fs::read(u.join(f)).unwrap(), "reader {k}: {} differs", f.display());
-                }
-            });
-        }
-    });
+    // 16 readers of every file at once: on a cold store, then warm (chunks
+    // in the store, page cache dropped first): right bytes for all.
+    let sixteen_readers = |pass: &str| {
+        std::thread::scope(|scope| {
+            for k in 0..16 {
+                let (files, m, u) = (&files, &s.mountpoint, unpacked);
+                scope.spawn(move || {
+                    for f in files.iter().cycle().skip(k).take(files.len()) {
+                        let got = std::fs::read(m.join(f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                        assert!(got == std::fs::read(u.join(f)).unwrap(), "{pass} reader {k}: {} differs", f.display());
+                    }
+                });
+            }
+        })
+    };
+    sixteen_readers("cold");
     let st = s.fetcher.stats();
     eprintln!("{format}: after 16 cold readers: {st:?}");
     assert!(st.joined > 0 || st.requests() < 16, "readers of the same chunks share fetches: {st:?}");
+    s.rt.block_on(s.fetcher.settled());
+    for f in &files {
+        let file = std::fs::File::open(s.mountpoint.join(f)).unwrap();
+        // SAFETY: a valid fd; drops the file's cached pages so reads reach the filesystem.
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    sixteen_readers("warm");
+    let warm = s.fetcher.stats();
+    assert_eq!(warm.requests(), st.requests(), "warm reads come from the store: {warm:?}");
+    assert!(warm.store_hits > st.store_hits, "{warm:?}");
     // Then the whole tree, metadata and all.
     let mut checked = 0;
     compare(&s.mountpoint, unpacked, "", &mut checked);
