@@ -157,10 +157,7 @@ fn compare(mounted: &Path, unpacked: &Path, rel: &str, checked: &mut usize) {
             }
         }
         want.sort();
-        let mut got: Vec<String> =
-            std::fs::read_dir(&m).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        got.sort();
-        assert_eq!(got, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>(), "{what}: names");
+        assert_eq!(sorted_names(&m), want.iter().map(|w| w.0.clone()).collect::<Vec<_>>(), "{what}: names");
         for (name, whiteout) in want {
             let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
             if whiteout {
@@ -325,6 +322,13 @@ fn a_stalled_registry_stalls_only_reads_that_need_it_and_a_dead_one_gives_eio() 
     assert!(line.contains("chunk blake3:"), "the log line names the chunk: {line}");
 }
 
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
 /// Compare two merged (overlay) views: what a container sees.
 fn compare_merged(a: &Path, b: &Path, rel: &str, checked: &mut usize) {
     let (pa, pb) = (a.join(rel), b.join(rel));
@@ -343,14 +347,8 @@ fn compare_merged(a: &Path, b: &Path, rel: &str, checked: &mut usize) {
     } else if ma.is_file() {
         assert!(std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(), "{what}: content");
     } else if ma.is_dir() {
-        let list = |p: &Path| {
-            let mut v: Vec<String> =
-                std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-            v.sort();
-            v
-        };
-        let names = list(&pa);
-        assert_eq!(names, list(&pb), "{what}: names");
+        let names = sorted_names(&pa);
+        assert_eq!(names, sorted_names(&pb), "{what}: names");
         for n in names {
             compare_merged(a, b, &if rel.is_empty() { n.clone() } else { format!("{rel}/{n}") }, checked);
         }
@@ -462,14 +460,8 @@ fn three_layers_overlaid_equal_containerds_overlayfs_unpack() {
         // What the layers meant: deletions and opaque dirs took effect.
         assert!(!ours.join("gone").exists() && !ours.join("etc/c").exists());
         assert_eq!(std::fs::read(ours.join("etc/b")).unwrap(), b"b again in 3\n");
-        let names = |p: PathBuf| {
-            let mut v: Vec<String> =
-                std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-            v.sort();
-            v
-        };
-        assert_eq!(names(ours.join("data/old")), ["new"]);
-        assert_eq!(names(ours.join("opq")), ["fresh"]);
+        assert_eq!(sorted_names(&ours.join("data/old")), ["new"]);
+        assert_eq!(sorted_names(&ours.join("opq")), ["fresh"]);
         checked
     });
     let _ = Command::new("umount").arg(&ours).status();

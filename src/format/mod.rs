@@ -344,20 +344,37 @@ pub fn read_file_range<S: BlobSource + ?Sized>(
         )));
     }
     let mut out = vec![0u8; (end - offset) as usize];
-    // Map logical ranges to stored (tar) ranges: one segment for a plain
-    // file, the data segments for a sparse one.
-    let plain = [SparseSegment { offset: 0, len: entry.size }];
-    let segments: &[SparseSegment] = if entry.sparse().is_empty() { &plain } else { entry.sparse() };
-    let mut stored = entry.data_offset;
-    for seg in segments {
-        let (s, e) = (seg.offset.max(offset), (seg.offset + seg.len).min(end));
-        if s < e {
-            let tar_start = stored + (s - seg.offset);
-            read_tar_range(src, index, tar_start, &mut out[(s - offset) as usize..(e - offset) as usize])?;
-        }
-        stored += seg.len;
+    for x in file_extents(entry, offset, end) {
+        read_tar_range(src, index, x.tar, &mut out[x.out as usize..(x.out + x.len) as usize])?;
     }
     Ok(out)
+}
+
+/// Where part of a file's data is stored: `len` bytes at tar offset `tar`,
+/// which go `out` bytes into the range asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub tar: u64,
+    pub out: u64,
+    pub len: u64,
+}
+
+/// The stored extents of a regular file's logical bytes `[offset, end)`, in
+/// order: one for a plain file, one per data segment touched for a sparse
+/// one (its holes have no extent: they read as zeros).
+pub fn file_extents(entry: &Entry, offset: u64, end: u64) -> impl Iterator<Item = Extent> + '_ {
+    let plain = (entry.sparse().is_empty()).then_some(SparseSegment { offset: 0, len: entry.size });
+    let segments = plain.into_iter().chain(entry.sparse().iter().copied());
+    segments
+        .scan(entry.data_offset, |stored, seg| {
+            let at = *stored;
+            *stored += seg.len;
+            Some((at, seg))
+        })
+        .filter_map(move |(stored, seg)| {
+            let (s, e) = (seg.offset.max(offset), (seg.offset + seg.len).min(end));
+            (s < e).then(|| Extent { tar: stored + (s - seg.offset), out: s - offset, len: e - s })
+        })
 }
 
 /// Fill `buf` with tar bytes starting at `tar_offset`.

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use crate::format::{Entry, EntryKind, LayerIndex, SparseSegment};
+use crate::format::{file_extents, Entry, EntryKind, Extent, LayerIndex};
 
 pub const ROOT: u64 = 1;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -235,14 +235,6 @@ impl LayerTree {
         &self.index
     }
 
-    /// Number of inodes.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     pub fn attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
         let n = self.get(ino)?;
         let mut a = NodeAttr {
@@ -348,70 +340,40 @@ impl LayerTree {
             _ => return Err(FsError::NotFile),
         };
         let end = offset.saturating_add(size as u64).min(e.size);
-        let mut plan = ReadPlan { len: end.saturating_sub(offset) as usize, pieces: Vec::new(), frames: Vec::new() };
-        if offset >= end {
-            return Ok(plan);
-        }
-        let plain = [SparseSegment { offset: 0, len: e.size }];
-        let segments: &[SparseSegment] = if e.sparse().is_empty() { &plain } else { e.sparse() };
-        let mut stored = e.data_offset;
-        for seg in segments {
-            let (s, t) = (seg.offset.max(offset), (seg.offset + seg.len).min(end));
-            if s < t {
-                plan.pieces.push(Piece {
-                    tar: stored + (s - seg.offset),
-                    out: (s - offset) as usize,
-                    len: (t - s) as usize,
-                });
-                plan.frames.extend(self.index.frames_for(stored + (s - seg.offset), t - s));
-            }
-            stored += seg.len;
-        }
-        plan.frames.sort_unstable();
-        plan.frames.dedup();
-        Ok(plan)
+        let pieces: Vec<Extent> = file_extents(e, offset, end).collect();
+        let mut frames: Vec<usize> = pieces.iter().flat_map(|x| self.index.frames_for(x.tar, x.len)).collect();
+        frames.sort_unstable();
+        frames.dedup();
+        Ok(ReadPlan { len: end.saturating_sub(offset) as usize, pieces, frames })
     }
-}
-
-/// Bytes `[tar, tar+len)` of the tar go to `out..out+len` of the reply.
-#[derive(Clone, Debug)]
-struct Piece {
-    tar: u64,
-    out: usize,
-    len: usize,
 }
 
 /// A planned read: the frames it needs (sorted), then assembly.
 #[derive(Clone, Debug)]
 pub struct ReadPlan {
     len: usize,
-    pieces: Vec<Piece>,
+    /// Stored bytes and where they go in the reply; holes stay zeros.
+    pieces: Vec<Extent>,
     pub frames: Vec<usize>,
 }
 
 impl ReadPlan {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The reply: `data[k]` is frame `self.frames[k]`'s data. Holes of a
     /// sparse file are zeros.
     pub fn assemble(&self, index: &LayerIndex, data: &[impl AsRef<[u8]>]) -> Vec<u8> {
         let mut out = vec![0u8; self.len];
         for p in &self.pieces {
+            let (out_at, len) = (p.out as usize, p.len as usize);
             let mut done = 0usize;
-            while done < p.len {
+            while done < len {
                 let at = p.tar + done as u64;
                 let k = self.frames.partition_point(|&f| index.frame_tar_range(f).1 <= at);
                 let f = self.frames[k];
                 let (fstart, _) = index.frame_tar_range(f);
                 let d = data[k].as_ref();
                 let from = (at - fstart) as usize;
-                let n = (d.len() - from).min(p.len - done);
-                out[p.out + done..p.out + done + n].copy_from_slice(&d[from..from + n]);
+                let n = (d.len() - from).min(len - done);
+                out[out_at + done..out_at + done + n].copy_from_slice(&d[from..from + n]);
                 done += n;
             }
         }
