@@ -25,6 +25,36 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub fetch: FetchConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+}
+
+/// The `[daemon]` section: where hyperboxd keeps its state and listens.
+/// `--root` and `--address` override the first two.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Snapshot dirs (`snapshots/<id>/{fs,work}`) and the store (`store/`).
+    pub root: PathBuf,
+    /// The unix socket containerd's `proxy_plugins` entry names (mode 0660).
+    /// Under systemd socket activation the socket unit's fd is used instead.
+    pub address: PathBuf,
+    /// FUSE threads per mounted layer. Reads waiting on the network hold no
+    /// thread, so a few suffice.
+    pub fuse_threads: usize,
+    /// Log filter when RUST_LOG is unset (`info`, `debug`, `hyperbox=debug`).
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/hyperbox"),
+            address: PathBuf::from("/run/hyperbox/hyperbox.sock"),
+            fuse_threads: 2,
+            log_level: "info".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -34,6 +64,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             store: StoreConfig::default(),
             fetch: FetchConfig::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -66,6 +97,9 @@ impl Config {
             return Err(err(format!("store.evict_to = {} must be between 0 and 1", cfg.store.evict_to)));
         }
         cfg.fetch.validate().map_err(err)?;
+        if !(1..=64).contains(&cfg.daemon.fuse_threads) {
+            return Err(err(format!("daemon.fuse_threads = {} must be between 1 and 64", cfg.daemon.fuse_threads)));
+        }
         Ok(cfg)
     }
 }

@@ -24,5 +24,7 @@ pub mod format;
 pub mod fs;
 pub mod inspect;
 pub mod mount;
+pub mod pull;
 pub mod registry;
+pub mod snapshotter;
 pub mod store;

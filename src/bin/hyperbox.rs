@@ -1,4 +1,4 @@
-//! `hyperbox`: the HyperBox command line (convert and inspect images).
+//! `hyperbox`: the HyperBox command line (convert, inspect and pull images).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -67,6 +67,28 @@ enum Cmd {
         chunk: ChunkArgs,
         input: PathBuf,
         output: PathBuf,
+    },
+    /// Pull an image into containerd with its HyperBox layers lazy.
+    ///
+    /// Plain `ctr image pull` passes no labels to the snapshotter, so its
+    /// layers are always downloaded. After this, `ctr run --snapshotter
+    /// hyperbox REF ...` starts the image before its layers are fetched.
+    /// Layers that are not HyperBox layers are downloaded and unpacked here.
+    Pull {
+        /// Use http instead of https for registries (loopback registries
+        /// always use http).
+        #[arg(long)]
+        plain_http: bool,
+        /// containerd's socket.
+        #[arg(long, env = "CONTAINERD_ADDRESS", default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        /// containerd namespace (`k8s.io` for Kubernetes' images).
+        #[arg(long, short, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+        namespace: String,
+        /// The snapshotter's name in containerd's proxy_plugins.
+        #[arg(long, default_value = "hyperbox")]
+        snapshotter: String,
+        reference: String,
     },
     /// Print the index of a HyperBox layer file, or of every layer of an image.
     Inspect {
@@ -141,6 +163,22 @@ fn run(cli: Cli) -> Result<()> {
             for (k, v) in out.location.to_annotations() {
                 println!("annotation {k}={v}");
             }
+        }
+        Cmd::Pull { plain_http, address, namespace, snapshotter, reference } => {
+            let client = Client::new(&config.registry, plain_http)?;
+            let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter };
+            let started = std::time::Instant::now();
+            let report = rt.block_on(hyperbox::pull::pull(&client, &opts, &reference, |line| eprintln!("{line}")))?;
+            println!(
+                "pulled {} ({}) in {:.2}s: {} lazy, {} downloaded ({}), {} already present",
+                report.name,
+                report.manifest,
+                started.elapsed().as_secs_f64(),
+                report.remote,
+                report.downloaded,
+                convert::human(report.bytes_downloaded),
+                report.present
+            );
         }
         Cmd::Inspect { plain_http, json, entries, verify, target } => {
             let path = PathBuf::from(&target);

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
-use crate::format::LayerIndex;
+use crate::format::{self, IndexLocation, LayerIndex};
 use crate::registry::{Client, Repo};
 use crate::store::{Store, VerifiedChunk};
 use sched::{Scheduler, Ticket};
@@ -130,6 +130,8 @@ pub enum FetchError {
     NoSuchFrame { layer: String, frame: usize, frames: usize },
     #[error("{0}")]
     Store(String),
+    #[error("{layer}: cannot get the layer index: {problem}")]
+    Index { layer: String, problem: String },
     #[error("{layer}: chunk {chunk}: the fetch it waited for ended without an answer")]
     Lost { layer: String, chunk: ChunkId },
 }
@@ -252,6 +254,58 @@ impl Fetcher {
 
     /// Wait until no fetch is in flight (every fetched chunk is stored).
     /// Readers are answered before their chunks are written to the store.
+    /// A layer's index: from the store if kept there, else fetched (mirrors
+    /// once each, then the registry with retries), verified against `loc`'s
+    /// digest and kept. One range request when it is not local.
+    pub async fn layer_index(&self, repo: &Repo, blob: &Digest, loc: &IndexLocation) -> Result<LayerIndex, FetchError> {
+        let store_err = |e: crate::store::StoreError| FetchError::Store(e.to_string());
+        if let Some((have, index)) = self.inner.store.get_index(blob).map_err(store_err)? {
+            if &have == loc {
+                return Ok(index);
+            }
+        }
+        let bad = |problem: String| FetchError::Index { layer: format!("{}@{blob}", repo.name), problem };
+        // The blob's size is not known here; bounding the length is what matters.
+        loc.check_bounds(loc.offset + loc.length + format::FOOTER_LEN as u64).map_err(|e| bad(e.to_string()))?;
+        let sources = self.inner.client.pull_sources(repo);
+        let mut problem = String::new();
+        for (s, source) in sources.iter().enumerate() {
+            let attempts = if s + 1 == sources.len() { self.inner.cfg.attempts } else { 1 };
+            for attempt in 0..attempts {
+                if attempt > 0 {
+                    tokio::time::sleep(self.inner.backoff(attempt)).await;
+                }
+                let timeout = Duration::from_millis(self.inner.cfg.timeout_ms);
+                let frame = match tokio::time::timeout(
+                    timeout,
+                    self.inner.client.get_blob_range(source, blob, loc.offset, loc.length),
+                )
+                .await
+                {
+                    Err(_) => {
+                        problem = format!("{source}: no answer within {} ms", self.inner.cfg.timeout_ms);
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        let transient = e.is_transient();
+                        problem = e.to_string();
+                        if transient {
+                            continue;
+                        }
+                        break;
+                    }
+                    Ok(Ok(frame)) => frame,
+                };
+                match self.inner.store.put_index(blob, loc, &frame) {
+                    Ok(index) => return Ok(index),
+                    // Wrong bytes: a mirror is skipped, the registry retried.
+                    Err(e) => problem = format!("{source}: {e}"),
+                }
+            }
+        }
+        Err(bad(problem))
+    }
+
     pub async fn settled(&self) {
         while !self.inner.inflight.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;

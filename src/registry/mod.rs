@@ -113,6 +113,16 @@ pub struct Client {
     tokens: Mutex<HashMap<(String, String), String>>,
 }
 
+/// `localhost`, `127.x.x.x` or `[::1]`, with any port: reached over plain
+/// http, as containerd's CRI plugin and docker do by default.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A fetched manifest or index.
 #[derive(Clone, Debug)]
 pub struct Manifest {
@@ -188,7 +198,11 @@ impl Client {
     }
 
     fn base(&self, registry: &str) -> String {
-        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) { "http" } else { "https" };
+        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) || is_loopback(registry) {
+            "http"
+        } else {
+            "https"
+        };
         let host = if registry == "docker.io" { "registry-1.docker.io" } else { registry };
         format!("{scheme}://{host}/v2/")
     }
@@ -641,6 +655,16 @@ fn load_docker_credentials(path: Option<&Path>) -> Result<HashMap<String, (Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_registries_use_http() {
+        for r in ["localhost", "localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000"] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in ["docker.io", "10.0.0.1:5000", "registry.local:5000", "localhost.example:1", "[::2]:5000"] {
+            assert!(!is_loopback(r), "{r}");
+        }
+    }
 
     #[test]
     fn challenge_params() {

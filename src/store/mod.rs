@@ -489,6 +489,31 @@ impl Store {
         self.db.delete_cf(self.cf(family.name()), key).map_err(|e| self.db_err(e))
     }
 
+    /// Apply puts (`Some`) and deletes (`None`) to one family atomically and
+    /// durably (synced to disk before returning): one snapshotter call is one
+    /// such batch, so a crash leaves either all of a call's changes or none.
+    pub fn write_rows(&self, family: Family, changes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let cf = self.cf(family.name());
+        let mut batch = WriteBatch::default();
+        for (k, v) in changes {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+    }
+
+    /// Every row of a family, in key order.
+    pub fn rows(&self, family: Family) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(family.name()), IteratorMode::Start)
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.db_err(e)))
+            .collect()
+    }
+
     /// Write raw bytes over a chunk's stored value: for tests of
     /// verify-on-read, which must see corruption the store did not cause.
     #[doc(hidden)]

@@ -163,18 +163,25 @@ pub struct Containerd {
 
 impl Containerd {
     /// `extra` is appended to the version 2 config (e.g. a proxy_plugins entry).
+    /// The CRI plugin is disabled.
     pub fn start(extra: &str) -> Containerd {
+        Self::start_with(extra, false)
+    }
+
+    /// With `cri`, the CRI plugin runs (its images in namespace `k8s.io`).
+    pub fn start_with(extra: &str, cri: bool) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let socket = d.join("containerd.sock");
         let config = d.join("config.toml");
+        let disabled = if cri { "" } else { r#""io.containerd.grpc.v1.cri""# };
         std::fs::write(
             &config,
             format!(
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -192,25 +199,39 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let mut c = Containerd { dir, socket, daemon: None };
+        c.launch();
+        c
+    }
+
+    fn launch(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("containerd.log")).unwrap();
         let child = Command::new(which("containerd").expect("containerd"))
             .arg("--config")
-            .arg(&config)
+            .arg(d.join("config.toml"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let c = Containerd { dir, socket, daemon: Some(Daemon { child, name: "containerd" }) };
+        self.daemon = Some(Daemon { child, name: "containerd" });
         wait_until("containerd", Duration::from_secs(30), || {
-            c.socket.exists()
-                && c.ctr()
+            self.socket.exists()
+                && self
+                    .ctr()
                     .arg("version")
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status()
                     .is_ok_and(|s| s.success())
         });
-        c
+    }
+
+    /// Stop containerd (SIGTERM) and start it again on the same state.
+    pub fn restart(&mut self) {
+        self.daemon.take();
+        let _ = std::fs::remove_file(&self.socket);
+        self.launch();
     }
 
     pub fn ctr(&self) -> Command {
@@ -238,6 +259,140 @@ impl Drop for Containerd {
             }
         }
     }
+}
+
+/// A `hyperboxd` built for this test run, on its own root and socket.
+pub struct Hyperboxd {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Hyperboxd {
+    /// `config` is the TOML config file's text.
+    pub fn start(dir: &Path, config: &str) -> Hyperboxd {
+        let root = dir.join("hyperbox-root");
+        let socket = dir.join("hyperbox.sock");
+        let cfg = dir.join("hyperbox.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut h = Hyperboxd { root, socket, config: cfg, daemon: None };
+        h.launch();
+        h
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hyperboxd"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "hyperbox=debug,hyperboxd=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start hyperboxd");
+        let mut daemon = Daemon { child, name: "hyperboxd" };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("hyperboxd exited with {status}:\n{}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "hyperboxd did not listen:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon = Some(daemon);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.socket.with_extension("log")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILL: no cleanup at all, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.child.kill().unwrap();
+            d.child.wait().unwrap();
+            std::mem::forget(d);
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut d = self.daemon.take().expect("running");
+        let _ = Command::new("kill").arg("-TERM").arg(d.child.id().to_string()).status();
+        let status = d.child.wait().unwrap();
+        std::mem::forget(d);
+        status
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.daemon.is_none(), "stop or kill first");
+        self.launch();
+    }
+
+    /// FUSE layer mounts under the root, from /proc/self/mountinfo.
+    pub fn fuse_mounts(&self) -> Vec<PathBuf> {
+        hyperbox::mount::stale_mounts(&self.root).unwrap()
+    }
+
+    /// The `[proxy_plugins]` entry for containerd's config.
+    pub fn proxy_plugin(&self) -> String {
+        format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n", self.socket.display())
+    }
+}
+
+impl Drop for Hyperboxd {
+    fn drop(&mut self) {
+        self.daemon.take();
+        for m in hyperbox::mount::stale_mounts(&self.root).unwrap_or_default() {
+            let _ = hyperbox::mount::detach(&m);
+        }
+    }
+}
+
+/// Bytes the registry sent for blob GETs (its access log), and how many.
+pub fn blob_bytes_served(log: &str) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut n = 0;
+    for l in log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")) {
+        // ... "GET /v2/x/blobs/sha256:.. HTTP/1.1" 206 12345 "referer" "agent"
+        let Some(after) = l.split("HTTP/1.1\" ").nth(1) else { continue };
+        let mut f = after.split(' ');
+        let (Some(status), Some(size)) = (f.next(), f.next()) else { continue };
+        if status.starts_with('2') {
+            bytes += size.parse::<u64>().unwrap_or(0);
+            n += 1;
+        }
+    }
+    (bytes, n)
+}
+
+/// Push the (single-manifest) image of an OCI layout to `dst` as it is.
+pub fn push_layout(dir: &Path, dst: &str) {
+    use hyperbox::registry::{BlobBody, Client, Reference, RegistryConfig};
+    let r: Reference = dst.parse().unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let manifest = read_blob(dir, &md);
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::new(&RegistryConfig::default(), true).unwrap();
+        for b in blobs {
+            let data = read_blob(dir, &b);
+            c.push_blob(&r.repo, &b.parse().unwrap(), BlobBody::Bytes(&data)).await.unwrap();
+        }
+        c.put_manifest(&r.repo, &r.target(), &manifest, "application/vnd.oci.image.manifest.v1+json").await.unwrap();
+    });
 }
 
 /// The host platform in OCI terms.

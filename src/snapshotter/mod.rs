@@ -1,0 +1,717 @@
+//! containerd's snapshotter semantics, and remote (lazy) layers.
+//!
+//! Everything here is plain synchronous code over the store and the file
+//! system; `grpc` adapts it to containerd's Snapshots service, and chooses
+//! gRPC status codes in one place.
+//!
+//! - Metadata: one row per snapshot in the store's snapshot family, keyed by
+//!   name, plus the next id. Each call that changes anything writes one
+//!   atomic, synced batch; the in-memory map changes only after it lands.
+//! - Directories: `<root>/snapshots/<id>/{fs,work}`, made as `new-<id>-<rand>`
+//!   and renamed into place before the metadata commits; a failed call
+//!   removes its dir. `Cleanup` removes dirs no snapshot owns (a crash
+//!   between rename and commit, or a dir that could not be removed).
+//! - Mounts as containerd's overlay snapshotter: no parent is a bind of
+//!   `fs`; a view of one parent is a read-only bind of it; otherwise overlay
+//!   with the topmost layer first in `lowerdir`.
+//! - Remote layers: a Prepare whose labels name a HyperBox layer of a known
+//!   image becomes a committed snapshot (named by the target chain id)
+//!   whose `fs` is that layer's FUSE mount; the call answers AlreadyExists,
+//!   so containerd downloads nothing. Any failure falls back to the
+//!   ordinary path, where containerd unpacks the layer.
+
+pub mod filter;
+pub mod grpc;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::fetcher::{Fetcher, RemoteLayer};
+use crate::format::IndexLocation;
+use crate::mount::{LayerFs, Mount};
+use crate::registry::{Reference, Repo};
+use crate::store::{Family, Store};
+use filter::{Fields, Filters};
+
+/// The label containerd sets on a layer's Prepare: the chain id the
+/// snapshot will be committed as.
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+/// Image reference and layer digest, as the CRI plugin passes them
+/// (`disable_snapshot_annotations = false`).
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The same, as `hyperbox pull` passes them.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/hyperbox.image-ref";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/hyperbox.layer-digest";
+
+const KEY_NEXT_ID: &[u8] = b"next-id";
+const SNAP_PREFIX: &str = "snap/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0}: not found")]
+    NotFound(String),
+    #[error("snapshot {0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("snapshot metadata: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("snapshot metadata is corrupt: {0}")]
+    Corrupt(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+type Result<T, E = SnapshotError> = std::result::Result<T, E>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Io { what, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// What `Stat`, `List` and `Update` speak.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    pub kind: Kind,
+    pub name: String,
+    /// Empty for none.
+    pub parent: String,
+    pub labels: HashMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+}
+
+impl Fields for Info {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "name" => Some(self.name.clone()),
+            [f] if f == "parent" => Some(self.parent.clone()),
+            [f] if f == "kind" => Some(self.kind.as_str().to_string()),
+            [f, rest @ ..] if f == "labels" && !rest.is_empty() => self.labels.get(&rest.join(".")).cloned(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// A mount for containerd to perform (`type source options`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Where a remote layer's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RemoteRef {
+    registry: String,
+    repository: String,
+    blob: String,
+}
+
+/// One snapshot's row (JSON; the family name carries the layout version).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    id: u64,
+    kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    #[serde(default)]
+    labels: HashMap<String, String>,
+    created: SystemTime,
+    updated: SystemTime,
+    /// Measured at commit (the dir no longer changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remote: Option<RemoteRef>,
+}
+
+struct Meta {
+    snaps: HashMap<String, Record>,
+    next_id: u64,
+}
+
+/// Settings the daemon hands over.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub root: PathBuf,
+    /// FUSE threads per mounted layer.
+    pub fuse_threads: usize,
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Arc<Store>,
+    fetcher: Fetcher,
+    rt: tokio::runtime::Handle,
+    fuse_threads: usize,
+    meta: Mutex<Meta>,
+    /// FUSE mounts of remote layers, by snapshot id.
+    layers: Mutex<HashMap<u64, Mount>>,
+}
+
+impl Snapshotter {
+    /// Load metadata, clear FUSE mounts a previous process left under
+    /// `root`, and mount every committed remote layer again (from the index
+    /// kept in the store; the registry is asked only if it is missing).
+    /// Call from outside the tokio runtime (or within `spawn_blocking`).
+    pub fn open(opts: Options, store: Arc<Store>, fetcher: Fetcher, rt: tokio::runtime::Handle) -> Result<Snapshotter> {
+        let root = opts.root;
+        std::fs::create_dir_all(root.join("snapshots")).map_err(io_err(format!("create {}", root.display())))?;
+        for stale in crate::mount::stale_mounts(&root).map_err(io_err("read /proc/self/mountinfo"))? {
+            tracing::info!(path = %stale.display(), "detaching a FUSE mount left by a previous hyperboxd");
+            if let Err(e) = crate::mount::detach(&stale) {
+                tracing::warn!(path = %stale.display(), error = %e, "cannot detach stale mount");
+            }
+        }
+        let mut snaps = HashMap::new();
+        let mut next_id = 1;
+        for (k, v) in store.rows(Family::Snapshots)? {
+            if k == KEY_NEXT_ID {
+                next_id = u64::from_le_bytes(
+                    v.as_slice().try_into().map_err(|_| SnapshotError::Corrupt("next-id is not 8 bytes".into()))?,
+                );
+            } else if let Some(name) = k.strip_prefix(SNAP_PREFIX.as_bytes()) {
+                let name = String::from_utf8(name.to_vec())
+                    .map_err(|_| SnapshotError::Corrupt("a snapshot name is not UTF-8".into()))?;
+                let rec: Record = serde_json::from_slice(&v)
+                    .map_err(|e| SnapshotError::Corrupt(format!("snapshot {name:?}: {e}")))?;
+                snaps.insert(name, rec);
+            }
+        }
+        let s = Snapshotter {
+            root,
+            store,
+            fetcher,
+            rt,
+            fuse_threads: opts.fuse_threads.max(1),
+            meta: Mutex::new(Meta { snaps, next_id }),
+            layers: Mutex::new(HashMap::new()),
+        };
+        let remote: Vec<(String, Record)> = {
+            let meta = s.meta.lock().unwrap();
+            meta.snaps.iter().filter(|(_, r)| r.remote.is_some()).map(|(n, r)| (n.clone(), r.clone())).collect()
+        };
+        for (name, rec) in remote {
+            if let Err(e) = s.remount(&rec) {
+                // Its fs stays an empty, unmounted dir: containers built on it
+                // would see wrong content, so say so loudly.
+                tracing::error!(snapshot = %name, error = %e, "cannot mount remote layer again; remove and pull the image again");
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+    fn work_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    /// Write one call's changes durably, then apply them in memory.
+    fn transact(&self, meta: &mut Meta, puts: Vec<(String, Record)>, deletes: Vec<String>, next_id: u64) -> Result<()> {
+        let mut rows = Vec::with_capacity(puts.len() + deletes.len() + 1);
+        for name in &deletes {
+            rows.push((format!("{SNAP_PREFIX}{name}").into_bytes(), None));
+        }
+        for (name, rec) in &puts {
+            let v = serde_json::to_vec(rec).expect("a record serializes");
+            rows.push((format!("{SNAP_PREFIX}{name}").into_bytes(), Some(v)));
+        }
+        if next_id != meta.next_id {
+            rows.push((KEY_NEXT_ID.to_vec(), Some(next_id.to_le_bytes().to_vec())));
+        }
+        self.store.write_rows(Family::Snapshots, &rows)?;
+        for name in deletes {
+            meta.snaps.remove(&name);
+        }
+        meta.snaps.extend(puts);
+        meta.next_id = next_id;
+        Ok(())
+    }
+
+    /// Make `<root>/snapshots/<id>` with `fs` (and `work`), staged under a
+    /// temporary name and renamed into place.
+    fn make_dirs(&self, id: u64, work: bool) -> Result<()> {
+        let snapshots = self.root.join("snapshots");
+        let staged = tempfile::Builder::new()
+            .prefix(&format!("new-{id}-"))
+            .tempdir_in(&snapshots)
+            .map_err(io_err(format!("create a dir in {}", snapshots.display())))?;
+        std::fs::create_dir(staged.path().join("fs")).map_err(io_err("create fs dir"))?;
+        if work {
+            std::fs::create_dir(staged.path().join("work")).map_err(io_err("create work dir"))?;
+        }
+        // 0755 like containerd's overlay dirs (tempdir makes 0700).
+        set_mode(staged.path(), 0o755)?;
+        let dest = self.dir(id);
+        if dest.exists() {
+            // Left by a crash before its metadata committed: nobody owns it.
+            remove_dir(&dest);
+        }
+        let staged = staged.keep();
+        std::fs::rename(&staged, &dest).map_err(io_err(format!("rename {} into place", staged.display())))?;
+        Ok(())
+    }
+
+    /// Prepare (`Kind::Active`) or View (`Kind::View`).
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<MountSpec>> {
+        if key.is_empty() {
+            return Err(SnapshotError::InvalidArgument("snapshot key must not be empty".into()));
+        }
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_TARGET) {
+                if self.try_remote(parent, target, &labels) {
+                    return Err(SnapshotError::AlreadyExists(target.clone()));
+                }
+            }
+        }
+        let mut meta = self.meta.lock().unwrap();
+        if meta.snaps.contains_key(key) {
+            return Err(SnapshotError::AlreadyExists(key.to_string()));
+        }
+        if !parent.is_empty() {
+            match meta.snaps.get(parent) {
+                None => return Err(SnapshotError::NotFound(format!("{parent} (the parent of {key})"))),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(SnapshotError::InvalidArgument(format!("parent {parent} is not a committed snapshot")))
+                }
+                Some(_) => {}
+            }
+        }
+        let id = meta.next_id;
+        self.make_dirs(id, kind == Kind::Active)?;
+        let now = SystemTime::now();
+        let rec = Record {
+            id,
+            kind,
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            labels,
+            created: now,
+            updated: now,
+            usage: None,
+            remote: None,
+        };
+        if let Err(e) = self.transact(&mut meta, vec![(key.to_string(), rec.clone())], vec![], id + 1) {
+            remove_dir(&self.dir(id));
+            return Err(e);
+        }
+        Ok(self.mounts_of(&meta, &rec))
+    }
+
+    /// Mounts for a snapshot, as containerd's overlay snapshotter builds them.
+    fn mounts_of(&self, meta: &Meta, rec: &Record) -> Vec<MountSpec> {
+        let mut lower = Vec::new();
+        let mut p = rec.parent.as_deref();
+        while let Some(name) = p {
+            let Some(r) = meta.snaps.get(name) else { break };
+            lower.push(self.fs_dir(r.id).display().to_string());
+            p = r.parent.as_deref();
+        }
+        let bind = |source: String, ro: bool| MountSpec {
+            kind: "bind".into(),
+            source,
+            options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+        };
+        let ro = rec.kind != Kind::Active;
+        if lower.is_empty() {
+            return vec![bind(self.fs_dir(rec.id).display().to_string(), ro)];
+        }
+        if ro && lower.len() == 1 {
+            return vec![bind(lower.remove(0), true)];
+        }
+        let mut options = vec!["index=off".to_string()];
+        if !ro {
+            options.push(format!("workdir={}", self.work_dir(rec.id).display()));
+            options.push(format!("upperdir={}", self.fs_dir(rec.id).display()));
+        }
+        options.push(format!("lowerdir={}", lower.join(":")));
+        vec![MountSpec { kind: "overlay".into(), source: "overlay".into(), options }]
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
+        let meta = self.meta.lock().unwrap();
+        let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        Ok(self.mounts_of(&meta, rec))
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
+        }
+        let mut meta = self.meta.lock().unwrap();
+        let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        if rec.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} is {}, only an active snapshot can be committed",
+                rec.kind.as_str()
+            )));
+        }
+        if meta.snaps.contains_key(name) {
+            return Err(SnapshotError::AlreadyExists(name.to_string()));
+        }
+        let usage = disk_usage(&self.fs_dir(rec.id))?;
+        let now = SystemTime::now();
+        let committed =
+            Record { kind: Kind::Committed, labels, created: now, updated: now, usage: Some(usage), ..rec.clone() };
+        let next = meta.next_id;
+        self.transact(&mut meta, vec![(name.to_string(), committed)], vec![key.to_string()], next)
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let rec = {
+            let mut meta = self.meta.lock().unwrap();
+            let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?.clone();
+            if let Some(child) = meta.snaps.iter().find(|(_, r)| r.parent.as_deref() == Some(key)).map(|(n, _)| n) {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "cannot remove snapshot {key}: snapshot {child} is its child"
+                )));
+            }
+            let next = meta.next_id;
+            self.transact(&mut meta, vec![], vec![key.to_string()], next)?;
+            rec
+        };
+        // After the commit: a failure here leaves only an orphan dir, which
+        // Cleanup removes.
+        self.unmount_layer(rec.id);
+        remove_dir(&self.dir(rec.id));
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let meta = self.meta.lock().unwrap();
+        let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        Ok(info(key, rec))
+    }
+
+    /// Only labels can change. No paths: replace all labels. `labels`:
+    /// the same. `labels.<key>`: set that label, or remove it if the new
+    /// info lacks it.
+    pub fn update(&self, new: Info, paths: &[String]) -> Result<Info> {
+        let mut meta = self.meta.lock().unwrap();
+        let mut rec = meta.snaps.get(&new.name).ok_or_else(|| SnapshotError::NotFound(new.name.clone()))?.clone();
+        if paths.is_empty() {
+            rec.labels = new.labels;
+        } else {
+            for p in paths {
+                if p == "labels" {
+                    rec.labels = new.labels.clone();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match new.labels.get(k) {
+                        Some(v) => rec.labels.insert(k.to_string(), v.clone()),
+                        None => rec.labels.remove(k),
+                    };
+                } else {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "cannot update field {p:?} of snapshot {}: only labels can change",
+                        new.name
+                    )));
+                }
+            }
+        }
+        rec.updated = SystemTime::now();
+        let next = meta.next_id;
+        self.transact(&mut meta, vec![(new.name.clone(), rec.clone())], vec![], next)?;
+        Ok(info(&new.name, &rec))
+    }
+
+    /// Disk used by this snapshot alone. A remote layer uses what its files
+    /// would take unpacked; its chunks live in the shared store.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let (rec, fs) = {
+            let meta = self.meta.lock().unwrap();
+            let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?.clone();
+            (rec.clone(), self.fs_dir(rec.id))
+        };
+        if let Some(u) = rec.usage {
+            return Ok(u);
+        }
+        disk_usage(&fs)
+    }
+
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filters = Filters::parse(filters).map_err(SnapshotError::InvalidArgument)?;
+        let meta = self.meta.lock().unwrap();
+        let mut out: Vec<Info> = meta.snaps.iter().map(|(n, r)| info(n, r)).filter(|i| filters.matches(i)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Remove dirs (and FUSE mounts) that no snapshot owns. Dirs are made
+    /// only under the metadata lock, which this holds throughout, so a dir
+    /// it sees unowned belongs to no call in progress.
+    pub fn cleanup(&self) -> Result<()> {
+        let meta = self.meta.lock().unwrap();
+        let owned: std::collections::HashSet<u64> = meta.snaps.values().map(|r| r.id).collect();
+        let orphans: Vec<u64> = self.layers.lock().unwrap().keys().copied().filter(|id| !owned.contains(id)).collect();
+        for id in orphans {
+            self.unmount_layer(id);
+        }
+        let snapshots = self.root.join("snapshots");
+        let entries = std::fs::read_dir(&snapshots).map_err(io_err(format!("read {}", snapshots.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("read {}", snapshots.display())))?;
+            if entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| owned.contains(&id)) {
+                continue;
+            }
+            let path = entry.path();
+            for m in crate::mount::stale_mounts(&path).unwrap_or_default() {
+                let _ = crate::mount::detach(&m);
+            }
+            tracing::info!(path = %path.display(), "removing a snapshot dir no snapshot owns");
+            remove_dir(&path);
+        }
+        Ok(())
+    }
+
+    /// Unmount every remote layer (daemon shutdown).
+    pub fn unmount_all(&self) {
+        let ids: Vec<u64> = self.layers.lock().unwrap().keys().copied().collect();
+        for id in ids {
+            self.unmount_layer(id);
+        }
+    }
+
+    /// Remote layers mounted now.
+    pub fn mounted_layers(&self) -> usize {
+        self.layers.lock().unwrap().len()
+    }
+
+    fn unmount_layer(&self, id: u64) {
+        let Some(m) = self.layers.lock().unwrap().remove(&id) else { return };
+        let fs = self.fs_dir(id);
+        if let Err(e) = m.unmount() {
+            tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
+            let _ = crate::mount::detach(&fs);
+        }
+    }
+
+    // ---- remote layers ----
+
+    /// Try to make `target` a committed remote layer on `parent`. True if
+    /// it exists now (made here or before); false to take the ordinary path.
+    fn try_remote(&self, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
+        {
+            let meta = self.meta.lock().unwrap();
+            if let Some(r) = meta.snaps.get(target) {
+                // Already here (another pull of the same image). A snapshot of
+                // that name on another parent cannot be reused.
+                return r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent;
+            }
+            if !parent.is_empty() && meta.snaps.get(parent).is_none_or(|p| p.kind != Kind::Committed) {
+                return false;
+            }
+        }
+        let loc = match IndexLocation::from_annotations(labels) {
+            Ok(Some(loc)) => loc,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(target, error = %e, "bad HyperBox annotations; the layer will be downloaded");
+                return false;
+            }
+        };
+        let image = labels.get(LABEL_IMAGE_REF).or_else(|| labels.get(LABEL_CRI_IMAGE_REF));
+        let blob = labels.get(LABEL_LAYER_DIGEST).or_else(|| labels.get(LABEL_CRI_LAYER_DIGEST));
+        let (Some(image), Some(blob)) = (image, blob) else {
+            tracing::info!(
+                target,
+                "a HyperBox layer without its image reference and digest (use `hyperbox pull`, or CRI with \
+                 disable_snapshot_annotations = false); the layer will be downloaded"
+            );
+            return false;
+        };
+        match self.mount_remote(parent, target, labels, image, blob, &loc) {
+            Ok(()) => {
+                tracing::info!(target, image = %image, layer = %blob, "remote layer ready");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(target, image = %image, layer = %blob, error = %e, "remote layer failed; the layer will be downloaded");
+                false
+            }
+        }
+    }
+
+    fn remote_layer(&self, remote: &RemoteRef, loc: &IndexLocation) -> Result<Arc<RemoteLayer>, String> {
+        let blob: Digest = remote.blob.parse().map_err(|e| format!("layer digest {:?}: {e}", remote.blob))?;
+        let repo = Repo { registry: remote.registry.clone(), name: remote.repository.clone() };
+        let index = self.rt.block_on(self.fetcher.layer_index(&repo, &blob, loc)).map_err(|e| e.to_string())?;
+        Ok(Arc::new(RemoteLayer { repo, blob, index: Arc::new(index) }))
+    }
+
+    fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), String> {
+        let fs = LayerFs::new(layer, self.fetcher.clone(), self.rt.clone(), None);
+        let mount = fs.mount(&self.fs_dir(id), self.fuse_threads).map_err(|e| format!("FUSE mount: {e}"))?;
+        self.layers.lock().unwrap().insert(id, mount);
+        Ok(())
+    }
+
+    fn mount_remote(
+        &self,
+        parent: &str,
+        target: &str,
+        labels: &HashMap<String, String>,
+        image: &str,
+        blob: &str,
+        loc: &IndexLocation,
+    ) -> Result<(), String> {
+        let reference: Reference = image.parse().map_err(|e| format!("{e}"))?;
+        let remote =
+            RemoteRef { registry: reference.repo.registry, repository: reference.repo.name, blob: blob.into() };
+        // The network part runs without the lock.
+        let layer = self.remote_layer(&remote, loc)?;
+        // What the layer's files would take unpacked; its chunks live in the
+        // shared store and are not this snapshot's alone.
+        let entries = layer.index.entries();
+        let usage = Usage { size: entries.iter().map(|e| e.size as i64).sum(), inodes: entries.len() as i64 };
+        let mut meta = self.meta.lock().unwrap();
+        if meta.snaps.contains_key(target) {
+            return Err(format!("snapshot {target} appeared meanwhile"));
+        }
+        let id = meta.next_id;
+        self.make_dirs(id, false).map_err(|e| e.to_string())?;
+        if let Err(e) = self.mount_layer(id, layer) {
+            remove_dir(&self.dir(id));
+            return Err(e);
+        }
+        let mut labels = labels.clone();
+        // Keep what containerd checks, and the layer's annotations for a
+        // remount; drop the CRI's per-pull labels (image-layers can be long).
+        labels.retain(|k, _| {
+            !k.starts_with("containerd.io/snapshot/cri.") || k == LABEL_CRI_IMAGE_REF || k == LABEL_CRI_LAYER_DIGEST
+        });
+        let now = SystemTime::now();
+        let rec = Record {
+            id,
+            kind: Kind::Committed,
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            labels,
+            created: now,
+            updated: now,
+            usage: Some(usage),
+            remote: Some(remote),
+        };
+        if let Err(e) = self.transact(&mut meta, vec![(target.to_string(), rec)], vec![], id + 1) {
+            drop(meta);
+            self.unmount_layer(id);
+            remove_dir(&self.dir(id));
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
+    fn remount(&self, rec: &Record) -> Result<(), String> {
+        let remote = rec.remote.as_ref().expect("only remote records");
+        let loc = IndexLocation::from_annotations(&rec.labels)
+            .map_err(|e| e.to_string())?
+            .ok_or("the snapshot's labels lost the HyperBox annotations")?;
+        let layer = self.remote_layer(remote, &loc)?;
+        std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(|e| format!("create fs dir: {e}"))?;
+        self.mount_layer(rec.id, layer)
+    }
+}
+
+fn info(name: &str, rec: &Record) -> Info {
+    Info {
+        kind: rec.kind,
+        name: name.to_string(),
+        parent: rec.parent.clone().unwrap_or_default(),
+        labels: rec.labels.clone(),
+        created: rec.created,
+        updated: rec.updated,
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err(format!("chmod {}", path.display())))
+}
+
+/// Remove a dir tree; failures are logged (Cleanup tries again).
+fn remove_dir(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove snapshot dir; Cleanup will retry");
+        }
+    }
+}
+
+/// Blocks in use and distinct inodes under `path`, not crossing mounts (as
+/// containerd's `fs.DiskUsage`).
+fn disk_usage(path: &Path) -> Result<Usage> {
+    let dev = std::fs::symlink_metadata(path).map_err(io_err(format!("stat {}", path.display())))?.dev();
+    let mut seen = std::collections::HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).map_err(io_err(format!("stat {}", p.display())))?;
+        if m.dev() != dev {
+            continue;
+        }
+        if seen.insert(m.ino()) {
+            usage.inodes += 1;
+            usage.size += m.blocks() as i64 * 512;
+        }
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).map_err(io_err(format!("read {}", p.display())))? {
+                stack.push(e.map_err(io_err(format!("read {}", p.display())))?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests;
