@@ -110,7 +110,7 @@ start=$(now)
 ctr --address "$SOCK" --namespace lazy run --rm --snapshotter hyperbox "$REG/demo:hyperbox" lazy1
 lazy_time=$(secs "$start" "$(now)")
 lazy_bytes=$(served "$mark")
-echo "FUSE layer mounts: $(grep -c "fuse.hyperbox" /proc/self/mountinfo || true)"
+echo "FUSE layer mounts: $(grep -c " - fuse hyperbox:" /proc/self/mountinfo || true)"
 
 step "full pull: ctr image pull, then ctr run (containerd's overlayfs snapshotter)"
 mark=$(loglines)

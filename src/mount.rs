@@ -84,7 +84,7 @@ impl LayerFs {
 
     /// Mount at `mountpoint` with `threads` FUSE workers.
     pub fn mount(self, mountpoint: &std::path::Path, threads: usize) -> std::io::Result<Mount> {
-        let name = format!("hyperbox:{}", self.remote.blob);
+        let name = format!("{}{}", hyperbox_fuse::FSNAME_PREFIX, self.remote.blob);
         hyperbox_fuse::mount(self, mountpoint, &name, threads)
     }
 

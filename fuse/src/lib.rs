@@ -250,8 +250,14 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, threads: usiz
     Ok(Mount { session: Some(session), path: mountpoint.to_path_buf() })
 }
 
-/// FUSE mounts of ours (`fuse.hyperbox`) at or below `root`, from
-/// `/proc/self/mountinfo`: what a crashed daemon left behind.
+/// The start of every mount's source (fsname): how our mounts are told
+/// from other FUSE mounts.
+pub const FSNAME_PREFIX: &str = "hyperbox:";
+
+/// FUSE mounts of ours at or below `root`, from `/proc/self/mountinfo`:
+/// what a crashed daemon left behind. The kernel shows our mounts as type
+/// `fuse` (the subtype is not passed to mount(2) without fusermount) with
+/// the source `hyperbox:...` that `mount` gives them.
 pub fn stale_mounts(root: &Path) -> io::Result<Vec<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out = Vec::new();
@@ -259,7 +265,10 @@ pub fn stale_mounts(root: &Path) -> io::Result<Vec<PathBuf>> {
         // id parent major:minor root mountpoint options [optional...] - fstype source super
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
-        if fields.get(dash + 1) != Some(&"fuse.hyperbox") {
+        let fstype = fields.get(dash + 1).copied().unwrap_or("");
+        let source = fields.get(dash + 2).copied().unwrap_or("");
+        let ours = fstype == "fuse.hyperbox" || (fstype == "fuse" && source.starts_with(FSNAME_PREFIX));
+        if !ours {
             continue;
         }
         let Some(mp) = fields.get(4) else { continue };
