@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 
 use crate::convert::is_index;
 use crate::digest::Digest;
-use crate::format::ANNOTATION_PREFIX;
+use crate::format::{ANNOTATION_PREFIX, ANN_VERSION};
 use crate::registry::{Client, Reference};
 use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET};
 
@@ -170,8 +170,10 @@ impl Ctr {
         feeder.await.map_err(std::io::Error::other)??;
         match outcome {
             Ok(()) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists && labels.is_empty() => Ok(()),
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                // Already present: make sure it carries our labels.
+                // Already present: add our labels (only those: an empty mask
+                // would replace every label it has).
                 let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
                 let info = ContentInfo { digest: digest.to_string(), labels, ..Default::default() };
                 content
@@ -312,7 +314,9 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
         "hyperbox-pull-{}",
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
     );
-    let expire = rfc3339(SystemTime::now() + Duration::from_secs(3600));
+    // 24 hours, as containerd's own client: long enough for a slow pull of
+    // layers that are not lazy.
+    let expire = rfc3339(SystemTime::now() + Duration::from_secs(24 * 3600));
     LeasesClient::new(channel.clone())
         .create(ctr.req(CreateLeaseRequest {
             id: lease_id.clone(),
@@ -377,10 +381,10 @@ async fn pull_with_lease(
             .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let hyperbox = labels.contains_key(ANN_VERSION);
         labels.insert(LABEL_TARGET.into(), chain[i].clone());
         labels.insert(LABEL_IMAGE_REF.into(), pinned.to_string());
         labels.insert(LABEL_LAYER_DIGEST.into(), layer.digest().to_string());
-        let hyperbox = labels.keys().any(|k| k.starts_with(ANNOTATION_PREFIX));
         let prepared = snapshots
             .prepare(ctr.req(PrepareSnapshotRequest {
                 snapshotter: opts.snapshotter.clone(),

@@ -252,21 +252,25 @@ impl Fetcher {
         }
     }
 
-    /// Wait until no fetch is in flight (every fetched chunk is stored).
-    /// Readers are answered before their chunks are written to the store.
     /// A layer's index: from the store if kept there, else fetched (mirrors
     /// once each, then the registry with retries), verified against `loc`'s
     /// digest and kept. One range request when it is not local.
     pub async fn layer_index(&self, repo: &Repo, blob: &Digest, loc: &IndexLocation) -> Result<LayerIndex, FetchError> {
         let store_err = |e: crate::store::StoreError| FetchError::Store(e.to_string());
-        if let Some((have, index)) = self.inner.store.get_index(blob).map_err(store_err)? {
-            if &have == loc {
-                return Ok(index);
+        match self.inner.store.get_index(blob) {
+            Ok(Some((have, index))) if &have == loc => return Ok(index),
+            Ok(_) => {}
+            Err(e) => {
+                // A row that no longer verifies: drop it and fetch again.
+                tracing::warn!(layer = %blob, error = %e, "stored index is unusable; fetching it again");
+                self.inner.store.delete_index(blob).map_err(store_err)?;
             }
         }
         let bad = |problem: String| FetchError::Index { layer: format!("{}@{blob}", repo.name), problem };
         // The blob's size is not known here; bounding the length is what matters.
-        loc.check_bounds(loc.offset + loc.length + format::FOOTER_LEN as u64).map_err(|e| bad(e.to_string()))?;
+        let end = loc.offset.checked_add(loc.length).and_then(|e| e.checked_add(format::FOOTER_LEN as u64));
+        let end = end.ok_or_else(|| bad(format!("index at {}+{} is past any blob", loc.offset, loc.length)))?;
+        loc.check_bounds(end).map_err(|e| bad(e.to_string()))?;
         let sources = self.inner.client.pull_sources(repo);
         let mut problem = String::new();
         for (s, source) in sources.iter().enumerate() {
@@ -306,6 +310,8 @@ impl Fetcher {
         Err(bad(problem))
     }
 
+    /// Wait until no fetch is in flight (every fetched chunk is stored).
+    /// Readers are answered before their chunks are written to the store.
     pub async fn settled(&self) {
         while !self.inner.inflight.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;

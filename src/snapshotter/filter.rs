@@ -45,7 +45,12 @@ pub trait Fields {
 
 impl Filters {
     pub fn parse(filters: &[String]) -> Result<Filters, String> {
-        filters.iter().filter(|f| !f.trim().is_empty()).map(|f| Filter::parse(f)).collect::<Result<_, _>>().map(Filters)
+        // As containerd: an empty filter matches everything, so a list
+        // holding one does too.
+        if filters.iter().any(|f| f.trim().is_empty()) {
+            return Ok(Filters(Vec::new()));
+        }
+        filters.iter().map(|f| Filter::parse(f)).collect::<Result<_, _>>().map(Filters)
     }
 
     pub fn matches(&self, item: &impl Fields) -> bool {
@@ -75,7 +80,7 @@ impl Filter {
                 Op::Equal(v) => value.as_deref() == Some(v.as_str()),
                 // As containerd: an absent field is the empty string here.
                 Op::NotEqual(v) => value.as_deref().unwrap_or("") != v,
-                Op::Matches(re) => value.is_some_and(|x| re.is_match(&x)),
+                Op::Matches(re) => re.is_match(value.as_deref().unwrap_or("")),
             }
         })
     }
@@ -265,6 +270,8 @@ mod tests {
         assert!(check(&[r"name~=/^sha256:[a-c]+$/"]));
         assert!(!check(&["name~=^x", "kind==active"]));
         assert!(check(&["name~=^x", "kind==committed"]));
+        assert!(check(&["", "kind==active"]));
+        assert!(check(&["labels.missing~=^$"]));
         assert!(check(&[r#" kind == "committed" , name=="sha256:\x61bc" "#]));
     }
 

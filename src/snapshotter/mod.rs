@@ -143,6 +143,10 @@ struct RemoteRef {
     registry: String,
     repository: String,
     blob: String,
+    /// The index location's annotations, kept here because Update may
+    /// change the snapshot's labels.
+    #[serde(default)]
+    location: HashMap<String, String>,
 }
 
 /// One snapshot's row (JSON; the family name carries the layout version).
@@ -185,6 +189,11 @@ pub struct Snapshotter {
     meta: Mutex<Meta>,
     /// FUSE mounts of remote layers, by snapshot id.
     layers: Mutex<HashMap<u64, Mount>>,
+    /// Remote layers that could not be mounted again at start: tried again
+    /// when used, and never handed out unmounted (their `fs` is empty).
+    broken: Mutex<std::collections::HashSet<u64>>,
+    /// Set by `unmount_all`: a layer mounted after it is unmounted at once.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Snapshotter {
@@ -224,6 +233,8 @@ impl Snapshotter {
             fuse_threads: opts.fuse_threads.max(1),
             meta: Mutex::new(Meta { snaps, next_id }),
             layers: Mutex::new(HashMap::new()),
+            broken: Mutex::new(std::collections::HashSet::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         let remote: Vec<(String, Record)> = {
             let meta = s.meta.lock().unwrap();
@@ -231,9 +242,10 @@ impl Snapshotter {
         };
         for (name, rec) in remote {
             if let Err(e) = s.remount(&rec) {
-                // Its fs stays an empty, unmounted dir: containers built on it
-                // would see wrong content, so say so loudly.
-                tracing::error!(snapshot = %name, error = %e, "cannot mount remote layer again; remove and pull the image again");
+                // Its fs is an empty dir: it is not handed out until a retry
+                // mounts it (see `ensure_mounted`).
+                tracing::error!(snapshot = %name, error = %e, "cannot mount remote layer again; will retry when it is used");
+                s.broken.lock().unwrap().insert(rec.id);
             }
         }
         Ok(s)
@@ -317,6 +329,7 @@ impl Snapshotter {
                 }
             }
         }
+        self.ensure_mounted(parent)?;
         let mut meta = self.meta.lock().unwrap();
         if meta.snaps.contains_key(key) {
             return Err(SnapshotError::AlreadyExists(key.to_string()));
@@ -381,9 +394,50 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
+        let parent = {
+            let meta = self.meta.lock().unwrap();
+            let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+            if rec.kind == Kind::Committed {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} is committed: only active snapshots and views have mounts"
+                )));
+            }
+            rec.parent.clone().unwrap_or_default()
+        };
+        self.ensure_mounted(&parent)?;
         let meta = self.meta.lock().unwrap();
         let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         Ok(self.mounts_of(&meta, rec))
+    }
+
+    /// Make sure every remote layer in the chain from `top` down is mounted:
+    /// one that failed to mount at start is tried again here, and if it
+    /// still fails the call fails rather than hand out an empty layer.
+    fn ensure_mounted(&self, top: &str) -> Result<()> {
+        if self.broken.lock().unwrap().is_empty() {
+            return Ok(());
+        }
+        let chain: Vec<(String, Record)> = {
+            let meta = self.meta.lock().unwrap();
+            let mut out = Vec::new();
+            let mut p = (!top.is_empty()).then_some(top);
+            while let Some(name) = p {
+                let Some(r) = meta.snaps.get(name) else { break };
+                out.push((name.to_string(), r.clone()));
+                p = r.parent.as_deref();
+            }
+            out
+        };
+        for (name, rec) in chain {
+            if !self.broken.lock().unwrap().contains(&rec.id) {
+                continue;
+            }
+            self.remount(&rec)
+                .map_err(|e| SnapshotError::FailedPrecondition(format!("remote layer {name} is not available: {e}")))?;
+            self.broken.lock().unwrap().remove(&rec.id);
+            tracing::info!(snapshot = %name, "remote layer mounted again");
+        }
+        Ok(())
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
@@ -500,15 +554,33 @@ impl Snapshotter {
         }
         let snapshots = self.root.join("snapshots");
         let entries = std::fs::read_dir(&snapshots).map_err(io_err(format!("read {}", snapshots.display())))?;
+        // Under the lock, only move orphans aside (`rm-...`, a name no call
+        // makes); deleting them, possibly gigabytes, happens after.
+        let mut doomed = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err(format!("read {}", snapshots.display())))?;
-            if entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| owned.contains(&id)) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<u64>().is_ok_and(|id| owned.contains(&id)) {
                 continue;
             }
             let path = entry.path();
             for m in crate::mount::stale_mounts(&path).unwrap_or_default() {
                 let _ = crate::mount::detach(&m);
             }
+            if name.starts_with("rm-") {
+                doomed.push(path);
+                continue;
+            }
+            let aside = snapshots.join(format!("rm-{name}"));
+            match std::fs::rename(&path, &aside) {
+                Ok(()) => doomed.push(aside),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot move an orphan snapshot dir aside")
+                }
+            }
+        }
+        drop(meta);
+        for path in doomed {
             tracing::info!(path = %path.display(), "removing a snapshot dir no snapshot owns");
             remove_dir(&path);
         }
@@ -517,6 +589,7 @@ impl Snapshotter {
 
     /// Unmount every remote layer (daemon shutdown).
     pub fn unmount_all(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         let ids: Vec<u64> = self.layers.lock().unwrap().keys().copied().collect();
         for id in ids {
             self.unmount_layer(id);
@@ -593,7 +666,13 @@ impl Snapshotter {
     fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), String> {
         let fs = LayerFs::new(layer, self.fetcher.clone(), self.rt.clone(), None);
         let mount = fs.mount(&self.fs_dir(id), self.fuse_threads).map_err(|e| format!("FUSE mount: {e}"))?;
-        self.layers.lock().unwrap().insert(id, mount);
+        let mut layers = self.layers.lock().unwrap();
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(layers);
+            let _ = mount.unmount();
+            return Err("hyperboxd is stopping".into());
+        }
+        layers.insert(id, mount);
         Ok(())
     }
 
@@ -607,8 +686,12 @@ impl Snapshotter {
         loc: &IndexLocation,
     ) -> Result<(), String> {
         let reference: Reference = image.parse().map_err(|e| format!("{e}"))?;
-        let remote =
-            RemoteRef { registry: reference.repo.registry, repository: reference.repo.name, blob: blob.into() };
+        let remote = RemoteRef {
+            registry: reference.repo.registry,
+            repository: reference.repo.name,
+            blob: blob.into(),
+            location: loc.to_annotations(),
+        };
         // The network part runs without the lock.
         let layer = self.remote_layer(&remote, loc)?;
         // What the layer's files would take unpacked; its chunks live in the
@@ -616,8 +699,15 @@ impl Snapshotter {
         let entries = layer.index.entries();
         let usage = Usage { size: entries.iter().map(|e| e.size as i64).sum(), inodes: entries.len() as i64 };
         let mut meta = self.meta.lock().unwrap();
-        if meta.snaps.contains_key(target) {
-            return Err(format!("snapshot {target} appeared meanwhile"));
+        // The lock was let go for the fetch: look again.
+        if let Some(r) = meta.snaps.get(target) {
+            if r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent {
+                return Ok(()); // another pull of the same layer made it meanwhile
+            }
+            return Err(format!("snapshot {target} appeared meanwhile on another parent"));
+        }
+        if !parent.is_empty() && meta.snaps.get(parent).is_none_or(|p| p.kind != Kind::Committed) {
+            return Err(format!("parent {parent} was removed meanwhile"));
         }
         let id = meta.next_id;
         self.make_dirs(id, false).map_err(|e| e.to_string())?;
@@ -653,9 +743,10 @@ impl Snapshotter {
 
     fn remount(&self, rec: &Record) -> Result<(), String> {
         let remote = rec.remote.as_ref().expect("only remote records");
-        let loc = IndexLocation::from_annotations(&rec.labels)
+        let from = if remote.location.is_empty() { &rec.labels } else { &remote.location };
+        let loc = IndexLocation::from_annotations(from)
             .map_err(|e| e.to_string())?
-            .ok_or("the snapshot's labels lost the HyperBox annotations")?;
+            .ok_or("the snapshot lost its index location")?;
         let layer = self.remote_layer(remote, &loc)?;
         std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(|e| format!("create fs dir: {e}"))?;
         self.mount_layer(rec.id, layer)

@@ -83,6 +83,8 @@ fn lifecycle_and_mounts_match_containerds_overlay_snapshotter() {
         ]
     );
     assert_eq!(s.mounts("c").unwrap(), m);
+    // A committed snapshot has no mounts (containerd: "not active or view").
+    assert!(matches!(s.mounts("B"), Err(SnapshotError::FailedPrecondition(_))));
     // A view of one parent: a read-only bind of it. Of two: overlay, lowerdir only.
     let v = s.create(Kind::View, "v1", "A", HashMap::new()).unwrap();
     assert_eq!(
