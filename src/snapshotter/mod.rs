@@ -479,6 +479,7 @@ impl Snapshotter {
         // After the commit: a failure here leaves only an orphan dir, which
         // Cleanup removes.
         self.unmount_layer(rec.id);
+        self.broken.lock().unwrap().remove(&rec.id);
         remove_dir(&self.dir(rec.id));
         Ok(())
     }

@@ -208,3 +208,49 @@ fn remote_layer_without_what_it_needs_takes_the_ordinary_path() {
     assert!(s.stat("sha256:cc").is_err());
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }
+
+#[test]
+fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
+    let f = Fixture::new();
+    let loc =
+        IndexLocation { offset: 10, length: 20, digest: Digest::of(b"i"), version: crate::format::FORMAT_VERSION };
+    {
+        let s = f.open();
+        // A committed remote layer whose index is not in the store and whose
+        // registry is gone: what a restart after losing the store row meets.
+        let now = SystemTime::now();
+        let rec = Record {
+            id: 1,
+            kind: Kind::Committed,
+            parent: None,
+            labels: HashMap::new(),
+            created: now,
+            updated: now,
+            usage: None,
+            remote: Some(RemoteRef {
+                registry: "127.0.0.1:9".into(),
+                repository: "gone".into(),
+                blob: Digest::of(b"blob").to_string(),
+                location: loc.to_annotations(),
+            }),
+        };
+        let mut meta = s.meta.lock().unwrap();
+        s.transact(&mut meta, vec![("sha256:remote".into(), rec)], vec![], 2).unwrap();
+    }
+    let s = f.open();
+    assert!(s.broken.lock().unwrap().contains(&1));
+    // Still listed (containerd's GC must see it), but no child is built on
+    // it and the error says why.
+    assert_eq!(s.list(&[]).unwrap().len(), 1);
+    match s.create(Kind::Active, "c", "sha256:remote", HashMap::new()) {
+        Err(SnapshotError::FailedPrecondition(m)) => {
+            assert!(m.contains("sha256:remote") && m.contains("not available"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.stat("c").is_err());
+    // It can still be removed, and nothing of it stays behind.
+    s.remove("sha256:remote").unwrap();
+    assert!(s.list(&[]).unwrap().is_empty());
+    assert!(s.broken.lock().unwrap().is_empty());
+}
