@@ -255,6 +255,10 @@ fn rfc3339(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+fn unix_nanos() -> u128 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
 fn platform_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -310,10 +314,7 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
     let mut ctr = Ctr { channel: channel.clone(), namespace: opts.namespace.clone(), lease: None };
     // Everything written holds to this lease until the image record does;
     // should this process die, the lease expires and GC takes it all.
-    let lease_id = format!(
-        "hyperbox-pull-{}",
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
-    );
+    let lease_id = format!("hyperbox-pull-{}", unix_nanos());
     // 24 hours, as containerd's own client: long enough for a slow pull of
     // layers that are not lazy.
     let expire = rfc3339(SystemTime::now() + Duration::from_secs(24 * 3600));
@@ -369,11 +370,7 @@ async fn pull_with_lease(
     let n = m.layers().len();
     for (i, layer) in m.layers().iter().enumerate() {
         let parent = if i == 0 { String::new() } else { chain[i - 1].clone() };
-        let key = format!(
-            "extract-{}-{}",
-            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos(),
-            chain[i]
-        );
+        let key = format!("extract-{}-{}", unix_nanos(), chain[i]);
         let mut labels: HashMap<String, String> = layer
             .annotations()
             .iter()

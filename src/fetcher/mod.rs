@@ -274,7 +274,7 @@ impl Fetcher {
         let sources = self.inner.client.pull_sources(repo);
         let mut problem = String::new();
         for (s, source) in sources.iter().enumerate() {
-            let attempts = if s + 1 == sources.len() { self.inner.cfg.attempts } else { 1 };
+            let attempts = self.inner.attempts(s + 1 == sources.len());
             for attempt in 0..attempts {
                 if attempt > 0 {
                     tokio::time::sleep(self.inner.backoff(attempt)).await;
@@ -626,9 +626,7 @@ impl Inner {
         let mut problem = String::new();
         'sources: for (s, source) in sources.iter().enumerate() {
             let last_source = s + 1 == sources.len();
-            // A mirror gets one try: a slow or broken mirror must not use up
-            // the time the registry itself may need.
-            let attempts = if last_source { self.cfg.attempts } else { 1 };
+            let attempts = self.attempts(last_source);
             for attempt in 0..attempts {
                 if attempt > 0 {
                     self.n.retries.fetch_add(1, Ordering::Relaxed);
@@ -699,6 +697,16 @@ impl Inner {
             elapsed_ms: began.elapsed().as_millis() as u64,
             problem,
         })
+    }
+
+    /// Tries a source gets. A mirror gets one: a slow or broken mirror must
+    /// not use up the time the registry itself (the last source) may need.
+    fn attempts(&self, last_source: bool) -> u32 {
+        if last_source {
+            self.cfg.attempts
+        } else {
+            1
+        }
     }
 
     /// Exponential backoff with equal jitter: half fixed, half random.

@@ -172,6 +172,21 @@ struct Meta {
     next_id: u64,
 }
 
+impl Meta {
+    /// `top` and its ancestors, topmost first (empty for no parent).
+    fn chain<'a>(&'a self, top: Option<&'a str>) -> impl Iterator<Item = (&'a str, &'a Record)> + 'a {
+        std::iter::successors(top.and_then(|n| self.snaps.get_key_value(n)), |(_, r)| {
+            r.parent.as_deref().and_then(|p| self.snaps.get_key_value(p))
+        })
+        .map(|(n, r)| (n.as_str(), r))
+    }
+
+    /// Whether `parent` can take a child: none, or a committed snapshot.
+    fn parent_ok(&self, parent: &str) -> bool {
+        parent.is_empty() || self.snaps.get(parent).is_some_and(|p| p.kind == Kind::Committed)
+    }
+}
+
 /// Settings the daemon hands over.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -365,13 +380,8 @@ impl Snapshotter {
 
     /// Mounts for a snapshot, as containerd's overlay snapshotter builds them.
     fn mounts_of(&self, meta: &Meta, rec: &Record) -> Vec<MountSpec> {
-        let mut lower = Vec::new();
-        let mut p = rec.parent.as_deref();
-        while let Some(name) = p {
-            let Some(r) = meta.snaps.get(name) else { break };
-            lower.push(self.fs_dir(r.id).display().to_string());
-            p = r.parent.as_deref();
-        }
+        let mut lower: Vec<String> =
+            meta.chain(rec.parent.as_deref()).map(|(_, r)| self.fs_dir(r.id).display().to_string()).collect();
         let bind = |source: String, ro: bool| MountSpec {
             kind: "bind".into(),
             source,
@@ -419,14 +429,7 @@ impl Snapshotter {
         }
         let chain: Vec<(String, Record)> = {
             let meta = self.meta.lock().unwrap();
-            let mut out = Vec::new();
-            let mut p = (!top.is_empty()).then_some(top);
-            while let Some(name) = p {
-                let Some(r) = meta.snaps.get(name) else { break };
-                out.push((name.to_string(), r.clone()));
-                p = r.parent.as_deref();
-            }
-            out
+            meta.chain((!top.is_empty()).then_some(top)).map(|(n, r)| (n.to_string(), r.clone())).collect()
         };
         for (name, rec) in chain {
             if !self.broken.lock().unwrap().contains(&rec.id) {
@@ -524,15 +527,16 @@ impl Snapshotter {
     /// Disk used by this snapshot alone. A remote layer uses what its files
     /// would take unpacked; its chunks live in the shared store.
     pub fn usage(&self, key: &str) -> Result<Usage> {
-        let (rec, fs) = {
+        let (usage, id) = {
             let meta = self.meta.lock().unwrap();
-            let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?.clone();
-            (rec.clone(), self.fs_dir(rec.id))
+            let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+            (rec.usage, rec.id)
         };
-        if let Some(u) = rec.usage {
-            return Ok(u);
+        // Measured at commit for a committed snapshot; an active one still changes.
+        match usage {
+            Some(u) => Ok(u),
+            None => disk_usage(&self.fs_dir(id)),
         }
-        disk_usage(&fs)
     }
 
     pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
@@ -623,7 +627,7 @@ impl Snapshotter {
                 // that name on another parent cannot be reused.
                 return r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent;
             }
-            if !parent.is_empty() && meta.snaps.get(parent).is_none_or(|p| p.kind != Kind::Committed) {
+            if !meta.parent_ok(parent) {
                 return false;
             }
         }
@@ -707,7 +711,7 @@ impl Snapshotter {
             }
             return Err(format!("snapshot {target} appeared meanwhile on another parent"));
         }
-        if !parent.is_empty() && meta.snaps.get(parent).is_none_or(|p| p.kind != Kind::Committed) {
+        if !meta.parent_ok(parent) {
             return Err(format!("parent {parent} was removed meanwhile"));
         }
         let id = meta.next_id;

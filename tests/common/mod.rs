@@ -68,11 +68,11 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
         if start.elapsed() > timeout {
-            panic!("{what} did not come up within {timeout:?}");
+            panic!("waited {timeout:?} for: {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -234,9 +234,15 @@ disabled_plugins = [{disabled}]
         self.launch();
     }
 
+    /// `ctr` in the tests' namespace, `hyperbox-test`.
     pub fn ctr(&self) -> Command {
+        self.ctr_in("hyperbox-test")
+    }
+
+    /// `ctr` in namespace `ns`.
+    pub fn ctr_in(&self, ns: &str) -> Command {
         let mut c = Command::new(which("ctr").expect("ctr"));
-        c.arg("--address").arg(&self.socket).arg("--namespace").arg("hyperbox-test");
+        c.arg("--address").arg(&self.socket).arg("--namespace").arg(ns);
         c
     }
 
