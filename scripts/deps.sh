@@ -8,6 +8,7 @@ packages=(
   protobuf-compiler                       # containerd-snapshots' build
   clang libclang-dev                      # the rocksdb build
   zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
+  debootstrap                             # the Debian test image and the cold-start benchmark
   apache2-utils                           # htpasswd, for the registry auth test
   pkg-config ca-certificates
 )

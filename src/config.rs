@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fetcher::FetchConfig;
+use crate::prefetch::PrefetchConfig;
 use crate::registry::RegistryConfig;
 use crate::store::StoreConfig;
+use crate::trace::TraceConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/hyperbox/config.toml";
 pub const CONFIG_VERSION: u32 = 1;
@@ -27,6 +29,10 @@ pub struct Config {
     pub fetch: FetchConfig,
     #[serde(default)]
     pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub trace: TraceConfig,
+    #[serde(default)]
+    pub prefetch: PrefetchConfig,
 }
 
 /// The `[daemon]` section: where hyperboxd keeps its state and listens.
@@ -65,6 +71,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             fetch: FetchConfig::default(),
             daemon: DaemonConfig::default(),
+            trace: TraceConfig::default(),
+            prefetch: PrefetchConfig::default(),
         }
     }
 }
@@ -97,6 +105,8 @@ impl Config {
             return Err(err(format!("store.evict_to = {} must be between 0 and 1", cfg.store.evict_to)));
         }
         cfg.fetch.validate().map_err(err)?;
+        cfg.trace.validate().map_err(err)?;
+        cfg.prefetch.validate().map_err(err)?;
         if !(1..=64).contains(&cfg.daemon.fuse_threads) {
             return Err(err(format!("daemon.fuse_threads = {} must be between 1 and 64", cfg.daemon.fuse_threads)));
         }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! registry, store ─▶ fetcher ─▶ mount ◀─ fs ;  mount ─▶ snapshotter ─▶ (containerd)
+//! side paths: mount ─▶ trace ─▶ {store, fetcher} ; prefetch ─▶ {trace, fetcher} ; snapshotter ─▶ prefetch
 //! leaves:     digest, format, config
 //! fs knows nothing of FUSE; `mount` serves an fs tree through the fuse/ crate
 //! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
@@ -16,6 +17,7 @@
 //! stays a plain database (nydus' cache over its backend). See
 //! docs/architecture.md.
 
+pub mod admin;
 pub mod config;
 pub mod convert;
 pub mod digest;
@@ -24,7 +26,9 @@ pub mod format;
 pub mod fs;
 pub mod inspect;
 pub mod mount;
+pub mod prefetch;
 pub mod pull;
 pub mod registry;
 pub mod snapshotter;
 pub mod store;
+pub mod trace;

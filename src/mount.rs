@@ -12,43 +12,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
 
-use crate::digest::{ChunkId, Digest};
 use crate::fetcher::{Fetcher, Priority, RemoteLayer};
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
+pub use crate::trace::{ChunkAccess, TraceHook};
 
 pub use hyperbox_fuse::{detach, stale_mounts, Mount};
-
-/// A first access of a frame of a mounted layer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChunkAccess {
-    pub layer: Digest,
-    pub frame: u32,
-    pub chunk: ChunkId,
-    /// Since the layer was mounted.
-    pub after: Duration,
-}
-
-/// Where first accesses go. Cheap to clone; clones share the channel.
-#[derive(Clone)]
-pub struct TraceHook {
-    tx: tokio::sync::mpsc::Sender<ChunkAccess>,
-    dropped: Arc<AtomicU64>,
-}
-
-impl TraceHook {
-    pub fn new(capacity: usize) -> (TraceHook, tokio::sync::mpsc::Receiver<ChunkAccess>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        (TraceHook { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
-    }
-    /// Reports dropped because the channel was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
 
 /// One layer, ready to mount.
 pub struct LayerFs {
@@ -57,7 +29,6 @@ pub struct LayerFs {
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
     trace: Option<TraceHook>,
-    mounted: Instant,
     /// One bit per frame: accessed yet?
     seen: Vec<AtomicU64>,
 }
@@ -75,7 +46,7 @@ impl LayerFs {
         }
         let frames = remote.index.frames().len();
         let seen = (0..frames.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        LayerFs { tree, remote, fetcher, rt, trace, mounted: Instant::now(), seen }
+        LayerFs { tree, remote, fetcher, rt, trace, seen }
     }
 
     pub fn tree(&self) -> &Arc<LayerTree> {
@@ -90,20 +61,18 @@ impl LayerFs {
 
     fn record(&self, frames: &[usize]) {
         let Some(hook) = &self.trace else { return };
+        let now = Instant::now();
         for &f in frames {
             let bit = 1u64 << (f % 64);
             if self.seen[f / 64].fetch_or(bit, Ordering::Relaxed) & bit != 0 {
                 continue;
             }
-            let access = ChunkAccess {
+            hook.report(ChunkAccess {
                 layer: self.remote.blob.clone(),
                 frame: f as u32,
                 chunk: self.remote.index.frames().get(f).id,
-                after: self.mounted.elapsed(),
-            };
-            if hook.tx.try_send(access).is_err() {
-                hook.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+                at: now,
+            });
         }
     }
 }

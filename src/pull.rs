@@ -30,7 +30,7 @@ use crate::convert::is_index;
 use crate::digest::Digest;
 use crate::format::{ANNOTATION_PREFIX, ANN_VERSION};
 use crate::registry::{Client, Reference};
-use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET};
+use crate::snapshotter::{LABEL_HYDRATE, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -73,6 +73,8 @@ pub struct PullOptions {
     pub address: PathBuf,
     pub namespace: String,
     pub snapshotter: String,
+    /// Fetch the whole image in the background once its layers are ready.
+    pub hydrate: bool,
 }
 
 /// What a pull did, layer by layer.
@@ -267,12 +269,15 @@ fn platform_arch() -> &'static str {
     }
 }
 
-/// Pull `reference` into containerd. `log` gets one line per step.
-pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: impl Fn(&str)) -> Result<PullReport> {
-    let r: Reference = reference.parse().map_err(|e| image_err(reference, e))?;
+/// The image's root manifest and, for an index, this platform's manifest:
+/// (index, manifest).
+pub async fn resolve(
+    registry: &Client,
+    r: &Reference,
+) -> Result<(Option<crate::registry::Manifest>, crate::registry::Manifest)> {
     let root = registry.get_manifest(&r.repo, &r.target()).await?;
     // An index: pick this machine's platform, keep the index as the image's target.
-    let (index, manifest) = if is_index(&root.media_type) {
+    Ok(if is_index(&root.media_type) {
         let idx = ImageIndex::from_reader(&root.bytes[..]).map_err(|e| image_err("image index", e))?;
         let want = idx
             .manifests()
@@ -287,7 +292,13 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
         (Some(root), m)
     } else {
         (None, root)
-    };
+    })
+}
+
+/// Pull `reference` into containerd. `log` gets one line per step.
+pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: impl Fn(&str)) -> Result<PullReport> {
+    let r: Reference = reference.parse().map_err(|e| image_err(reference, e))?;
+    let (index, manifest) = resolve(registry, &r).await?;
     let m = ImageManifest::from_reader(&manifest.bytes[..]).map_err(|e| image_err("image manifest", e))?;
     let config_digest: Digest = m.config().digest().as_ref().parse().map_err(|e| image_err("config digest", e))?;
     let config = registry.get_blob(&r.repo, &config_digest).await?;
@@ -382,6 +393,9 @@ async fn pull_with_lease(
         labels.insert(LABEL_TARGET.into(), chain[i].clone());
         labels.insert(LABEL_IMAGE_REF.into(), pinned.to_string());
         labels.insert(LABEL_LAYER_DIGEST.into(), layer.digest().to_string());
+        if opts.hydrate && hyperbox {
+            labels.insert(LABEL_HYDRATE.into(), "true".into());
+        }
         let prepared = snapshots
             .prepare(ctr.req(PrepareSnapshotRequest {
                 snapshotter: opts.snapshotter.clone(),

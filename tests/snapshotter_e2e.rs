@@ -32,10 +32,22 @@ fn snapshot_names(ctd: &Containerd, ns: &str) -> Vec<String> {
 }
 
 /// Wait until containerd has redialled a restarted hyperboxd (it backs off).
-/// Asked in a namespace with snapshots: only then does containerd call it.
+/// A probe snapshot is prepared and removed: a call that must reach it (a
+/// List in a namespace without snapshots never does).
 fn wait_reconnected(ctd: &Containerd) {
+    let mut n = 0;
     wait_until("containerd reconnected", Duration::from_secs(30), || {
-        ctd.ctr().args(["snapshot", "--snapshotter", "hyperbox", "ls"]).output().is_ok_and(|o| o.status.success())
+        n += 1;
+        let key = format!("probe-{n}");
+        let ok = ctd
+            .ctr_in("hyperbox-probe")
+            .args(["snapshot", "--snapshotter", "hyperbox", "prepare", &key])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            run(ctd.ctr_in("hyperbox-probe").args(["snapshot", "--snapshotter", "hyperbox", "rm", &key]));
+        }
+        ok
     });
 }
 
@@ -156,6 +168,47 @@ fn images_that_are_not_lazy_still_work() {
     assert_eq!(snapshot_names(&ctd, "plain").len(), 2);
 }
 
+/// A Debian image: debootstrap's minbase plus an app layer with a script
+/// that reads a little of it (dpkg's database, the binaries and their
+/// libraries). It runs lazily and prints what the same script prints when
+/// run in the unpacked root filesystem, having fetched a small part of it.
+#[test]
+fn debian_image_starts_lazily() {
+    if !have_tools("debian_image_starts_lazily", &[TOOLS, &["debootstrap", "chroot"]].concat()) {
+        return;
+    }
+    const SCRIPT: &[u8] = b"cat /etc/debian_version\ndpkg-query -W -f='${Package} ${Version}\\n' | sort | sha256sum\n";
+    let rootfs = debian_rootfs(&[]);
+    let expected =
+        run(Command::new("chroot").arg(&rootfs).args(["/bin/sh", "-c"]).arg(std::str::from_utf8(SCRIPT).unwrap()));
+    assert!(expected.starts_with("12."), "{expected}");
+
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let app = LayerBuilder::new().dir("app").file("app/report.sh", 0o755, SCRIPT).finish();
+    write_oci_image(&layout, "v1", &[tar_dir(&rootfs), app], &["/bin/sh", "/app/report.sh"], &[oci_arch()]);
+    let dst = format!("{}/debian:v1", reg.addr);
+    convert_to(&layout, &dst);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&run(hyperbox().args(["inspect", "--plain-http", "--json", &dst]))).unwrap();
+    let layer_bytes: u64 = inspect.as_array().unwrap().iter().map(|r| r["blob_size"].as_u64().unwrap()).sum();
+
+    let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
+    let ctd = Containerd::start(&hb.proxy_plugin());
+    let log_start = reg.log().len();
+    let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    assert!(out.contains("2 lazy, 0 downloaded"), "{out}");
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "d1"]));
+    assert_eq!(out, expected);
+    let (fetched, requests) = blob_bytes_served(&reg.log()[log_start..]);
+    println!(
+        "Debian image: {layer_bytes} bytes of layers; the start fetched {fetched} bytes ({:.1}%) in {requests} blob requests",
+        fetched as f64 * 100.0 / layer_bytes as f64
+    );
+    assert!(fetched * 10 < layer_bytes, "fetched {fetched} of {layer_bytes} bytes: not lazy");
+}
+
 /// The CRI's PullImage, as kubelet sends it (runtime.v1; only the fields used).
 mod cri {
     #[derive(Clone, PartialEq, prost::Message)]
@@ -264,4 +317,131 @@ fn socket_activation_and_sd_notify() {
     let log = std::fs::read_to_string(tmp.path().join("hyperboxd.log")).unwrap();
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("activated=true"), "{log}");
+}
+
+/// The trace of the image `reference` names, as `hyperbox trace export` writes it.
+fn exported_trace(hb: &Hyperboxd, reference: &str, file: &Path) -> serde_json::Value {
+    run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).args(["export", reference]).arg(file));
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
+fn trace_runs(hb: &Hyperboxd, reference: &str) -> u64 {
+    let out = hyperbox().args(["trace", "--address"]).arg(&hb.socket).args(["show", reference]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("runs")).map(|n| n.trim().parse().unwrap()).unwrap_or(0)
+}
+
+/// An app reading 24 of 64 files in a fixed order, each file's first
+/// 192 KiB of 256 (the last chunks of each file are never read).
+fn traced_app(layout: &Path, tag: &str, files: &[Vec<u8>]) -> String {
+    let order = [41, 3, 17, 60, 8, 33, 25, 50, 12, 1, 44, 29, 57, 6, 38, 21, 63, 14, 47, 9, 31, 54, 19, 36];
+    let mut script = String::from("for i in");
+    for i in order {
+        script.push_str(&format!(" {i}"));
+    }
+    script.push_str("; do head -c 196608 /data/f$i; done | sha256sum\n");
+    let mut data = LayerBuilder::new().dir("data");
+    let mut expected = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        data = data.file(&format!("data/f{i}"), 0o644, f);
+    }
+    for i in order {
+        expected.extend_from_slice(&files[i][..196608]);
+    }
+    let app = LayerBuilder::new().dir("app").file("app/run.sh", 0o755, script.as_bytes()).finish();
+    let layers = [LayerBuilder::busybox().finish(), data.finish(), app];
+    write_oci_image(layout, tag, &layers, &["/bin/sh", "/app/run.sh"], &[oci_arch()]);
+    format!("{}  -\n", &sha256(&expected)[7..])
+}
+
+/// A start records a trace; with the trace (exported, the store wiped, the
+/// trace imported) the next start's chunks are prefetched when the image is
+/// pulled, so the container reads nothing from the registry, and the start
+/// is judged: recall and precision of the prefetch. A new version of the
+/// image (another digest, most files the same) uses its repository's trace.
+#[test]
+fn traced_start_prefetches_everything_it_reads() {
+    if !have_tools("traced_start_prefetches_everything_it_reads", TOOLS) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let files: Vec<Vec<u8>> = (0..64).map(|_| random(256 << 10)).collect();
+    let expected = traced_app(&layout, "v1", &files);
+    let dst = format!("{}/traced:v1", reg.addr);
+    convert_to(&layout, &dst);
+    let config = "version = 1\n[trace]\nidle_secs = 2\nwindow_secs = 30\n";
+    let mut hb = Hyperboxd::start(tmp.path(), config);
+    let ctd = Containerd::start(&hb.proxy_plugin());
+
+    // First start: no trace, so nothing is prefetched; the start is recorded.
+    let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    assert!(out.contains("3 lazy"), "{out}");
+    let log_start = reg.log().len();
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "t1"]));
+    assert_eq!(out, expected);
+    let (untraced_bytes, untraced_requests) = blob_bytes_served(&reg.log()[log_start..]);
+    assert!(untraced_requests > 0);
+    wait_until("the first trace", Duration::from_secs(30), || trace_runs(&hb, &dst) == 1);
+    let file = tmp.path().join("trace.json");
+    let trace = exported_trace(&hb, &dst, &file);
+    assert_eq!(trace["version"], 1);
+    assert!(trace["last_start"].is_null(), "nothing was prefetched, nothing judged: {trace}");
+    let entries = trace["entries"].as_array().unwrap();
+    // 24 files of 192 KiB read, in order: their chunks come in that order.
+    let paths: Vec<&str> = entries.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    let first_data = paths.iter().position(|p| p.starts_with("data/")).unwrap();
+    assert_eq!(paths[first_data], "data/f41", "{paths:?}");
+    let unread = paths.iter().filter(|p| **p == "data/f0" || **p == "data/f2").count();
+    assert_eq!(unread, 0, "files never read are not in the trace: {paths:?}");
+
+    // The store is cleared, the trace kept (exported, then imported).
+    run(ctd.ctr().args(["image", "rm", "--sync", &dst]));
+    wait_until("snapshots removed", Duration::from_secs(20), || snapshot_names(&ctd, "hyperbox-test").is_empty());
+    assert!(hb.stop().success());
+    std::fs::remove_dir_all(&hb.root).unwrap();
+    hb.restart();
+    wait_reconnected(&ctd);
+    run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).arg("import").arg(&file));
+
+    // Second start: pulling prefetches the traced chunks; the container
+    // then finds everything it reads already fetched.
+    let log_before = hb.log().len();
+    hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
+    let log_start = reg.log().len();
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "t2"]));
+    assert_eq!(out, expected);
+    let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
+    println!(
+        "untraced start: {untraced_bytes} bytes in {untraced_requests} requests; traced: {bytes} bytes in {requests} requests"
+    );
+    assert_eq!(requests, 0, "the traced start fetched on demand:\n{}", &reg.log()[log_start..]);
+    wait_until("the second run merged", Duration::from_secs(30), || trace_runs(&hb, &dst) == 2);
+    let trace = exported_trace(&hb, &dst, &file);
+    let judged = &trace["last_start"];
+    let (precision, recall) = (judged["precision"].as_f64().unwrap(), judged["recall"].as_f64().unwrap());
+    println!("repeated start: precision {precision:.3}, recall {recall:.3}: {judged}");
+    assert!(recall >= 0.95, "{judged}");
+    assert!(precision >= 0.8, "{judged}");
+
+    // A new version: one file changed, so its data layer is a new blob. It
+    // has no trace of its own; its repository's is used, by chunk and path.
+    let mut files2 = files.clone();
+    files2[63] = random(256 << 10);
+    let layout2 = tmp.path().join("layout2");
+    let expected2 = traced_app(&layout2, "v1", &files2);
+    let dst2 = format!("{}/traced:v2", reg.addr);
+    convert_to(&layout2, &dst2);
+    let log_before = hb.log().len();
+    hyperbox_pull(&ctd, "hyperbox-test", &dst2);
+    wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
+    assert!(hb.log()[log_before..].contains("using its repository's latest"), "{}", &hb.log()[log_before..]);
+    let log_start = reg.log().len();
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst2, "t3"]));
+    assert_eq!(out, expected2);
+    let (bytes2, requests2) = blob_bytes_served(&reg.log()[log_start..]);
+    println!("new version with the old trace: {bytes2} bytes in {requests2} requests on demand");
+    assert_eq!(requests2, 0, "{}", &reg.log()[log_start..]);
 }

@@ -1,4 +1,5 @@
-//! `hyperbox`: the HyperBox command line (convert, inspect and pull images).
+//! `hyperbox`: the HyperBox command line (convert, inspect and pull images;
+//! manage hyperboxd's access traces).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -88,7 +89,21 @@ enum Cmd {
         /// The snapshotter's name in containerd's proxy_plugins.
         #[arg(long, default_value = "hyperbox")]
         snapshotter: String,
+        /// After the traced chunks, fetch the whole image in the background.
+        #[arg(long)]
+        hydrate: bool,
         reference: String,
+    },
+    /// Access traces kept by hyperboxd: list, show, export, import, rm.
+    Trace {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock", global = true)]
+        address: PathBuf,
+        /// Resolve tags over http instead of https.
+        #[arg(long, global = true)]
+        plain_http: bool,
+        #[command(subcommand)]
+        cmd: TraceCmd,
     },
     /// Print the index of a HyperBox layer file, or of every layer of an image.
     Inspect {
@@ -107,6 +122,27 @@ enum Cmd {
         /// A layer file, a registry reference, or oci:PATH[:TAG].
         target: String,
     },
+}
+
+/// IMAGE below is a manifest digest (sha256:...) or an image reference; a
+/// tag is resolved to this platform's manifest through the registry.
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// One line per trace.
+    List,
+    /// A trace's summary, how its last prefetch did, and its first chunks.
+    Show {
+        image: String,
+        /// Chunks to list (0 for all).
+        #[arg(long, default_value_t = 20)]
+        chunks: usize,
+    },
+    /// Write a trace to FILE (JSON, application/vnd.hyperbox.trace.v1+json).
+    Export { image: String, file: PathBuf },
+    /// Keep the trace in FILE, replacing the image's own.
+    Import { file: PathBuf },
+    /// Forget a trace.
+    Rm { image: String },
 }
 
 fn main() {
@@ -164,9 +200,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("annotation {k}={v}");
             }
         }
-        Cmd::Pull { plain_http, address, namespace, snapshotter, reference } => {
+        Cmd::Pull { plain_http, address, namespace, snapshotter, hydrate, reference } => {
             let client = Client::new(&config.registry, plain_http)?;
-            let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter };
+            let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter, hydrate };
             let started = std::time::Instant::now();
             let report = rt.block_on(hyperbox::pull::pull(&client, &opts, &reference, |line| eprintln!("{line}")))?;
             println!(
@@ -180,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
                 report.present
             );
         }
+        Cmd::Trace { address, plain_http, cmd } => rt.block_on(trace_cmd(&config, &address, plain_http, cmd))?,
         Cmd::Inspect { plain_http, json, entries, verify, target } => {
             let path = PathBuf::from(&target);
             let reports = if path.is_file() {
@@ -210,6 +247,122 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn trace_cmd(config: &Config, address: &std::path::Path, plain_http: bool, cmd: TraceCmd) -> Result<()> {
+    use hyperbox::admin::proto;
+    use hyperbox::trace::Trace;
+    let mut admin = hyperbox::admin::connect(address)
+        .await
+        .with_context(|| format!("connect to hyperboxd at {} (is it running? --address)", address.display()))?;
+    let digest_of = |image: String| async move {
+        if image.parse::<hyperbox::digest::Digest>().is_ok() {
+            return anyhow::Ok(image);
+        }
+        let r: hyperbox::registry::Reference = image.parse()?;
+        if let Some(d) = &r.digest {
+            return Ok(d.to_string());
+        }
+        let client = Client::new(&config.registry, plain_http)?;
+        let (_, m) = hyperbox::pull::resolve(&client, &r).await.with_context(|| format!("resolve {image}"))?;
+        Ok(m.digest.to_string())
+    };
+    let get = |image: String| {
+        let mut admin = admin.clone();
+        async move {
+            let json = admin.get_trace(proto::GetTraceRequest { image }).await?.into_inner().trace_json;
+            anyhow::Ok((Trace::from_json(&json)?, json))
+        }
+    };
+    match cmd {
+        TraceCmd::List => {
+            let traces = admin.list_traces(proto::ListTracesRequest {}).await?.into_inner().traces;
+            println!(
+                "{:<40} {:<73} {:>4} {:>8} {:>9} {:>9} {:>6}",
+                "REPOSITORY", "IMAGE", "RUNS", "CHUNKS", "BYTES", "PRECISION", "RECALL"
+            );
+            for t in traces {
+                let (p, r) =
+                    t.last_start.map(|s| (pct(s.precision), pct(s.recall))).unwrap_or(("-".into(), "-".into()));
+                println!(
+                    "{:<40} {:<73} {:>4} {:>8} {:>9} {:>9} {:>6}",
+                    t.repository,
+                    t.image,
+                    t.runs,
+                    t.entries,
+                    convert::human(t.bytes),
+                    p,
+                    r
+                );
+            }
+        }
+        TraceCmd::Show { image, chunks } => {
+            let (t, _) = get(digest_of(image).await?).await?;
+            println!("image       {}\nrepository  {}", t.image, t.repository);
+            println!("runs        {}", t.runs);
+            println!("chunks      {} ({} compressed)", t.entries.len(), convert::human(t.bytes()));
+            match &t.last_start {
+                Some(s) => println!(
+                    "last start  read {} chunks, prefetched {}, both {}: precision {}, recall {}",
+                    s.read,
+                    s.prefetched,
+                    s.hits,
+                    pct(s.precision),
+                    pct(s.recall)
+                ),
+                None => println!("last start  no prefetch judged yet"),
+            }
+            let n = if chunks == 0 { t.entries.len() } else { chunks.min(t.entries.len()) };
+            if n > 0 {
+                println!("\n{:>8} {:>5} {:>8}  {:<12} PATH @ OFFSET", "AT(ms)", "SEEN", "BYTES", "CHUNK");
+                for e in &t.entries[..n] {
+                    println!(
+                        "{:>8} {:>5} {:>8}  {:<12} /{} @ {}",
+                        e.at_ms,
+                        e.seen,
+                        e.c_len,
+                        &e.chunk.hex()[..12],
+                        e.path,
+                        e.offset
+                    );
+                }
+                if n < t.entries.len() {
+                    println!("... {} more (--chunks 0 lists all)", t.entries.len() - n);
+                }
+            }
+        }
+        TraceCmd::Export { image, file } => {
+            let (t, json) = get(digest_of(image).await?).await?;
+            std::fs::write(&file, &json).with_context(|| format!("write {}", file.display()))?;
+            println!(
+                "exported the trace of {} ({} chunks, {} runs) to {}",
+                t.image,
+                t.entries.len(),
+                t.runs,
+                file.display()
+            );
+        }
+        TraceCmd::Import { file } => {
+            let json = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let t = Trace::from_json(&json).with_context(|| file.display().to_string())?;
+            admin.put_trace(proto::PutTraceRequest { trace_json: json }).await?;
+            println!("imported the trace of {} ({} chunks, {} runs)", t.image, t.entries.len(), t.runs);
+        }
+        TraceCmd::Rm { image } => {
+            let image = digest_of(image).await?;
+            let deleted =
+                admin.delete_trace(proto::DeleteTraceRequest { image: image.clone() }).await?.into_inner().deleted;
+            if !deleted {
+                bail!("no trace of {image}");
+            }
+            println!("removed the trace of {image}");
+        }
+    }
+    Ok(())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
 }
 
 fn verify_all(src: &(impl format::BlobSource + ?Sized), idx: &format::LayerIndex) -> Result<()> {

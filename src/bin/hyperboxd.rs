@@ -1,7 +1,7 @@
 //! `hyperboxd`: the HyperBox snapshotter daemon.
 //!
-//! Serves containerd's Snapshots API on a unix socket (a path, or the fd
-//! systemd passes under socket activation), tells systemd READY and
+//! Serves containerd's Snapshots API, and its own admin API beside it, on a
+//! unix socket (a path, or the fd systemd passes under socket activation), tells systemd READY and
 //! STOPPING, and on SIGTERM or SIGINT finishes the calls in progress,
 //! unmounts its FUSE layers and exits.
 
@@ -80,7 +80,12 @@ fn run(cfg: Config) -> Result<()> {
     let store = Arc::new(Store::open(&root.join("store"), &cfg.store)?);
     let client = Arc::new(Client::new(&cfg.registry, false)?);
     let fetcher = Fetcher::new(client, store.clone(), cfg.fetch.clone());
-    let opts = Options { root: root.clone(), fuse_threads: cfg.daemon.fuse_threads };
+    let opts = Options {
+        root: root.clone(),
+        fuse_threads: cfg.daemon.fuse_threads,
+        trace: cfg.trace.clone(),
+        prefetch: cfg.prefetch.clone(),
+    };
     let snapshotter = Arc::new(Snapshotter::open(opts, store, fetcher, rt.handle().clone())?);
     tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
 
@@ -88,10 +93,12 @@ fn run(cfg: Config) -> Result<()> {
         let (listener, owned) = listen(&cfg.daemon.address)?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let service = containerd_snapshots::server(Arc::new(Service(snapshotter.clone())));
+        let admin = hyperbox::admin::server(snapshotter.store().clone());
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!(address = %cfg.daemon.address.display(), activated = owned.is_none(), "serving");
         tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown_signal())
             .await
             .context("serving the Snapshots API")?;

@@ -231,6 +231,10 @@ impl Fetcher {
         }
     }
 
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.cfg
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
     }

@@ -19,6 +19,10 @@
 //!   whose `fs` is that layer's FUSE mount; the call answers AlreadyExists,
 //!   so containerd downloads nothing. Any failure falls back to the
 //!   ordinary path, where containerd unpacks the layer.
+//! - Traces and prefetch: a remote layer's Prepare starts (or joins) its
+//!   image's prefetch; an active snapshot prepared on remote layers is a
+//!   container starting, and its first reads are recorded into the image's
+//!   trace (`crate::trace`, `crate::prefetch`).
 
 pub mod filter;
 pub mod grpc;
@@ -36,8 +40,10 @@ use crate::digest::Digest;
 use crate::fetcher::{Fetcher, RemoteLayer};
 use crate::format::IndexLocation;
 use crate::mount::{LayerFs, Mount};
+use crate::prefetch::{PrefetchConfig, Prefetcher};
 use crate::registry::{Reference, Repo};
 use crate::store::{Family, Store};
+use crate::trace::{ImageKey, Recorder, TraceConfig};
 use filter::{Fields, Filters};
 
 /// The label containerd sets on a layer's Prepare: the chain id the
@@ -47,6 +53,10 @@ pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 /// (`disable_snapshot_annotations = false`).
 pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The CRI's manifest digest of the image being pulled.
+pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Set by `hyperbox pull --hydrate`: fetch the whole image in the background.
+pub const LABEL_HYDRATE: &str = "containerd.io/snapshot/hyperbox.hydrate";
 /// The same, as `hyperbox pull` passes them.
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/hyperbox.image-ref";
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/hyperbox.layer-digest";
@@ -147,6 +157,16 @@ struct RemoteRef {
     /// change the snapshot's labels.
     #[serde(default)]
     location: HashMap<String, String>,
+    /// The manifest digest of the image it was prepared for (the trace's
+    /// key), when the labels said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manifest: Option<String>,
+}
+
+impl RemoteRef {
+    fn image(&self) -> Option<ImageKey> {
+        Some(ImageKey { digest: self.manifest.clone()?, repository: format!("{}/{}", self.registry, self.repository) })
+    }
 }
 
 /// One snapshot's row (JSON; the family name carries the layout version).
@@ -193,6 +213,8 @@ pub struct Options {
     pub root: PathBuf,
     /// FUSE threads per mounted layer.
     pub fuse_threads: usize,
+    pub trace: TraceConfig,
+    pub prefetch: PrefetchConfig,
 }
 
 pub struct Snapshotter {
@@ -203,7 +225,9 @@ pub struct Snapshotter {
     fuse_threads: usize,
     meta: Mutex<Meta>,
     /// FUSE mounts of remote layers, by snapshot id.
-    layers: Mutex<HashMap<u64, Mount>>,
+    layers: Mutex<HashMap<u64, (Mount, Arc<RemoteLayer>)>>,
+    recorder: Option<Recorder>,
+    prefetcher: Prefetcher,
     /// Remote layers that could not be mounted again at start: tried again
     /// when used, and never handed out unmounted (their `fs` is empty).
     broken: Mutex<std::collections::HashSet<u64>>,
@@ -240,11 +264,15 @@ impl Snapshotter {
                 snaps.insert(name, rec);
             }
         }
+        let recorder = opts.trace.enabled.then(|| Recorder::start(store.clone(), opts.trace.clone(), &rt));
+        let prefetcher = Prefetcher::new(fetcher.clone(), store.clone(), recorder.clone(), opts.prefetch, rt.clone());
         let s = Snapshotter {
             root,
             store,
             fetcher,
             rt,
+            recorder,
+            prefetcher,
             fuse_threads: opts.fuse_threads.max(1),
             meta: Mutex::new(Meta { snaps, next_id }),
             layers: Mutex::new(HashMap::new()),
@@ -268,6 +296,18 @@ impl Snapshotter {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    pub fn prefetcher(&self) -> &Prefetcher {
+        &self.prefetcher
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -375,7 +415,26 @@ impl Snapshotter {
             remove_dir(&self.dir(id));
             return Err(e);
         }
-        Ok(self.mounts_of(&meta, &rec))
+        let mounts = self.mounts_of(&meta, &rec);
+        if kind == Kind::Active && !rec.labels.contains_key(LABEL_TARGET) {
+            self.container_starts(&meta, key, parent);
+        }
+        Ok(mounts)
+    }
+
+    /// An active snapshot on remote layers, not a layer being unpacked: a
+    /// container is starting. Record its first reads into the trace of the
+    /// image its topmost remote layer was prepared for.
+    fn container_starts(&self, meta: &Meta, key: &str, parent: &str) {
+        let Some(recorder) = &self.recorder else { return };
+        let chain: Vec<&Record> = meta.chain((!parent.is_empty()).then_some(parent)).map(|(_, r)| r).collect();
+        let Some(image) = chain.iter().find_map(|r| r.remote.as_ref().and_then(RemoteRef::image)) else { return };
+        let layers: Vec<Arc<RemoteLayer>> = {
+            let mounted = self.layers.lock().unwrap();
+            chain.iter().filter_map(|r| mounted.get(&r.id).map(|(_, l)| l.clone())).collect()
+        };
+        tracing::debug!(snapshot = key, image = %image.digest, "container start: recording its trace");
+        recorder.begin(image, layers);
     }
 
     /// Mounts for a snapshot, as containerd's overlay snapshotter builds them.
@@ -595,6 +654,9 @@ impl Snapshotter {
     /// Unmount every remote layer (daemon shutdown).
     pub fn unmount_all(&self) {
         self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(r) = &self.recorder {
+            r.flush();
+        }
         let ids: Vec<u64> = self.layers.lock().unwrap().keys().copied().collect();
         for id in ids {
             self.unmount_layer(id);
@@ -607,7 +669,7 @@ impl Snapshotter {
     }
 
     fn unmount_layer(&self, id: u64) {
-        let Some(m) = self.layers.lock().unwrap().remove(&id) else { return };
+        let Some((m, _)) = self.layers.lock().unwrap().remove(&id) else { return };
         let fs = self.fs_dir(id);
         if let Err(e) = m.unmount() {
             tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
@@ -620,16 +682,26 @@ impl Snapshotter {
     /// Try to make `target` a committed remote layer on `parent`. True if
     /// it exists now (made here or before); false to take the ordinary path.
     fn try_remote(&self, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
-        {
+        let existing = {
             let meta = self.meta.lock().unwrap();
-            if let Some(r) = meta.snaps.get(target) {
-                // Already here (another pull of the same image). A snapshot of
-                // that name on another parent cannot be reused.
-                return r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent;
-            }
-            if !meta.parent_ok(parent) {
+            if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
                 return false;
             }
+            // Already here (another pull, maybe of another image sharing the
+            // layer). A snapshot of that name on another parent cannot be reused.
+            meta.snaps
+                .get(target)
+                .map(|r| (r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent, r.id))
+        };
+        if let Some((reusable, id)) = existing {
+            if reusable {
+                // The image being pulled prefetches through it too.
+                let layer = self.layers.lock().unwrap().get(&id).map(|(_, l)| l.clone());
+                if let (Some(layer), Some(image)) = (layer, image_of(labels)) {
+                    self.prefetcher.layer_ready(&image, layer, labels_say_hydrate(labels));
+                }
+            }
+            return reusable;
         }
         let loc = match IndexLocation::from_annotations(labels) {
             Ok(Some(loc)) => loc,
@@ -669,7 +741,8 @@ impl Snapshotter {
     }
 
     fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), String> {
-        let fs = LayerFs::new(layer, self.fetcher.clone(), self.rt.clone(), None);
+        let hook = self.recorder.as_ref().map(Recorder::hook);
+        let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
         let mount = fs.mount(&self.fs_dir(id), self.fuse_threads).map_err(|e| format!("FUSE mount: {e}"))?;
         let mut layers = self.layers.lock().unwrap();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -677,7 +750,7 @@ impl Snapshotter {
             let _ = mount.unmount();
             return Err("hyperboxd is stopping".into());
         }
-        layers.insert(id, mount);
+        layers.insert(id, (mount, layer));
         Ok(())
     }
 
@@ -691,11 +764,14 @@ impl Snapshotter {
         loc: &IndexLocation,
     ) -> Result<(), String> {
         let reference: Reference = image.parse().map_err(|e| format!("{e}"))?;
+        let hydrate = labels_say_hydrate(labels);
+        let manifest = image_of(labels).map(|i| i.digest);
         let remote = RemoteRef {
             registry: reference.repo.registry,
             repository: reference.repo.name,
             blob: blob.into(),
             location: loc.to_annotations(),
+            manifest,
         };
         // The network part runs without the lock.
         let layer = self.remote_layer(&remote, loc)?;
@@ -716,7 +792,7 @@ impl Snapshotter {
         }
         let id = meta.next_id;
         self.make_dirs(id, false).map_err(|e| e.to_string())?;
-        if let Err(e) = self.mount_layer(id, layer) {
+        if let Err(e) = self.mount_layer(id, layer.clone()) {
             remove_dir(&self.dir(id));
             return Err(e);
         }
@@ -724,8 +800,12 @@ impl Snapshotter {
         // Keep what containerd checks, and the layer's annotations for a
         // remount; drop the CRI's per-pull labels (image-layers can be long).
         labels.retain(|k, _| {
-            !k.starts_with("containerd.io/snapshot/cri.") || k == LABEL_CRI_IMAGE_REF || k == LABEL_CRI_LAYER_DIGEST
+            !k.starts_with("containerd.io/snapshot/cri.")
+                || k == LABEL_CRI_IMAGE_REF
+                || k == LABEL_CRI_LAYER_DIGEST
+                || k == LABEL_CRI_MANIFEST_DIGEST
         });
+        let image = remote.image();
         let now = SystemTime::now();
         let rec = Record {
             id,
@@ -743,6 +823,10 @@ impl Snapshotter {
             remove_dir(&self.dir(id));
             return Err(e.to_string());
         }
+        drop(meta);
+        if let Some(image) = image {
+            self.prefetcher.layer_ready(&image, layer, hydrate);
+        }
         Ok(())
     }
 
@@ -756,6 +840,22 @@ impl Snapshotter {
         std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(|e| format!("create fs dir: {e}"))?;
         self.mount_layer(rec.id, layer)
     }
+}
+
+/// The image a layer's Prepare is for, from `hyperbox pull`'s labels (the
+/// reference is pinned by digest) or the CRI's.
+fn image_of(labels: &HashMap<String, String>) -> Option<ImageKey> {
+    let image = labels.get(LABEL_IMAGE_REF).or_else(|| labels.get(LABEL_CRI_IMAGE_REF))?;
+    let r: Reference = image.parse().ok()?;
+    let digest = match &r.digest {
+        Some(d) => d.to_string(),
+        None => labels.get(LABEL_CRI_MANIFEST_DIGEST)?.parse::<Digest>().ok()?.to_string(),
+    };
+    Some(ImageKey { digest, repository: format!("{}/{}", r.repo.registry, r.repo.name) })
+}
+
+fn labels_say_hydrate(labels: &HashMap<String, String>) -> bool {
+    labels.get(LABEL_HYDRATE).is_some_and(|v| v == "true")
 }
 
 fn info(name: &str, rec: &Record) -> Info {

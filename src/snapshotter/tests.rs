@@ -25,7 +25,12 @@ impl Fixture {
         let store = Arc::new(Store::open(&self.root.join("store"), &StoreConfig::default()).unwrap());
         let client = Arc::new(Client::new(&RegistryConfig::default(), true).unwrap());
         let fetcher = Fetcher::new(client, store.clone(), FetchConfig::default());
-        let opts = Options { root: self.root.clone(), fuse_threads: 1 };
+        let opts = Options {
+            root: self.root.clone(),
+            fuse_threads: 1,
+            trace: Default::default(),
+            prefetch: Default::default(),
+        };
         Snapshotter::open(opts, store, fetcher, self.rt.handle().clone()).unwrap()
     }
 }
@@ -232,6 +237,7 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
                 repository: "gone".into(),
                 blob: Digest::of(b"blob").to_string(),
                 location: loc.to_annotations(),
+                manifest: None,
             }),
         };
         let mut meta = s.meta.lock().unwrap();

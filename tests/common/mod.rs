@@ -591,3 +591,50 @@ chmod 4755 large.bin
     );
     run(Command::new("bash").arg("-c").arg(script));
 }
+
+/// A minimal Debian bookworm root filesystem (debootstrap's minbase), built
+/// once and kept in `$HYPERBOX_TEST_CACHE` (default /var/tmp/hyperbox-test-cache)
+/// so later runs reuse it. `include` lists extra packages; each set has its
+/// own directory. Built in a scratch dir and renamed into place, so a run
+/// that dies half way leaves nothing a later run would trust.
+pub fn debian_rootfs(include: &[&str]) -> PathBuf {
+    let cache = std::env::var_os("HYPERBOX_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/hyperbox-test-cache"));
+    let name =
+        if include.is_empty() { "bookworm-minbase".to_string() } else { format!("bookworm-{}", include.join("-")) };
+    let dir = cache.join(&name);
+    if dir.join("etc/debian_version").is_file() {
+        return dir;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let scratch = cache.join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut cmd = Command::new("debootstrap");
+    cmd.args(["--variant=minbase", "bookworm"]);
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.arg(&scratch).arg("http://deb.debian.org/debian");
+    run(&mut cmd);
+    // The downloaded .debs are not part of the image.
+    for e in std::fs::read_dir(scratch.join("var/cache/apt/archives")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "deb") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    std::fs::rename(&scratch, &dir).unwrap();
+    dir
+}
+
+/// `dir` as a tar layer, written by GNU tar with numeric owners and xattrs.
+pub fn tar_dir(dir: &Path) -> Vec<u8> {
+    let out = Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-C"])
+        .arg(dir)
+        .args(["-cf", "-", "."])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Cold-start benchmark: time from "start this image" to the workload's
+# output, on emulated slow links, for
+#   overlayfs  containerd's own pull (the ordinary gzip image) and run
+#   lazy       hyperbox pull + ctr run --snapshotter hyperbox, no trace
+#   traced     the same with the trace of an earlier start (the store
+#              wiped, the trace exported and imported back: another node)
+# Every run starts cold: images removed, hyperboxd's store wiped, page cache
+# dropped. The image is Debian bookworm with python3, numpy and scipy
+# (debootstrap, cached in $HYPERBOX_BENCH_DIR, default /var/tmp/hb-bench);
+# the workload imports numpy and prints a determinant.
+#
+#   bash benches/cold-start.sh [RUNS]        (default 3)
+#   PROFILES="100:20 1000:2"                 link Mbit/s : one-way delay ms
+#   OUT=docs/cold-start                      writes OUT.csv and OUT.svg
+#
+# The link is benches/slowlink.py, a user-space proxy between the clients
+# and the registry (this kernel has no netem). Needs root, containerd, runc,
+# docker-registry; `make deps` installs them.
+set -euo pipefail
+RUNS=${1:-3}
+PROFILES=${PROFILES:-"100:20 1000:2"}
+DIR=${HYPERBOX_BENCH_DIR:-/var/tmp/hb-bench}
+OUT=${OUT:-docs/cold-start}
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release
+[ -x "$BIN/hyperbox" ] && [ -x "$BIN/hyperboxd" ] || cargo build --release --bins
+[ "$(id -u)" -eq 0 ] || { echo "cold-start: needs root (containerd, FUSE)"; exit 1; }
+
+mkdir -p "$DIR"
+if [ ! -x "$DIR/rootfs/usr/bin/python3" ]; then
+  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+  debootstrap --variant=minbase --include=python3,python3-numpy,python3-scipy bookworm "$DIR/rootfs" http://deb.debian.org/debian
+fi
+rm -f "$DIR"/rootfs/var/cache/apt/archives/*.deb
+
+WORK=$(mktemp -d /tmp/hb-cold.XXXXXX)
+PIDS=(); HBPID=; LINKPID=
+cleanup() {
+  [ -n "$HBPID" ] && kill "$HBPID" 2>/dev/null
+  [ -n "$LINKPID" ] && kill "$LINKPID" 2>/dev/null
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  grep -o " $WORK[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+loglines() { wc -l < "$WORK/registry.log"; }
+served() { tail -n +"$(($1 + 1))" "$WORK/registry.log" | python3 -c '
+import re, sys
+print(sum(int(m.group(2)) for l in sys.stdin if "/blobs/" in l and "\"GET " in l
+          for m in [re.search(r"HTTP/1.1\" (2\d\d) (\d+)", l)] if m))'; }
+
+# ---- registry, containerd ----
+REG=127.0.0.1:$(free_port)
+cat > "$WORK/registry.yml" <<YML
+version: 0.1
+log: { level: warn, accesslog: { disabled: false } }
+storage: { filesystem: { rootdirectory: $WORK/registry } }
+http: { addr: $REG }
+YML
+docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 & PIDS+=($!)
+HBSOCK=$WORK/hyperbox.sock
+HBROOT=$WORK/hyperbox
+printf 'version = 1\n[trace]\nidle_secs = 3\n' > "$WORK/hyperbox.toml"
+SOCK=$WORK/containerd.sock
+cat > "$WORK/containerd.toml" <<TOML
+version = 2
+root = "$WORK/containerd/root"
+state = "$WORK/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$SOCK"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$WORK/containerd/opt"
+[proxy_plugins.hyperbox]
+  type = "snapshot"
+  address = "$HBSOCK"
+TOML
+containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 & PIDS+=($!)
+ctr_() { ctr --address "$SOCK" "$@"; }
+until curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && ctr_ version >/dev/null 2>&1; do sleep 0.1; done
+
+hb_start() {
+  "$BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "$WORK/hyperbox.toml" >> "$WORK/hyperboxd.log" 2>&1 &
+  HBPID=$!
+  until [ -S "$HBSOCK" ]; do sleep 0.05; done
+  # containerd redials a restarted proxy with backoff: wait until it answers.
+  local n=0
+  until ctr_ -n probe snapshot --snapshotter hyperbox prepare "probe-$n" >/dev/null 2>&1; do n=$((n + 1)); sleep 0.2; done
+  ctr_ -n probe snapshot --snapshotter hyperbox rm "probe-$n" >/dev/null
+}
+hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# ---- the image: the ordinary gzip one, and its HyperBox conversion ----
+OCI=$WORK/oci; mkdir -p "$OCI/blobs/sha256"
+blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "$OCI/blobs/sha256/$d"; echo "$d"; }
+tar --numeric-owner --xattrs -C "$DIR/rootfs" -cf "$WORK/layer.tar" .
+DIFF_ID=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); TAR_SIZE=$(stat -c %s "$WORK/layer.tar")
+gzip -6 -c "$WORK/layer.tar" > "$WORK/layer.gz"; rm "$WORK/layer.tar"
+LSIZE=$(stat -c %s "$WORK/layer.gz"); LAYER=$(blob "$WORK/layer.gz")
+CMD='["python3","-c","import numpy; print(numpy.linalg.det(numpy.eye(4) * 2))"]'
+printf '{"architecture":"%s","os":"linux","config":{"Cmd":%s,"Env":["PATH=/usr/bin:/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+  "$(dpkg --print-architecture)" "$CMD" "$DIFF_ID" > "$WORK/c.json"
+CSIZE=$(stat -c %s "$WORK/c.json"); CONFIG=$(blob "$WORK/c.json")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' \
+  "$CONFIG" "$CSIZE" "$LAYER" "$LSIZE" > "$WORK/m.json"
+MSIZE=$(stat -c %s "$WORK/m.json"); MANIFEST=$(blob "$WORK/m.json")
+echo '{"imageLayoutVersion":"1.0.0"}' > "$OCI/oci-layout"
+printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"src"}}]}' \
+  "$MANIFEST" "$MSIZE" > "$OCI/index.json"
+# The ordinary image, pushed as it is (distribution's two-step upload).
+push_blob() {
+  local loc sep
+  loc=$(curl -sSf -X POST -D - -o /dev/null "http://$REG/v2/python/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+  case $loc in http*) ;; *) loc="http://$REG$loc" ;; esac
+  case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
+  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' -T "$OCI/blobs/sha256/$1" "$loc${sep}digest=sha256:$1" >/dev/null
+}
+push_blob "$LAYER"; push_blob "$CONFIG"
+curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$OCI/blobs/sha256/$MANIFEST" \
+  "http://$REG/v2/python/manifests/gzip" >/dev/null
+"$BIN/hyperbox" convert -q --plain-http "oci:$OCI:src" "$REG/python:hyperbox" | tail -1
+HB_BYTES=$("$BIN/hyperbox" inspect --plain-http --json "$REG/python:hyperbox" | python3 -c 'import json,sys; print(sum(r["blob_size"] for r in json.load(sys.stdin)))')
+echo "image: $(numfmt --to=iec "$TAR_SIZE") tar; gzip layer $(numfmt --to=iec "$LSIZE"); HyperBox layer $(numfmt --to=iec "$HB_BYTES")"
+EXPECT="16.0"
+
+# ---- runs ----
+echo "profile,mode,run,seconds,bytes,precision,recall" > "$WORK/results.csv"
+hb_start
+for prof in $PROFILES; do
+  rate=${prof%%:*}; delay=${prof##*:}
+  LPORT=$(free_port)
+  python3 "$HERE/slowlink.py" "$LPORT" "$REG" "$rate" "$delay" > "$WORK/slowlink.log" 2>&1 & LINKPID=$!
+  until curl -fsS "http://127.0.0.1:$LPORT/v2/" >/dev/null 2>&1; do sleep 0.1; done
+  VIA=127.0.0.1:$LPORT
+  label="${rate} Mbit/s, ${delay} ms"
+  for i in $(seq "$RUNS"); do
+    for mode in overlayfs lazy traced; do
+      ns="b-$mode"
+      ctr_ -n "$ns" image rm --sync "$VIA/python:gzip" "$VIA/python:hyperbox" >/dev/null 2>&1 || true
+      if [ "$mode" != overlayfs ]; then
+        hb_stop; rm -rf "$HBROOT"; hb_start
+        [ "$mode" = traced ] && "$BIN/hyperbox" trace --address "$HBSOCK" import "$WORK/trace.json" >/dev/null
+      fi
+      cold
+      mark=$(loglines); t0=$(now)
+      if [ "$mode" = overlayfs ]; then
+        ctr_ -n "$ns" image pull --plain-http "$VIA/python:gzip" >/dev/null
+        out=$(ctr_ -n "$ns" run --rm "$VIA/python:gzip" "c$i")
+      else
+        "$BIN/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null
+        out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/python:hyperbox" "c$i")
+      fi
+      t1=$(now)
+      bytes=$(served "$mark")
+      [ "$out" = "$EXPECT" ] || { echo "cold-start: $mode printed '$out', expected '$EXPECT'"; exit 1; }
+      p=; r=
+      if [ "$mode" != overlayfs ]; then
+        # Let the start's trace be recorded (idle_secs), then keep it.
+        until "$BIN/hyperbox" trace --address "$HBSOCK" export "$VIA/python:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
+              python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$mode' == 'traced' else 1) else 1)"; do
+          sleep 0.5
+        done
+        if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace.json"; fi
+        if [ "$mode" = traced ]; then
+          read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
+        fi
+      fi
+      secs=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+      echo "$label,$mode,$i,$secs,$bytes,$p,$r" >> "$WORK/results.csv"
+      printf '%-18s %-10s run %d: %6ss, %s fetched%s\n' "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
+        "${p:+, precision $p recall $r}"
+    done
+  done
+  kill "$LINKPID"; wait "$LINKPID" 2>/dev/null || true; LINKPID=
+done
+
+mkdir -p "$(dirname "$OUT")"
+cp "$WORK/results.csv" "$OUT.csv"
+python3 "$HERE/cold-start-report.py" "$OUT.csv" "$OUT.svg"

@@ -1,0 +1,123 @@
+//! hyperboxd's admin gRPC service (proto/hyperbox/admin/v1/admin.proto),
+//! served beside containerd's Snapshots service on the daemon's socket;
+//! `hyperbox trace ...` is its client. gRPC status codes are chosen here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::digest::Digest;
+use crate::store::Store;
+use crate::trace::{self, Trace, TraceError};
+
+#[allow(clippy::all)]
+pub mod proto {
+    tonic::include_proto!("hyperbox.admin.v1");
+}
+
+pub use proto::admin_client::AdminClient;
+use proto::admin_server::{Admin, AdminServer};
+
+pub struct AdminService {
+    store: Arc<Store>,
+}
+
+/// The service, ready for `tonic::transport::Server::add_service`.
+pub fn server(store: Arc<Store>) -> AdminServer<AdminService> {
+    AdminServer::new(AdminService { store })
+}
+
+/// A client of the daemon at `socket`.
+pub async fn connect(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
+    Ok(AdminClient::new(containerd_client::connect(socket).await?))
+}
+
+impl From<&Trace> for proto::TraceSummary {
+    fn from(t: &Trace) -> Self {
+        proto::TraceSummary {
+            image: t.image.clone(),
+            repository: t.repository.clone(),
+            runs: t.runs,
+            entries: t.entries.len() as u64,
+            bytes: t.bytes(),
+            updated: t.updated,
+            last_start: t.last_start.as_ref().map(|r| proto::StartReport {
+                at: r.at,
+                read: r.read,
+                prefetched: r.prefetched,
+                hits: r.hits,
+                precision: r.precision,
+                recall: r.recall,
+            }),
+        }
+    }
+}
+
+fn status(e: TraceError) -> Status {
+    match e {
+        TraceError::Invalid(m) => Status::invalid_argument(m),
+        TraceError::Store(e) => Status::internal(e.to_string()),
+    }
+}
+
+fn image_digest(image: &str) -> Result<String, Status> {
+    image
+        .parse::<Digest>()
+        .map(|d| d.to_string())
+        .map_err(|e| Status::invalid_argument(format!("image must be a manifest digest (sha256:...): {e}")))
+}
+
+/// Run store work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_traces(
+        &self,
+        _: Request<proto::ListTracesRequest>,
+    ) -> Result<Response<proto::ListTracesResponse>, Status> {
+        let store = self.store.clone();
+        let mut traces = blocking(move || trace::list(&store).map_err(status)).await?;
+        traces.sort_by(|a, b| (&a.repository, b.updated).cmp(&(&b.repository, a.updated)));
+        Ok(Response::new(proto::ListTracesResponse { traces: traces.iter().map(Into::into).collect() }))
+    }
+
+    async fn get_trace(
+        &self,
+        req: Request<proto::GetTraceRequest>,
+    ) -> Result<Response<proto::GetTraceResponse>, Status> {
+        let image = image_digest(&req.into_inner().image)?;
+        let store = self.store.clone();
+        let t = blocking(move || {
+            trace::load(&store, &image)
+                .map_err(status)?
+                .ok_or_else(|| Status::not_found(format!("no trace of image {image}")))
+        })
+        .await?;
+        Ok(Response::new(proto::GetTraceResponse { trace_json: t.to_json() }))
+    }
+
+    async fn put_trace(
+        &self,
+        req: Request<proto::PutTraceRequest>,
+    ) -> Result<Response<proto::PutTraceResponse>, Status> {
+        let t = Trace::from_json(&req.into_inner().trace_json).map_err(status)?;
+        let store = self.store.clone();
+        let summary = (&t).into();
+        blocking(move || trace::save(&store, &t).map_err(status)).await?;
+        Ok(Response::new(proto::PutTraceResponse { summary: Some(summary) }))
+    }
+
+    async fn delete_trace(
+        &self,
+        req: Request<proto::DeleteTraceRequest>,
+    ) -> Result<Response<proto::DeleteTraceResponse>, Status> {
+        let image = image_digest(&req.into_inner().image)?;
+        let store = self.store.clone();
+        let deleted = blocking(move || trace::delete(&store, &image).map_err(status)).await?;
+        Ok(Response::new(proto::DeleteTraceResponse { deleted }))
+    }
+}

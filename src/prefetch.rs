@@ -1,0 +1,287 @@
+//! Trace-driven prefetch: when an image's layers are prepared, fetch the
+//! chunks its trace says a start will read, in the order it will read them,
+//! before it asks.
+//!
+//! One job per image, started by the first of its layers to be prepared;
+//! later layers join it as containerd prepares them. The job walks the
+//! trace in order, a batch at a time (about as many bytes as the prefetch
+//! request slots carry at once), resolves each entry to frames of the layers
+//! ready so far ([`Resolver`]: same layer, else same chunk, else same file),
+//! sorts each layer's frames so adjacent ones coalesce into large range
+//! requests, and has the fetcher store them at prefetch priority. The
+//! fetcher keeps demand first (its own request slots, served before any
+//! prefetch) and joins a demand read of a chunk being prefetched to that
+//! fetch. A byte budget caps each job; an optional hydrate pass then fetches
+//! every remaining chunk of the image's layers.
+//!
+//! With no trace for the image's own manifest, the trace last recorded for
+//! another image of the same repository is used: a new tag of an image
+//! mostly reads the same files.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fetcher::{Fetcher, Priority, RemoteLayer};
+use crate::store::Store;
+use crate::trace::{self, ImageKey, Prefetched, Recorder, Resolver, Trace};
+
+/// The `[prefetch]` section of the config file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Prefetch traced chunks when an image's layers are prepared.
+    pub enabled: bool,
+    /// Compressed bytes one image's traced prefetch may fetch.
+    pub max_bytes_per_image: u64,
+    /// After the traced chunks, fetch every other chunk of the image too
+    /// (for one image: `hyperbox pull --hydrate`).
+    pub hydrate: bool,
+    /// How long a job waits for the image's next layer before it stops.
+    pub layer_wait_secs: u64,
+    /// Use the trace of another image of the same repository when the image
+    /// has none of its own.
+    pub use_repository_trace: bool,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes_per_image: 2 << 30,
+            hydrate: false,
+            layer_wait_secs: 10,
+            use_repository_trace: true,
+        }
+    }
+}
+
+impl PrefetchConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.layer_wait_secs == 0 {
+            return Err("prefetch.layer_wait_secs must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct PrefetchStats {
+    pub jobs: AtomicU64,
+    pub jobs_done: AtomicU64,
+    /// Frames asked of the fetcher (stored ones cost nothing), and their
+    /// compressed bytes.
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+struct Job {
+    layers: Mutex<Vec<Arc<RemoteLayer>>>,
+    arrived: tokio::sync::Notify,
+    hydrate: std::sync::atomic::AtomicBool,
+}
+
+/// Starts and tracks prefetch jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct Prefetcher {
+    fetcher: Fetcher,
+    store: Arc<Store>,
+    recorder: Option<Recorder>,
+    cfg: PrefetchConfig,
+    rt: tokio::runtime::Handle,
+    jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    pub stats: Arc<PrefetchStats>,
+}
+
+impl Prefetcher {
+    pub fn new(
+        fetcher: Fetcher,
+        store: Arc<Store>,
+        recorder: Option<Recorder>,
+        cfg: PrefetchConfig,
+        rt: tokio::runtime::Handle,
+    ) -> Prefetcher {
+        Prefetcher { fetcher, store, recorder, cfg, rt, jobs: Arc::default(), stats: Arc::default() }
+    }
+
+    /// Jobs running now.
+    pub fn running(&self) -> usize {
+        self.jobs.lock().unwrap().len()
+    }
+
+    /// A layer of `image` was prepared: start the image's job (if it has a
+    /// trace, or `hydrate`), or hand the layer to the job already running.
+    /// Reads the store: call from a blocking context.
+    pub fn layer_ready(&self, image: &ImageKey, layer: Arc<RemoteLayer>, hydrate: bool) {
+        if !self.cfg.enabled {
+            return;
+        }
+        let hydrate = hydrate || self.cfg.hydrate;
+        if let Some(job) = self.jobs.lock().unwrap().get(&image.digest) {
+            job.layers.lock().unwrap().push(layer);
+            if hydrate {
+                job.hydrate.store(true, Ordering::Relaxed);
+            }
+            job.arrived.notify_one();
+            return;
+        }
+        let trace = match self.find_trace(image) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(image = %image.digest, error = %e, "cannot read the image's trace; no prefetch");
+                None
+            }
+        };
+        if trace.is_none() && !hydrate {
+            return;
+        }
+        let job = Arc::new(Job {
+            layers: Mutex::new(vec![layer]),
+            arrived: tokio::sync::Notify::new(),
+            hydrate: hydrate.into(),
+        });
+        {
+            let mut jobs = self.jobs.lock().unwrap();
+            if let Some(other) = jobs.get(&image.digest) {
+                // Another layer of the image started one meanwhile.
+                let l = job.layers.lock().unwrap().pop().expect("one layer");
+                other.layers.lock().unwrap().push(l);
+                other.arrived.notify_one();
+                return;
+            }
+            jobs.insert(image.digest.clone(), job.clone());
+        }
+        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+        let prefetched = self.recorder.as_ref().map(|r| r.prefetching(&image.digest)).unwrap_or_default();
+        let this = self.clone();
+        let image = image.clone();
+        self.rt.spawn(async move {
+            let started = std::time::Instant::now();
+            let (frames, bytes) = this.run(&image, &job, trace, &prefetched).await;
+            this.jobs.lock().unwrap().remove(&image.digest);
+            this.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                image = %image.digest, frames, bytes, secs = started.elapsed().as_secs_f64(), "prefetch done"
+            );
+        });
+    }
+
+    fn find_trace(&self, image: &ImageKey) -> Result<Option<Trace>, trace::TraceError> {
+        if let Some(t) = trace::load(&self.store, &image.digest)? {
+            return Ok(Some(t));
+        }
+        if !self.cfg.use_repository_trace {
+            return Ok(None);
+        }
+        let t = trace::latest_for_repository(&self.store, &image.repository)?;
+        if let Some(t) = &t {
+            tracing::info!(image = %image.digest, from = %t.image, "no trace of this image; using its repository's latest");
+        }
+        Ok(t)
+    }
+
+    /// Returns the frames asked for and their compressed bytes.
+    async fn run(&self, image: &ImageKey, job: &Job, trace: Option<Trace>, prefetched: &Prefetched) -> (u64, u64) {
+        let entries = trace.map(|t| t.entries).unwrap_or_default();
+        let fc = self.fetcher.config();
+        let batch_bytes = (fc.max_prefetch_requests as u64 * fc.max_request_bytes.max(1 << 20)).max(1 << 20);
+        let mut pending: Vec<usize> = (0..entries.len()).collect();
+        let (mut frames_asked, mut spent) = (0u64, 0u64);
+        let mut asked: HashSet<(usize, usize)> = HashSet::new();
+        let wait = Duration::from_secs(self.cfg.layer_wait_secs);
+        'traced: while !pending.is_empty() {
+            let layers = job.layers.lock().unwrap().clone();
+            let mut resolver = Resolver::new(&layers);
+            // Entries resolved now, in trace order, a batch at a time.
+            let mut unresolved = Vec::new();
+            let mut batch: HashMap<usize, Vec<usize>> = HashMap::new();
+            let mut batch_size = 0u64;
+            let mut progressed = false;
+            for &e in &pending {
+                match resolver.resolve(&entries[e]) {
+                    None => unresolved.push(e),
+                    Some((li, frames)) => {
+                        progressed = true;
+                        for f in frames {
+                            if !asked.insert((li, f)) {
+                                continue;
+                            }
+                            let frame = layers[li].index.frames().get(f);
+                            prefetched.lock().unwrap().insert(frame.id);
+                            batch.entry(li).or_default().push(f);
+                            batch_size += frame.c_len as u64;
+                            spent += frame.c_len as u64;
+                            frames_asked += 1;
+                        }
+                        if batch_size >= batch_bytes {
+                            self.fetch_batch(image, &layers, std::mem::take(&mut batch)).await;
+                            batch_size = 0;
+                        }
+                        if spent >= self.cfg.max_bytes_per_image {
+                            self.fetch_batch(image, &layers, batch).await;
+                            tracing::info!(image = %image.digest, bytes = spent, "prefetch budget reached");
+                            break 'traced;
+                        }
+                    }
+                }
+            }
+            self.fetch_batch(image, &layers, batch).await;
+            pending = unresolved;
+            if pending.is_empty() {
+                break;
+            }
+            // The rest belong to layers not prepared yet: wait for the next.
+            if !progressed && tokio::time::timeout(wait, job.arrived.notified()).await.is_err() {
+                tracing::debug!(image = %image.digest, left = pending.len(), "no more layers; traced entries left");
+                break;
+            }
+            if progressed {
+                // Give a layer that arrived meanwhile a chance before looping.
+                let _ = tokio::time::timeout(Duration::from_millis(50), job.arrived.notified()).await;
+            }
+        }
+        self.stats.frames.fetch_add(frames_asked, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(spent, Ordering::Relaxed);
+        if job.hydrate.load(Ordering::Relaxed) {
+            // Every chunk of every layer; the fetcher skips stored ones.
+            let mut done = 0;
+            loop {
+                let layers = job.layers.lock().unwrap().clone();
+                for layer in &layers[done..] {
+                    let all: Vec<usize> = (0..layer.index.frames().len()).collect();
+                    if let Err(e) = self.fetcher.fetch_into_store(layer, &all, Priority::Prefetch).await {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(image = %image.digest, layer = %layer.blob, error = %e, "hydrate failed");
+                    }
+                }
+                done = layers.len();
+                if tokio::time::timeout(Duration::from_secs(2), job.arrived.notified()).await.is_err() {
+                    break;
+                }
+            }
+            tracing::info!(image = %image.digest, layers = done, "hydrated");
+        }
+        (frames_asked, spent)
+    }
+
+    /// Fetch each layer's frames of the batch at once (sorted, so they
+    /// coalesce), the layers side by side.
+    async fn fetch_batch(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], batch: HashMap<usize, Vec<usize>>) {
+        let fetches = batch.into_iter().map(|(li, mut frames)| {
+            frames.sort_unstable();
+            let layer = layers[li].clone();
+            async move { (layer.clone(), self.fetcher.fetch_into_store(&layer, &frames, Priority::Prefetch).await) }
+        });
+        for (layer, result) in futures_util::future::join_all(fetches).await {
+            if let Err(e) = result {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(image = %image.digest, layer = %layer.blob, error = %e, "prefetch failed");
+            }
+        }
+    }
+}

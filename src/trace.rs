@@ -1,0 +1,651 @@
+//! Access traces: which chunks a container start read first, and when.
+//!
+//! Every mounted layer reports each frame's first access on a bounded
+//! channel ([`TraceHook`]; a full channel drops the report and counts it, a
+//! read never waits on it). When a container starts (an active snapshot is
+//! prepared on remote layers), a [`Recorder`] session collects the first
+//! accesses on that container's layers until the window ends or the
+//! container goes idle, then merges them into the image's [`Trace`] in the
+//! store: the union of all runs, ordered by each chunk's mean first-access
+//! time. The prefetcher reads it back on the image's next start.
+//!
+//! A trace is keyed by the image's manifest digest and keeps, for each
+//! chunk, the layer, frame, chunk digest, file path and offset in the file,
+//! so it can also serve another version of the image: by chunk digest where
+//! the chunk is unchanged, by path where the file moved to a new layer.
+//!
+//! Traces are JSON (versioned, [`TRACE_VERSION`]): the same bytes are kept
+//! in the store, exported by `hyperbox trace export` and imported elsewhere.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{ChunkId, Digest};
+use crate::fetcher::RemoteLayer;
+use crate::store::{Family, Store, StoreError};
+
+/// The layout version of a trace; others are refused with a clear error.
+pub const TRACE_VERSION: u32 = 1;
+/// The media type of an exported trace (and of its OCI artifact).
+pub const MEDIA_TYPE: &str = "application/vnd.hyperbox.trace.v1+json";
+/// An imported trace may hold at most this many entries (a trace of every
+/// chunk of a very large image; guards memory against a hostile file).
+pub const MAX_ENTRIES: usize = 4 << 20;
+
+const KEY_IMAGE: &str = "image/";
+const KEY_REPO: &str = "repo/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("trace store: {0}")]
+    Store(#[from] StoreError),
+    #[error("not a HyperBox trace: {0}")]
+    Invalid(String),
+}
+
+/// The `[trace]` section of the config file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// Record a trace of each container start.
+    pub enabled: bool,
+    /// Stop recording this long after the container's snapshot was prepared.
+    pub window_secs: u64,
+    /// Or once no new chunk was read for this long.
+    pub idle_secs: u64,
+    /// A trace keeps at most this many chunks (the earliest first).
+    pub max_entries: usize,
+    /// First-access reports that may wait unprocessed; more are dropped.
+    pub queue: usize,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self { enabled: true, window_secs: 60, idle_secs: 10, max_entries: 1 << 20, queue: 1 << 16 }
+    }
+}
+
+impl TraceConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.window_secs == 0 || self.idle_secs == 0 {
+            return Err("trace.window_secs and trace.idle_secs must be more than 0".into());
+        }
+        if self.max_entries == 0 || self.max_entries > MAX_ENTRIES {
+            return Err(format!("trace.max_entries must be between 1 and {MAX_ENTRIES}"));
+        }
+        if self.queue == 0 {
+            return Err("trace.queue must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// An image, as traces know it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageKey {
+    /// The manifest digest (`sha256:…`).
+    pub digest: String,
+    /// `registry/repository`: another version's trace is found through it.
+    pub repository: String,
+}
+
+/// One chunk of a trace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceEntry {
+    /// The layer blob that held the chunk.
+    pub layer: Digest,
+    /// Its frame number in that layer's index.
+    pub frame: u32,
+    pub chunk: ChunkId,
+    /// Compressed size (what prefetching it costs) and uncompressed size.
+    pub c_len: u32,
+    pub u_len: u32,
+    /// The file the frame holds data of ("" for none), and where in the
+    /// file's stored data the frame starts.
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub offset: u64,
+    /// Mean time from the container's start to the first read, over the
+    /// runs that read it.
+    pub at_ms: u32,
+    /// How many runs read it.
+    pub seen: u32,
+}
+
+/// How the prefetch of one start did, measured against what it read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartReport {
+    /// Unix seconds.
+    pub at: u64,
+    /// Chunks the container read, chunks prefetched, and both.
+    pub read: u32,
+    pub prefetched: u32,
+    pub hits: u32,
+    /// hits / prefetched, and hits / read.
+    pub precision: f64,
+    pub recall: f64,
+}
+
+/// An image's merged trace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    pub version: u32,
+    /// The manifest digest of the image the runs were of.
+    pub image: String,
+    pub repository: String,
+    /// Runs merged in.
+    pub runs: u32,
+    /// Unix seconds of the last merge.
+    pub updated: u64,
+    /// In order of mean first access.
+    pub entries: Vec<TraceEntry>,
+    /// The latest start that had a prefetch to judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_start: Option<StartReport>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Trace {
+    pub fn new(image: &ImageKey) -> Trace {
+        Trace {
+            version: TRACE_VERSION,
+            image: image.digest.clone(),
+            repository: image.repository.clone(),
+            runs: 0,
+            updated: 0,
+            entries: Vec::new(),
+            last_start: None,
+        }
+    }
+
+    /// Merge one run (its first accesses, in order): a chunk seen before
+    /// keeps a running mean of its time; new ones are added; then entries
+    /// are ordered by mean time and cut to `max_entries`.
+    pub fn merge_run(&mut self, run: Vec<TraceEntry>, max_entries: usize) {
+        let mut at: HashMap<(Digest, u32), usize> =
+            self.entries.iter().enumerate().map(|(i, e)| ((e.layer.clone(), e.frame), i)).collect();
+        for new in run {
+            match at.get(&(new.layer.clone(), new.frame)) {
+                Some(&i) => {
+                    let e = &mut self.entries[i];
+                    let total = e.at_ms as u64 * e.seen as u64 + new.at_ms as u64;
+                    e.seen += 1;
+                    e.at_ms = (total / e.seen as u64) as u32;
+                }
+                None => {
+                    at.insert((new.layer.clone(), new.frame), self.entries.len());
+                    self.entries.push(TraceEntry { seen: 1, ..new });
+                }
+            }
+        }
+        // Stable: ties keep their order of first sight.
+        self.entries.sort_by_key(|e| e.at_ms);
+        self.entries.truncate(max_entries);
+        self.runs += 1;
+        self.updated = unix_now();
+    }
+
+    /// Compressed bytes a prefetch of every entry would fetch.
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.c_len as u64).sum()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a trace serializes")
+    }
+
+    /// Parse and check a trace from outside (a file, a registry): the
+    /// version, the image digest, and a bound on its size.
+    pub fn from_json(raw: &[u8]) -> Result<Trace, TraceError> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(raw).map_err(|e| TraceError::Invalid(e.to_string()))?;
+        if v.version != TRACE_VERSION {
+            return Err(TraceError::Invalid(format!(
+                "trace version {} is not supported (this hyperbox reads version {TRACE_VERSION})",
+                v.version
+            )));
+        }
+        let t: Trace = serde_json::from_slice(raw).map_err(|e| TraceError::Invalid(e.to_string()))?;
+        t.image.parse::<Digest>().map_err(|e| TraceError::Invalid(format!("image digest: {e}")))?;
+        if t.entries.len() > MAX_ENTRIES {
+            return Err(TraceError::Invalid(format!("{} entries exceeds the limit of {MAX_ENTRIES}", t.entries.len())));
+        }
+        if t.repository.is_empty() {
+            return Err(TraceError::Invalid("no repository".into()));
+        }
+        Ok(t)
+    }
+}
+
+// ---- keeping traces in the store ----
+
+/// The trace of the image with manifest digest `image`.
+pub fn load(store: &Store, image: &str) -> Result<Option<Trace>, TraceError> {
+    match store.get_row(Family::Traces, format!("{KEY_IMAGE}{image}").as_bytes())? {
+        None => Ok(None),
+        Some(raw) => Trace::from_json(&raw).map(Some),
+    }
+}
+
+/// The trace saved last for any image of `repository` (another version).
+pub fn latest_for_repository(store: &Store, repository: &str) -> Result<Option<Trace>, TraceError> {
+    match store.get_row(Family::Traces, format!("{KEY_REPO}{repository}").as_bytes())? {
+        None => Ok(None),
+        Some(image) => load(store, &String::from_utf8_lossy(&image)),
+    }
+}
+
+/// Keep `trace` (replacing the image's earlier one) and make it its
+/// repository's latest, in one write.
+pub fn save(store: &Store, trace: &Trace) -> Result<(), TraceError> {
+    store.write_rows(
+        Family::Traces,
+        &[
+            (format!("{KEY_IMAGE}{}", trace.image).into_bytes(), Some(trace.to_json())),
+            (format!("{KEY_REPO}{}", trace.repository).into_bytes(), Some(trace.image.clone().into_bytes())),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Forget the trace of `image`. True if there was one.
+pub fn delete(store: &Store, image: &str) -> Result<bool, TraceError> {
+    let Some(t) = load(store, image)? else { return Ok(false) };
+    let mut rows = vec![(format!("{KEY_IMAGE}{image}").into_bytes(), None)];
+    let repo_key = format!("{KEY_REPO}{}", t.repository).into_bytes();
+    if store.get_row(Family::Traces, &repo_key)?.is_some_and(|d| d == image.as_bytes()) {
+        rows.push((repo_key, None));
+    }
+    store.write_rows(Family::Traces, &rows)?;
+    Ok(true)
+}
+
+/// Every kept trace. One that no longer parses is skipped with a warning.
+pub fn list(store: &Store) -> Result<Vec<Trace>, TraceError> {
+    let mut out = Vec::new();
+    for (k, v) in store.rows(Family::Traces)? {
+        if !k.starts_with(KEY_IMAGE.as_bytes()) {
+            continue;
+        }
+        match Trace::from_json(&v) {
+            Ok(t) => out.push(t),
+            Err(e) => tracing::warn!(key = %String::from_utf8_lossy(&k), error = %e, "unreadable trace skipped"),
+        }
+    }
+    Ok(out)
+}
+
+// ---- recording ----
+
+/// A first access of a frame of a mounted layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkAccess {
+    pub layer: Digest,
+    pub frame: u32,
+    pub chunk: ChunkId,
+    pub at: Instant,
+}
+
+/// Where first accesses go. Cheap to clone; clones share the channel.
+#[derive(Clone)]
+pub struct TraceHook {
+    tx: tokio::sync::mpsc::Sender<ChunkAccess>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl TraceHook {
+    pub fn new(capacity: usize) -> (TraceHook, tokio::sync::mpsc::Receiver<ChunkAccess>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (TraceHook { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+    }
+
+    /// Report without waiting: when the channel is full the report is
+    /// dropped and counted.
+    pub fn report(&self, access: ChunkAccess) {
+        if self.tx.try_send(access).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Reports dropped because the channel was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// What the prefetcher fetched for an image, to judge it by.
+pub type Prefetched = Arc<Mutex<HashSet<ChunkId>>>;
+
+/// Counters for metrics and `hyperbox trace`.
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    pub sessions: AtomicU64,
+    pub runs_merged: AtomicU64,
+    pub empty_runs: AtomicU64,
+    pub save_errors: AtomicU64,
+}
+
+struct Session {
+    image: ImageKey,
+    layers: HashMap<Digest, Arc<RemoteLayer>>,
+    started: Instant,
+    last: Instant,
+    accesses: Vec<ChunkAccess>,
+    seen: HashSet<(Digest, u32)>,
+}
+
+#[derive(Default)]
+struct Shared {
+    sessions: Vec<Session>,
+    /// By manifest digest, with when the prefetch began; kept until a start
+    /// of the image is judged, or for an hour.
+    prefetched: HashMap<String, (Instant, Prefetched)>,
+}
+
+/// Records container starts into traces. Cheap to clone.
+///
+/// The collector holds the store weakly: it never keeps the database open
+/// after the snapshotter that owns it is gone.
+#[derive(Clone)]
+pub struct Recorder {
+    hook: TraceHook,
+    shared: Arc<Mutex<Shared>>,
+    store: std::sync::Weak<Store>,
+    max_entries: usize,
+    pub stats: Arc<RecorderStats>,
+}
+
+impl Recorder {
+    /// Start the collector on `rt`. Sessions are merged into `store`.
+    pub fn start(store: Arc<Store>, cfg: TraceConfig, rt: &tokio::runtime::Handle) -> Recorder {
+        let (hook, mut rx) = TraceHook::new(cfg.queue);
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let stats = Arc::new(RecorderStats::default());
+        let weak = Arc::downgrade(&store);
+        drop(store);
+        let rec = Recorder {
+            hook,
+            shared: shared.clone(),
+            store: weak.clone(),
+            max_entries: cfg.max_entries,
+            stats: stats.clone(),
+        };
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    access = rx.recv() => {
+                        let Some(a) = access else { break };
+                        let mut sh = shared.lock().unwrap();
+                        for s in sh.sessions.iter_mut().filter(|s| s.layers.contains_key(&a.layer)) {
+                            if a.at >= s.started && s.seen.insert((a.layer.clone(), a.frame)) {
+                                s.last = a.at;
+                                s.accesses.push(a.clone());
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        let done = take_finished(&shared, &cfg, false);
+                        let Some(store) = weak.upgrade() else { break };
+                        for (s, prefetched) in done {
+                            let (store, stats, max) = (store.clone(), stats.clone(), cfg.max_entries);
+                            tokio::task::spawn_blocking(move || finish(&store, s, prefetched, max, &stats));
+                        }
+                    }
+                }
+            }
+        });
+        rec
+    }
+
+    /// The hook each mounted layer reports to.
+    pub fn hook(&self) -> TraceHook {
+        self.hook.clone()
+    }
+
+    /// A container of `image` starts on `layers`: record its first reads.
+    pub fn begin(&self, image: ImageKey, layers: Vec<Arc<RemoteLayer>>) {
+        if layers.is_empty() {
+            return;
+        }
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(image = %image.digest, layers = layers.len(), "recording a trace");
+        let now = Instant::now();
+        let layers = layers.into_iter().map(|l| (l.blob.clone(), l)).collect();
+        self.shared.lock().unwrap().sessions.push(Session {
+            image,
+            layers,
+            started: now,
+            last: now,
+            accesses: Vec::new(),
+            seen: HashSet::new(),
+        });
+    }
+
+    /// The prefetcher of `image` records here what it fetched.
+    pub fn prefetching(&self, image: &str) -> Prefetched {
+        let mut sh = self.shared.lock().unwrap();
+        sh.prefetched.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(3600));
+        sh.prefetched.entry(image.to_string()).or_insert_with(|| (Instant::now(), Prefetched::default())).1.clone()
+    }
+
+    /// Sessions still recording.
+    pub fn recording(&self) -> usize {
+        self.shared.lock().unwrap().sessions.len()
+    }
+
+    /// End every session now and merge what it saw (at shutdown: a start
+    /// cut short still tells which chunks came first). Blocking.
+    pub fn flush(&self) {
+        let Some(store) = self.store.upgrade() else { return };
+        for (s, prefetched) in take_finished(&self.shared, &TraceConfig::default(), true) {
+            finish(&store, s, prefetched, self.max_entries, &self.stats);
+        }
+    }
+}
+
+/// Remove the sessions whose window or idle time is over.
+fn take_finished(shared: &Mutex<Shared>, cfg: &TraceConfig, all: bool) -> Vec<(Session, Option<Prefetched>)> {
+    let now = Instant::now();
+    let (window, idle) = (Duration::from_secs(cfg.window_secs), Duration::from_secs(cfg.idle_secs));
+    let mut sh = shared.lock().unwrap();
+    let mut done = Vec::new();
+    let mut i = 0;
+    while i < sh.sessions.len() {
+        let s = &sh.sessions[i];
+        let over = all
+            || now.duration_since(s.started) >= window
+            || (!s.accesses.is_empty() && now.duration_since(s.last) >= idle);
+        if over {
+            let s = sh.sessions.swap_remove(i);
+            let p = sh.prefetched.remove(&s.image.digest).map(|(_, p)| p);
+            done.push((s, p));
+        } else {
+            i += 1;
+        }
+    }
+    done
+}
+
+/// Turn a session into a run and merge it into the image's trace.
+fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries: usize, stats: &RecorderStats) {
+    if s.accesses.is_empty() {
+        // Nothing reached FUSE: the layers were warm in the page cache.
+        stats.empty_runs.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(image = %s.image.digest, "no first reads; trace unchanged");
+        return;
+    }
+    let mut files: HashMap<Digest, FileMap> = HashMap::new();
+    let run: Vec<TraceEntry> = s
+        .accesses
+        .iter()
+        .map(|a| {
+            let layer = &s.layers[&a.layer];
+            let map = files.entry(a.layer.clone()).or_insert_with(|| FileMap::new(layer));
+            let frame = layer.index.frames().get(a.frame as usize);
+            let (tar_start, _) = layer.index.frame_tar_range(a.frame as usize);
+            let (path, offset) = map.at(layer, tar_start);
+            TraceEntry {
+                layer: a.layer.clone(),
+                frame: a.frame,
+                chunk: a.chunk,
+                c_len: frame.c_len,
+                u_len: frame.u_len,
+                path,
+                offset,
+                at_ms: a.at.saturating_duration_since(s.started).as_millis().min(u32::MAX as u128) as u32,
+                seen: 1,
+            }
+        })
+        .collect();
+    let result = (|| -> Result<Trace, TraceError> {
+        let mut trace = load(store, &s.image.digest)?.unwrap_or_else(|| Trace::new(&s.image));
+        if let Some(p) = &prefetched {
+            let p = p.lock().unwrap();
+            if !p.is_empty() {
+                let read: HashSet<ChunkId> = run.iter().map(|e| e.chunk).collect();
+                let hits = read.iter().filter(|c| p.contains(c)).count();
+                trace.last_start = Some(StartReport {
+                    at: unix_now(),
+                    read: read.len() as u32,
+                    prefetched: p.len() as u32,
+                    hits: hits as u32,
+                    precision: hits as f64 / p.len() as f64,
+                    recall: hits as f64 / read.len().max(1) as f64,
+                });
+            }
+        }
+        trace.merge_run(run, max_entries);
+        save(store, &trace)?;
+        Ok(trace)
+    })();
+    match result {
+        Ok(t) => {
+            stats.runs_merged.fetch_add(1, Ordering::Relaxed);
+            let (precision, recall) =
+                t.last_start.as_ref().map(|r| (r.precision, r.recall)).unwrap_or((f64::NAN, f64::NAN));
+            tracing::info!(
+                image = %t.image, read = s.accesses.len(), entries = t.entries.len(), runs = t.runs,
+                precision, recall, "trace recorded"
+            );
+        }
+        Err(e) => {
+            stats.save_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(image = %s.image.digest, error = %e, "trace not saved");
+        }
+    }
+}
+
+/// Which file's data a tar offset falls in, for one layer.
+struct FileMap {
+    /// (data start, data end, entry number), by start.
+    spans: Vec<(u64, u64, usize)>,
+}
+
+impl FileMap {
+    fn new(layer: &RemoteLayer) -> FileMap {
+        let mut spans: Vec<(u64, u64, usize)> = layer
+            .index
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.data_len() > 0)
+            .map(|(i, e)| (e.data_offset, e.data_offset + e.data_len(), i))
+            .collect();
+        spans.sort_unstable();
+        FileMap { spans }
+    }
+
+    /// The path of the file whose data holds or follows `tar` within the
+    /// frame, and the offset of `tar` in its stored data (0 if the frame
+    /// starts before the file's data).
+    fn at(&self, layer: &RemoteLayer, tar: u64) -> (String, u64) {
+        let k = self.spans.partition_point(|&(_, end, _)| end <= tar);
+        match self.spans.get(k) {
+            Some(&(start, _, i)) => {
+                let e = &layer.index.entries()[i];
+                (String::from_utf8_lossy(&e.path).into_owned(), tar.saturating_sub(start))
+            }
+            None => (String::new(), 0),
+        }
+    }
+}
+
+/// Where a trace entry's chunk is among `layers` (layer position, frame):
+/// the same layer and frame if present, else any frame with the same chunk
+/// digest, else the same bytes of a file at the same path (the topmost
+/// layer that has it). None if the image has nothing like it.
+pub struct Resolver<'a> {
+    layers: &'a [Arc<RemoteLayer>],
+    by_blob: HashMap<&'a Digest, usize>,
+    by_chunk: Option<HashMap<ChunkId, (usize, usize)>>,
+    by_path: Option<HashMap<&'a [u8], (usize, usize)>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(layers: &'a [Arc<RemoteLayer>]) -> Resolver<'a> {
+        let by_blob = layers.iter().enumerate().map(|(i, l)| (&l.blob, i)).collect();
+        Resolver { layers, by_blob, by_chunk: None, by_path: None }
+    }
+
+    /// Frames of `layers[i]` for the entry (a path match can span several).
+    pub fn resolve(&mut self, e: &TraceEntry) -> Option<(usize, Vec<usize>)> {
+        if let Some(&i) = self.by_blob.get(&e.layer) {
+            let frames = self.layers[i].index.frames();
+            if (e.frame as usize) < frames.len() && frames.get(e.frame as usize).id == e.chunk {
+                return Some((i, vec![e.frame as usize]));
+            }
+        }
+        let layers = self.layers;
+        let by_chunk = self.by_chunk.get_or_insert_with(|| {
+            let mut m = HashMap::new();
+            for (i, l) in layers.iter().enumerate() {
+                for (f, frame) in l.index.frames().iter().enumerate() {
+                    m.entry(frame.id).or_insert((i, f));
+                }
+            }
+            m
+        });
+        if let Some(&(i, f)) = by_chunk.get(&e.chunk) {
+            return Some((i, vec![f]));
+        }
+        if e.path.is_empty() {
+            return None;
+        }
+        let by_path = self.by_path.get_or_insert_with(|| {
+            let mut m = HashMap::new();
+            // Layers are bottom first: a later (upper) one wins.
+            for (i, l) in layers.iter().enumerate() {
+                for (k, entry) in l.index.entries().iter().enumerate() {
+                    if entry.data_len() > 0 {
+                        m.insert(entry.path.as_slice(), (i, k));
+                    }
+                }
+            }
+            m
+        });
+        let &(i, k) = by_path.get(e.path.as_bytes())?;
+        let entry = &layers[i].index.entries()[k];
+        if e.offset >= entry.data_len() {
+            return None;
+        }
+        let len = (entry.data_len() - e.offset).min(e.u_len.max(1) as u64);
+        let frames: Vec<usize> = layers[i].index.frames_for(entry.data_offset + e.offset, len).collect();
+        (!frames.is_empty()).then_some((i, frames))
+    }
+}
+
+#[cfg(test)]
+mod tests;
