@@ -58,6 +58,7 @@ fn status(e: TraceError) -> Status {
     match e {
         TraceError::Invalid(m) => Status::invalid_argument(m),
         TraceError::Store(e) => Status::internal(e.to_string()),
+        TraceError::Registry(e) => Status::unavailable(e),
     }
 }
 

@@ -14,9 +14,10 @@
 //! fetch. A byte budget caps each job; an optional hydrate pass then fetches
 //! every remaining chunk of the image's layers.
 //!
-//! With no trace for the image's own manifest, the trace last recorded for
-//! another image of the same repository is used: a new tag of an image
-//! mostly reads the same files.
+//! With no trace for the image's own manifest here, one published to the
+//! registry for it is looked for (and kept); failing that, the trace last
+//! recorded for another image of the same repository is used: a new tag of
+//! an image mostly reads the same files.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +43,10 @@ pub struct PrefetchConfig {
     pub hydrate: bool,
     /// How long a job waits for the image's next layer before it stops.
     pub layer_wait_secs: u64,
-    /// Use the trace of another image of the same repository when the image
-    /// has none of its own.
+    /// With no trace of its own here, look for one published to the
+    /// registry for the image (`hyperbox trace push`) and keep it.
+    pub registry_traces: bool,
+    /// Failing that, use the trace of another image of the same repository.
     pub use_repository_trace: bool,
 }
 
@@ -54,6 +57,7 @@ impl Default for PrefetchConfig {
             max_bytes_per_image: 2 << 30,
             hydrate: false,
             layer_wait_secs: 10,
+            registry_traces: true,
             use_repository_trace: true,
         }
     }
@@ -114,9 +118,9 @@ impl Prefetcher {
         self.jobs.lock().unwrap().len()
     }
 
-    /// A layer of `image` was prepared: start the image's job (if it has a
-    /// trace, or `hydrate`), or hand the layer to the job already running.
-    /// Reads the store: call from a blocking context.
+    /// A layer of `image` was prepared: start the image's job, or hand the
+    /// layer to the job already running. The job looks for a trace and ends
+    /// at once if there is none (and no hydrate was asked for).
     pub fn layer_ready(&self, image: &ImageKey, layer: Arc<RemoteLayer>, hydrate: bool) {
         if !self.cfg.enabled {
             return;
@@ -128,16 +132,6 @@ impl Prefetcher {
                 job.hydrate.store(true, Ordering::Relaxed);
             }
             job.arrived.notify_one();
-            return;
-        }
-        let trace = match self.find_trace(image) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(image = %image.digest, error = %e, "cannot read the image's trace; no prefetch");
-                None
-            }
-        };
-        if trace.is_none() && !hydrate {
             return;
         }
         let job = Arc::new(Job {
@@ -156,12 +150,17 @@ impl Prefetcher {
             }
             jobs.insert(image.digest.clone(), job.clone());
         }
-        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
-        let prefetched = self.recorder.as_ref().map(|r| r.prefetching(&image.digest)).unwrap_or_default();
         let this = self.clone();
         let image = image.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
+            let trace = this.find_trace(&image, &job).await;
+            if trace.is_none() && !job.hydrate.load(Ordering::Relaxed) {
+                this.jobs.lock().unwrap().remove(&image.digest);
+                return;
+            }
+            this.stats.jobs.fetch_add(1, Ordering::Relaxed);
+            let prefetched = this.recorder.as_ref().map(|r| r.prefetching(&image.digest)).unwrap_or_default();
             let (frames, bytes) = this.run(&image, &job, trace, &prefetched).await;
             this.jobs.lock().unwrap().remove(&image.digest);
             this.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
@@ -171,18 +170,43 @@ impl Prefetcher {
         });
     }
 
-    fn find_trace(&self, image: &ImageKey) -> Result<Option<Trace>, trace::TraceError> {
-        if let Some(t) = trace::load(&self.store, &image.digest)? {
-            return Ok(Some(t));
+    /// The image's own trace here, else one published for it to the
+    /// registry (kept here), else its repository's latest here.
+    async fn find_trace(&self, image: &ImageKey, job: &Job) -> Option<Trace> {
+        let warn = |e: trace::TraceError| tracing::warn!(image = %image.digest, error = %e, "trace lookup failed");
+        match trace::load(&self.store, &image.digest) {
+            Ok(Some(t)) => return Some(t),
+            Ok(None) => {}
+            Err(e) => warn(e),
+        }
+        let repo = job.layers.lock().unwrap().first().map(|l| l.repo.clone());
+        if let (true, Some(repo), Ok(digest)) = (self.cfg.registry_traces, repo, image.digest.parse()) {
+            match trace::oci::find(self.fetcher.client(), &repo, &digest).await {
+                Ok(Some(t)) => {
+                    tracing::info!(image = %image.digest, runs = t.runs, chunks = t.entries.len(), "trace found in the registry");
+                    if let Err(e) = trace::save(&self.store, &t) {
+                        warn(e);
+                    }
+                    return Some(t);
+                }
+                Ok(None) => {}
+                Err(e) => warn(e),
+            }
         }
         if !self.cfg.use_repository_trace {
-            return Ok(None);
+            return None;
         }
-        let t = trace::latest_for_repository(&self.store, &image.repository)?;
-        if let Some(t) = &t {
-            tracing::info!(image = %image.digest, from = %t.image, "no trace of this image; using its repository's latest");
+        match trace::latest_for_repository(&self.store, &image.repository) {
+            Ok(Some(t)) => {
+                tracing::info!(image = %image.digest, from = %t.image, "no trace of this image; using its repository's latest");
+                Some(t)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn(e);
+                None
+            }
         }
-        Ok(t)
     }
 
     /// Returns the frames asked for and their compressed bytes.

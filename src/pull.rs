@@ -241,7 +241,7 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 }
 
 /// RFC 3339 (UTC, seconds) for a lease's `containerd.io/gc.expire`.
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -45,6 +45,8 @@ pub enum TraceError {
     Store(#[from] StoreError),
     #[error("not a HyperBox trace: {0}")]
     Invalid(String),
+    #[error("trace in the registry: {0}")]
+    Registry(String),
 }
 
 /// The `[trace]` section of the config file.
@@ -646,6 +648,8 @@ impl<'a> Resolver<'a> {
         (!frames.is_empty()).then_some((i, frames))
     }
 }
+
+pub mod oci;
 
 #[cfg(test)]
 mod tests;

@@ -354,11 +354,13 @@ fn traced_app(layout: &Path, tag: &str, files: &[Vec<u8>]) -> String {
     format!("{}  -\n", &sha256(&expected)[7..])
 }
 
-/// A start records a trace; with the trace (exported, the store wiped, the
-/// trace imported) the next start's chunks are prefetched when the image is
-/// pulled, so the container reads nothing from the registry, and the start
-/// is judged: recall and precision of the prefetch. A new version of the
-/// image (another digest, most files the same) uses its repository's trace.
+/// A start records a trace. It is published to the registry as an OCI
+/// artifact referring to the image, and the node's store is wiped: the next
+/// pull finds the trace in the registry and prefetches its chunks, so the
+/// container reads nothing on demand, and the start is judged (recall and
+/// precision). Then, on a wiped node with only the exported trace imported,
+/// a new version of the image (another digest, most files the same) uses
+/// its repository's trace, by chunk digest and by path.
 #[test]
 fn traced_start_prefetches_everything_it_reads() {
     if !have_tools("traced_start_prefetches_everything_it_reads", TOOLS) {
@@ -374,6 +376,12 @@ fn traced_start_prefetches_everything_it_reads() {
     let config = "version = 1\n[trace]\nidle_secs = 2\nwindow_secs = 30\n";
     let mut hb = Hyperboxd::start(tmp.path(), config);
     let ctd = Containerd::start(&hb.proxy_plugin());
+    let socket = hb.socket.clone();
+    let trace_cmd = || {
+        let mut c = hyperbox();
+        c.args(["trace", "--plain-http", "--address"]).arg(&socket);
+        c
+    };
 
     // First start: no trace, so nothing is prefetched; the start is recorded.
     let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
@@ -396,20 +404,23 @@ fn traced_start_prefetches_everything_it_reads() {
     let unread = paths.iter().filter(|p| **p == "data/f0" || **p == "data/f2").count();
     assert_eq!(unread, 0, "files never read are not in the trace: {paths:?}");
 
-    // The store is cleared, the trace kept (exported, then imported).
+    // Published next to the image (docker-registry 2.8 has no referrers
+    // API: the tag schema), then the node's store is wiped.
+    let out = run(trace_cmd().args(["push", &dst]));
+    assert!(out.contains("referrers tag schema"), "{out}");
     run(ctd.ctr().args(["image", "rm", "--sync", &dst]));
     wait_until("snapshots removed", Duration::from_secs(20), || snapshot_names(&ctd, "hyperbox-test").is_empty());
     assert!(hb.stop().success());
     std::fs::remove_dir_all(&hb.root).unwrap();
     hb.restart();
     wait_reconnected(&ctd);
-    run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).arg("import").arg(&file));
 
-    // Second start: pulling prefetches the traced chunks; the container
-    // then finds everything it reads already fetched.
+    // Second start: pulling finds the trace in the registry and prefetches
+    // its chunks; the container finds everything it reads already fetched.
     let log_before = hb.log().len();
     hyperbox_pull(&ctd, "hyperbox-test", &dst);
     wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
+    assert!(hb.log()[log_before..].contains("trace found in the registry"), "{}", &hb.log()[log_before..]);
     let log_start = reg.log().len();
     let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "t2"]));
     assert_eq!(out, expected);
@@ -425,6 +436,18 @@ fn traced_start_prefetches_everything_it_reads() {
     println!("repeated start: precision {precision:.3}, recall {recall:.3}: {judged}");
     assert!(recall >= 0.95, "{judged}");
     assert!(precision >= 0.8, "{judged}");
+
+    // Another node, wiped, with the exported trace of v1 imported.
+    run(ctd.ctr().args(["image", "rm", "--sync", &dst]));
+    wait_until("snapshots removed", Duration::from_secs(20), || snapshot_names(&ctd, "hyperbox-test").is_empty());
+    assert!(hb.stop().success());
+    std::fs::remove_dir_all(&hb.root).unwrap();
+    hb.restart();
+    wait_reconnected(&ctd);
+    let out = run(trace_cmd().arg("import").arg(&file));
+    assert!(out.contains("2 runs"), "{out}");
+    let out = run(trace_cmd().arg("list"));
+    assert!(out.contains("/traced") && out.contains("100.0%"), "{out}");
 
     // A new version: one file changed, so its data layer is a new blob. It
     // has no trace of its own; its repository's is used, by chunk and path.

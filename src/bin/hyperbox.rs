@@ -143,6 +143,12 @@ enum TraceCmd {
     Import { file: PathBuf },
     /// Forget a trace.
     Rm { image: String },
+    /// Publish the image's trace to its registry, as an OCI artifact whose
+    /// subject is the image (found through the referrers API, or its tag
+    /// schema); nodes pulling the image then find and use it.
+    Push { image: String },
+    /// Fetch the trace published for the image into hyperboxd.
+    Pull { image: String },
 }
 
 fn main() {
@@ -267,6 +273,13 @@ async fn trace_cmd(config: &Config, address: &std::path::Path, plain_http: bool,
         let (_, m) = hyperbox::pull::resolve(&client, &r).await.with_context(|| format!("resolve {image}"))?;
         Ok(m.digest.to_string())
     };
+    // For push and pull: the registry, the repository and this platform's manifest.
+    let in_registry = |image: String| async move {
+        let r: hyperbox::registry::Reference = image.parse()?;
+        let client = Client::new(&config.registry, plain_http)?;
+        let (_, m) = hyperbox::pull::resolve(&client, &r).await.with_context(|| format!("resolve {image}"))?;
+        anyhow::Ok((client, r.repo, m))
+    };
     let get = |image: String| {
         let mut admin = admin.clone();
         async move {
@@ -347,6 +360,27 @@ async fn trace_cmd(config: &Config, address: &std::path::Path, plain_http: bool,
             let t = Trace::from_json(&json).with_context(|| file.display().to_string())?;
             admin.put_trace(proto::PutTraceRequest { trace_json: json }).await?;
             println!("imported the trace of {} ({} chunks, {} runs)", t.image, t.entries.len(), t.runs);
+        }
+        TraceCmd::Push { image } => {
+            let (client, repo, manifest) = in_registry(image.clone()).await?;
+            let (t, _) = get(manifest.digest.to_string()).await?;
+            let p = hyperbox::trace::oci::publish(&client, &repo, &manifest, &t).await?;
+            let how = if p.referrers_api { "the referrers API" } else { "the referrers tag schema" };
+            println!(
+                "published the trace of {} ({} chunks, {} runs) as {repo}@{}, found through {how}",
+                t.image,
+                t.entries.len(),
+                t.runs,
+                p.manifest
+            );
+        }
+        TraceCmd::Pull { image } => {
+            let (client, repo, manifest) = in_registry(image.clone()).await?;
+            let t = hyperbox::trace::oci::find(&client, &repo, &manifest.digest)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{image}: no trace published for {}", manifest.digest))?;
+            admin.put_trace(proto::PutTraceRequest { trace_json: t.to_json() }).await?;
+            println!("pulled the trace of {} ({} chunks, {} runs)", t.image, t.entries.len(), t.runs);
         }
         TraceCmd::Rm { image } => {
             let image = digest_of(image).await?;

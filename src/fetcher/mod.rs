@@ -231,6 +231,10 @@ impl Fetcher {
         }
     }
 
+    pub fn client(&self) -> &Arc<Client> {
+        &self.inner.client
+    }
+
     pub fn config(&self) -> &FetchConfig {
         &self.inner.cfg
     }

@@ -506,13 +506,40 @@ impl Client {
 
     /// PUT a manifest under a tag or its digest.
     pub async fn put_manifest(&self, repo: &Repo, target: &str, bytes: &[u8], media_type: &str) -> Result<()> {
+        self.put_manifest_with_subject(repo, target, bytes, media_type).await.map(|_| ())
+    }
+
+    /// PUT a manifest; true if the registry answered with `OCI-Subject`,
+    /// i.e. it indexed the manifest's `subject` for the referrers API.
+    pub async fn put_manifest_with_subject(
+        &self,
+        repo: &Repo,
+        target: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<bool> {
         let what = format!("manifest {target}");
         let url = self.url(repo, &format!("manifests/{target}"));
         let resp = self
             .send(repo, true, &what, |c| c.put(&url).header(header::CONTENT_TYPE, media_type).body(bytes.to_vec()))
             .await?;
-        Self::check(resp, repo, &what).await?;
-        Ok(())
+        let resp = Self::check(resp, repo, &what).await?;
+        Ok(resp.headers().contains_key("oci-subject"))
+    }
+
+    /// The OCI 1.1 referrers of `subject` with `artifact_type` (an image
+    /// index), or None if the registry has no referrers API (404).
+    pub async fn referrers(&self, repo: &Repo, subject: &Digest, artifact_type: &str) -> Result<Option<Vec<u8>>> {
+        let what = format!("referrers of {subject}");
+        let url = self.url(repo, &format!("referrers/{subject}?artifactType={}", artifact_type.replace('+', "%2B")));
+        let resp = self
+            .send(repo, false, &what, |c| c.get(&url).header(header::ACCEPT, "application/vnd.oci.image.index.v1+json"))
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = Self::check(resp, repo, &what).await?;
+        Ok(Some(read_limited(resp, MAX_MANIFEST, repo, &what).await?))
     }
 }
 

@@ -1,0 +1,124 @@
+//! Traces as OCI artifacts that refer to their image (OCI 1.1 `subject`),
+//! so another node pulling the image finds its trace in the registry. The
+//! image itself is not changed, rebuilt or re-tagged.
+//!
+//! The artifact is a manifest with `artifactType` [`MEDIA_TYPE`], the empty
+//! config, one layer (the trace's JSON) and the image's manifest as
+//! `subject`. A registry with the referrers API indexes it (it answers the
+//! PUT with `OCI-Subject`); for one without, the referrers tag schema is
+//! kept up to date by hand: an index tagged `sha256-<hex of the subject>`
+//! lists the referrers. Readers ask the API first and fall back to the tag.
+
+use oci_spec::image::{ImageIndex, ImageManifest};
+
+use super::{Trace, TraceError, MEDIA_TYPE};
+use crate::digest::Digest;
+use crate::registry::{BlobBody, Client, Manifest, RegistryError, Repo};
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY: &[u8] = b"{}";
+const CREATED: &str = "org.opencontainers.image.created";
+
+fn registry(e: RegistryError) -> TraceError {
+    TraceError::Registry(e.to_string())
+}
+
+/// Where a published trace went.
+#[derive(Debug)]
+pub struct Published {
+    pub manifest: Digest,
+    /// Indexed by the registry's referrers API (else by the tag schema).
+    pub referrers_api: bool,
+}
+
+/// The tag the referrers tag schema uses for `subject`.
+fn fallback_tag(subject: &Digest) -> String {
+    format!("sha256-{}", subject.hex())
+}
+
+/// Push `trace` as an artifact referring to `subject` (the image's manifest).
+pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &Trace) -> Result<Published, TraceError> {
+    if trace.image != subject.digest.to_string() {
+        return Err(TraceError::Invalid(format!("the trace is of {}, not of {}", trace.image, subject.digest)));
+    }
+    let json = trace.to_json();
+    let (json_digest, empty_digest) = (Digest::of(&json), Digest::of(EMPTY));
+    client.push_blob(repo, &empty_digest, BlobBody::Bytes(EMPTY)).await.map_err(registry)?;
+    client.push_blob(repo, &json_digest, BlobBody::Bytes(&json)).await.map_err(registry)?;
+    let created = crate::pull::rfc3339(std::time::SystemTime::now());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "artifactType": MEDIA_TYPE,
+        "config": {"mediaType": EMPTY_TYPE, "digest": empty_digest.to_string(), "size": EMPTY.len()},
+        "layers": [{"mediaType": MEDIA_TYPE, "digest": json_digest.to_string(), "size": json.len()}],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest.to_string(), "size": subject.bytes.len()},
+        "annotations": {CREATED: created, "io.hyperbox.trace.runs": trace.runs.to_string()},
+    });
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let digest = Digest::of(&bytes);
+    let referrers_api =
+        client.put_manifest_with_subject(repo, &digest.to_string(), &bytes, MANIFEST_TYPE).await.map_err(registry)?;
+    if !referrers_api {
+        // The tag schema: this subject's index, our older traces replaced.
+        let tag = fallback_tag(&subject.digest);
+        let mut index = match client.get_manifest(repo, &tag).await {
+            Ok(m) => serde_json::from_slice::<serde_json::Value>(&m.bytes)
+                .ok()
+                .filter(|v| v["manifests"].is_array())
+                .ok_or_else(|| TraceError::Invalid(format!("{repo}:{tag} is not an image index")))?,
+            Err(RegistryError::Status { status: 404, .. }) => {
+                serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []})
+            }
+            Err(e) => return Err(registry(e)),
+        };
+        let list = index["manifests"].as_array_mut().expect("checked above");
+        list.retain(|d| d["artifactType"] != MEDIA_TYPE);
+        list.push(serde_json::json!({
+            "mediaType": MANIFEST_TYPE, "digest": digest.to_string(), "size": bytes.len(),
+            "artifactType": MEDIA_TYPE, "annotations": {CREATED: manifest["annotations"][CREATED]},
+        }));
+        let index = serde_json::to_vec(&index).expect("json");
+        client.put_manifest(repo, &tag, &index, INDEX_TYPE).await.map_err(registry)?;
+    }
+    Ok(Published { manifest: digest, referrers_api })
+}
+
+/// The newest trace published for the image whose manifest is `subject`,
+/// if any. Checked like an imported trace, and it must be of `subject`.
+pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Option<Trace>, TraceError> {
+    let index = match client.referrers(repo, subject, MEDIA_TYPE).await.map_err(registry)? {
+        Some(index) => index,
+        None => match client.get_manifest(repo, &fallback_tag(subject)).await {
+            Ok(m) => m.bytes,
+            Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(registry(e)),
+        },
+    };
+    let index =
+        ImageIndex::from_reader(&index[..]).map_err(|e| TraceError::Invalid(format!("referrers index: {e}")))?;
+    // Newest first by creation time (RFC 3339 strings order as times).
+    let newest = index
+        .manifests()
+        .iter()
+        .filter(|d| d.artifact_type().as_ref().is_some_and(|t| t.to_string() == MEDIA_TYPE))
+        .max_by_key(|d| d.annotations().as_ref().and_then(|a| a.get(CREATED).cloned()).unwrap_or_default());
+    let Some(desc) = newest else { return Ok(None) };
+    let m = client.get_manifest(repo, desc.digest().as_ref()).await.map_err(registry)?;
+    let m =
+        ImageManifest::from_reader(&m.bytes[..]).map_err(|e| TraceError::Invalid(format!("trace manifest: {e}")))?;
+    let layer = m
+        .layers()
+        .iter()
+        .find(|l| l.media_type().to_string() == MEDIA_TYPE)
+        .ok_or_else(|| TraceError::Invalid("the trace artifact holds no trace".into()))?;
+    let digest: Digest = layer.digest().as_ref().parse().map_err(|e| TraceError::Invalid(format!("{e}")))?;
+    let json = client.get_blob(repo, &digest).await.map_err(registry)?;
+    let t = Trace::from_json(&json)?;
+    if t.image != subject.to_string() {
+        return Err(TraceError::Invalid(format!("the published trace is of {}, not of {subject}", t.image)));
+    }
+    Ok(Some(t))
+}
