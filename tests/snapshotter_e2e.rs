@@ -468,3 +468,30 @@ fn traced_start_prefetches_everything_it_reads() {
     println!("new version with the old trace: {bytes2} bytes in {requests2} requests on demand");
     assert_eq!(requests2, 0, "{}", &reg.log()[log_start..]);
 }
+
+/// `hyperbox pull --hydrate`: with no trace at all, the whole image is
+/// fetched in the background, so later reads never wait on the registry.
+#[test]
+fn hydrate_fetches_the_whole_image() {
+    if !have_tools("hydrate_fetches_the_whole_image", TOOLS) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let big = random(8 << 20);
+    make_image(&layout, &big);
+    let dst = format!("{}/hydrate:v1", reg.addr);
+    convert_to(&layout, &dst);
+    let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
+    let ctd = Containerd::start(&hb.proxy_plugin());
+    let out =
+        run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).args(["--hydrate", "-n", "hyperbox-test", &dst]));
+    assert!(out.contains("2 lazy"), "{out}");
+    wait_until("hydrated", Duration::from_secs(60), || hb.log().contains("hydrated"));
+    let log_start = reg.log().len();
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "h1", "sha256sum", "/data/big"]));
+    assert_eq!(out.split_whitespace().next().unwrap(), &sha256(&big)[7..]);
+    let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
+    assert_eq!((bytes, requests), (0, 0), "read on demand after hydrating:\n{}", &reg.log()[log_start..]);
+}
