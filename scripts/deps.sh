@@ -10,7 +10,7 @@ packages=(
   zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
   debootstrap                             # the Debian test image and the cold-start benchmark
   apache2-utils                           # htpasswd, for the registry auth test
-  pkg-config ca-certificates
+  pkg-config ca-certificates curl
 )
 
 missing=()

@@ -251,7 +251,7 @@ fn cri_pull_is_lazy() {
     let dst = format!("{}/cri:v1", reg.addr);
     convert_to(&layout, &dst);
 
-    let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
+    let hb = Hyperboxd::start(tmp.path(), "version = 1\n[trace]\nidle_secs = 1\n");
     let cri = "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  disable_snapshot_annotations = false\n";
     let ctd = Containerd::start_with(&format!("{}{cri}", hb.proxy_plugin()), true);
     let log_start = reg.log().len();
@@ -267,6 +267,20 @@ fn cri_pull_is_lazy() {
     let out =
         run(ctd.ctr_in("k8s.io").args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "k1", "cat", "/data/small"]));
     assert_eq!(out.as_bytes(), SMALL);
+    // The CRI passes the manifest digest too: the start is traced under it.
+    let list = || run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).arg("list"));
+    wait_until("the CRI start traced", Duration::from_secs(30), || list().contains(&image_digest(&reg, "cri:v1")));
+}
+
+/// The manifest digest a registry holds for `repo:tag`.
+fn image_digest(reg: &Registry, name: &str) -> String {
+    let (repo, tag) = name.split_once(':').unwrap();
+    let out = run(Command::new("curl")
+        .args(["-fsSI", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        .arg(format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr)));
+    out.lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("docker-content-digest:").map(|d| d.trim().to_string()))
+        .unwrap_or_else(|| panic!("no digest in {out}"))
 }
 
 /// As systemd runs it: the listening socket comes from socket activation
