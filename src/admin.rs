@@ -23,14 +23,22 @@ pub struct AdminService {
     store: Arc<Store>,
 }
 
+/// Largest message either side takes: a trace of a million chunks is about
+/// 270 MB of JSON; this allows a trace.max_entries of about a million.
+pub const MAX_MESSAGE: usize = 512 << 20;
+
 /// The service, ready for `tonic::transport::Server::add_service`.
 pub fn server(store: Arc<Store>) -> AdminServer<AdminService> {
     AdminServer::new(AdminService { store })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// A client of the daemon at `socket`.
 pub async fn connect(socket: &Path) -> Result<AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
-    Ok(AdminClient::new(containerd_client::connect(socket).await?))
+    Ok(AdminClient::new(containerd_client::connect(socket).await?)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }
 
 impl From<&Trace> for proto::TraceSummary {

@@ -7,10 +7,9 @@
 //! runtime: the fetcher answers from the store or the registry, and the reply
 //! is sent from there. A read waiting on the network holds no FUSE thread.
 //!
-//! Each frame's first access is reported on a bounded channel (the trace
+//! The frames each read needs are reported on a bounded channel (the trace
 //! hook); when it is full the report is dropped and counted, never waited on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,8 +28,6 @@ pub struct LayerFs {
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
     trace: Option<TraceHook>,
-    /// One bit per frame: accessed yet?
-    seen: Vec<AtomicU64>,
 }
 
 impl LayerFs {
@@ -44,9 +41,7 @@ impl LayerFs {
         if tree.skipped_links > 0 {
             tracing::warn!(layer = %remote.blob, links = tree.skipped_links, "hard links to missing targets left out");
         }
-        let frames = remote.index.frames().len();
-        let seen = (0..frames.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        LayerFs { tree, remote, fetcher, rt, trace, seen }
+        LayerFs { tree, remote, fetcher, rt, trace }
     }
 
     pub fn tree(&self) -> &Arc<LayerTree> {
@@ -59,14 +54,14 @@ impl LayerFs {
         hyperbox_fuse::mount(self, mountpoint, &name, threads)
     }
 
+    /// Report the frames a read needs. Every read that reaches FUSE is
+    /// reported (reads the page cache answers never get here); each
+    /// recording session keeps only its own first access of a frame, so a
+    /// second container of a layer is traced as fully as the first.
     fn record(&self, frames: &[usize]) {
         let Some(hook) = &self.trace else { return };
         let now = Instant::now();
         for &f in frames {
-            let bit = 1u64 << (f % 64);
-            if self.seen[f / 64].fetch_or(bit, Ordering::Relaxed) & bit != 0 {
-                continue;
-            }
             hook.report(ChunkAccess {
                 layer: self.remote.blob.clone(),
                 frame: f as u32,

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::fetcher::{Fetcher, Priority, RemoteLayer};
+use crate::registry::Repo;
 use crate::store::Store;
 use crate::trace::{self, ImageKey, Prefetched, Recorder, Resolver, Trace};
 
@@ -99,8 +100,14 @@ pub struct Prefetcher {
     cfg: PrefetchConfig,
     rt: tokio::runtime::Handle,
     jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    /// Images the registry had no trace of, and when: their other layers
+    /// (prepared one by one) do not ask it again for a while.
+    no_trace: Arc<Mutex<HashMap<String, std::time::Instant>>>,
     pub stats: Arc<PrefetchStats>,
 }
+
+/// How long "no trace anywhere" is believed.
+const NO_TRACE_TTL: Duration = Duration::from_secs(60);
 
 impl Prefetcher {
     pub fn new(
@@ -110,7 +117,16 @@ impl Prefetcher {
         cfg: PrefetchConfig,
         rt: tokio::runtime::Handle,
     ) -> Prefetcher {
-        Prefetcher { fetcher, store, recorder, cfg, rt, jobs: Arc::default(), stats: Arc::default() }
+        Prefetcher {
+            fetcher,
+            store,
+            recorder,
+            cfg,
+            rt,
+            jobs: Arc::default(),
+            no_trace: Arc::default(),
+            stats: Arc::default(),
+        }
     }
 
     /// Jobs running now.
@@ -154,7 +170,7 @@ impl Prefetcher {
         let image = image.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
-            let trace = this.find_trace(&image, &job).await;
+            let trace = this.find_trace(&image).await;
             if trace.is_none() && !job.hydrate.load(Ordering::Relaxed) {
                 this.jobs.lock().unwrap().remove(&image.digest);
                 return;
@@ -172,24 +188,39 @@ impl Prefetcher {
 
     /// The image's own trace here, else one published for it to the
     /// registry (kept here), else its repository's latest here.
-    async fn find_trace(&self, image: &ImageKey, job: &Job) -> Option<Trace> {
+    async fn find_trace(&self, image: &ImageKey) -> Option<Trace> {
         let warn = |e: trace::TraceError| tracing::warn!(image = %image.digest, error = %e, "trace lookup failed");
         match trace::load(&self.store, &image.digest) {
             Ok(Some(t)) => return Some(t),
             Ok(None) => {}
             Err(e) => warn(e),
         }
-        let repo = job.layers.lock().unwrap().first().map(|l| l.repo.clone());
-        if let (true, Some(repo), Ok(digest)) = (self.cfg.registry_traces, repo, image.digest.parse()) {
+        let repo = image
+            .repository
+            .split_once('/')
+            .map(|(registry, name)| Repo { registry: registry.into(), name: name.into() });
+        let asked_lately = {
+            let mut none = self.no_trace.lock().unwrap();
+            none.retain(|_, at| at.elapsed() < NO_TRACE_TTL);
+            none.contains_key(&image.digest)
+        };
+        if let (true, false, Some(repo), Ok(digest)) =
+            (self.cfg.registry_traces, asked_lately, repo, image.digest.parse())
+        {
             match trace::oci::find(self.fetcher.client(), &repo, &digest).await {
-                Ok(Some(t)) => {
+                Ok(Some(mut t)) => {
+                    // It serves this repository's other versions too, under
+                    // the name this node knows it by.
+                    t.repository = image.repository.clone();
                     tracing::info!(image = %image.digest, runs = t.runs, chunks = t.entries.len(), "trace found in the registry");
                     if let Err(e) = trace::save(&self.store, &t) {
                         warn(e);
                     }
                     return Some(t);
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    self.no_trace.lock().unwrap().insert(image.digest.clone(), std::time::Instant::now());
+                }
                 Err(e) => warn(e),
             }
         }

@@ -248,9 +248,18 @@ pub fn latest_for_repository(store: &Store, repository: &str) -> Result<Option<T
     }
 }
 
+/// Serializes every change to the traces family, so a merge (load, merge,
+/// save) never loses a run saved meanwhile.
+static WRITES: Mutex<()> = Mutex::new(());
+
 /// Keep `trace` (replacing the image's earlier one) and make it its
 /// repository's latest, in one write.
 pub fn save(store: &Store, trace: &Trace) -> Result<(), TraceError> {
+    let _w = WRITES.lock().unwrap();
+    save_locked(store, trace)
+}
+
+fn save_locked(store: &Store, trace: &Trace) -> Result<(), TraceError> {
     store.write_rows(
         Family::Traces,
         &[
@@ -263,6 +272,7 @@ pub fn save(store: &Store, trace: &Trace) -> Result<(), TraceError> {
 
 /// Forget the trace of `image`. True if there was one.
 pub fn delete(store: &Store, image: &str) -> Result<bool, TraceError> {
+    let _w = WRITES.lock().unwrap();
     let Some(t) = load(store, image)? else { return Ok(false) };
     let mut rows = vec![(format!("{KEY_IMAGE}{image}").into_bytes(), None)];
     let repo_key = format!("{KEY_REPO}{}", t.repository).into_bytes();
@@ -497,8 +507,8 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
             let layer = &s.layers[&a.layer];
             let map = files.entry(a.layer.clone()).or_insert_with(|| FileMap::new(layer));
             let frame = layer.index.frames().get(a.frame as usize);
-            let (tar_start, _) = layer.index.frame_tar_range(a.frame as usize);
-            let (path, offset) = map.at(layer, tar_start);
+            let (tar_start, tar_end) = layer.index.frame_tar_range(a.frame as usize);
+            let (path, offset) = map.at(layer, tar_start, tar_end);
             TraceEntry {
                 layer: a.layer.clone(),
                 frame: a.frame,
@@ -513,7 +523,16 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
         })
         .collect();
     let result = (|| -> Result<Trace, TraceError> {
-        let mut trace = load(store, &s.image.digest)?.unwrap_or_else(|| Trace::new(&s.image));
+        let _w = WRITES.lock().unwrap();
+        let mut trace = match load(store, &s.image.digest) {
+            Ok(Some(t)) => t,
+            Ok(None) => Trace::new(&s.image),
+            Err(TraceError::Invalid(e)) => {
+                tracing::warn!(image = %s.image.digest, error = %e, "the kept trace is unreadable; starting a new one");
+                Trace::new(&s.image)
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(p) = &prefetched {
             let p = p.lock().unwrap();
             if !p.is_empty() {
@@ -530,7 +549,7 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
             }
         }
         trace.merge_run(run, max_entries);
-        save(store, &trace)?;
+        save_locked(store, &trace)?;
         Ok(trace)
     })();
     match result {
@@ -570,17 +589,17 @@ impl FileMap {
         FileMap { spans }
     }
 
-    /// The path of the file whose data holds or follows `tar` within the
-    /// frame, and the offset of `tar` in its stored data (0 if the frame
-    /// starts before the file's data).
-    fn at(&self, layer: &RemoteLayer, tar: u64) -> (String, u64) {
+    /// The first file whose data lies in the frame `[tar, frame_end)`, and
+    /// the offset of `tar` in its stored data (0 if the frame starts before
+    /// it); "" if no file's data is in the frame.
+    fn at(&self, layer: &RemoteLayer, tar: u64, frame_end: u64) -> (String, u64) {
         let k = self.spans.partition_point(|&(_, end, _)| end <= tar);
         match self.spans.get(k) {
-            Some(&(start, _, i)) => {
+            Some(&(start, _, i)) if start < frame_end => {
                 let e = &layer.index.entries()[i];
                 (String::from_utf8_lossy(&e.path).into_owned(), tar.saturating_sub(start))
             }
-            None => (String::new(), 0),
+            _ => (String::new(), 0),
         }
     }
 }

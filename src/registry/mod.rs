@@ -528,14 +528,15 @@ impl Client {
     }
 
     /// The OCI 1.1 referrers of `subject` with `artifact_type` (an image
-    /// index), or None if the registry has no referrers API (404).
+    /// index), or None if the registry has no referrers API (404, or 400 or
+    /// 405 from registries that reject the path). Only the first page.
     pub async fn referrers(&self, repo: &Repo, subject: &Digest, artifact_type: &str) -> Result<Option<Vec<u8>>> {
         let what = format!("referrers of {subject}");
         let url = self.url(repo, &format!("referrers/{subject}?artifactType={}", artifact_type.replace('+', "%2B")));
         let resp = self
             .send(repo, false, &what, |c| c.get(&url).header(header::ACCEPT, "application/vnd.oci.image.index.v1+json"))
             .await?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        if matches!(resp.status().as_u16(), 400 | 404 | 405) {
             return Ok(None);
         }
         let resp = Self::check(resp, repo, &what).await?;

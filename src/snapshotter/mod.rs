@@ -842,14 +842,15 @@ impl Snapshotter {
     }
 }
 
-/// The image a layer's Prepare is for, from `hyperbox pull`'s labels (the
-/// reference is pinned by digest) or the CRI's.
+/// The image a layer's Prepare is for: its platform manifest's digest, from
+/// the CRI's label (a reference pinned by digest may name an index), else
+/// from the pinned reference `hyperbox pull` passes.
 fn image_of(labels: &HashMap<String, String>) -> Option<ImageKey> {
     let image = labels.get(LABEL_IMAGE_REF).or_else(|| labels.get(LABEL_CRI_IMAGE_REF))?;
     let r: Reference = image.parse().ok()?;
-    let digest = match &r.digest {
+    let digest = match labels.get(LABEL_CRI_MANIFEST_DIGEST).and_then(|d| d.parse::<Digest>().ok()) {
         Some(d) => d.to_string(),
-        None => labels.get(LABEL_CRI_MANIFEST_DIGEST)?.parse::<Digest>().ok()?.to_string(),
+        None => r.digest.as_ref()?.to_string(),
     };
     Some(ImageKey { digest, repository: format!("{}/{}", r.repo.registry, r.repo.name) })
 }

@@ -139,7 +139,8 @@ fn a_trace_serves_another_version_by_chunk_and_by_path() {
         .into_iter()
         .map(|f| {
             let fr = v1.index.frames().get(f);
-            let (path, offset) = map.at(&v1, v1.index.frame_tar_range(f).0);
+            let (start, end) = v1.index.frame_tar_range(f);
+            let (path, offset) = map.at(&v1, start, end);
             TraceEntry {
                 layer: v1.blob.clone(),
                 frame: f as u32,
