@@ -50,6 +50,9 @@ pub struct DaemonConfig {
     pub fuse_threads: usize,
     /// Log filter when RUST_LOG is unset (`info`, `debug`, `hyperbox=debug`).
     pub log_level: String,
+    /// Where to serve Prometheus `/metrics` and `/healthz` (HTTP); "" for
+    /// nowhere. Loopback by default; expose it only to your scraper.
+    pub metrics_address: String,
 }
 
 impl Default for DaemonConfig {
@@ -59,6 +62,7 @@ impl Default for DaemonConfig {
             address: PathBuf::from("/run/hyperbox/hyperbox.sock"),
             fuse_threads: 2,
             log_level: "info".into(),
+            metrics_address: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -107,6 +111,13 @@ impl Config {
         cfg.fetch.validate().map_err(err)?;
         cfg.trace.validate().map_err(err)?;
         cfg.prefetch.validate().map_err(err)?;
+        if !cfg.daemon.metrics_address.is_empty() && cfg.daemon.metrics_address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(err(format!(
+                "daemon.metrics_address = {:?} is not an address:port (or \"\" to turn metrics off)",
+                cfg.daemon.metrics_address
+            )));
+        }
         if !(1..=64).contains(&cfg.daemon.fuse_threads) {
             return Err(err(format!("daemon.fuse_threads = {} must be between 1 and 64", cfg.daemon.fuse_threads)));
         }

@@ -25,6 +25,7 @@ pub mod fetcher;
 pub mod format;
 pub mod fs;
 pub mod inspect;
+pub mod metrics;
 pub mod mount;
 pub mod prefetch;
 pub mod pull;

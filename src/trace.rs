@@ -346,6 +346,30 @@ pub struct RecorderStats {
     pub runs_merged: AtomicU64,
     pub empty_runs: AtomicU64,
     pub save_errors: AtomicU64,
+    /// Sums over the starts that had a prefetch to judge.
+    pub judged_read: AtomicU64,
+    pub judged_prefetched: AtomicU64,
+    pub judged_hits: AtomicU64,
+    /// The latest judged start's ratios (f64 bits; NaN before the first).
+    pub last_precision: AtomicU64,
+    pub last_recall: AtomicU64,
+}
+
+impl RecorderStats {
+    fn judged(&self, r: &StartReport) {
+        self.judged_read.fetch_add(r.read as u64, Ordering::Relaxed);
+        self.judged_prefetched.fetch_add(r.prefetched as u64, Ordering::Relaxed);
+        self.judged_hits.fetch_add(r.hits as u64, Ordering::Relaxed);
+        self.last_precision.store(r.precision.to_bits(), Ordering::Relaxed);
+        self.last_recall.store(r.recall.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The latest judged start's (precision, recall), if any.
+    pub fn last(&self) -> Option<(f64, f64)> {
+        let p = f64::from_bits(self.last_precision.load(Ordering::Relaxed));
+        let r = f64::from_bits(self.last_recall.load(Ordering::Relaxed));
+        (!p.is_nan()).then_some((p, r))
+    }
 }
 
 struct Session {
@@ -384,6 +408,8 @@ impl Recorder {
         let (hook, mut rx) = TraceHook::new(cfg.queue);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stats = Arc::new(RecorderStats::default());
+        stats.last_precision.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        stats.last_recall.store(f64::NAN.to_bits(), Ordering::Relaxed);
         let weak = Arc::downgrade(&store);
         drop(store);
         let rec = Recorder {
@@ -538,14 +564,16 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
             if !p.is_empty() {
                 let read: HashSet<ChunkId> = run.iter().map(|e| e.chunk).collect();
                 let hits = read.iter().filter(|c| p.contains(c)).count();
-                trace.last_start = Some(StartReport {
+                let report = StartReport {
                     at: unix_now(),
                     read: read.len() as u32,
                     prefetched: p.len() as u32,
                     hits: hits as u32,
                     precision: hits as f64 / p.len() as f64,
                     recall: hits as f64 / read.len().max(1) as f64,
-                });
+                };
+                stats.judged(&report);
+                trace.last_start = Some(report);
             }
         }
         trace.merge_run(run, max_entries);

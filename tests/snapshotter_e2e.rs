@@ -387,8 +387,10 @@ fn traced_start_prefetches_everything_it_reads() {
     let expected = traced_app(&layout, "v1", &files);
     let dst = format!("{}/traced:v1", reg.addr);
     convert_to(&layout, &dst);
-    let config = "version = 1\n[trace]\nidle_secs = 2\nwindow_secs = 30\n";
-    let mut hb = Hyperboxd::start(tmp.path(), config);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config =
+        format!("version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[trace]\nidle_secs = 2\nwindow_secs = 30\n");
+    let mut hb = Hyperboxd::start(tmp.path(), &config);
     let ctd = Containerd::start(&hb.proxy_plugin());
     let socket = hb.socket.clone();
     let trace_cmd = || {
@@ -450,6 +452,20 @@ fn traced_start_prefetches_everything_it_reads() {
     println!("repeated start: precision {precision:.3}, recall {recall:.3}: {judged}");
     assert!(recall >= 0.95, "{judged}");
     assert!(precision >= 0.8, "{judged}");
+    // The same judgement as Prometheus metrics, and the health check.
+    let get = |path: &str| run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}{path}")));
+    assert_eq!(get("/healthz"), "ok\n");
+    let text = get("/metrics");
+    let value = |name: &str| -> f64 {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(value("hyperbox_prefetch_judged_hit_chunks_total"), judged["hits"].as_f64().unwrap(), "{text}");
+    assert_eq!(value("hyperbox_prefetch_judged_read_chunks_total"), judged["read"].as_f64().unwrap(), "{text}");
+    assert_eq!(value("hyperbox_prefetch_last_recall"), recall);
+    assert_eq!(value("hyperbox_layers_mounted"), 3.0);
+    assert!(text.contains("hyperbox_fetch_requests_total{priority=\"prefetch\"}"), "{text}");
 
     // Another node, wiped, with the exported trace of v1 imported.
     run(ctd.ctr().args(["image", "rm", "--sync", &dst]));

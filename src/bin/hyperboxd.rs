@@ -89,6 +89,24 @@ fn run(cfg: Config) -> Result<()> {
     let snapshotter = Arc::new(Snapshotter::open(opts, store, fetcher, rt.handle().clone())?);
     tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
 
+    let metrics = if cfg.daemon.metrics_address.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = cfg.daemon.metrics_address.parse().context("daemon.metrics_address")?;
+        let _guard = rt.enter();
+        match hyper::Server::try_bind(&addr) {
+            Ok(server) => {
+                tracing::info!(address = %addr, "serving /metrics and /healthz");
+                Some(rt.spawn(serve_metrics(server, snapshotter.clone())))
+            }
+            // The snapshotter matters more than its metrics: keep going.
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot serve metrics");
+                None
+            }
+        }
+    };
+
     let served = rt.block_on(async {
         let (listener, owned) = listen(&cfg.daemon.address)?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -108,10 +126,100 @@ fn run(cfg: Config) -> Result<()> {
         }
         anyhow::Ok(())
     });
+    if let Some(m) = metrics {
+        m.abort();
+    }
     tracing::info!(layers = snapshotter.mounted_layers(), "stopping: unmounting layers");
     snapshotter.unmount_all();
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     served
+}
+
+async fn serve_metrics(server: hyper::server::Builder<hyper::server::conn::AddrIncoming>, snap: Arc<Snapshotter>) {
+    use hyper::service::{make_service_fn, service_fn};
+    use hyper::{Body, Response, StatusCode};
+    let make = make_service_fn(move |_| {
+        let snap = snap.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(service_fn(move |req: hyper::Request<Body>| {
+                let snap = snap.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, metrics_text(&snap)),
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                        _ => (StatusCode::NOT_FOUND, "try /metrics or /healthz\n".to_string()),
+                    };
+                    let resp = Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Body::from(body))
+                        .expect("a valid response");
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            }))
+        }
+    });
+    if let Err(e) = server.serve(make).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+/// Every metric, from each module's counters (names in hyperbox::metrics).
+fn metrics_text(snap: &Snapshotter) -> String {
+    use hyperbox::metrics::*;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut e = Exposition::default();
+    let f = snap.fetcher().stats();
+    e.counter_by(
+        FETCH_REQUESTS,
+        "Registry range requests sent, tries included.",
+        "priority",
+        &[("demand", f.demand_requests), ("prefetch", f.prefetch_requests)],
+    );
+    e.counter(FETCH_BYTES, "Compressed bytes received from registries.", f.bytes);
+    e.counter(FETCH_CHUNKS, "Chunks fetched, verified and stored.", f.chunks);
+    e.counter(FETCH_RETRIES, "Tries after a failed one.", f.retries);
+    e.counter(FETCH_ERRORS, "Failed tries (transport, status, protocol, verification).", f.errors);
+    e.counter(FETCH_FAILURES, "Fetches that gave up (a read got EIO).", f.failures);
+    e.counter(FETCH_VERIFY_FAILURES, "Fetched chunks that failed verification.", f.verify_failures);
+    e.counter(FETCH_JOINED, "Reads that joined a fetch already in flight.", f.joined);
+    let s = snap.store().stats();
+    e.gauge(STORE_CHUNKS, "Chunks in the store.", s.chunks as f64);
+    e.gauge(STORE_BYTES, "Bytes of stored chunks.", s.bytes as f64);
+    e.counter(STORE_HITS, "Store lookups that found the chunk.", s.hits);
+    e.counter(STORE_MISSES, "Store lookups that did not.", s.misses);
+    e.counter(STORE_EVICTIONS, "Chunks evicted to stay within the budget.", s.evictions);
+    e.counter(STORE_VERIFY_FAILURES, "Stored chunks that failed verification on read.", s.verify_failures);
+    e.gauge(LAYERS_MOUNTED, "Remote layers mounted through FUSE.", snap.mounted_layers() as f64);
+    if let Some(r) = snap.recorder() {
+        e.counter(TRACE_SESSIONS, "Container starts recorded.", r.stats.sessions.load(Relaxed));
+        e.counter(TRACE_RUNS_MERGED, "Recorded starts merged into traces.", r.stats.runs_merged.load(Relaxed));
+        e.counter(TRACE_REPORTS_DROPPED, "Read reports dropped on a full queue.", r.hook().dropped());
+        e.counter(
+            PREFETCH_JUDGED_READ,
+            "Chunks read by starts that had a prefetch.",
+            r.stats.judged_read.load(Relaxed),
+        );
+        e.counter(
+            PREFETCH_JUDGED_PREFETCHED,
+            "Chunks prefetched for starts that were judged.",
+            r.stats.judged_prefetched.load(Relaxed),
+        );
+        e.counter(PREFETCH_JUDGED_HITS, "Chunks both prefetched and read.", r.stats.judged_hits.load(Relaxed));
+        if let Some((p, rc)) = r.stats.last() {
+            e.gauge(
+                PREFETCH_LAST_PRECISION,
+                "Of the chunks prefetched for the latest judged start, the share read.",
+                p,
+            );
+            e.gauge(PREFETCH_LAST_RECALL, "Of the chunks the latest judged start read, the share prefetched.", rc);
+        }
+    }
+    let p = &snap.prefetcher().stats;
+    e.counter(PREFETCH_JOBS, "Prefetch jobs started (images with a trace, or hydrating).", p.jobs.load(Relaxed));
+    e.counter(PREFETCH_BYTES, "Compressed bytes of traced chunks asked for.", p.bytes.load(Relaxed));
+    e.counter(PREFETCH_ERRORS, "Prefetch fetches that failed.", p.errors.load(Relaxed));
+    e.finish()
 }
 
 /// The listening socket: systemd's (socket activation) or our own at

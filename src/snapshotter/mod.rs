@@ -302,6 +302,10 @@ impl Snapshotter {
         &self.store
     }
 
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
     pub fn recorder(&self) -> Option<&Recorder> {
         self.recorder.as_ref()
     }
