@@ -142,30 +142,24 @@ impl Prefetcher {
             return;
         }
         let hydrate = hydrate || self.cfg.hydrate;
-        if let Some(job) = self.jobs.lock().unwrap().get(&image.digest) {
-            job.layers.lock().unwrap().push(layer);
-            if hydrate {
-                job.hydrate.store(true, Ordering::Relaxed);
-            }
-            job.arrived.notify_one();
-            return;
-        }
-        let job = Arc::new(Job {
-            layers: Mutex::new(vec![layer]),
-            arrived: tokio::sync::Notify::new(),
-            hydrate: hydrate.into(),
-        });
-        {
+        let job = {
             let mut jobs = self.jobs.lock().unwrap();
-            if let Some(other) = jobs.get(&image.digest) {
-                // Another layer of the image started one meanwhile.
-                let l = job.layers.lock().unwrap().pop().expect("one layer");
-                other.layers.lock().unwrap().push(l);
-                other.arrived.notify_one();
+            if let Some(job) = jobs.get(&image.digest) {
+                job.layers.lock().unwrap().push(layer);
+                if hydrate {
+                    job.hydrate.store(true, Ordering::Relaxed);
+                }
+                job.arrived.notify_one();
                 return;
             }
+            let job = Arc::new(Job {
+                layers: Mutex::new(vec![layer]),
+                arrived: tokio::sync::Notify::new(),
+                hydrate: hydrate.into(),
+            });
             jobs.insert(image.digest.clone(), job.clone());
-        }
+            job
+        };
         let this = self.clone();
         let image = image.clone();
         self.rt.spawn(async move {
