@@ -21,6 +21,7 @@ pub mod admin;
 pub mod config;
 pub mod convert;
 pub mod digest;
+pub mod doctor;
 pub mod fetcher;
 pub mod format;
 pub mod fs;

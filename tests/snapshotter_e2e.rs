@@ -267,6 +267,32 @@ fn cri_pull_is_lazy() {
     let out =
         run(ctd.ctr_in("k8s.io").args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "k1", "cat", "/data/small"]));
     assert_eq!(out.as_bytes(), SMALL);
+    // `hyperbox doctor` finds this node well set up...
+    let doctor = |config: &Path| {
+        hyperbox()
+            .arg("doctor")
+            .arg("--address")
+            .arg(&hb.socket)
+            .arg("--containerd-address")
+            .arg(&ctd.socket)
+            .arg("--containerd-config")
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = doctor(&ctd.dir.path().join("config.toml"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("all checks passed"), "{text}");
+    // ...and says what to add to a containerd config that lacks the entry.
+    let bare = tmp.path().join("bare.toml");
+    std::fs::write(&bare, "version = 2\n").unwrap();
+    let out = doctor(&bare);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("has no [proxy_plugins.hyperbox]"), "{text}");
+    assert!(text.contains(&format!("address = \"{}\"", hb.socket.display())), "{text}");
+    assert!(text.contains("disable_snapshot_annotations = false"), "{text}");
+
     // The CRI passes the manifest digest too: the start is traced under it.
     let list = || run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).arg("list"));
     wait_until("the CRI start traced", Duration::from_secs(30), || list().contains(&image_digest(&reg, "cri:v1")));

@@ -105,6 +105,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TraceCmd,
     },
+    /// Check this node: FUSE, overlayfs, containerd's config and plugin, and
+    /// hyperboxd. Each problem comes with its fix; exits 1 if any check fails.
+    Doctor {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+        address: PathBuf,
+        /// containerd's socket.
+        #[arg(long, env = "CONTAINERD_ADDRESS", default_value = "/run/containerd/containerd.sock")]
+        containerd_address: PathBuf,
+        /// containerd's config file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+    },
     /// Print the index of a HyperBox layer file, or of every layer of an image.
     Inspect {
         /// Use http instead of https for registries.
@@ -221,6 +234,33 @@ fn run(cli: Cli) -> Result<()> {
                 convert::human(report.bytes_downloaded),
                 report.present
             );
+        }
+        Cmd::Doctor { address, containerd_address, containerd_config } => {
+            use hyperbox::doctor::{self, Outcome};
+            let mut checks = vec![doctor::fuse(), doctor::overlay()];
+            checks.extend(doctor::containerd_config(&containerd_config, &address));
+            checks.push(rt.block_on(doctor::containerd_plugin(&containerd_address)));
+            checks.push(rt.block_on(doctor::daemon(&address)));
+            let mut failed = 0;
+            for c in &checks {
+                let mark = match c.outcome {
+                    Outcome::Ok => "ok  ",
+                    Outcome::Warn => "warn",
+                    Outcome::Fail => "FAIL",
+                };
+                println!("[{mark}] {:<18} {}", c.name, c.detail);
+                if c.outcome != Outcome::Ok {
+                    for line in c.fix.lines() {
+                        println!("       {:<18} {line}", "");
+                    }
+                }
+                failed += (c.outcome == Outcome::Fail) as usize;
+            }
+            if failed > 0 {
+                println!("\n{failed} check(s) failed");
+                std::process::exit(1);
+            }
+            println!("\nall checks passed");
         }
         Cmd::Trace { address, plain_http, cmd } => rt.block_on(trace_cmd(&config, &address, plain_http, cmd))?,
         Cmd::Inspect { plain_http, json, entries, verify, target } => {

@@ -1,0 +1,257 @@
+//! `hyperbox doctor`: checks what HyperBox needs from the node, and says
+//! how to fix each thing that is wrong.
+
+use std::path::Path;
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Works, but not as most nodes want it.
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub outcome: Outcome,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (for Warn and Fail).
+    pub fix: String,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+        Check { name, outcome: Outcome::Ok, detail: detail.into(), fix: String::new() }
+    }
+    fn bad(name: &'static str, outcome: Outcome, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name, outcome, detail: detail.into(), fix: fix.into() }
+    }
+}
+
+fn filesystems() -> String {
+    std::fs::read_to_string("/proc/filesystems").unwrap_or_default()
+}
+
+/// `/dev/fuse` can be opened and the kernel knows FUSE.
+pub fn fuse() -> Check {
+    const NAME: &str = "FUSE";
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Check::bad(
+            NAME,
+            Outcome::Fail,
+            format!("cannot open /dev/fuse: {e}"),
+            "load the module (`modprobe fuse`); in a container, pass the device (`--device /dev/fuse`) \
+             and run hyperboxd as root with CAP_SYS_ADMIN",
+        );
+    }
+    if !filesystems().lines().any(|l| l.split_whitespace().last() == Some("fuse")) {
+        return Check::bad(NAME, Outcome::Fail, "the kernel lists no fuse filesystem", "`modprobe fuse`");
+    }
+    Check::ok(NAME, "/dev/fuse opens; the kernel has FUSE")
+}
+
+/// An overlay mount with a lower, upper and work dir works here (a real one,
+/// in a temp dir, unmounted at once).
+pub fn overlay() -> Check {
+    const NAME: &str = "overlayfs";
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return Check::bad(NAME, Outcome::Fail, format!("temp dir: {e}"), "check /tmp"),
+    };
+    let p = |n: &str| dir.path().join(n);
+    for d in ["lower", "upper", "work", "merged"] {
+        if let Err(e) = std::fs::create_dir(p(d)) {
+            return Check::bad(NAME, Outcome::Fail, format!("temp dir: {e}"), "check /tmp");
+        }
+    }
+    let opts =
+        format!("lowerdir={},upperdir={},workdir={}", p("lower").display(), p("upper").display(), p("work").display());
+    let out =
+        std::process::Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(p("merged")).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let _ = std::process::Command::new("umount").arg(p("merged")).status();
+            Check::ok(NAME, "an overlay mount works")
+        }
+        Ok(o) => Check::bad(
+            NAME,
+            Outcome::Fail,
+            format!("overlay mount failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            "run as root; load the module (`modprobe overlay`); /tmp must not itself be an overlay \
+             without xattr support",
+        ),
+        Err(e) => Check::bad(NAME, Outcome::Fail, format!("cannot run mount: {e}"), "install util-linux"),
+    }
+}
+
+/// containerd's config: the proxy plugin entry, and the CRI settings that
+/// make Kubernetes pulls lazy.
+pub fn containerd_config(path: &Path, address: &Path) -> Vec<Check> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![Check::bad(
+                "containerd config",
+                Outcome::Fail,
+                format!("cannot read {}: {e}", path.display()),
+                "point --containerd-config at containerd's config (k3s: \
+                 /var/lib/rancher/k3s/agent/etc/containerd/config.toml)",
+            )]
+        }
+    };
+    let cfg: toml::Value = match toml::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![Check::bad(
+                "containerd config",
+                Outcome::Fail,
+                format!("{} does not parse: {e}", path.display()),
+                "fix the TOML; containerd refuses it too",
+            )]
+        }
+    };
+    let mut out = Vec::new();
+    let version = cfg.get("version").and_then(|v| v.as_integer()).unwrap_or(1);
+    let plugin = cfg.get("proxy_plugins").and_then(|p| p.get("hyperbox"));
+    let want = address.display().to_string();
+    let entry = format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{want}\"");
+    out.push(match plugin {
+        None => Check::bad(
+            "proxy plugin",
+            Outcome::Fail,
+            format!("{} has no [proxy_plugins.hyperbox]", path.display()),
+            format!("add, then restart containerd:\n{entry}"),
+        ),
+        Some(p) => {
+            let kind = p.get("type").and_then(|v| v.as_str()).unwrap_or("");
+            let addr = p.get("address").and_then(|v| v.as_str()).unwrap_or("");
+            if kind != "snapshot" {
+                Check::bad("proxy plugin", Outcome::Fail, format!("type = {kind:?}"), "set type = \"snapshot\"")
+            } else if addr.starts_with("unix://") {
+                Check::bad(
+                    "proxy plugin",
+                    Outcome::Fail,
+                    format!("address = {addr:?}"),
+                    format!("write a bare path (containerd 1.6 never connects to unix://...): address = \"{want}\""),
+                )
+            } else if addr != want {
+                Check::bad(
+                    "proxy plugin",
+                    Outcome::Fail,
+                    format!("address = {addr:?}, but hyperboxd listens on {want}"),
+                    format!("make them the same: address = \"{want}\" (or start hyperboxd with --address {addr})"),
+                )
+            } else {
+                Check::ok("proxy plugin", format!("[proxy_plugins.hyperbox] → {addr}"))
+            }
+        }
+    });
+    // The CRI plugin's section (config version 2; version 3 moved it).
+    let cri = if version >= 3 {
+        cfg.get("plugins").and_then(|p| p.get("io.containerd.cri.v1.images"))
+    } else {
+        cfg.get("plugins").and_then(|p| p.get("io.containerd.grpc.v1.cri")).and_then(|c| c.get("containerd"))
+    };
+    let section = if version >= 3 {
+        "[plugins.\"io.containerd.cri.v1.images\"]"
+    } else {
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]"
+    };
+    let snapshotter = cri.and_then(|c| c.get("snapshotter")).and_then(|v| v.as_str());
+    out.push(if snapshotter == Some("hyperbox") {
+        Check::ok("CRI snapshotter", "Kubernetes images use hyperbox")
+    } else {
+        Check::bad(
+            "CRI snapshotter",
+            Outcome::Warn,
+            format!("CRI uses {:?}", snapshotter.unwrap_or("overlayfs (the default)")),
+            format!("for lazy Kubernetes pulls set, under {section}:\n  snapshotter = \"hyperbox\""),
+        )
+    });
+    let annotations = cri.and_then(|c| c.get("disable_snapshot_annotations")).and_then(|v| v.as_bool());
+    out.push(if annotations == Some(false) {
+        Check::ok("CRI annotations", "the CRI passes image references to snapshotters")
+    } else {
+        Check::bad(
+            "CRI annotations",
+            if snapshotter == Some("hyperbox") { Outcome::Fail } else { Outcome::Warn },
+            "disable_snapshot_annotations is not false (containerd 1.6 defaults to true): CRI pulls pass no \
+             image reference, so no layer can be lazy",
+            format!("set, under {section}:\n  disable_snapshot_annotations = false"),
+        )
+    });
+    out
+}
+
+/// hyperboxd answers on its socket.
+pub async fn daemon(address: &Path) -> Check {
+    const NAME: &str = "hyperboxd";
+    let client = match crate::admin::connect(address).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::bad(
+                NAME,
+                Outcome::Fail,
+                format!("nothing answers on {}: {e}", address.display()),
+                "start it: `systemctl start hyperboxd.socket hyperboxd` (or run hyperboxd); --address if it \
+                 listens elsewhere",
+            )
+        }
+    };
+    let mut client = client;
+    match client.list_traces(crate::admin::proto::ListTracesRequest {}).await {
+        Ok(r) => {
+            Check::ok(NAME, format!("answers on {} ({} traces kept)", address.display(), r.into_inner().traces.len()))
+        }
+        Err(e) => Check::bad(
+            NAME,
+            Outcome::Fail,
+            format!("{} answers, but not as hyperboxd: {e}", address.display()),
+            "another program owns the socket, or hyperboxd is older than this hyperbox",
+        ),
+    }
+}
+
+/// containerd runs and has loaded the hyperbox snapshotter.
+pub async fn containerd_plugin(containerd: &Path) -> Check {
+    use containerd_client::services::v1::introspection_client::IntrospectionClient;
+    use containerd_client::services::v1::PluginsRequest;
+    const NAME: &str = "containerd";
+    let channel = match containerd_client::connect(containerd).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::bad(
+                NAME,
+                Outcome::Fail,
+                format!("cannot connect to {}: {e}", containerd.display()),
+                "start containerd, or name its socket with --containerd-address",
+            )
+        }
+    };
+    let req = PluginsRequest { filters: vec!["type==io.containerd.snapshotter.v1,id==hyperbox".into()] };
+    match IntrospectionClient::new(channel).plugins(req).await {
+        Err(e) => {
+            Check::bad(NAME, Outcome::Fail, format!("introspection failed: {e}"), "is this containerd 1.6 or later?")
+        }
+        Ok(r) => match r.into_inner().plugins.into_iter().next() {
+            None => Check::bad(
+                NAME,
+                Outcome::Fail,
+                "containerd has not loaded a hyperbox snapshotter",
+                "add the proxy_plugins entry (above) and restart containerd",
+            ),
+            Some(p) => match p.init_err {
+                Some(e) if e.code != 0 => Check::bad(
+                    NAME,
+                    Outcome::Fail,
+                    format!("the hyperbox plugin failed to load: {}", e.message),
+                    "fix the proxy_plugins entry and restart containerd",
+                ),
+                _ => Check::ok(NAME, "containerd has the hyperbox snapshotter"),
+            },
+        },
+    }
+}
