@@ -57,3 +57,29 @@ fn containerd_snippets_and_default_config_parse() {
     assert_eq!(cfg.daemon.metrics_address, "127.0.0.1:9464");
     assert!(cfg.trace.enabled && cfg.prefetch.enabled);
 }
+
+/// The Grafana dashboard is JSON, and every metric it queries is one
+/// hyperboxd exports (a name in src/metrics.rs), so a rename breaks this test,
+/// not the dashboard.
+#[test]
+fn grafana_dashboard_queries_exported_metrics() {
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/packaging/grafana/hyperbox.json")).unwrap())
+            .unwrap();
+    let defined = std::fs::read_to_string(format!("{ROOT}/src/metrics.rs")).unwrap();
+    let name = regex::Regex::new(r"hyperbox_[a-z_]+").unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            for m in name.find_iter(t["expr"].as_str().unwrap()) {
+                queried.insert(m.as_str().to_string());
+            }
+        }
+    }
+    for m in &queried {
+        assert!(defined.contains(&format!("\"{m}\"")), "the dashboard queries {m}, which hyperboxd does not export");
+    }
+    for m in ["hyperbox_prefetch_judged_hit_chunks_total", "hyperbox_fetch_requests_total", "hyperbox_layers_mounted"] {
+        assert!(queried.contains(m), "the dashboard lacks {m}");
+    }
+}
