@@ -59,7 +59,7 @@ impl LayerFs {
     /// recording session keeps only its own first access of a frame, so a
     /// second container of a layer is traced as fully as the first.
     fn record(&self, frames: &[usize]) {
-        let Some(hook) = &self.trace else { return };
+        let Some(hook) = self.trace.as_ref().filter(|h| h.listening()) else { return };
         let now = Instant::now();
         for &f in frames {
             hook.report(ChunkAccess {

@@ -77,7 +77,6 @@ impl PrefetchConfig {
 #[derive(Debug, Default)]
 pub struct PrefetchStats {
     pub jobs: AtomicU64,
-    pub jobs_done: AtomicU64,
     /// Frames asked of the fetcher (stored ones cost nothing), and their
     /// compressed bytes.
     pub frames: AtomicU64,
@@ -129,11 +128,6 @@ impl Prefetcher {
         }
     }
 
-    /// Jobs running now.
-    pub fn running(&self) -> usize {
-        self.jobs.lock().unwrap().len()
-    }
-
     /// A layer of `image` was prepared: start the image's job, or hand the
     /// layer to the job already running. The job looks for a trace and ends
     /// at once if there is none (and no hydrate was asked for).
@@ -173,7 +167,6 @@ impl Prefetcher {
             let prefetched = this.recorder.as_ref().map(|r| r.prefetching(&image.digest)).unwrap_or_default();
             let (frames, bytes) = this.run(&image, &job, trace, &prefetched).await;
             this.jobs.lock().unwrap().remove(&image.digest);
-            this.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 image = %image.digest, frames, bytes, secs = started.elapsed().as_secs_f64(), "prefetch done"
             );

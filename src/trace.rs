@@ -18,7 +18,7 @@
 //! in the store, exported by `hyperbox trace export` and imported elsewhere.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -309,17 +309,25 @@ pub struct ChunkAccess {
     pub at: Instant,
 }
 
-/// Where first accesses go. Cheap to clone; clones share the channel.
+/// Where reads are reported. Cheap to clone; clones share the channel.
 #[derive(Clone)]
 pub struct TraceHook {
     tx: tokio::sync::mpsc::Sender<ChunkAccess>,
     dropped: Arc<AtomicU64>,
+    /// Recording sessions open now; with none, reads report nothing.
+    listening: Arc<AtomicUsize>,
 }
 
 impl TraceHook {
+    /// A hook that always listens (a recorder gates it by its sessions).
     pub fn new(capacity: usize) -> (TraceHook, tokio::sync::mpsc::Receiver<ChunkAccess>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        (TraceHook { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+        (TraceHook { tx, dropped: Arc::new(AtomicU64::new(0)), listening: Arc::new(AtomicUsize::new(1)) }, rx)
+    }
+
+    /// Whether anyone records now: a read checks this before building reports.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed) > 0
     }
 
     /// Report without waiting: when the channel is full the report is
@@ -406,12 +414,14 @@ impl Recorder {
     /// Start the collector on `rt`. Sessions are merged into `store`.
     pub fn start(store: Arc<Store>, cfg: TraceConfig, rt: &tokio::runtime::Handle) -> Recorder {
         let (hook, mut rx) = TraceHook::new(cfg.queue);
+        hook.listening.store(0, Ordering::Relaxed);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stats = Arc::new(RecorderStats::default());
         stats.last_precision.store(f64::NAN.to_bits(), Ordering::Relaxed);
         stats.last_recall.store(f64::NAN.to_bits(), Ordering::Relaxed);
         let weak = Arc::downgrade(&store);
         drop(store);
+        let listening = hook.listening.clone();
         let rec = Recorder {
             hook,
             shared: shared.clone(),
@@ -436,6 +446,7 @@ impl Recorder {
                     }
                     _ = tick.tick() => {
                         let done = take_finished(&shared, &cfg, false);
+                        listening.fetch_sub(done.len(), Ordering::Relaxed);
                         let Some(store) = weak.upgrade() else { break };
                         for (s, prefetched) in done {
                             let (store, stats, max) = (store.clone(), stats.clone(), cfg.max_entries);
@@ -462,7 +473,9 @@ impl Recorder {
         tracing::debug!(image = %image.digest, layers = layers.len(), "recording a trace");
         let now = Instant::now();
         let layers = layers.into_iter().map(|l| (l.blob.clone(), l)).collect();
-        self.shared.lock().unwrap().sessions.push(Session {
+        let mut shared = self.shared.lock().unwrap();
+        self.hook.listening.fetch_add(1, Ordering::Relaxed);
+        shared.sessions.push(Session {
             image,
             layers,
             started: now,
@@ -479,16 +492,13 @@ impl Recorder {
         sh.prefetched.entry(image.to_string()).or_insert_with(|| (Instant::now(), Prefetched::default())).1.clone()
     }
 
-    /// Sessions still recording.
-    pub fn recording(&self) -> usize {
-        self.shared.lock().unwrap().sessions.len()
-    }
-
     /// End every session now and merge what it saw (at shutdown: a start
     /// cut short still tells which chunks came first). Blocking.
     pub fn flush(&self) {
         let Some(store) = self.store.upgrade() else { return };
-        for (s, prefetched) in take_finished(&self.shared, &TraceConfig::default(), true) {
+        let done = take_finished(&self.shared, &TraceConfig::default(), true);
+        self.hook.listening.fetch_sub(done.len(), Ordering::Relaxed);
+        for (s, prefetched) in done {
             finish(&store, s, prefetched, self.max_entries, &self.stats);
         }
     }

@@ -57,7 +57,11 @@ fn convert_to(layout: &Path, dst: &str) {
 }
 
 fn hyperbox_pull(ctd: &Containerd, ns: &str, reference: &str) -> String {
-    run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).args(["--namespace", ns, reference]))
+    hyperbox_pull_with(ctd, ns, reference, &[])
+}
+
+fn hyperbox_pull_with(ctd: &Containerd, ns: &str, reference: &str, flags: &[&str]) -> String {
+    run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).args(flags).args(["--namespace", ns, reference]))
 }
 
 #[test]
@@ -541,8 +545,7 @@ fn hydrate_fetches_the_whole_image() {
     convert_to(&layout, &dst);
     let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
     let ctd = Containerd::start(&hb.proxy_plugin());
-    let out =
-        run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).args(["--hydrate", "-n", "hyperbox-test", &dst]));
+    let out = hyperbox_pull_with(&ctd, "hyperbox-test", &dst, &["--hydrate"]);
     assert!(out.contains("2 lazy"), "{out}");
     wait_until("hydrated", Duration::from_secs(60), || hb.log().contains("hydrated"));
     let log_start = reg.log().len();

@@ -196,6 +196,16 @@ fn metrics_text(snap: &Snapshotter) -> String {
         e.counter(TRACE_RUNS_MERGED, "Recorded starts merged into traces.", r.stats.runs_merged.load(Relaxed));
         e.counter(TRACE_REPORTS_DROPPED, "Read reports dropped on a full queue.", r.hook().dropped());
         e.counter(
+            TRACE_EMPTY_RUNS,
+            "Recorded starts that read nothing through FUSE.",
+            r.stats.empty_runs.load(Relaxed),
+        );
+        e.counter(
+            TRACE_SAVE_ERRORS,
+            "Recorded starts whose trace could not be saved.",
+            r.stats.save_errors.load(Relaxed),
+        );
+        e.counter(
             PREFETCH_JUDGED_READ,
             "Chunks read by starts that had a prefetch.",
             r.stats.judged_read.load(Relaxed),
