@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hyperbox::fetcher::{FetchConfig, Fetcher, RemoteLayer};
 use hyperbox::format::{self, writer, LayerIndex};
-use hyperbox::mount::{LayerFs, Mount};
+use hyperbox::mount::{LayerFs, Mount, MountOptions};
 use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
 use hyperbox::store::{Store, StoreConfig};
 use rand::{Rng, RngCore, SeedableRng};
@@ -46,9 +46,16 @@ fn push(env: &Env, tar: &[u8]) -> Arc<RemoteLayer> {
 fn mount(env: &Env, layer: Arc<RemoteLayer>, store_dir: &Path, at: &Path) -> (Mount, Fetcher) {
     let store = Arc::new(Store::open(store_dir, &StoreConfig::default()).unwrap());
     let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
+    (mount_with(env, layer, &fetcher, at, 1024), fetcher)
+}
+
+/// Mount with hyperboxd's defaults but for the read-ahead window (KiB).
+fn mount_with(env: &Env, layer: Arc<RemoteLayer>, fetcher: &Fetcher, at: &Path, read_ahead_kb: u32) -> Mount {
     std::fs::create_dir_all(at).unwrap();
-    let m = LayerFs::new(layer, fetcher.clone(), env.rt.handle().clone(), None).mount(at, 4).unwrap();
-    (m, fetcher)
+    let opts = MountOptions { threads: 4, read_ahead_kb };
+    let m = LayerFs::new(layer, fetcher.clone(), env.rt.handle().clone(), None).mount(at, &opts).unwrap();
+    assert_eq!(m.read_ahead().map_err(|e| e.to_string()), Ok(read_ahead_kb));
+    m
 }
 
 fn read_all(path: &Path, buf: &mut [u8]) -> u64 {
@@ -56,6 +63,17 @@ fn read_all(path: &Path, buf: &mut [u8]) -> u64 {
     let mut n = 0u64;
     loop {
         let k = f.read(buf).unwrap();
+        if k == 0 {
+            return n;
+        }
+        n += k as u64;
+    }
+}
+
+fn pread_all(f: &std::fs::File, buf: &mut [u8]) -> u64 {
+    let mut n = 0u64;
+    loop {
+        let k = f.read_at(buf, n).unwrap();
         if k == 0 {
             return n;
         }
@@ -88,18 +106,32 @@ fn benches(c: &mut Criterion) {
     rng.fill_bytes(&mut data);
     let tar = common::LayerBuilder::new().file("big", 0o644, &data).file("other", 0o644, &data[..32 << 20]).finish();
     let layer = push(&env, &tar);
-    let (m, _f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
+    // The layer mounted twice over one store: hyperboxd's 1 MiB read-ahead
+    // (`daemon.fuse_read_ahead_kb`) and the kernel's default 128 KiB.
+    let (m, f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
+    let m128 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra128"), 128);
     let ext4 = dir.path().join("big-on-ext4");
     std::fs::write(&ext4, &data).unwrap();
     let fuse_file = m.path().join("big");
+    let fuse128_file = m128.path().join("big");
     let mut buf = vec![0u8; 1 << 20];
     assert_eq!(read_all(&fuse_file, &mut buf), data.len() as u64); // fetch, store, cache
+    assert_eq!(read_all(&fuse128_file, &mut buf), data.len() as u64); // from the store
     read_all(&ext4, &mut buf);
     let mut g = c.benchmark_group("fs/cached-seq-read");
     g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Bytes(data.len() as u64));
     g.bench_function("fuse", |b| b.iter(|| read_all(&fuse_file, &mut buf)));
+    g.bench_function("fuse-ra128", |b| b.iter(|| read_all(&fuse128_file, &mut buf)));
     g.bench_function("ext4", |b| b.iter(|| read_all(&ext4, &mut buf)));
+    // The same reads on a file opened once: no open/flush/release per pass.
+    let (fuse_fd, ext4_fd) = (std::fs::File::open(&fuse_file).unwrap(), std::fs::File::open(&ext4).unwrap());
+    g.bench_function("fuse-open-once", |b| b.iter(|| pread_all(&fuse_fd, &mut buf)));
+    g.bench_function("ext4-open-once", |b| b.iter(|| pread_all(&ext4_fd, &mut buf)));
     g.finish();
+    drop((fuse_fd, ext4_fd, m128, f));
+    if std::env::var_os("FS_BENCH_ONLY_CACHED").is_some() {
+        return;
+    }
 
     // Cold 4 KiB random reads, each in a frame not fetched yet: a fresh
     // store and mount, and one read in the middle of each of 200 frames of

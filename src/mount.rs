@@ -19,7 +19,7 @@ use crate::fetcher::{Fetcher, Priority, RemoteLayer};
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
 pub use crate::trace::{ChunkAccess, TraceHook};
 
-pub use hyperbox_fuse::{detach, stale_mounts, Mount};
+pub use hyperbox_fuse::{detach, stale_mounts, Mount, MountOptions};
 
 /// One layer, ready to mount.
 pub struct LayerFs {
@@ -48,10 +48,15 @@ impl LayerFs {
         &self.tree
     }
 
-    /// Mount at `mountpoint` with `threads` FUSE workers.
-    pub fn mount(self, mountpoint: &std::path::Path, threads: usize) -> std::io::Result<Mount> {
+    /// Mount at `mountpoint`. A read-ahead window that cannot be set is
+    /// logged; the mount works with the kernel's default.
+    pub fn mount(self, mountpoint: &std::path::Path, opts: &MountOptions) -> std::io::Result<Mount> {
         let name = format!("{}{}", hyperbox_fuse::FSNAME_PREFIX, self.remote.blob);
-        hyperbox_fuse::mount(self, mountpoint, &name, threads)
+        let m = hyperbox_fuse::mount(self, mountpoint, &name, opts)?;
+        if let Err(e) = m.read_ahead() {
+            tracing::warn!(mount = %mountpoint.display(), kb = opts.read_ahead_kb, "read-ahead not set: {e}");
+        }
+        Ok(m)
     }
 
     /// Report the frames a read needs. Every read that reaches FUSE is

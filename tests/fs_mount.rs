@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::faultproxy::{Fault, FaultProxy};
 use hyperbox::fetcher::{FetchConfig, Fetcher, RemoteLayer};
 use hyperbox::format::{self, writer};
-use hyperbox::mount::{LayerFs, Mount, TraceHook};
+use hyperbox::mount::{LayerFs, Mount, MountOptions, TraceHook};
 use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
 use hyperbox::store::{Store, StoreConfig};
 
@@ -82,7 +82,12 @@ fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
     let fs = LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), Some(hook));
     let mountpoint = dir.path().join("fs");
     std::fs::create_dir(&mountpoint).unwrap();
-    let mount = fs.mount(&mountpoint, 4).unwrap();
+    let mount = fs.mount(&mountpoint, &MountOptions { threads: 4, read_ahead_kb: 1024 }).unwrap();
+    // The window is set on the mount's own backing device, as sysfs shows it.
+    assert_eq!(mount.read_ahead().map_err(|e| e.to_string()), Ok(1024));
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&mountpoint).unwrap());
+    let bdi = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    assert_eq!(std::fs::read_to_string(&bdi).unwrap().trim(), "1024", "{bdi}");
     Served {
         rt,
         _dir: dir,
@@ -440,7 +445,11 @@ fn three_layers_overlaid_equal_containerds_overlayfs_unpack() {
         let remote = Arc::new(RemoteLayer { repo: repo.clone(), blob, index: Arc::new(index) });
         let at = dir.path().join(format!("layer{k}"));
         std::fs::create_dir(&at).unwrap();
-        mounts.push(LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), None).mount(&at, 2).unwrap());
+        mounts.push(
+            LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), None)
+                .mount(&at, &MountOptions { threads: 2, read_ahead_kb: 0 })
+                .unwrap(),
+        );
         lowers.push(at);
     }
     assert_eq!(lowers.len(), 3);

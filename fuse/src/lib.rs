@@ -205,11 +205,18 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     path: PathBuf,
+    read_ahead: io::Result<u32>,
 }
 
 impl Mount {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The read-ahead window set at mount (KiB; 0: the kernel's default),
+    /// or why it could not be set.
+    pub fn read_ahead(&self) -> Result<u32, &io::Error> {
+        self.read_ahead.as_ref().copied()
     }
 
     /// Unmount and wait for the session's threads to finish.
@@ -229,11 +236,34 @@ impl Drop for Mount {
     }
 }
 
-/// Mount `fs` read-only at `mountpoint`, served by `threads` FUSE workers.
-/// Open to every user (`allow_other`) with the kernel checking permissions
-/// from the modes (`default_permissions`): overlayfs checks a container
-/// process's access to a lower dir with that process's credentials.
-pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, threads: usize) -> io::Result<Mount> {
+/// How a filesystem is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// The mount's read-ahead window in KiB (its backing device's
+    /// `read_ahead_kb`); 0 keeps the kernel's default (128 KiB). The kernel
+    /// sends reads of up to 1 MiB (`max_pages`), so windows past 1024 KiB
+    /// only queue more requests.
+    pub read_ahead_kb: u32,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { threads: 4, read_ahead_kb: 0 }
+    }
+}
+
+/// Mount `fs` read-only at `mountpoint`. Open to every user (`allow_other`)
+/// with the kernel checking permissions from the modes
+/// (`default_permissions`): overlayfs checks a container process's access
+/// to a lower dir with that process's credentials.
+///
+/// The read-ahead window is set after the mount; failing to set it (no
+/// write access to `/sys`) leaves the mount up with the kernel's default,
+/// and the error in [`Mount::read_ahead`] for the caller to report.
+pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountOptions) -> io::Result<Mount> {
+    let threads = opts.threads;
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::RO,
@@ -247,7 +277,31 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, threads: usiz
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = threads > 1;
     let session = fuser::spawn_mount(Adapter(fs), mountpoint, &cfg)?;
-    Ok(Mount { session: Some(session), path: mountpoint.to_path_buf() })
+    let mut mount = Mount { session: Some(session), path: mountpoint.to_path_buf(), read_ahead: Ok(0) };
+    if opts.read_ahead_kb > 0 {
+        mount.read_ahead = set_read_ahead(mountpoint, opts.read_ahead_kb).map(|()| opts.read_ahead_kb);
+    }
+    Ok(mount)
+}
+
+/// Set the read-ahead window of the FUSE mount at `mountpoint` through its
+/// backing device in sysfs (`/sys/class/bdi/<major>:<minor>/read_ahead_kb`).
+/// The device number comes from mountinfo, so nothing is asked of the
+/// filesystem itself.
+fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // id parent major:minor root mountpoint ...; the last match is the top.
+    let dev = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(&unescape_mountinfo(f.get(4)?)) == mountpoint).then(|| f[2].to_string())
+        })
+        .last()
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{} is not in mountinfo", mountpoint.display()))
+        })?;
+    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), kb.to_string())
 }
 
 /// The start of every mount's source (fsname): how our mounts are told

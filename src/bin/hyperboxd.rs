@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hyperbox::config::Config;
 use hyperbox::fetcher::Fetcher;
+use hyperbox::mount::MountOptions;
 use hyperbox::registry::Client;
 use hyperbox::snapshotter::{grpc::Service, Options, Snapshotter};
 use hyperbox::store::Store;
@@ -82,7 +83,7 @@ fn run(cfg: Config) -> Result<()> {
     let fetcher = Fetcher::new(client, store.clone(), cfg.fetch.clone());
     let opts = Options {
         root: root.clone(),
-        fuse_threads: cfg.daemon.fuse_threads,
+        fuse: MountOptions { threads: cfg.daemon.fuse_threads, read_ahead_kb: cfg.daemon.fuse_read_ahead_kb },
         trace: cfg.trace.clone(),
         prefetch: cfg.prefetch.clone(),
     };

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::fetcher::{Fetcher, RemoteLayer};
 use crate::format::IndexLocation;
-use crate::mount::{LayerFs, Mount};
+use crate::mount::{LayerFs, Mount, MountOptions};
 use crate::prefetch::{PrefetchConfig, Prefetcher};
 use crate::registry::{Reference, Repo};
 use crate::store::{Family, Store};
@@ -211,8 +211,8 @@ impl Meta {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub root: PathBuf,
-    /// FUSE threads per mounted layer.
-    pub fuse_threads: usize,
+    /// How each remote layer is served (FUSE threads, read-ahead).
+    pub fuse: MountOptions,
     pub trace: TraceConfig,
     pub prefetch: PrefetchConfig,
 }
@@ -222,7 +222,7 @@ pub struct Snapshotter {
     store: Arc<Store>,
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
-    fuse_threads: usize,
+    fuse: MountOptions,
     meta: Mutex<Meta>,
     /// FUSE mounts of remote layers, by snapshot id.
     layers: Mutex<HashMap<u64, (Mount, Arc<RemoteLayer>)>>,
@@ -273,7 +273,7 @@ impl Snapshotter {
             rt,
             recorder,
             prefetcher,
-            fuse_threads: opts.fuse_threads.max(1),
+            fuse: MountOptions { threads: opts.fuse.threads.max(1), ..opts.fuse },
             meta: Mutex::new(Meta { snaps, next_id }),
             layers: Mutex::new(HashMap::new()),
             broken: Mutex::new(std::collections::HashSet::new()),
@@ -747,7 +747,7 @@ impl Snapshotter {
     fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), String> {
         let hook = self.recorder.as_ref().map(Recorder::hook);
         let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
-        let mount = fs.mount(&self.fs_dir(id), self.fuse_threads).map_err(|e| format!("FUSE mount: {e}"))?;
+        let mount = fs.mount(&self.fs_dir(id), &self.fuse).map_err(|e| format!("FUSE mount: {e}"))?;
         let mut layers = self.layers.lock().unwrap();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             drop(layers);

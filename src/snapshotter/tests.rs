@@ -27,7 +27,7 @@ impl Fixture {
         let fetcher = Fetcher::new(client, store.clone(), FetchConfig::default());
         let opts = Options {
             root: self.root.clone(),
-            fuse_threads: 1,
+            fuse: MountOptions { threads: 1, read_ahead_kb: 0 },
             trace: Default::default(),
             prefetch: Default::default(),
         };
