@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: deps build demo test bench fmt clippy
+.PHONY: deps build demo test bench fmt clippy deb
 
 deps:
 	@bash scripts/deps.sh
@@ -21,6 +21,12 @@ demo: build
 # the benchmarks once each in test mode. Missing prerequisites fail, not skip.
 test: deps
 	HYPERBOX_REQUIRE_E2E=1 $(CARGO) test --workspace --all-targets
+
+# The Debian package from a release build (cargo-deb, installed by deps):
+# $(CARGO_TARGET_DIR)/debian/hyperbox_VERSION_ARCH.deb, stripped, and its
+# debug symbols in hyperbox-dbgsym_VERSION_ARCH.ddeb.
+deb: deps
+	$(CARGO) deb --locked --dbgsym
 
 bench: deps
 	$(CARGO) bench --bench format --bench fetch --bench fs

@@ -10,6 +10,7 @@ packages=(
   zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
   debootstrap                             # the Debian test image and the cold-start benchmark
   apache2-utils                           # htpasswd, for the registry auth test
+  dpkg-dev                                # cargo-deb: dpkg-shlibdeps (Depends), strip (binutils)
   pkg-config ca-certificates curl
 )
 
@@ -27,3 +28,11 @@ fi
 # Debian's containerd package starts a system containerd; tests run their own.
 command -v cargo >/dev/null || { echo "deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 cargo fetch --locked -q 2>/dev/null || cargo fetch -q
+
+# cargo-deb builds the .deb (`make deb`, tests/deb.rs). Pinned: a new release
+# may change the package. Built outside the project's target dir.
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+  echo "deps: installing cargo-deb $cargo_deb_version (about 2 minutes)"
+  env -u CARGO_TARGET_DIR cargo install cargo-deb --version "$cargo_deb_version" --locked -q
+fi
