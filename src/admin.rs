@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::digest::Digest;
+use crate::snapshotter::Snapshotter;
 use crate::store::Store;
 use crate::trace::{self, Trace, TraceError};
 
@@ -20,6 +21,7 @@ pub use proto::admin_client::AdminClient;
 use proto::admin_server::{Admin, AdminServer};
 
 pub struct AdminService {
+    snap: Arc<Snapshotter>,
     store: Arc<Store>,
 }
 
@@ -28,8 +30,9 @@ pub struct AdminService {
 pub const MAX_MESSAGE: usize = 512 << 20;
 
 /// The service, ready for `tonic::transport::Server::add_service`.
-pub fn server(store: Arc<Store>) -> AdminServer<AdminService> {
-    AdminServer::new(AdminService { store })
+pub fn server(snap: Arc<Snapshotter>) -> AdminServer<AdminService> {
+    let store = snap.store().clone();
+    AdminServer::new(AdminService { snap, store })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE)
 }
@@ -128,5 +131,63 @@ impl Admin for AdminService {
         let store = self.store.clone();
         let deleted = blocking(move || trace::delete(&store, &image).map_err(status)).await?;
         Ok(Response::new(proto::DeleteTraceResponse { deleted }))
+    }
+
+    async fn stats(&self, _: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (f, s, p) = (self.snap.fetcher().stats(), self.store.stats(), &self.snap.prefetcher().stats);
+        Ok(Response::new(proto::StatsResponse {
+            demand_requests: f.demand_requests,
+            prefetch_requests: f.prefetch_requests,
+            fetched_bytes: f.bytes,
+            fetch_errors: f.errors,
+            fetch_failures: f.failures,
+            fetch_wait_seconds: self.snap.fetcher().wait_seconds(),
+            store_chunks: s.chunks,
+            store_bytes: s.bytes,
+            store_budget_bytes: self.store.budget_bytes(),
+            store_hits: s.hits,
+            store_misses: s.misses,
+            store_evictions: s.evictions,
+            store_verify_failures: s.verify_failures,
+            layers_mounted: self.snap.mounted_layers() as u64,
+            prefetch_jobs: p.jobs.load(Relaxed),
+            prefetch_bytes: p.bytes.load(Relaxed),
+            prefetch_errors: p.errors.load(Relaxed),
+            trace_sessions: self.snap.recorder().map_or(0, |r| r.stats.sessions.load(Relaxed)),
+        }))
+    }
+
+    async fn list_layers(
+        &self,
+        _: Request<proto::ListLayersRequest>,
+    ) -> Result<Response<proto::ListLayersResponse>, Status> {
+        let snap = self.snap.clone();
+        let layers = blocking(move || Ok(snap.layers())).await?;
+        Ok(Response::new(proto::ListLayersResponse {
+            layers: layers
+                .into_iter()
+                .map(|l| proto::Layer {
+                    key: l.key,
+                    blob: l.blob,
+                    repository: l.repository,
+                    mountpoint: l.mountpoint.display().to_string(),
+                    frames: l.frames,
+                    frames_local: l.frames_local,
+                    bytes: l.bytes,
+                    bytes_local: l.bytes_local,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn gc(&self, _: Request<proto::GcRequest>) -> Result<Response<proto::GcResponse>, Status> {
+        let snap = self.snap.clone();
+        let r = blocking(move || snap.gc().map_err(|e| Status::internal(e.to_string()))).await?;
+        Ok(Response::new(proto::GcResponse {
+            indexes_removed: r.indexes_removed,
+            chunks_removed: r.chunks_removed,
+            bytes_freed: r.bytes_freed,
+        }))
     }
 }

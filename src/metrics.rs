@@ -4,6 +4,8 @@
 //! and writes them here; `/metrics` serves the text.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 // Fetcher: registry range requests, split demand and prefetch.
 pub const FETCH_REQUESTS: &str = "hyperbox_fetch_requests_total";
@@ -14,6 +16,13 @@ pub const FETCH_ERRORS: &str = "hyperbox_fetch_errors_total";
 pub const FETCH_FAILURES: &str = "hyperbox_fetch_failures_total";
 pub const FETCH_VERIFY_FAILURES: &str = "hyperbox_fetch_verify_failures_total";
 pub const FETCH_JOINED: &str = "hyperbox_fetch_joined_total";
+/// Seconds from sending a range request to holding its whole body.
+pub const FETCH_REQUEST_SECONDS: &str = "hyperbox_fetch_request_seconds";
+/// Seconds FUSE reads spent waiting on the registry, all and per container.
+pub const FETCH_WAIT_SECONDS: &str = "hyperbox_fetch_wait_seconds_total";
+pub const CONTAINER_FETCH_WAIT_SECONDS: &str = "hyperbox_container_fetch_wait_seconds_total";
+// FUSE: seconds from a request reaching hyperboxd to its reply, by operation.
+pub const FUSE_OP_SECONDS: &str = "hyperbox_fuse_op_seconds";
 // Store.
 pub const STORE_CHUNKS: &str = "hyperbox_store_chunks";
 pub const STORE_BYTES: &str = "hyperbox_store_bytes";
@@ -23,6 +32,8 @@ pub const STORE_EVICTIONS: &str = "hyperbox_store_evictions_total";
 pub const STORE_VERIFY_FAILURES: &str = "hyperbox_store_verify_failures_total";
 // Snapshotter.
 pub const LAYERS_MOUNTED: &str = "hyperbox_layers_mounted";
+pub const SNAPSHOT_OPS: &str = "hyperbox_snapshot_operations_total";
+pub const SNAPSHOT_OP_ERRORS: &str = "hyperbox_snapshot_operation_errors_total";
 // Traces and prefetch.
 pub const TRACE_SESSIONS: &str = "hyperbox_trace_sessions_total";
 pub const TRACE_RUNS_MERGED: &str = "hyperbox_trace_runs_merged_total";
@@ -41,6 +52,59 @@ pub const PREFETCH_JUDGED_HITS: &str = "hyperbox_prefetch_judged_hit_chunks_tota
 /// The same ratios for the latest judged start.
 pub const PREFETCH_LAST_PRECISION: &str = "hyperbox_prefetch_last_precision";
 pub const PREFETCH_LAST_RECALL: &str = "hyperbox_prefetch_last_recall";
+
+/// Upper bounds of the latency buckets, in seconds: 50 µs (a page of a
+/// cached chunk) to 30 s (a registry near its timeout).
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// A latency histogram: lock-free (one atomic add per bucket hit), so it
+/// can sit on the FUSE read path.
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A histogram's values at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Per bucket (not cumulative); the last is +Inf.
+    pub counts: Vec<u64>,
+    pub sum_seconds: f64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+impl Histogram {
+    pub const fn new() -> Self {
+        Histogram { counts: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1], sum_ns: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&b| s <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A Prometheus text exposition being written.
 #[derive(Default)]
@@ -66,6 +130,36 @@ impl Exposition {
         }
     }
 
+    /// A counter with a floating point value (seconds).
+    pub fn gauge_counter(&mut self, name: &str, help: &str, value: f64) {
+        self.family(name, "counter", help);
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
+    /// A counter of seconds with one label (floating point values).
+    pub fn seconds_by(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, f64)]) {
+        self.family(name, "counter", help);
+        for (v, n) in samples {
+            let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape_label(v));
+        }
+    }
+
+    /// A latency histogram with one label: cumulative `_bucket` lines with
+    /// `le`, then `_sum` and `_count`, per label value.
+    pub fn histogram_by(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, HistogramSnapshot)]) {
+        self.family(name, "histogram", help);
+        for (v, h) in samples {
+            let mut cumulative = 0;
+            for (i, n) in h.counts.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+                let _ = writeln!(self.out, "{name}_bucket{{{label}=\"{v}\",le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(self.out, "{name}_sum{{{label}=\"{v}\"}} {}", h.sum_seconds);
+            let _ = writeln!(self.out, "{name}_count{{{label}=\"{v}\"}} {cumulative}");
+        }
+    }
+
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.family(name, "gauge", help);
         let _ = writeln!(self.out, "{name} {value}");
@@ -74,6 +168,11 @@ impl Exposition {
     pub fn finish(self) -> String {
         self.out
     }
+}
+
+/// A label value as the text format wants it: `\\`, `"` and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -92,5 +191,33 @@ mod tests {
              # HELP hyperbox_prefetch_last_recall Recall.\n# TYPE hyperbox_prefetch_last_recall gauge\n\
              hyperbox_prefetch_last_recall 0.5\n"
         );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(30)); // first bucket
+        h.observe(Duration::from_millis(3)); // le 0.005
+        h.observe(Duration::from_secs(60)); // +Inf only
+        let s = h.snapshot();
+        assert_eq!(s.count(), 3);
+        assert!((s.sum_seconds - 60.00303).abs() < 1e-9, "{}", s.sum_seconds);
+        let mut e = Exposition::default();
+        e.histogram_by(FUSE_OP_SECONDS, "FUSE.", "op", &[("read", s)]);
+        let text = e.finish();
+        assert!(text.contains("# TYPE hyperbox_fuse_op_seconds histogram\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_bucket{op=\"read\",le=\"0.00005\"} 1\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_bucket{op=\"read\",le=\"0.0025\"} 1\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_bucket{op=\"read\",le=\"0.005\"} 2\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_bucket{op=\"read\",le=\"30\"} 2\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_bucket{op=\"read\",le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("hyperbox_fuse_op_seconds_count{op=\"read\"} 3\n"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut e = Exposition::default();
+        e.seconds_by(CONTAINER_FETCH_WAIT_SECONDS, "Wait.", "container", &[("a\"b\\c", 1.5)]);
+        assert!(e.finish().ends_with("hyperbox_container_fetch_wait_seconds_total{container=\"a\\\"b\\\\c\"} 1.5\n"));
     }
 }

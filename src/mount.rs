@@ -9,17 +9,135 @@
 //!
 //! The frames each read needs are reported on a bounded channel (the trace
 //! hook); when it is full the report is dropped and counted, never waited on.
+//!
+//! Every operation's latency (arrival to reply) goes into [`FUSE_OPS`], and
+//! the time a read waited on the registry into [`CONTAINER_WAITS`], under
+//! the container of the reading process.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
 
 use crate::fetcher::{Fetcher, Priority, RemoteLayer};
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
+use crate::metrics::{Histogram, HistogramSnapshot};
 pub use crate::trace::{ChunkAccess, TraceHook};
 
 pub use hyperbox_fuse::{detach, stale_mounts, Mount, MountOptions};
+
+/// Latency of the FUSE operations of every layer this process serves.
+pub struct FuseOps {
+    lookup: Histogram,
+    getattr: Histogram,
+    readlink: Histogram,
+    readdir: Histogram,
+    getxattr: Histogram,
+    listxattr: Histogram,
+    read: Histogram,
+}
+
+pub static FUSE_OPS: FuseOps = FuseOps {
+    lookup: Histogram::new(),
+    getattr: Histogram::new(),
+    readlink: Histogram::new(),
+    readdir: Histogram::new(),
+    getxattr: Histogram::new(),
+    listxattr: Histogram::new(),
+    read: Histogram::new(),
+};
+
+impl FuseOps {
+    pub fn snapshot(&self) -> Vec<(&'static str, HistogramSnapshot)> {
+        vec![
+            ("lookup", self.lookup.snapshot()),
+            ("getattr", self.getattr.snapshot()),
+            ("readlink", self.readlink.snapshot()),
+            ("readdir", self.readdir.snapshot()),
+            ("getxattr", self.getxattr.snapshot()),
+            ("listxattr", self.listxattr.snapshot()),
+            ("read", self.read.snapshot()),
+        ]
+    }
+}
+
+/// Time `f` into `h`.
+fn timed<T>(h: &Histogram, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    h.observe(t.elapsed());
+    r
+}
+
+/// Seconds FUSE reads waited on the registry, by container. The kernel
+/// names the reading process; its cgroup names the container (containerd's
+/// runc shim puts a container in a cgroup whose last part is the container
+/// id: `/<namespace>/<id>` with cgroupfs, `cri-containerd-<id>.scope`
+/// under systemd). A container's snapshot key is its id, so the daemon
+/// keeps the ids of its active snapshots and forgets the rest
+/// ([`ContainerWaits::live`]).
+pub struct ContainerWaits {
+    seconds: Mutex<BTreeMap<String, f64>>,
+}
+
+pub static CONTAINER_WAITS: ContainerWaits = ContainerWaits { seconds: Mutex::new(BTreeMap::new()) };
+
+/// More ids than this between two scrapes are not kept (a runaway of short
+/// processes in odd cgroups must not grow the map without end).
+const MAX_WAITERS: usize = 4096;
+
+impl ContainerWaits {
+    fn add(&self, pid: u32, waited: Duration) {
+        let Some(id) = container_of(pid) else { return };
+        let mut m = self.seconds.lock().unwrap();
+        if m.len() < MAX_WAITERS || m.contains_key(&id) {
+            *m.entry(id).or_default() += waited.as_secs_f64();
+        }
+    }
+
+    /// The waits of containers `is_live` accepts, by id; every other entry
+    /// (a removed container, a process outside any container) is dropped.
+    pub fn live(&self, is_live: impl Fn(&str) -> bool) -> Vec<(String, f64)> {
+        let mut m = self.seconds.lock().unwrap();
+        m.retain(|id, _| is_live(id));
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// The container id of process `pid`, from its cgroup's last part.
+fn container_of(pid: u32) -> Option<String> {
+    if pid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    container_from_cgroup(&text)
+}
+
+/// The last part of the process's cgroup path, without the runtime's
+/// decorations: from the unified (v2) hierarchy, else (v1, or a hybrid
+/// host whose unified path is `/`) from `pids`, `memory` or `name=systemd`.
+fn container_from_cgroup(text: &str) -> Option<String> {
+    let leaf_of = |controller: &str| {
+        text.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let ours = if controller.is_empty() {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == controller)
+            };
+            let leaf = path.trim_end().rsplit('/').next()?;
+            let leaf = leaf.strip_suffix(".scope").unwrap_or(leaf);
+            let leaf = ["cri-containerd-", "docker-", "crio-", "libpod-"]
+                .iter()
+                .find_map(|pre| leaf.strip_prefix(pre))
+                .unwrap_or(leaf);
+            (ours && !leaf.is_empty()).then(|| leaf.to_string())
+        })
+    };
+    ["", "pids", "memory", "name=systemd"].iter().find_map(|c| leaf_of(c))
+}
 
 /// One layer, ready to mount.
 pub struct LayerFs {
@@ -116,54 +234,95 @@ fn attr(a: NodeAttr) -> Attr {
 
 impl ReadOnlyFs for LayerFs {
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, i32> {
-        let ino = self.tree.lookup(parent, name).map_err(errno)?;
-        self.tree.attr(ino).map(attr).map_err(errno)
+        timed(&FUSE_OPS.lookup, || {
+            let ino = self.tree.lookup(parent, name).map_err(errno)?;
+            self.tree.attr(ino).map(attr).map_err(errno)
+        })
     }
 
     fn getattr(&self, ino: u64) -> Result<Attr, i32> {
-        self.tree.attr(ino).map(attr).map_err(errno)
+        timed(&FUSE_OPS.getattr, || self.tree.attr(ino).map(attr).map_err(errno))
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, i32> {
-        self.tree.readlink(ino).map(|l| l.to_vec()).map_err(errno)
+        timed(&FUSE_OPS.readlink, || self.tree.readlink(ino).map(|l| l.to_vec()).map_err(errno))
     }
 
     fn readdir(&self, ino: u64, offset: u64, add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool) -> Result<(), i32> {
-        self.tree.readdir(ino, offset, &mut |child, next, k, name| add(child, next, kind(k), name)).map_err(errno)
+        timed(&FUSE_OPS.readdir, || {
+            self.tree.readdir(ino, offset, &mut |child, next, k, name| add(child, next, kind(k), name)).map_err(errno)
+        })
     }
 
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, i32> {
-        self.tree.getxattr(ino, name).map(|v| v.to_vec()).map_err(errno)
+        timed(&FUSE_OPS.getxattr, || self.tree.getxattr(ino, name).map(|v| v.to_vec()).map_err(errno))
     }
 
     fn listxattr(&self, ino: u64) -> Result<Vec<u8>, i32> {
-        let mut out = Vec::new();
-        for (name, _) in self.tree.xattrs(ino).map_err(errno)? {
-            out.extend_from_slice(name);
-            out.push(0);
-        }
-        Ok(out)
+        timed(&FUSE_OPS.listxattr, || {
+            let mut out = Vec::new();
+            for (name, _) in self.tree.xattrs(ino).map_err(errno)? {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+            Ok(out)
+        })
     }
 
-    fn read(&self, ino: u64, offset: u64, size: u32, reply: ReadReply) {
+    fn read(&self, ino: u64, offset: u64, size: u32, pid: u32, reply: ReadReply) {
+        let began = Instant::now();
         let plan = match self.tree.plan_read(ino, offset, size) {
             Ok(p) => p,
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => {
+                FUSE_OPS.read.observe(began.elapsed());
+                return reply.error(errno(e));
+            }
         };
         if plan.frames.is_empty() {
             // End of file, or a hole of a sparse file.
-            return reply.data(&plan.assemble(self.tree.index(), &[] as &[&[u8]]));
+            reply.data(&plan.assemble(self.tree.index(), &[] as &[&[u8]]));
+            return FUSE_OPS.read.observe(began.elapsed());
         }
         self.record(&plan.frames);
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
         self.rt.spawn(async move {
-            match fetcher.read_frames(&remote, &plan.frames, Priority::Demand).await {
-                Ok(data) => reply.data(&plan.assemble(tree.index(), &data)),
+            match fetcher.read_frames_waited(&remote, &plan.frames, Priority::Demand).await {
+                Ok((data, waited)) => {
+                    reply.data(&plan.assemble(tree.index(), &data));
+                    if !waited.is_zero() {
+                        CONTAINER_WAITS.add(pid, waited);
+                    }
+                }
                 Err(e) => {
                     tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
                     reply.error(libc::EIO);
+                    CONTAINER_WAITS.add(pid, began.elapsed());
                 }
             }
+            FUSE_OPS.read.observe(began.elapsed());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_from_cgroup;
+
+    #[test]
+    fn container_ids_from_cgroups() {
+        // ctr run (cgroupfs, v2): /<namespace>/<id>.
+        assert_eq!(container_from_cgroup("0::/hyperbox-e2e/app-1\n").as_deref(), Some("app-1"));
+        // CRI under systemd.
+        let cri = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-0123abc.scope\n";
+        assert_eq!(container_from_cgroup(cri).as_deref(), Some("0123abc"));
+        // cgroup v1: the pids controller's path.
+        let v1 = "12:cpu,cpuacct:/x\n5:pids:/default/web\n1:name=systemd:/default/web\n";
+        assert_eq!(container_from_cgroup(v1).as_deref(), Some("web"));
+        // A hybrid host: the unified path is the root, v1's name the container.
+        let hybrid = "9:name=systemd:/\n8:pids:/hb/t1\n4:memory:/hb/t1\n0::/\n";
+        assert_eq!(container_from_cgroup(hybrid).as_deref(), Some("t1"));
+        // The root cgroup names nothing.
+        assert_eq!(container_from_cgroup("0::/\n"), None);
+        assert_eq!(container_from_cgroup("8:pids:/\n0::/\n"), None);
     }
 }

@@ -79,9 +79,20 @@ fn grafana_dashboard_queries_exported_metrics() {
         }
     }
     for m in &queried {
-        assert!(defined.contains(&format!("\"{m}\"")), "the dashboard queries {m}, which hyperboxd does not export");
+        // A histogram's series are its name with _bucket, _sum or _count.
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| m.strip_suffix(s)).unwrap_or(m);
+        assert!(
+            defined.contains(&format!("\"{m}\"")) || defined.contains(&format!("\"{family}\"")),
+            "the dashboard queries {m}, which hyperboxd does not export"
+        );
     }
-    for m in ["hyperbox_prefetch_judged_hit_chunks_total", "hyperbox_fetch_requests_total", "hyperbox_layers_mounted"] {
+    for m in [
+        "hyperbox_prefetch_judged_hit_chunks_total",
+        "hyperbox_fetch_requests_total",
+        "hyperbox_layers_mounted",
+        "hyperbox_fetch_request_seconds_bucket",
+        "hyperbox_container_fetch_wait_seconds_total",
+    ] {
         assert!(queried.contains(m), "the dashboard lacks {m}");
     }
 }

@@ -433,10 +433,33 @@ fn traced_start_prefetches_everything_it_reads() {
     let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
     assert!(out.contains("3 lazy"), "{out}");
     let log_start = reg.log().len();
-    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "t1"]));
+    // Kept after it exits (no --rm): its snapshot, and so its metrics, stay.
+    let out = run(ctd.ctr().args(["run", "--snapshotter", "hyperbox", &dst, "t1"]));
     assert_eq!(out, expected);
     let (untraced_bytes, untraced_requests) = blob_bytes_served(&reg.log()[log_start..]);
     assert!(untraced_requests > 0);
+    // What that start cost, as /metrics tells it: the container's processes
+    // waited on the registry; every demand request was timed; reads and
+    // lookups went through FUSE; containerd prepared snapshots.
+    let get = |path: &str| run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}{path}")));
+    let text = get("/metrics");
+    let t1_wait = metric(&text, "hyperbox_container_fetch_wait_seconds_total{container=\"t1\"}").unwrap_or(0.0);
+    let all_wait = metric(&text, "hyperbox_fetch_wait_seconds_total").unwrap();
+    println!("untraced start waited {t1_wait:.3} s on the registry (all reads: {all_wait:.3} s)");
+    assert!(t1_wait > 0.0 && t1_wait <= all_wait + 1e-6, "{text}");
+    let demand = metric(&text, "hyperbox_fetch_requests_total{priority=\"demand\"}").unwrap();
+    assert_eq!(metric(&text, "hyperbox_fetch_request_seconds_count{priority=\"demand\"}"), Some(demand), "{text}");
+    assert!(metric(&text, "hyperbox_fuse_op_seconds_count{op=\"read\"}").unwrap() > 0.0, "{text}");
+    assert!(metric(&text, "hyperbox_fuse_op_seconds_count{op=\"lookup\"}").unwrap() > 0.0, "{text}");
+    assert!(metric(&text, "hyperbox_snapshot_operations_total{call=\"prepare\"}").unwrap() > 0.0, "{text}");
+    // The same through the admin API: hyperbox stats and layers.
+    let admin = |cmd: &str| run(hyperbox().args([cmd, "--address"]).arg(&socket));
+    let out = admin("stats");
+    assert!(out.contains(&format!("{untraced_requests} demand + 0 prefetch range requests")), "{out}");
+    let out = admin("layers");
+    assert!(out.contains("3 layer(s) mounted") && out.contains("/traced "), "{out}");
+    assert!(out.lines().any(|l| l.contains("/traced") && !l.ends_with("100.0%")), "only part was read:\n{out}");
+    run(ctd.ctr().args(["container", "rm", "t1"]));
     wait_until("the first trace", Duration::from_secs(30), || trace_runs(&hb, &dst) == 1);
     let file = tmp.path().join("trace.json");
     let trace = exported_trace(&hb, &dst, &file);
@@ -456,6 +479,16 @@ fn traced_start_prefetches_everything_it_reads() {
     assert!(out.contains("referrers tag schema"), "{out}");
     run(ctd.ctr().args(["image", "rm", "--sync", &dst]));
     wait_until("snapshots removed", Duration::from_secs(20), || snapshot_names(&ctd, "hyperbox-test").is_empty());
+    // The container's snapshot is gone (containerd's GC), and so is its series.
+    let text = get("/metrics");
+    assert_eq!(metric(&text, "hyperbox_container_fetch_wait_seconds_total{container=\"t1\"}"), None, "{text}");
+    // The image is gone: gc frees its layers' indexes and every chunk.
+    let chunks = admin("stats").split("store      ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    assert_ne!(chunks, "0");
+    let out = admin("gc");
+    assert!(out.starts_with(&format!("removed 3 layer index(es) and {chunks} chunk(s)")), "{out}");
+    let out = admin("stats");
+    assert!(out.contains("store      0 chunks"), "{out}");
     assert!(hb.stop().success());
     std::fs::remove_dir_all(&hb.root).unwrap();
     hb.restart();
@@ -468,8 +501,13 @@ fn traced_start_prefetches_everything_it_reads() {
     wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
     assert!(hb.log()[log_before..].contains("trace found in the registry"), "{}", &hb.log()[log_before..]);
     let log_start = reg.log().len();
-    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "t2"]));
+    let out = run(ctd.ctr().args(["run", "--snapshotter", "hyperbox", &dst, "t2"]));
     assert_eq!(out, expected);
+    let text = get("/metrics");
+    let t2_wait = metric(&text, "hyperbox_container_fetch_wait_seconds_total{container=\"t2\"}").unwrap_or(0.0);
+    println!("traced start waited {t2_wait:.3} s on the registry (untraced: {t1_wait:.3} s)");
+    assert!(t2_wait < t1_wait, "{text}");
+    run(ctd.ctr().args(["container", "rm", "t2"]));
     let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
     println!(
         "untraced start: {untraced_bytes} bytes in {untraced_requests} requests; traced: {bytes} bytes in {requests} requests"
@@ -483,7 +521,6 @@ fn traced_start_prefetches_everything_it_reads() {
     assert!(recall >= 0.95, "{judged}");
     assert!(precision >= 0.8, "{judged}");
     // The same judgement as Prometheus metrics, and the health check.
-    let get = |path: &str| run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}{path}")));
     assert_eq!(get("/healthz"), "ok\n");
     let text = get("/metrics");
     let value = |name: &str| -> f64 {
@@ -553,4 +590,10 @@ fn hydrate_fetches_the_whole_image() {
     assert_eq!(out.split_whitespace().next().unwrap(), &sha256(&big)[7..]);
     let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
     assert_eq!((bytes, requests), (0, 0), "read on demand after hydrating:\n{}", &reg.log()[log_start..]);
+}
+
+/// The value of one series (`name` or `name{labels}`) in Prometheus text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
+    line.split_whitespace().last()?.parse().ok()
 }

@@ -66,7 +66,9 @@ pub trait ReadOnlyFs: Send + Sync + 'static {
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno32>;
     /// Attribute names, each followed by a NUL byte.
     fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno32>;
-    fn read(&self, ino: u64, offset: u64, size: u32, reply: ReadReply);
+    /// `pid` is the reading process as the kernel names it (in the mounting
+    /// process's pid namespace; 0 when the kernel does not say).
+    fn read(&self, ino: u64, offset: u64, size: u32, pid: u32, reply: ReadReply);
 }
 
 /// The answer to one read; send exactly once (dropping it unanswered
@@ -170,7 +172,7 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -179,7 +181,7 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.0.read(ino.0, offset, size, ReadReply(Some(reply)));
+        self.0.read(ino.0, offset, size, req.pid(), ReadReply(Some(reply)));
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -105,6 +105,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TraceCmd,
     },
+    /// hyperboxd's counters since it started: registry fetches, the store,
+    /// prefetch and traces.
+    Stats {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+        address: PathBuf,
+    },
+    /// The remote layers mounted now, and how much of each is on this node.
+    Layers {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+        address: PathBuf,
+    },
+    /// Free store space no snapshot needs: the indexes of removed layers,
+    /// then every chunk no kept index names.
+    Gc {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+        address: PathBuf,
+    },
     /// Check this node: FUSE, overlayfs, containerd's config and plugin, and
     /// hyperboxd. Each problem comes with its fix; exits 1 if any check fails.
     Doctor {
@@ -263,6 +283,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("\nall checks passed");
         }
         Cmd::Trace { address, plain_http, cmd } => rt.block_on(trace_cmd(&config, &address, plain_http, cmd))?,
+        Cmd::Stats { address } => rt.block_on(stats_cmd(&address))?,
+        Cmd::Layers { address } => rt.block_on(layers_cmd(&address))?,
+        Cmd::Gc { address } => rt.block_on(async {
+            let r = admin(&address).await?.gc(hyperbox::admin::proto::GcRequest {}).await?.into_inner();
+            println!(
+                "removed {} layer index(es) and {} chunk(s), freed {}",
+                r.indexes_removed,
+                r.chunks_removed,
+                convert::human(r.bytes_freed)
+            );
+            anyhow::Ok(())
+        })?,
         Cmd::Inspect { plain_http, json, entries, verify, target } => {
             let path = PathBuf::from(&target);
             let reports = if path.is_file() {
@@ -295,12 +327,67 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// A client of hyperboxd's admin API at `address`.
+async fn admin(address: &std::path::Path) -> Result<hyperbox::admin::AdminClient<tonic::transport::Channel>> {
+    hyperbox::admin::connect(address)
+        .await
+        .with_context(|| format!("connect to hyperboxd at {} (is it running? --address)", address.display()))
+}
+
+async fn stats_cmd(address: &std::path::Path) -> Result<()> {
+    let s = admin(address).await?.stats(hyperbox::admin::proto::StatsRequest {}).await?.into_inner();
+    let h = convert::human;
+    let lookups = s.store_hits + s.store_misses;
+    println!(
+        "registry   {} demand + {} prefetch range requests, {} received",
+        s.demand_requests,
+        s.prefetch_requests,
+        h(s.fetched_bytes)
+    );
+    println!(
+        "           {} failed tries, {} fetches gave up; reads waited {:.2} s",
+        s.fetch_errors, s.fetch_failures, s.fetch_wait_seconds
+    );
+    println!(
+        "store      {} chunks, {} of {} budget; {} hits of {} lookups ({}), {} evicted, {} failed verification",
+        s.store_chunks,
+        h(s.store_bytes),
+        h(s.store_budget_bytes),
+        s.store_hits,
+        lookups,
+        if lookups == 0 { "-".to_string() } else { pct(s.store_hits as f64 / lookups as f64) },
+        s.store_evictions,
+        s.store_verify_failures
+    );
+    println!("layers     {} mounted", s.layers_mounted);
+    println!("prefetch   {} jobs, {} asked for, {} errors", s.prefetch_jobs, h(s.prefetch_bytes), s.prefetch_errors);
+    println!("traces     {} container starts recorded", s.trace_sessions);
+    Ok(())
+}
+
+async fn layers_cmd(address: &std::path::Path) -> Result<()> {
+    let layers =
+        admin(address).await?.list_layers(hyperbox::admin::proto::ListLayersRequest {}).await?.into_inner().layers;
+    println!("{:<73} {:<40} {:>9} {:>9} {:>6}", "BLOB", "REPOSITORY", "BYTES", "LOCAL", "LOCAL%");
+    for l in &layers {
+        let share = if l.bytes == 0 { 1.0 } else { l.bytes_local as f64 / l.bytes as f64 };
+        println!(
+            "{:<73} {:<40} {:>9} {:>9} {:>6}",
+            l.blob,
+            l.repository,
+            convert::human(l.bytes),
+            convert::human(l.bytes_local),
+            pct(share)
+        );
+    }
+    println!("{} layer(s) mounted", layers.len());
+    Ok(())
+}
+
 async fn trace_cmd(config: &Config, address: &std::path::Path, plain_http: bool, cmd: TraceCmd) -> Result<()> {
     use hyperbox::admin::proto;
     use hyperbox::trace::Trace;
-    let mut admin = hyperbox::admin::connect(address)
-        .await
-        .with_context(|| format!("connect to hyperboxd at {} (is it running? --address)", address.display()))?;
+    let mut admin = admin(address).await?;
     let digest_of = |image: String| async move {
         if image.parse::<hyperbox::digest::Digest>().is_ok() {
             return anyhow::Ok(image);

@@ -112,7 +112,7 @@ fn run(cfg: Config) -> Result<()> {
         let (listener, owned) = listen(&cfg.daemon.address)?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let service = containerd_snapshots::server(Arc::new(Service(snapshotter.clone())));
-        let admin = hyperbox::admin::server(snapshotter.store().clone());
+        let admin = hyperbox::admin::server(snapshotter.clone());
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!(address = %cfg.daemon.address.display(), activated = owned.is_none(), "serving");
         tonic::transport::Server::builder()
@@ -184,6 +184,31 @@ fn metrics_text(snap: &Snapshotter) -> String {
     e.counter(FETCH_FAILURES, "Fetches that gave up (a read got EIO).", f.failures);
     e.counter(FETCH_VERIFY_FAILURES, "Fetched chunks that failed verification.", f.verify_failures);
     e.counter(FETCH_JOINED, "Reads that joined a fetch already in flight.", f.joined);
+    e.histogram_by(
+        FETCH_REQUEST_SECONDS,
+        "Range request latency, sending to holding the whole body (failed tries included).",
+        "priority",
+        &snap.fetcher().request_latency(),
+    );
+    e.gauge_counter(
+        FETCH_WAIT_SECONDS,
+        "Seconds FUSE reads spent waiting on registry fetches.",
+        snap.fetcher().wait_seconds(),
+    );
+    let live = snap.container_ids();
+    let waits = hyperbox::mount::CONTAINER_WAITS.live(|id| live.contains(id));
+    e.seconds_by(
+        CONTAINER_FETCH_WAIT_SECONDS,
+        "Seconds the reads of a container's processes spent waiting on registry fetches (containers that waited).",
+        "container",
+        &waits.iter().map(|(id, s)| (id.as_str(), *s)).collect::<Vec<_>>(),
+    );
+    e.histogram_by(
+        FUSE_OP_SECONDS,
+        "FUSE request latency in hyperboxd, arrival to reply, by operation.",
+        "op",
+        &hyperbox::mount::FUSE_OPS.snapshot(),
+    );
     let s = snap.store().stats();
     e.gauge(STORE_CHUNKS, "Chunks in the store.", s.chunks as f64);
     e.gauge(STORE_BYTES, "Bytes of stored chunks.", s.bytes as f64);
@@ -192,6 +217,19 @@ fn metrics_text(snap: &Snapshotter) -> String {
     e.counter(STORE_EVICTIONS, "Chunks evicted to stay within the budget.", s.evictions);
     e.counter(STORE_VERIFY_FAILURES, "Stored chunks that failed verification on read.", s.verify_failures);
     e.gauge(LAYERS_MOUNTED, "Remote layers mounted through FUSE.", snap.mounted_layers() as f64);
+    let calls = hyperbox::snapshotter::grpc::CALL_COUNTS.snapshot();
+    e.counter_by(
+        SNAPSHOT_OPS,
+        "Snapshots service calls from containerd.",
+        "call",
+        &calls.iter().map(|(c, n, _)| (*c, *n)).collect::<Vec<_>>(),
+    );
+    e.counter_by(
+        SNAPSHOT_OP_ERRORS,
+        "Snapshots service calls that failed (not found and already exists are answers, not failures).",
+        "call",
+        &calls.iter().map(|(c, _, n)| (*c, *n)).collect::<Vec<_>>(),
+    );
     if let Some(r) = snap.recorder() {
         e.counter(TRACE_SESSIONS, "Container starts recorded.", r.stats.sessions.load(Relaxed));
         e.counter(TRACE_RUNS_MERGED, "Recorded starts merged into traces.", r.stats.runs_merged.load(Relaxed));

@@ -38,6 +38,7 @@ use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
 use crate::format::{self, IndexLocation, LayerIndex};
+use crate::metrics::{Histogram, HistogramSnapshot};
 use crate::registry::{Client, Repo};
 use crate::store::{Store, VerifiedChunk};
 use sched::{Scheduler, Ticket};
@@ -178,6 +179,10 @@ struct Counters {
     joined: AtomicU64,
     store_hits: AtomicU64,
     failures: AtomicU64,
+    demand_latency: Histogram,
+    prefetch_latency: Histogram,
+    /// Time reads spent waiting on fetches, in nanoseconds.
+    wait_ns: AtomicU64,
 }
 
 type Answer = Option<Result<Bytes, FetchError>>;
@@ -258,6 +263,19 @@ impl Fetcher {
             store_hits: g(&n.store_hits),
             failures: g(&n.failures),
         }
+    }
+
+    /// Range request latency (send to whole body, failures included), for
+    /// demand and for prefetch requests.
+    pub fn request_latency(&self) -> [(&'static str, HistogramSnapshot); 2] {
+        let n = &self.inner.n;
+        [("demand", n.demand_latency.snapshot()), ("prefetch", n.prefetch_latency.snapshot())]
+    }
+
+    /// Seconds reads have spent waiting on the registry (see
+    /// [`Fetcher::read_frames_waited`]).
+    pub fn wait_seconds(&self) -> f64 {
+        self.inner.n.wait_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
 
     /// A layer's index: from the store if kept there, else fetched (mirrors
@@ -343,25 +361,60 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<Vec<Bytes>, FetchError> {
+        Ok(self.fetch(layer, frames, prio, true).await?.0)
+    }
+
+    /// [`Fetcher::read_frames`], with how long the call waited for frames
+    /// the store lacked (zero when all were local). A wait is counted in
+    /// [`Fetcher::wait_seconds`] too, failed reads' included.
+    pub async fn read_frames_waited(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+    ) -> Result<(Vec<Bytes>, Duration), FetchError> {
         self.fetch(layer, frames, prio, true).await
     }
 
     /// Frames' data (or, without `want_data`, empty placeholders for those
-    /// already stored) from the store, fetching what it lacks.
+    /// already stored) from the store, fetching what it lacks; and how long
+    /// it waited for the fetches.
     async fn fetch(
         &self,
         layer: &Arc<RemoteLayer>,
         frames: &[usize],
         prio: Priority,
         want_data: bool,
-    ) -> Result<Vec<Bytes>, FetchError> {
+    ) -> Result<(Vec<Bytes>, Duration), FetchError> {
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
             return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let mut out: Vec<Option<Bytes>> = self.local(ids.clone(), want_data).await?;
+        let out: Vec<Option<Bytes>> = self.local(ids.clone(), want_data).await?;
         self.inner.n.store_hits.fetch_add(out.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
+        if out.iter().all(Option::is_some) {
+            return Ok((out.into_iter().flatten().collect(), Duration::ZERO));
+        }
+        let waiting = Instant::now();
+        let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
+        let waited = waiting.elapsed();
+        if prio == Priority::Demand {
+            self.inner.n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok((result?, waited))
+    }
+
+    /// The rest of [`Fetcher::fetch`]: lead or join the fetches of the
+    /// frames `out` lacks.
+    async fn fetch_missing(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        ids: &[ChunkId],
+        mut out: Vec<Option<Bytes>>,
+        prio: Priority,
+    ) -> Result<Vec<Bytes>, FetchError> {
         // A flight can end without an answer for us: its task died, or it
         // failed fetching another layer's copy of the chunk. Then we look
         // again and lead ourselves, a bounded number of times.
@@ -392,7 +445,7 @@ impl Fetcher {
             }
         }
         out.into_iter()
-            .zip(ids)
+            .zip(ids.iter().copied())
             .map(|(o, id)| {
                 o.ok_or_else(|| last_err.clone().unwrap_or(FetchError::Lost { layer: layer.name(), chunk: id }))
             })
@@ -651,15 +704,17 @@ impl Inner {
                 };
                 let until = *deadline
                     .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(self.cfg.timeout_ms));
-                let counter = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
-                    &self.n.demand_requests
+                let (counter, latency) = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                    (&self.n.demand_requests, &self.n.demand_latency)
                 } else {
-                    &self.n.prefetch_requests
+                    (&self.n.prefetch_requests, &self.n.prefetch_latency)
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
                 let attempt_result =
                     tokio::time::timeout_at(until, self.client.get_blob_range(source, &layer.blob, start, end - start))
                         .await;
+                latency.observe(sent.elapsed());
                 drop(permit);
                 let bytes = match attempt_result {
                     Err(_) => {

@@ -3,6 +3,7 @@
 //! the blocking pool (metadata writes are synced, mounts are syscalls).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use containerd_snapshots::api::types::Mount as GrpcMount;
@@ -26,6 +27,33 @@ impl From<SnapshotError> for tonic::Status {
     }
 }
 
+/// The calls of containerd's Snapshots service, as counted.
+pub const CALLS: [&str; 10] =
+    ["stat", "update", "usage", "mounts", "prepare", "view", "commit", "remove", "cleanup", "list"];
+
+/// Calls served and calls that failed (NotFound and AlreadyExists are
+/// answers, not failures), by call, in [`CALLS`] order.
+pub struct CallCounts {
+    served: [AtomicU64; CALLS.len()],
+    failed: [AtomicU64; CALLS.len()],
+}
+
+pub static CALL_COUNTS: CallCounts = CallCounts {
+    served: [const { AtomicU64::new(0) }; CALLS.len()],
+    failed: [const { AtomicU64::new(0) }; CALLS.len()],
+};
+
+impl CallCounts {
+    /// `(call, served, failed)` for every call.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64, u64)> {
+        CALLS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, self.served[i].load(Ordering::Relaxed), self.failed[i].load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// The service containerd talks to.
 pub struct Service(pub Arc<Snapshotter>);
 
@@ -41,13 +69,18 @@ impl Service {
         let r = tokio::task::spawn_blocking(move || f(&s))
             .await
             .map_err(|e| SnapshotError::Internal(format!("{call} {k}: {e}")))?;
+        let i = CALLS.iter().position(|c| *c == call).expect("a call of CALLS");
+        CALL_COUNTS.served[i].fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(_) => tracing::debug!(call, key, "ok"),
             // Expected answers in containerd's protocol, not failures.
             Err(SnapshotError::AlreadyExists(_) | SnapshotError::NotFound(_)) => {
                 tracing::debug!(call, key, answer = %r.as_ref().err().unwrap(), "done")
             }
-            Err(e) => tracing::warn!(call, key, error = %e, "failed"),
+            Err(e) => {
+                CALL_COUNTS.failed[i].fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(call, key, error = %e, "failed")
+            }
         }
         r
     }

@@ -207,6 +207,31 @@ impl Meta {
     }
 }
 
+/// A mounted remote layer, for `hyperbox layers`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerStatus {
+    /// The committed snapshot's key.
+    pub key: String,
+    pub blob: String,
+    /// registry/repository of its blob.
+    pub repository: String,
+    pub mountpoint: PathBuf,
+    /// Frames (chunks) and their compressed bytes: all, and those stored here.
+    pub frames: u64,
+    pub frames_local: u64,
+    pub bytes: u64,
+    pub bytes_local: u64,
+}
+
+/// What a [`Snapshotter::gc`] freed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub indexes_removed: u64,
+    pub chunks_removed: u64,
+    /// Stored bytes before less after (other writes meanwhile blur it).
+    pub bytes_freed: u64,
+}
+
 /// Settings the daemon hands over.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -665,6 +690,77 @@ impl Snapshotter {
         for id in ids {
             self.unmount_layer(id);
         }
+    }
+
+    /// Every mounted remote layer, with how much of it is local.
+    pub fn layers(&self) -> Vec<LayerStatus> {
+        let mounted: Vec<(u64, Arc<RemoteLayer>)> =
+            self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+        let keys: HashMap<u64, String> = {
+            let meta = self.meta.lock().unwrap();
+            meta.snaps.iter().map(|(k, r)| (r.id, k.clone())).collect()
+        };
+        let mut out: Vec<LayerStatus> = mounted
+            .into_iter()
+            .map(|(id, l)| {
+                let (mut frames, mut frames_local, mut bytes, mut bytes_local) = (0, 0, 0, 0);
+                for f in l.index.frames().iter() {
+                    frames += 1;
+                    bytes += f.c_len as u64;
+                    if self.store.contains(&f.id).unwrap_or(false) {
+                        frames_local += 1;
+                        bytes_local += f.c_len as u64;
+                    }
+                }
+                LayerStatus {
+                    key: keys.get(&id).cloned().unwrap_or_default(),
+                    blob: l.blob.to_string(),
+                    repository: l.repo.to_string(),
+                    mountpoint: self.fs_dir(id),
+                    frames,
+                    frames_local,
+                    bytes,
+                    bytes_local,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Free what no snapshot needs: the kept indexes of layers no snapshot
+    /// is (removed images' layers), then every chunk no kept index names.
+    /// A layer being prepared meanwhile may lose its fresh index; its
+    /// chunks are then fetched again when read, never served unverified.
+    pub fn gc(&self) -> Result<GcReport> {
+        let before = self.store.stats().bytes;
+        let wanted: std::collections::HashSet<String> = {
+            let meta = self.meta.lock().unwrap();
+            meta.snaps.values().filter_map(|r| r.remote.as_ref().map(|rr| rr.blob.clone())).collect()
+        };
+        let mut indexes_removed = 0;
+        for layer in self.store.indexed_layers()? {
+            if !wanted.contains(&layer.to_string()) {
+                self.store.delete_index(&layer)?;
+                indexes_removed += 1;
+            }
+        }
+        let chunks_removed = self.store.gc()?;
+        let bytes_freed = before.saturating_sub(self.store.stats().bytes);
+        tracing::info!(indexes_removed, chunks_removed, bytes_freed, "gc done");
+        Ok(GcReport { indexes_removed, chunks_removed, bytes_freed })
+    }
+
+    /// The names containers go by here: the last part of each active
+    /// snapshot's key (containerd passes `<namespace>/<n>/<key>`, and `ctr`
+    /// and CRI make a container's snapshot key its id).
+    pub fn container_ids(&self) -> std::collections::HashSet<String> {
+        let meta = self.meta.lock().unwrap();
+        meta.snaps
+            .iter()
+            .filter(|(_, r)| r.kind == Kind::Active)
+            .map(|(k, _)| k.rsplit('/').next().unwrap_or(k).to_string())
+            .collect()
     }
 
     /// Remote layers mounted now.

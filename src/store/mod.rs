@@ -414,6 +414,22 @@ impl Store {
         Ok((loc, &v[44..]))
     }
 
+    /// The size the store keeps itself within (`store.budget_bytes`).
+    pub fn budget_bytes(&self) -> u64 {
+        self.cfg.budget_bytes
+    }
+
+    /// The layers whose index is kept here.
+    pub fn indexed_layers(&self) -> Result<Vec<Digest>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_INDEXES), IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            let key: [u8; 32] = k.as_ref().try_into().map_err(|_| self.corrupt("an index key is not 32 bytes"))?;
+            out.push(Digest::from_bytes(key));
+        }
+        Ok(out)
+    }
+
     pub fn delete_index(&self, layer: &Digest) -> Result<(), StoreError> {
         self.db.delete_cf(self.cf(CF_INDEXES), layer.as_bytes()).map_err(|e| self.db_err(e))
     }
