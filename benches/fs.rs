@@ -1,8 +1,12 @@
 //! Layers through FUSE, with a real `docker-registry` on loopback.
 //!
-//! - `fs/cached-seq-read/{fuse,ext4}`: read a 64 MiB file, already in the
-//!   page cache, with 1 MiB reads; the same file on ext4 side by side. Target:
+//! - `fs/cached-seq-read/{fuse,fuse-ra1024,fuse-ra128,ext4}`: read a 64 MiB
+//!   file, already in the page cache, with 1 MiB reads: through FUSE with
+//!   hyperboxd's 4 MiB read-ahead, 1 MiB and the kernel's 128 KiB, on ext4,
+//!   side by side (`-open-once`: the same without an open per pass). Target:
 //!   FUSE at least 0.7 of ext4.
+//! - cold sequential read of that file over loopback with each read-ahead
+//!   window: median time and range requests printed.
 //! - cold 4 KiB random reads (each in a chunk not yet fetched): latency p50
 //!   and p99 printed, over 200 reads.
 //! - hyperboxd's RSS with 10 mounted layers of 30,000 files each: printed
@@ -46,13 +50,20 @@ fn push(env: &Env, tar: &[u8]) -> Arc<RemoteLayer> {
 fn mount(env: &Env, layer: Arc<RemoteLayer>, store_dir: &Path, at: &Path) -> (Mount, Fetcher) {
     let store = Arc::new(Store::open(store_dir, &StoreConfig::default()).unwrap());
     let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
-    (mount_with(env, layer, &fetcher, at, 1024), fetcher)
+    (mount_with(env, layer, &fetcher, at, defaults().1), fetcher)
+}
+
+/// hyperboxd's defaults: FUSE threads per layer and read-ahead window
+/// (`daemon.fuse_threads`, `daemon.fuse_read_ahead_kb`).
+fn defaults() -> (usize, u32) {
+    let d = hyperbox::config::DaemonConfig::default();
+    (d.fuse_threads, d.fuse_read_ahead_kb)
 }
 
 /// Mount with hyperboxd's defaults but for the read-ahead window (KiB).
 fn mount_with(env: &Env, layer: Arc<RemoteLayer>, fetcher: &Fetcher, at: &Path, read_ahead_kb: u32) -> Mount {
     std::fs::create_dir_all(at).unwrap();
-    let opts = MountOptions { threads: 4, read_ahead_kb };
+    let opts = MountOptions { threads: defaults().0, read_ahead_kb };
     let m = LayerFs::new(layer, fetcher.clone(), env.rt.handle().clone(), None).mount(at, &opts).unwrap();
     assert_eq!(m.read_ahead().map_err(|e| e.to_string()), Ok(read_ahead_kb));
     m
@@ -98,29 +109,107 @@ fn benches(c: &mut Criterion) {
         client: Arc::new(Client::new(&cfg, false).unwrap()),
         registry,
     };
+    // As hyperboxd does at start (the memory figures depend on it).
+    hyperbox::mount::fix_mmap_threshold();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+
+    {
+        // Memory first, while the process is fresh (what earlier parts free
+        // stays in the allocator and blurs RSS): 10 mounted layers of 30,000
+        // small files each. Measured before
+        // the layers are built, after (their decoded indexes held, as the daemon
+        // holds them), and after mounting (trees, FUSE sessions, kernel lookups).
+        let start = rss_kib();
+        let mut layers = Vec::new();
+        for l in 0..10 {
+            let mut b = common::LayerBuilder::new();
+            for d in 0..300 {
+                b = b.dir(&format!("usr/lib/d{d}"));
+                for f in 0..100 {
+                    b = b.file(&format!("usr/lib/d{d}/file-{f}.py"), 0o644, format!("# {l} {d} {f}\n").as_bytes());
+                }
+            }
+            layers.push(push(&env, &b.finish()));
+        }
+        // One store and fetcher for all, as in hyperboxd.
+        let store = Arc::new(Store::open(&dir.path().join("db-m"), &StoreConfig::default()).unwrap());
+        let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
+        let before = rss_kib();
+        // The trees alone (what a mount builds), then dropped.
+        let trees: Vec<_> = layers.iter().map(|l| hyperbox::fs::LayerTree::new(l.index.clone())).collect();
+        let with_trees = rss_kib();
+        drop(trees);
+        let mut mounts = Vec::new();
+        for (l, layer) in layers.into_iter().enumerate() {
+            mounts.push(mount_with(&env, layer, &fetcher, &dir.path().join(format!("mnt-m{l}")), defaults().1));
+        }
+        // Touch every directory so the kernel has looked everything up once.
+        for m in &mounts {
+            assert_eq!(std::fs::read_dir(m.path().join("usr/lib")).unwrap().count(), 300);
+        }
+        let after = rss_kib();
+        eprintln!(
+            "fs RSS: {} MiB at start, {} MiB with 10 indexes of 30k files decoded, {} MiB with them mounted \
+         (mounting: +{} KiB per layer; the tree alone +{} KiB per layer)",
+            start / 1024,
+            before / 1024,
+            after / 1024,
+            after.saturating_sub(before) / 10,
+            with_trees.saturating_sub(before) / 10
+        );
+    }
 
     // Cached sequential reads: FUSE and ext4, side by side.
     let mut data = vec![0u8; 64 << 20];
     rng.fill_bytes(&mut data);
     let tar = common::LayerBuilder::new().file("big", 0o644, &data).file("other", 0o644, &data[..32 << 20]).finish();
     let layer = push(&env, &tar);
-    // The layer mounted twice over one store: hyperboxd's 1 MiB read-ahead
-    // (`daemon.fuse_read_ahead_kb`) and the kernel's default 128 KiB.
+    // The layer mounted three times over one store: hyperboxd's 4 MiB
+    // read-ahead (`daemon.fuse_read_ahead_kb`), 1 MiB, and the kernel's
+    // default 128 KiB.
     let (m, f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
+    let m1024 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra1024"), 1024);
     let m128 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra128"), 128);
     let ext4 = dir.path().join("big-on-ext4");
     std::fs::write(&ext4, &data).unwrap();
     let fuse_file = m.path().join("big");
+    let fuse1024_file = m1024.path().join("big");
     let fuse128_file = m128.path().join("big");
     let mut buf = vec![0u8; 1 << 20];
     assert_eq!(read_all(&fuse_file, &mut buf), data.len() as u64); // fetch, store, cache
-    assert_eq!(read_all(&fuse128_file, &mut buf), data.len() as u64); // from the store
+    assert_eq!(read_all(&fuse1024_file, &mut buf), data.len() as u64); // from the store
+    assert_eq!(read_all(&fuse128_file, &mut buf), data.len() as u64);
     read_all(&ext4, &mut buf);
+    // Interleaved: one pass of each in turn, 40 rounds, so machine noise
+    // hits all alike; medians and ratios to ext4 printed.
+    let variants =
+        [("fuse", &fuse_file), ("fuse-ra1024", &fuse1024_file), ("fuse-ra128", &fuse128_file), ("ext4", &ext4)];
+    let mut times = vec![Vec::new(); variants.len()];
+    for _ in 0..40 {
+        for (i, (_, path)) in variants.iter().enumerate() {
+            let t = Instant::now();
+            read_all(path, &mut buf);
+            times[i].push(t.elapsed());
+        }
+    }
+    let medians: Vec<Duration> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_unstable();
+            t[t.len() / 2]
+        })
+        .collect();
+    for ((name, _), m) in variants.iter().zip(&medians) {
+        eprintln!(
+            "fs cached 64 MiB read, interleaved, {name}: median {m:?}, ext4/this {:.2}",
+            medians[3].as_secs_f64() / m.as_secs_f64()
+        );
+    }
     let mut g = c.benchmark_group("fs/cached-seq-read");
     g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Bytes(data.len() as u64));
     g.bench_function("fuse", |b| b.iter(|| read_all(&fuse_file, &mut buf)));
+    g.bench_function("fuse-ra1024", |b| b.iter(|| read_all(&fuse1024_file, &mut buf)));
     g.bench_function("fuse-ra128", |b| b.iter(|| read_all(&fuse128_file, &mut buf)));
     g.bench_function("ext4", |b| b.iter(|| read_all(&ext4, &mut buf)));
     // The same reads on a file opened once: no open/flush/release per pass.
@@ -128,7 +217,32 @@ fn benches(c: &mut Criterion) {
     g.bench_function("fuse-open-once", |b| b.iter(|| pread_all(&fuse_fd, &mut buf)));
     g.bench_function("ext4-open-once", |b| b.iter(|| pread_all(&ext4_fd, &mut buf)));
     g.finish();
-    drop((fuse_fd, ext4_fd, m128, f));
+    drop((fuse_fd, ext4_fd, m1024, m128, f));
+
+    // Cold sequential read of the whole 64 MiB file over loopback, with each
+    // read-ahead window, alternating, 3 runs each (each on a fresh store).
+    let mut cold: [(u32, Vec<Duration>, u64); 3] =
+        [(defaults().1, Vec::new(), 0), (1024, Vec::new(), 0), (128, Vec::new(), 0)];
+    for run in 0..3 {
+        for (ra, times, requests) in cold.iter_mut() {
+            let store = Arc::new(
+                Store::open(&dir.path().join(format!("db-cold-{ra}-{run}")), &StoreConfig::default()).unwrap(),
+            );
+            let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
+            let m = mount_with(&env, layer.clone(), &fetcher, &dir.path().join(format!("mnt-cold-{ra}-{run}")), *ra);
+            let t = Instant::now();
+            assert_eq!(read_all(&m.path().join("big"), &mut buf), data.len() as u64);
+            times.push(t.elapsed());
+            *requests = fetcher.stats().requests();
+        }
+    }
+    for (ra, times, requests) in cold.iter_mut() {
+        times.sort_unstable();
+        eprintln!(
+            "fs cold sequential read of 64 MiB, read-ahead {ra} KiB: median {:?} of {:?} ({requests} range requests)",
+            times[1], times
+        );
+    }
     if std::env::var_os("FS_BENCH_ONLY_CACHED").is_some() {
         return;
     }
@@ -170,40 +284,6 @@ fn benches(c: &mut Criterion) {
     }
     drop(file);
     drop(m2);
-
-    // Memory: 10 mounted layers of 30,000 small files each. Measured before
-    // the layers are built, after (their decoded indexes held, as the daemon
-    // holds them), and after mounting (trees, FUSE sessions, kernel lookups).
-    let start = rss_kib();
-    let mut layers = Vec::new();
-    for l in 0..10 {
-        let mut b = common::LayerBuilder::new();
-        for d in 0..300 {
-            b = b.dir(&format!("usr/lib/d{d}"));
-            for f in 0..100 {
-                b = b.file(&format!("usr/lib/d{d}/file-{f}.py"), 0o644, format!("# {l} {d} {f}\n").as_bytes());
-            }
-        }
-        layers.push(push(&env, &b.finish()));
-    }
-    let before = rss_kib();
-    let mut mounts = Vec::new();
-    for (l, layer) in layers.into_iter().enumerate() {
-        mounts.push(mount(&env, layer, &dir.path().join(format!("db-m{l}")), &dir.path().join(format!("mnt-m{l}"))));
-    }
-    // Touch every directory so the kernel has looked everything up once.
-    for (m, _) in &mounts {
-        assert_eq!(std::fs::read_dir(m.path().join("usr/lib")).unwrap().count(), 300);
-    }
-    let after = rss_kib();
-    eprintln!(
-        "fs RSS: {} MiB at start, {} MiB with 10 indexes of 30k files decoded, {} MiB with them mounted \
-         (mounting: +{} KiB per layer)",
-        start / 1024,
-        before / 1024,
-        after / 1024,
-        after.saturating_sub(before) / 10
-    );
 }
 
 criterion_group!(fs, benches);

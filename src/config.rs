@@ -49,9 +49,9 @@ pub struct DaemonConfig {
     /// thread, so a few suffice.
     pub fuse_threads: usize,
     /// Read-ahead window of each layer mount, KiB (0: the kernel's 128).
-    /// The kernel sends FUSE reads of up to 1 MiB; a 1 MiB window makes a
-    /// sequential reader ask for 1 MiB at a time, and the larger page-cache
-    /// folios it leaves make cached reads faster (docs/tuning.md).
+    /// A large window lets a sequential reader keep several 1 MiB FUSE reads
+    /// (so range requests) in flight, and leaves large page-cache folios
+    /// that make cached reads faster (docs/tuning.md).
     pub fuse_read_ahead_kb: u32,
     /// Log filter when RUST_LOG is unset (`info`, `debug`, `hyperbox=debug`).
     pub log_level: String,
@@ -66,7 +66,7 @@ impl Default for DaemonConfig {
             root: PathBuf::from("/var/lib/hyperbox"),
             address: PathBuf::from("/run/hyperbox/hyperbox.sock"),
             fuse_threads: 2,
-            fuse_read_ahead_kb: 1024,
+            fuse_read_ahead_kb: 4096,
             log_level: "info".into(),
             metrics_address: "127.0.0.1:9464".into(),
         }

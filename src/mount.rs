@@ -139,6 +139,24 @@ fn container_from_cgroup(text: &str) -> Option<String> {
     ["", "pids", "memory", "name=systemd"].iter().find_map(|c| leaf_of(c))
 }
 
+/// Allocations of this size or more get their own mapping (glibc's
+/// `M_MMAP_THRESHOLD`), for the whole process.
+pub const MMAP_THRESHOLD: usize = 4 << 20;
+
+/// Fix glibc's mmap threshold at [`MMAP_THRESHOLD`]; call once, before any
+/// thread starts. By default glibc raises the threshold to the size of each
+/// large block freed (up to 32 MiB). Once a daemon has freed one large
+/// buffer, every FUSE worker's 16 MiB request buffer (fuser allocates one
+/// per thread) comes from the heap instead of fresh zero pages, and pages of
+/// it stay resident. `benches/fs.rs` measured 10 mounted layers of 30,000
+/// files at 161 MiB RSS with the default, 85 MiB with this (docs/tuning.md).
+pub fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+    }
+}
+
 /// One layer, ready to mount.
 pub struct LayerFs {
     tree: Arc<LayerTree>,

@@ -82,12 +82,12 @@ fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
     let fs = LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), Some(hook));
     let mountpoint = dir.path().join("fs");
     std::fs::create_dir(&mountpoint).unwrap();
-    let mount = fs.mount(&mountpoint, &MountOptions { threads: 4, read_ahead_kb: 1024 }).unwrap();
+    let mount = fs.mount(&mountpoint, &MountOptions { threads: 4, read_ahead_kb: 4096 }).unwrap();
     // The window is set on the mount's own backing device, as sysfs shows it.
-    assert_eq!(mount.read_ahead().map_err(|e| e.to_string()), Ok(1024));
+    assert_eq!(mount.read_ahead().map_err(|e| e.to_string()), Ok(4096));
     let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&mountpoint).unwrap());
     let bdi = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
-    assert_eq!(std::fs::read_to_string(&bdi).unwrap().trim(), "1024", "{bdi}");
+    assert_eq!(std::fs::read_to_string(&bdi).unwrap().trim(), "4096", "{bdi}");
     Served {
         rt,
         _dir: dir,

@@ -244,9 +244,9 @@ pub struct MountOptions {
     /// FUSE worker threads.
     pub threads: usize,
     /// The mount's read-ahead window in KiB (its backing device's
-    /// `read_ahead_kb`); 0 keeps the kernel's default (128 KiB). The kernel
-    /// sends reads of up to 1 MiB (`max_pages`), so windows past 1024 KiB
-    /// only queue more requests.
+    /// `read_ahead_kb`); 0 keeps the kernel's default (128 KiB). Each FUSE
+    /// read is at most 1 MiB (`max_pages`); a larger window keeps several in
+    /// flight, and the page cache fills with larger folios.
     pub read_ahead_kb: u32,
 }
 

@@ -37,6 +37,7 @@ struct Args {
 }
 
 fn main() {
+    hyperbox::mount::fix_mmap_threshold();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", toml::to_string_pretty(&Config::default()).expect("config serializes"));
@@ -181,7 +182,7 @@ fn metrics_text(snap: &Snapshotter) -> String {
     e.counter(FETCH_CHUNKS, "Chunks fetched, verified and stored.", f.chunks);
     e.counter(FETCH_RETRIES, "Tries after a failed one.", f.retries);
     e.counter(FETCH_ERRORS, "Failed tries (transport, status, protocol, verification).", f.errors);
-    e.counter(FETCH_FAILURES, "Fetches that gave up (a read got EIO).", f.failures);
+    e.counter(FETCH_FAILURES, "Fetches that gave up (a demand read waiting on one gets EIO).", f.failures);
     e.counter(FETCH_VERIFY_FAILURES, "Fetched chunks that failed verification.", f.verify_failures);
     e.counter(FETCH_JOINED, "Reads that joined a fetch already in flight.", f.joined);
     e.histogram_by(
