@@ -12,6 +12,9 @@
 #
 #   bash benches/cold-start.sh [RUNS]        (default 3)
 #   PROFILES="100:20 1000:2"                 link Mbit/s : one-way delay ms
+#   MODES="overlayfs lazy traced"            also: lazy-ra128, the lazy start
+#                                            with the kernel's 128 KiB
+#                                            read-ahead (docs/tuning.md)
 #   OUT=docs/cold-start                      writes OUT.csv and OUT.svg
 #
 # The link is benches/slowlink.py, a user-space proxy between the clients
@@ -20,6 +23,7 @@
 set -euo pipefail
 RUNS=${1:-3}
 PROFILES=${PROFILES:-"100:20 1000:2"}
+MODES=${MODES:-"overlayfs lazy traced"}
 DIR=${HYPERBOX_BENCH_DIR:-/var/tmp/hb-bench}
 OUT=${OUT:-docs/cold-start}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +69,7 @@ docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 & PIDS+=(
 HBSOCK=$WORK/hyperbox.sock
 HBROOT=$WORK/hyperbox
 printf 'version = 1\n[trace]\nidle_secs = 3\n' > "$WORK/hyperbox.toml"
+printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nfuse_read_ahead_kb = 128\n' > "$WORK/hyperbox-ra128.toml"
 SOCK=$WORK/containerd.sock
 cat > "$WORK/containerd.toml" <<TOML
 version = 2
@@ -84,7 +89,7 @@ ctr_() { ctr --address "$SOCK" "$@"; }
 until curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && ctr_ version >/dev/null 2>&1; do sleep 0.1; done
 
 hb_start() {
-  "$BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "$WORK/hyperbox.toml" >> "$WORK/hyperboxd.log" 2>&1 &
+  "$BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &
   HBPID=$!
   until [ -S "$HBSOCK" ]; do sleep 0.05; done
   # containerd redials a restarted proxy with backoff: wait until it answers.
@@ -139,12 +144,13 @@ for prof in $PROFILES; do
   VIA=127.0.0.1:$LPORT
   label="${rate} Mbit/s, ${delay} ms"
   for i in $(seq "$RUNS"); do
-    for mode in overlayfs lazy traced; do
+    for mode in $MODES; do
       ns="b-$mode"
       # Every image of the namespace (a previous link's proxy had another port).
       ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
       if [ "$mode" != overlayfs ]; then
-        hb_stop; rm -rf "$HBROOT"; hb_start
+        hb_stop; rm -rf "$HBROOT"
+        if [ "$mode" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
         [ "$mode" = traced ] && "$BIN/hyperbox" trace --address "$HBSOCK" import "$WORK/trace.json" >/dev/null
       fi
       cold
