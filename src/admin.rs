@@ -181,6 +181,17 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn prefetch(
+        &self,
+        req: Request<proto::PrefetchRequest>,
+    ) -> Result<Response<proto::PrefetchResponse>, Status> {
+        let req = req.into_inner();
+        let image = image_digest(&req.image)?;
+        let snap = self.snap.clone();
+        let layers = blocking(move || snap.prefetch(&image, req.hydrate).map_err(Status::from)).await?;
+        Ok(Response::new(proto::PrefetchResponse { layers: layers as u32 }))
+    }
+
     async fn gc(&self, _: Request<proto::GcRequest>) -> Result<Response<proto::GcResponse>, Status> {
         let snap = self.snap.clone();
         let r = blocking(move || snap.gc().map_err(|e| Status::internal(e.to_string()))).await?;

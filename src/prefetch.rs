@@ -128,6 +128,11 @@ impl Prefetcher {
         }
     }
 
+    /// Whether prefetch is on (`prefetch.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
     /// A layer of `image` was prepared: start the image's job, or hand the
     /// layer to the job already running. The job looks for a trace and ends
     /// at once if there is none (and no hydrate was asked for).

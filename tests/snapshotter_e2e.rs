@@ -590,6 +590,39 @@ fn hydrate_fetches_the_whole_image() {
     assert_eq!(out.split_whitespace().next().unwrap(), &sha256(&big)[7..]);
     let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
     assert_eq!((bytes, requests), (0, 0), "read on demand after hydrating:\n{}", &reg.log()[log_start..]);
+
+    // An image pulled lazily, hydrated later through the admin API.
+    let layout2 = tmp.path().join("layout2");
+    let big2 = random(8 << 20);
+    make_image(&layout2, &big2);
+    let dst2 = format!("{}/hydrate:later", reg.addr);
+    convert_to(&layout2, &dst2);
+    hyperbox_pull(&ctd, "hyperbox-test", &dst2);
+    let admin = |args: &[&str]| run(hyperbox().args(args).arg("--address").arg(&hb.socket));
+    let local =
+        |out: &str| out.lines().filter(|l| l.contains("/hydrate ")).map(|l| l.ends_with("100.0%")).collect::<Vec<_>>();
+    let out = admin(&["layers"]);
+    assert!(local(&out).contains(&false), "nothing read yet, so not all local:\n{out}");
+    let out = admin(&["prefetch", "--plain-http", "--hydrate", &dst2]);
+    // Its data layer at least (the busybox layer it shares with the first
+    // image is that image's record, and already local).
+    assert!(out.contains("layer(s), then hydrating") && !out.contains(": 0 layer"), "{out}");
+    wait_until("hydrated again", Duration::from_secs(60), || hb.log().matches("hydrated").count() >= 2);
+    let out = admin(&["layers"]);
+    assert!(local(&out).iter().all(|l| *l) && local(&out).len() >= 2, "every layer local:\n{out}");
+    let log_start = reg.log().len();
+    let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst2, "h2", "sha256sum", "/data/big"]));
+    assert_eq!(out.split_whitespace().next().unwrap(), &sha256(&big2)[7..]);
+    assert_eq!(blob_bytes_served(&reg.log()[log_start..]), (0, 0), "{}", &reg.log()[log_start..]);
+    // A digest nothing here was pulled for is refused, with the reason.
+    let out = hyperbox()
+        .args(["prefetch", "--address"])
+        .arg(&hb.socket)
+        .arg("sha256:0000000000000000000000000000000000000000000000000000000000000000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hyperbox pull it first"), "{out:?}");
 }
 
 /// The value of one series (`name` or `name{labels}`) in Prometheus text.

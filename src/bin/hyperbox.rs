@@ -118,6 +118,21 @@ enum Cmd {
         #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
         address: PathBuf,
     },
+    /// Prefetch a pulled image now, in the background: the chunks its trace
+    /// names, and with --hydrate every other chunk too.
+    Prefetch {
+        /// hyperboxd's socket.
+        #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+        address: PathBuf,
+        /// Resolve a tag over http instead of https.
+        #[arg(long)]
+        plain_http: bool,
+        /// Then fetch every chunk the trace does not name.
+        #[arg(long)]
+        hydrate: bool,
+        /// The image: a reference (registry/repo:tag or @digest) or a manifest digest.
+        image: String,
+    },
     /// Free store space no snapshot needs: the indexes of removed layers,
     /// then every chunk no kept index names.
     Gc {
@@ -284,6 +299,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Trace { address, plain_http, cmd } => rt.block_on(trace_cmd(&config, &address, plain_http, cmd))?,
         Cmd::Stats { address } => rt.block_on(stats_cmd(&address))?,
+        Cmd::Prefetch { address, plain_http, hydrate, image } => rt.block_on(async {
+            let digest = manifest_digest(&config, plain_http, image.clone()).await?;
+            let req = hyperbox::admin::proto::PrefetchRequest { image: digest.clone(), hydrate };
+            let r = admin(&address).await?.prefetch(req).await?.into_inner();
+            println!(
+                "prefetching {image} ({digest}): {} layer(s){}; `hyperbox layers` shows progress",
+                r.layers,
+                if hydrate { ", then hydrating" } else { "" }
+            );
+            anyhow::Ok(())
+        })?,
         Cmd::Layers { address } => rt.block_on(layers_cmd(&address))?,
         Cmd::Gc { address } => rt.block_on(async {
             let r = admin(&address).await?.gc(hyperbox::admin::proto::GcRequest {}).await?.into_inner();
@@ -384,22 +410,27 @@ async fn layers_cmd(address: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The manifest digest an image goes by here: a digest as it is, a
+/// reference's pinned digest, else this platform's manifest of the tag (asked
+/// of the registry).
+async fn manifest_digest(config: &Config, plain_http: bool, image: String) -> Result<String> {
+    if image.parse::<hyperbox::digest::Digest>().is_ok() {
+        return Ok(image);
+    }
+    let r: hyperbox::registry::Reference = image.parse()?;
+    if let Some(d) = &r.digest {
+        return Ok(d.to_string());
+    }
+    let client = Client::new(&config.registry, plain_http)?;
+    let (_, m) = hyperbox::pull::resolve(&client, &r).await.with_context(|| format!("resolve {image}"))?;
+    Ok(m.digest.to_string())
+}
+
 async fn trace_cmd(config: &Config, address: &std::path::Path, plain_http: bool, cmd: TraceCmd) -> Result<()> {
     use hyperbox::admin::proto;
     use hyperbox::trace::Trace;
     let mut admin = admin(address).await?;
-    let digest_of = |image: String| async move {
-        if image.parse::<hyperbox::digest::Digest>().is_ok() {
-            return anyhow::Ok(image);
-        }
-        let r: hyperbox::registry::Reference = image.parse()?;
-        if let Some(d) = &r.digest {
-            return Ok(d.to_string());
-        }
-        let client = Client::new(&config.registry, plain_http)?;
-        let (_, m) = hyperbox::pull::resolve(&client, &r).await.with_context(|| format!("resolve {image}"))?;
-        Ok(m.digest.to_string())
-    };
+    let digest_of = |image: String| manifest_digest(config, plain_http, image);
     // For push and pull: the registry, the repository and this platform's manifest.
     let in_registry = |image: String| async move {
         let r: hyperbox::registry::Reference = image.parse()?;

@@ -728,6 +728,36 @@ impl Snapshotter {
         out
     }
 
+    /// Prefetch an image whose layers are mounted, as when they were
+    /// prepared: its trace's chunks and, with `hydrate`, then every other
+    /// chunk. Returns the number of its layers handed to the prefetcher.
+    pub fn prefetch(&self, manifest: &str, hydrate: bool) -> Result<usize> {
+        if !self.prefetcher.enabled() {
+            return Err(SnapshotError::FailedPrecondition("prefetch is off (prefetch.enabled = false)".into()));
+        }
+        let mounted: HashMap<u64, Arc<RemoteLayer>> =
+            self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+        let ready: Vec<(ImageKey, Arc<RemoteLayer>)> = {
+            let meta = self.meta.lock().unwrap();
+            meta.snaps
+                .values()
+                .filter_map(|r| {
+                    let image = r.remote.as_ref()?.image().filter(|i| i.digest == manifest)?;
+                    Some((image, mounted.get(&r.id)?.clone()))
+                })
+                .collect()
+        };
+        if ready.is_empty() {
+            return Err(SnapshotError::NotFound(format!(
+                "no lazy layer of image {manifest} here (hyperbox pull it first)"
+            )));
+        }
+        for (image, layer) in &ready {
+            self.prefetcher.layer_ready(image, layer.clone(), hydrate);
+        }
+        Ok(ready.len())
+    }
+
     /// Free what no snapshot needs: the kept indexes of layers no snapshot
     /// is (removed images' layers), then every chunk no kept index names.
     /// A layer being prepared meanwhile may lose its fresh index; its
