@@ -416,7 +416,7 @@ async fn a_small_store_stays_in_budget_and_refetches() {
         return;
     }
     let budget = 1 << 20;
-    let s = setup(test_config(), StoreConfig { budget_bytes: budget, evict_to: 0.9 }).await;
+    let s = setup(test_config(), StoreConfig { budget_bytes: budget, evict_to: 0.9, ..StoreConfig::default() }).await;
     let n = s.layer.frames.len();
     assert!(s.layer.blob.len() as u64 > 2 * budget);
     for pass in 0..2 {

@@ -80,7 +80,7 @@ fn lazy_start_survives_restarts_and_goes_with_gc() {
         serde_json::from_str(&run(hyperbox().args(["inspect", "--plain-http", "--json", &dst]))).unwrap();
     let layer_bytes: u64 = inspect.as_array().unwrap().iter().map(|r| r["blob_size"].as_u64().unwrap()).sum();
 
-    let mut hb = Hyperboxd::start(tmp.path(), "version = 1\n");
+    let mut hb = Hyperboxd::start(tmp.path(), "version = 1\n[store]\ngc_after_remove_secs = 1\n");
     let mut ctd = Containerd::start(&hb.proxy_plugin());
     let log_start = reg.log().len();
 
@@ -133,6 +133,11 @@ fn lazy_start_survives_restarts_and_goes_with_gc() {
     wait_until("layers unmounted", Duration::from_secs(10), || hb.fuse_mounts().is_empty());
     let left: Vec<_> = std::fs::read_dir(hb.root.join("snapshots")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "snapshot dirs left: {left:?}");
+    // A second after the last removal, hyperboxd frees the image's chunks
+    // and indexes (store.gc_after_remove_secs) without being asked.
+    let stats = || run(hyperbox().args(["stats", "--address"]).arg(&hb.socket));
+    wait_until("the store emptied", Duration::from_secs(20), || stats().contains("store      0 chunks"));
+    assert!(hb.log().contains("gc done"), "{}", hb.log());
 }
 
 #[test]

@@ -89,6 +89,10 @@ fn run(cfg: Config) -> Result<()> {
         prefetch: cfg.prefetch.clone(),
     };
     let snapshotter = Arc::new(Snapshotter::open(opts, store, fetcher, rt.handle().clone())?);
+    if cfg.store.gc_after_remove_secs > 0 {
+        let delay = std::time::Duration::from_secs(cfg.store.gc_after_remove_secs);
+        rt.spawn(hyperbox::snapshotter::auto_gc(Arc::downgrade(&snapshotter), delay));
+    }
     tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
 
     let metrics = if cfg.daemon.metrics_address.is_empty() {

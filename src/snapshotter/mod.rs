@@ -207,6 +207,24 @@ impl Meta {
     }
 }
 
+/// Run [`Snapshotter::gc`] once removals of remote layers have stopped for
+/// `delay` (`store.gc_after_remove_secs`): containerd removes an image's
+/// snapshots one by one, and one gc after the last frees them all. Runs
+/// until the snapshotter is dropped.
+pub async fn auto_gc(snap: std::sync::Weak<Snapshotter>, delay: std::time::Duration) {
+    let Some(mut removals) = snap.upgrade().map(|s| s.removals.subscribe()) else { return };
+    while removals.changed().await.is_ok() {
+        // Wait out the burst: each further removal starts the delay again.
+        while tokio::time::timeout(delay, removals.changed()).await.is_ok_and(|r| r.is_ok()) {}
+        let Some(s) = snap.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || s.gc()).await {
+            Ok(Ok(_)) => {} // logged by gc
+            Ok(Err(e)) => tracing::warn!(error = %e, "gc after removals failed"),
+            Err(e) => tracing::warn!(error = %e, "gc after removals panicked"),
+        }
+    }
+}
+
 /// A mounted remote layer, for `hyperbox layers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerStatus {
@@ -258,6 +276,8 @@ pub struct Snapshotter {
     broken: Mutex<std::collections::HashSet<u64>>,
     /// Set by `unmount_all`: a layer mounted after it is unmounted at once.
     closing: std::sync::atomic::AtomicBool,
+    /// Remote layers removed since start ([`auto_gc`] watches it).
+    removals: tokio::sync::watch::Sender<u64>,
 }
 
 impl Snapshotter {
@@ -303,6 +323,7 @@ impl Snapshotter {
             layers: Mutex::new(HashMap::new()),
             broken: Mutex::new(std::collections::HashSet::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            removals: tokio::sync::watch::channel(0).0,
         };
         let remote: Vec<(String, Record)> = {
             let meta = s.meta.lock().unwrap();
@@ -572,6 +593,9 @@ impl Snapshotter {
         self.unmount_layer(rec.id);
         self.broken.lock().unwrap().remove(&rec.id);
         remove_dir(&self.dir(rec.id));
+        if rec.remote.is_some() {
+            self.removals.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 

@@ -49,11 +49,16 @@ pub struct StoreConfig {
     /// Eviction frees space down to this fraction of the budget, so it runs
     /// rarely rather than on every put.
     pub evict_to: f64,
+    /// Seconds after the last removal of a remote layer before hyperboxd
+    /// frees what no snapshot needs any more (`hyperbox gc`); 0 leaves that
+    /// to `hyperbox gc`. containerd removes an image's snapshots in a burst,
+    /// so one gc follows the burst.
+    pub gc_after_remove_secs: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { budget_bytes: 10 << 30, evict_to: 0.9 }
+        Self { budget_bytes: 10 << 30, evict_to: 0.9, gc_after_remove_secs: 60 }
     }
 }
 
@@ -544,7 +549,8 @@ mod tests {
 
     fn store(budget: u64) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &StoreConfig { budget_bytes: budget, evict_to: 0.9 }).unwrap();
+        let s = Store::open(dir.path(), &StoreConfig { budget_bytes: budget, evict_to: 0.9, ..StoreConfig::default() })
+            .unwrap();
         (dir, s)
     }
 
