@@ -161,6 +161,10 @@ struct RemoteRef {
     /// key), when the labels said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     manifest: Option<String>,
+    /// The manifest digests of other images pulled through this layer
+    /// since (images sharing it), for `hyperbox prefetch` of those images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    also: Vec<String>,
 }
 
 impl RemoteRef {
@@ -761,25 +765,32 @@ impl Snapshotter {
         }
         let mounted: HashMap<u64, Arc<RemoteLayer>> =
             self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
-        let ready: Vec<(ImageKey, Arc<RemoteLayer>)> = {
+        // Its own layers, and the layers it shares with images pulled before.
+        let (own, shared): (Vec<_>, Vec<_>) = {
             let meta = self.meta.lock().unwrap();
             meta.snaps
                 .values()
                 .filter_map(|r| {
-                    let image = r.remote.as_ref()?.image().filter(|i| i.digest == manifest)?;
-                    Some((image, mounted.get(&r.id)?.clone()))
+                    let remote = r.remote.as_ref()?;
+                    let own = remote.manifest.as_deref() == Some(manifest);
+                    (own || remote.also.iter().any(|m| m == manifest))
+                        .then(|| (own, remote.image(), mounted.get(&r.id).cloned()))
                 })
-                .collect()
+                .partition(|(own, _, _)| *own)
         };
-        if ready.is_empty() {
+        // The image goes by the repository of its own layers (another
+        // version's trace is found through it).
+        let Some(image) = own.iter().chain(&shared).find_map(|(_, i, _)| i.clone()) else {
             return Err(SnapshotError::NotFound(format!(
                 "no lazy layer of image {manifest} here (hyperbox pull it first)"
             )));
+        };
+        let image = ImageKey { digest: manifest.to_string(), ..image };
+        let layers: Vec<Arc<RemoteLayer>> = own.into_iter().chain(shared).filter_map(|(_, _, l)| l).collect();
+        for layer in &layers {
+            self.prefetcher.layer_ready(&image, layer.clone(), hydrate);
         }
-        for (image, layer) in &ready {
-            self.prefetcher.layer_ready(image, layer.clone(), hydrate);
-        }
-        Ok(ready.len())
+        Ok(layers.len())
     }
 
     /// Free what no snapshot needs: the kept indexes of layers no snapshot
@@ -849,9 +860,13 @@ impl Snapshotter {
         };
         if let Some((reusable, id)) = existing {
             if reusable {
+                let image = image_of(labels);
+                if let Some(image) = &image {
+                    self.note_image(target, &image.digest);
+                }
                 // The image being pulled prefetches through it too.
                 let layer = self.layers.lock().unwrap().get(&id).map(|(_, l)| l.clone());
-                if let (Some(layer), Some(image)) = (layer, image_of(labels)) {
+                if let (Some(layer), Some(image)) = (layer, image) {
                     self.prefetcher.layer_ready(&image, layer, labels_say_hydrate(labels));
                 }
             }
@@ -884,6 +899,23 @@ impl Snapshotter {
                 tracing::warn!(target, image = %image, layer = %blob, error = %e, "remote layer failed; the layer will be downloaded");
                 false
             }
+        }
+    }
+
+    /// Remember that image `manifest` was pulled through remote layer
+    /// `target` too (a failure to save it is logged: it only narrows
+    /// `hyperbox prefetch`).
+    fn note_image(&self, target: &str, manifest: &str) {
+        let mut meta = self.meta.lock().unwrap();
+        let Some(mut rec) = meta.snaps.get(target).cloned() else { return };
+        let Some(remote) = rec.remote.as_mut() else { return };
+        if remote.manifest.as_deref() == Some(manifest) || remote.also.iter().any(|m| m == manifest) {
+            return;
+        }
+        remote.also.push(manifest.to_string());
+        let next = meta.next_id;
+        if let Err(e) = self.transact(&mut meta, vec![(target.to_string(), rec)], vec![], next) {
+            tracing::warn!(target, error = %e, "could not record another image of a shared layer");
         }
     }
 
@@ -926,6 +958,7 @@ impl Snapshotter {
             blob: blob.into(),
             location: loc.to_annotations(),
             manifest,
+            also: Vec::new(),
         };
         // The network part runs without the lock.
         let layer = self.remote_layer(&remote, loc)?;
@@ -980,8 +1013,35 @@ impl Snapshotter {
         drop(meta);
         if let Some(image) = image {
             self.prefetcher.layer_ready(&image, layer, hydrate);
+            self.share_ancestors(parent, &image, hydrate);
         }
         Ok(())
+    }
+
+    /// An image's lower layers are its new layer's parent chain. Those it
+    /// shares with images pulled before were never prepared for it (
+    /// containerd finds them in its own metadata), so hand them to its
+    /// prefetch job here and remember the image on them. Each is handed once
+    /// per image: the note keeps later layers of the image from repeating it.
+    fn share_ancestors(&self, parent: &str, image: &ImageKey, hydrate: bool) {
+        let shared: Vec<(String, u64)> = {
+            let meta = self.meta.lock().unwrap();
+            meta.chain((!parent.is_empty()).then_some(parent))
+                .filter(|(_, r)| {
+                    r.remote.as_ref().is_some_and(|rr| {
+                        rr.manifest.as_deref() != Some(image.digest.as_str()) && !rr.also.contains(&image.digest)
+                    })
+                })
+                .map(|(k, r)| (k.to_string(), r.id))
+                .collect()
+        };
+        for (key, id) in shared {
+            self.note_image(&key, &image.digest);
+            let layer = self.layers.lock().unwrap().get(&id).map(|(_, l)| l.clone());
+            if let Some(layer) = layer {
+                self.prefetcher.layer_ready(image, layer, hydrate);
+            }
+        }
     }
 
     fn remount(&self, rec: &Record) -> Result<(), String> {

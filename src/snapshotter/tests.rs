@@ -238,6 +238,7 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
                 blob: Digest::of(b"blob").to_string(),
                 location: loc.to_annotations(),
                 manifest: None,
+                also: Vec::new(),
             }),
         };
         let mut meta = s.meta.lock().unwrap();
