@@ -71,16 +71,35 @@ struct Node {
     parent: u64,
     nlink: u32,
     opaque: bool,
-    /// Directories: children sorted by name.
-    children: Vec<(Box<[u8]>, u64)>,
+    /// Directories: their children, `children[first..first + count]` of the
+    /// tree, sorted by name.
+    first: u32,
+    count: u32,
+}
+
+/// A name in a directory. The name is not copied: it is the path component
+/// of index entry `entry` that starts at byte `start` (past `.wh.` for a
+/// whiteout). A hard link's name is its own entry's; an implied directory's
+/// is a component of the first entry below it.
+#[derive(Clone, Copy)]
+struct Child {
+    entry: u32,
+    start: u32,
+    ino: u32,
 }
 
 pub struct LayerTree {
     index: std::sync::Arc<LayerIndex>,
     nodes: Vec<Node>,
+    /// Every directory's children, one run per directory.
+    children: Vec<Child>,
     /// Hard links skipped because their target is missing or a directory.
     pub skipped_links: usize,
 }
+
+/// What a directory holds while the tree is built: names (borrowed from the
+/// index) to children.
+type Dirs<'a> = HashMap<u64, HashMap<&'a [u8], Child>>;
 
 fn split(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&c| c == b'/') {
@@ -91,17 +110,18 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
 
 impl LayerTree {
     pub fn new(index: std::sync::Arc<LayerIndex>) -> LayerTree {
-        let mut t = LayerTree { index: index.clone(), nodes: Vec::new(), skipped_links: 0 };
+        let mut t = LayerTree { index: index.clone(), nodes: Vec::new(), children: Vec::new(), skipped_links: 0 };
         t.nodes.push(Node {
             entry: None,
             kind: NodeKind::Dir,
             parent: ROOT,
             nlink: 2,
             opaque: false,
-            children: Vec::new(),
+            first: 0,
+            count: 0,
         });
         // Children are gathered in maps while building, then sorted once.
-        let mut dirs: HashMap<u64, HashMap<Box<[u8]>, u64>> = HashMap::new();
+        let mut dirs: Dirs = HashMap::new();
         let mut by_path: HashMap<&[u8], u64> = HashMap::new();
         by_path.insert(b"", ROOT);
         for (i, e) in index.entries().iter().enumerate() {
@@ -112,13 +132,16 @@ impl LayerTree {
                 continue;
             }
             let (parent_path, name) = split(&e.path);
-            let parent = t.ensure_dir(parent_path, &mut by_path, &mut dirs);
+            let parent = t.ensure_dir(i as u32, parent_path, &mut by_path, &mut dirs);
             if name == OPAQUE_MARKER {
                 t.nodes[(parent - 1) as usize].opaque = true;
                 continue;
             }
-            let (name, kind) = match name.strip_prefix(WHITEOUT_PREFIX) {
-                Some(hidden) if !hidden.is_empty() => (hidden, NodeKind::Whiteout),
+            let name_at = (e.path.len() - name.len()) as u32;
+            let (name, kind, name_at) = match name.strip_prefix(WHITEOUT_PREFIX) {
+                Some(hidden) if !hidden.is_empty() => {
+                    (hidden, NodeKind::Whiteout, name_at + WHITEOUT_PREFIX.len() as u32)
+                }
                 _ => (
                     name,
                     match e.kind {
@@ -132,7 +155,8 @@ impl LayerTree {
                             match by_path.get(e.link()).copied().filter(|&x| t.node(x).kind != NodeKind::Dir) {
                                 Some(target) => {
                                     t.nodes[(target - 1) as usize].nlink += 1;
-                                    let old = dirs.entry(parent).or_default().insert(name.into(), target);
+                                    let child = Child { entry: i as u32, start: name_at, ino: target as u32 };
+                                    let old = dirs.entry(parent).or_default().insert(name, child).map(|c| c.ino as u64);
                                     if let Some(old) = old.filter(|&o| o != target) {
                                         t.unlink(old);
                                     }
@@ -143,9 +167,10 @@ impl LayerTree {
                             continue;
                         }
                     },
+                    name_at,
                 ),
             };
-            let existing = dirs.get(&parent).and_then(|d| d.get(name)).copied();
+            let existing = dirs.get(&parent).and_then(|d| d.get(name)).map(|c| c.ino as u64);
             match existing {
                 // A directory listed again keeps its children, takes the new metadata.
                 Some(ino) if kind == NodeKind::Dir && t.node(ino).kind == NodeKind::Dir => {
@@ -162,9 +187,11 @@ impl LayerTree {
                         parent,
                         nlink: if kind == NodeKind::Dir { 2 } else { 1 },
                         opaque: false,
-                        children: Vec::new(),
+                        first: 0,
+                        count: 0,
                     });
-                    dirs.entry(parent).or_default().insert(name.into(), ino);
+                    let child = Child { entry: i as u32, start: name_at, ino: ino as u32 };
+                    dirs.entry(parent).or_default().insert(name, child);
                     if kind != NodeKind::Whiteout {
                         let full: &[u8] = &e.path;
                         by_path.insert(full, ino);
@@ -172,23 +199,38 @@ impl LayerTree {
                 }
             }
         }
+        t.children.reserve_exact(dirs.values().map(HashMap::len).sum());
         for (dir, children) in dirs {
-            let mut v: Vec<(Box<[u8]>, u64)> = children.into_iter().collect();
-            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let subdirs = v.iter().filter(|(_, c)| t.node(*c).kind == NodeKind::Dir).count() as u32;
+            let mut v: Vec<(&[u8], Child)> = children.into_iter().collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let subdirs = v.iter().filter(|(_, c)| t.node(c.ino as u64).kind == NodeKind::Dir).count() as u32;
+            let first = t.children.len() as u32;
+            t.children.extend(v.into_iter().map(|(_, c)| c));
             let d = &mut t.nodes[(dir - 1) as usize];
             d.nlink = 2 + subdirs;
-            d.children = v;
+            (d.first, d.count) = (first, t.children.len() as u32 - first);
         }
         t
     }
 
-    /// The directory at `path`, created (implied) with its parents if absent.
+    /// A child's name: its path component in the index.
+    fn name(&self, c: &Child) -> &[u8] {
+        let rest = &self.index.entries()[c.entry as usize].path[c.start as usize..];
+        &rest[..rest.iter().position(|&b| b == b'/').unwrap_or(rest.len())]
+    }
+
+    fn children(&self, d: &Node) -> &[Child] {
+        &self.children[d.first as usize..(d.first + d.count) as usize]
+    }
+
+    /// The directory at `path` (a prefix of entry `entry`'s path), created
+    /// (implied) with its parents if absent.
     fn ensure_dir<'a>(
         &mut self,
+        entry: u32,
         path: &'a [u8],
         by_path: &mut HashMap<&'a [u8], u64>,
-        dirs: &mut HashMap<u64, HashMap<Box<[u8]>, u64>>,
+        dirs: &mut Dirs<'a>,
     ) -> u64 {
         if let Some(&ino) = by_path.get(path) {
             if self.node(ino).kind == NodeKind::Dir {
@@ -196,18 +238,12 @@ impl LayerTree {
             }
         }
         let (pp, name) = split(path);
-        let parent = self.ensure_dir(pp, by_path, dirs);
+        let parent = self.ensure_dir(entry, pp, by_path, dirs);
         let ino = self.nodes.len() as u64 + 1;
-        self.nodes.push(Node {
-            entry: None,
-            kind: NodeKind::Dir,
-            parent,
-            nlink: 2,
-            opaque: false,
-            children: Vec::new(),
-        });
-        if let Some(old) = dirs.entry(parent).or_default().insert(name.into(), ino) {
-            self.unlink(old);
+        self.nodes.push(Node { entry: None, kind: NodeKind::Dir, parent, nlink: 2, opaque: false, first: 0, count: 0 });
+        let child = Child { entry, start: (path.len() - name.len()) as u32, ino: ino as u32 };
+        if let Some(old) = dirs.entry(parent).or_default().insert(name, child) {
+            self.unlink(old.ino as u64);
         }
         by_path.insert(path, ino);
         ino
@@ -276,7 +312,8 @@ impl LayerTree {
             b".." => return Ok(d.parent),
             _ => {}
         }
-        d.children.binary_search_by(|(n, _)| (**n).cmp(name)).map(|i| d.children[i].1).map_err(|_| FsError::NotFound)
+        let kids = self.children(d);
+        kids.binary_search_by(|c| self.name(c).cmp(name)).map(|i| kids[i].ino as u64).map_err(|_| FsError::NotFound)
     }
 
     /// Entries from position `offset`: `.` is 0, `..` is 1, then the children
@@ -296,8 +333,8 @@ impl LayerTree {
             let (child, kind, name): (u64, NodeKind, &[u8]) = match pos {
                 0 => (ino, NodeKind::Dir, b"."),
                 1 => (d.parent, NodeKind::Dir, b".."),
-                p => match d.children.get((p - 2) as usize) {
-                    Some((name, c)) => (*c, self.node(*c).kind, name),
+                p => match self.children(d).get((p - 2) as usize) {
+                    Some(c) => (c.ino as u64, self.node(c.ino as u64).kind, self.name(c)),
                     None => return Ok(()),
                 },
             };
