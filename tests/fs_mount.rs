@@ -80,7 +80,11 @@ fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
     });
     let (hook, trace) = TraceHook::new(1 << 16);
     let fs = LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), Some(hook));
-    let mountpoint = dir.path().join("fs");
+    // Mounted through a symlinked dir, as a daemon root may be: mountinfo
+    // shows the resolved path.
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+    let mountpoint = dir.path().join("link/fs");
     std::fs::create_dir(&mountpoint).unwrap();
     let mount = fs.mount(&mountpoint, &MountOptions { threads: 4, read_ahead_kb: 4096 }).unwrap();
     // The window is set on the mount's own backing device, as sysfs shows it.

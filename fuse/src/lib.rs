@@ -289,8 +289,14 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountO
 /// Set the read-ahead window of the FUSE mount at `mountpoint` through its
 /// backing device in sysfs (`/sys/class/bdi/<major>:<minor>/read_ahead_kb`).
 /// The device number comes from mountinfo, so nothing is asked of the
-/// filesystem itself.
+/// filesystem itself (mountinfo shows the path with symlinks resolved: the
+/// parent is resolved here, the mountpoint itself is not touched).
 fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
+    let mountpoint = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)?.join(name),
+        _ => mountpoint.to_path_buf(),
+    };
+    let mountpoint = mountpoint.as_path();
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     // id parent major:minor root mountpoint ...; the last match is the top.
     let dev = info
