@@ -88,55 +88,75 @@ pub static CONTAINER_WAITS: ContainerWaits = ContainerWaits { seconds: Mutex::ne
 const MAX_WAITERS: usize = 4096;
 
 impl ContainerWaits {
+    /// Kept under the process's candidate container ids (one string, `\n`
+    /// between them); [`ContainerWaits::live`] picks the live one.
     fn add(&self, pid: u32, waited: Duration) {
-        let Some(id) = container_of(pid) else { return };
+        let candidates = container_candidates(pid);
+        if candidates.is_empty() {
+            return;
+        }
+        let key = candidates.join("\n");
         let mut m = self.seconds.lock().unwrap();
-        if m.len() < MAX_WAITERS || m.contains_key(&id) {
-            *m.entry(id).or_default() += waited.as_secs_f64();
+        if m.len() < MAX_WAITERS || m.contains_key(&key) {
+            *m.entry(key).or_default() += waited.as_secs_f64();
         }
     }
 
-    /// The waits of containers `is_live` accepts, by id; every other entry
-    /// (a removed container, a process outside any container) is dropped.
+    /// The waits of containers `is_live` accepts, by id (each entry goes to
+    /// its first live candidate); every other entry (a removed container, a
+    /// process outside any container) is dropped.
     pub fn live(&self, is_live: impl Fn(&str) -> bool) -> Vec<(String, f64)> {
         let mut m = self.seconds.lock().unwrap();
-        m.retain(|id, _| is_live(id));
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        m.retain(|key, _| key.split('\n').any(&is_live));
+        let mut out: BTreeMap<String, f64> = BTreeMap::new();
+        for (key, secs) in m.iter() {
+            let id = key.split('\n').find(|c| is_live(c)).expect("retained");
+            *out.entry(id.to_string()).or_default() += secs;
+        }
+        out.into_iter().collect()
     }
 }
 
-/// The container id of process `pid`, from its cgroup's last part.
-fn container_of(pid: u32) -> Option<String> {
+/// The container ids process `pid` may belong to, from its cgroups.
+fn container_candidates(pid: u32) -> Vec<String> {
     if pid == 0 {
-        return None;
+        return Vec::new();
     }
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    container_from_cgroup(&text)
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|t| candidates_from_cgroup(&t)).unwrap_or_default()
 }
 
-/// The last part of the process's cgroup path, without the runtime's
-/// decorations: from the unified (v2) hierarchy, else (v1, or a hybrid
-/// host whose unified path is `/`) from `pids`, `memory` or `name=systemd`.
-fn container_from_cgroup(text: &str) -> Option<String> {
-    let leaf_of = |controller: &str| {
-        text.lines().find_map(|l| {
+/// Candidate container ids from a process's cgroups: the last and the
+/// second-to-last part (a runtime may put the process in a child cgroup such
+/// as `<id>/init`) of the unified (v2) path, then of the v1 `pids`, `memory`
+/// and `name=systemd` paths (a hybrid host's unified path may be `/`), each
+/// without the runtime's decorations, duplicates dropped.
+fn candidates_from_cgroup(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for controller in ["", "pids", "memory", "name=systemd"] {
+        for l in text.lines() {
             let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
             let ours = if controller.is_empty() {
                 controllers.is_empty()
             } else {
                 controllers.split(',').any(|c| c == controller)
             };
-            let leaf = path.trim_end().rsplit('/').next()?;
-            let leaf = leaf.strip_suffix(".scope").unwrap_or(leaf);
-            let leaf = ["cri-containerd-", "docker-", "crio-", "libpod-"]
-                .iter()
-                .find_map(|pre| leaf.strip_prefix(pre))
-                .unwrap_or(leaf);
-            (ours && !leaf.is_empty()).then(|| leaf.to_string())
-        })
-    };
-    ["", "pids", "memory", "name=systemd"].iter().find_map(|c| leaf_of(c))
+            if !ours {
+                continue;
+            }
+            for part in path.trim_end().rsplit('/').take(2) {
+                let part = part.strip_suffix(".scope").unwrap_or(part);
+                let part = ["cri-containerd-", "docker-", "crio-", "libpod-"]
+                    .iter()
+                    .find_map(|pre| part.strip_prefix(pre))
+                    .unwrap_or(part);
+                if !part.is_empty() && !out.iter().any(|o| o == part) {
+                    out.push(part.to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Allocations of this size or more get their own mapping (glibc's
@@ -304,43 +324,59 @@ impl ReadOnlyFs for LayerFs {
         self.record(&plan.frames);
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
         self.rt.spawn(async move {
-            match fetcher.read_frames_waited(&remote, &plan.frames, Priority::Demand).await {
-                Ok((data, waited)) => {
-                    reply.data(&plan.assemble(tree.index(), &data));
-                    if !waited.is_zero() {
-                        CONTAINER_WAITS.add(pid, waited);
-                    }
-                }
+            let (result, waited) = fetcher.read_frames_waited(&remote, &plan.frames, Priority::Demand).await;
+            match result {
+                Ok(data) => reply.data(&plan.assemble(tree.index(), &data)),
                 Err(e) => {
                     tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
                     reply.error(libc::EIO);
-                    CONTAINER_WAITS.add(pid, began.elapsed());
                 }
             }
             FUSE_OPS.read.observe(began.elapsed());
+            if !waited.is_zero() {
+                // Reading /proc/<pid>/cgroup may block on the kernel's
+                // cgroup lock: off the runtime's workers.
+                tokio::task::spawn_blocking(move || CONTAINER_WAITS.add(pid, waited));
+            }
         });
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::container_from_cgroup;
+    use super::{candidates_from_cgroup, ContainerWaits};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
 
     #[test]
     fn container_ids_from_cgroups() {
+        let c = |t: &str| candidates_from_cgroup(t);
         // ctr run (cgroupfs, v2): /<namespace>/<id>.
-        assert_eq!(container_from_cgroup("0::/hyperbox-e2e/app-1\n").as_deref(), Some("app-1"));
+        assert_eq!(c("0::/hyperbox-e2e/app-1\n"), ["app-1", "hyperbox-e2e"]);
         // CRI under systemd.
         let cri = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-0123abc.scope\n";
-        assert_eq!(container_from_cgroup(cri).as_deref(), Some("0123abc"));
+        assert_eq!(c(cri)[0], "0123abc");
+        // A process in a child cgroup of the container's.
+        assert_eq!(c("0::/default/web/init\n"), ["init", "web"]);
         // cgroup v1: the pids controller's path.
         let v1 = "12:cpu,cpuacct:/x\n5:pids:/default/web\n1:name=systemd:/default/web\n";
-        assert_eq!(container_from_cgroup(v1).as_deref(), Some("web"));
+        assert_eq!(c(v1), ["web", "default"]);
         // A hybrid host: the unified path is the root, v1's name the container.
         let hybrid = "9:name=systemd:/\n8:pids:/hb/t1\n4:memory:/hb/t1\n0::/\n";
-        assert_eq!(container_from_cgroup(hybrid).as_deref(), Some("t1"));
+        assert_eq!(c(hybrid), ["t1", "hb"]);
         // The root cgroup names nothing.
-        assert_eq!(container_from_cgroup("0::/\n"), None);
-        assert_eq!(container_from_cgroup("8:pids:/\n0::/\n"), None);
+        assert!(c("0::/\n").is_empty());
+        assert!(c("8:pids:/\n0::/\n").is_empty());
+    }
+
+    #[test]
+    fn waits_go_to_the_first_live_candidate() {
+        let w = ContainerWaits { seconds: Mutex::new(BTreeMap::new()) };
+        w.seconds.lock().unwrap().insert("init\nweb".into(), 1.5);
+        w.seconds.lock().unwrap().insert("web\ndefault".into(), 0.5);
+        w.seconds.lock().unwrap().insert("gone\nns".into(), 9.0);
+        assert_eq!(w.live(|id| id == "web"), [("web".to_string(), 2.0)]);
+        // Entries with no live candidate are forgotten.
+        assert_eq!(w.seconds.lock().unwrap().len(), 2);
     }
 }

@@ -144,7 +144,11 @@ impl Prefetcher {
         let job = {
             let mut jobs = self.jobs.lock().unwrap();
             if let Some(job) = jobs.get(&image.digest) {
-                job.layers.lock().unwrap().push(layer);
+                let mut layers = job.layers.lock().unwrap();
+                if !layers.iter().any(|l| l.blob == layer.blob) {
+                    layers.push(layer);
+                }
+                drop(layers);
                 if hydrate {
                     job.hydrate.store(true, Ordering::Relaxed);
                 }

@@ -626,7 +626,7 @@ fn hydrate_fetches_the_whole_image() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("hyperbox pull it first"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pull it with `hyperbox pull`"), "{out:?}");
 }
 
 /// The value of one series (`name` or `name{labels}`) in Prometheus text.

@@ -309,7 +309,8 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
         .ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("{} is not in mountinfo", mountpoint.display()))
         })?;
-    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), kb.to_string())
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    std::fs::write(&path, kb.to_string()).map_err(|e| io::Error::new(e.kind(), format!("write {path}: {e}")))
 }
 
 /// The start of every mount's source (fsname): how our mounts are told

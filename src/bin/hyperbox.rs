@@ -303,11 +303,18 @@ fn run(cli: Cli) -> Result<()> {
             let digest = manifest_digest(&config, plain_http, image.clone()).await?;
             let req = hyperbox::admin::proto::PrefetchRequest { image: digest.clone(), hydrate };
             let r = admin(&address).await?.prefetch(req).await?.into_inner();
-            println!(
-                "prefetching {image} ({digest}): {} layer(s){}; `hyperbox layers` shows progress",
-                r.layers,
-                if hydrate { ", then hydrating" } else { "" }
-            );
+            if hydrate {
+                println!(
+                    "prefetching {image} ({digest}): {} layer(s), then hydrating; `hyperbox layers` shows progress",
+                    r.layers
+                );
+            } else {
+                println!(
+                    "prefetching {image} ({digest}): {} layer(s); only what its trace names (`hyperbox trace list`): \
+                     without one nothing is fetched (--hydrate fetches everything)",
+                    r.layers
+                );
+            }
             anyhow::Ok(())
         })?,
         Cmd::Layers { address } => rt.block_on(layers_cmd(&address))?,

@@ -151,7 +151,12 @@ async fn serve_metrics(server: hyper::server::Builder<hyper::server::conn::AddrI
                 let snap = snap.clone();
                 async move {
                     let (status, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, metrics_text(&snap)),
+                        // Off the runtime: it takes the snapshotter's locks,
+                        // which a Prepare holds across a mount.
+                        "/metrics" => match tokio::task::spawn_blocking(move || metrics_text(&snap)).await {
+                            Ok(text) => (StatusCode::OK, text),
+                            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")),
+                        },
                         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
                         _ => (StatusCode::NOT_FOUND, "try /metrics or /healthz\n".to_string()),
                     };

@@ -361,18 +361,18 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<Vec<Bytes>, FetchError> {
-        Ok(self.fetch(layer, frames, prio, true).await?.0)
+        self.fetch(layer, frames, prio, true).await.0
     }
 
     /// [`Fetcher::read_frames`], with how long the call waited for frames
-    /// the store lacked (zero when all were local). A wait is counted in
-    /// [`Fetcher::wait_seconds`] too, failed reads' included.
+    /// the store lacked, failed or not (zero when all were local). A
+    /// demand read's wait is counted in [`Fetcher::wait_seconds`] too.
     pub async fn read_frames_waited(
         &self,
         layer: &Arc<RemoteLayer>,
         frames: &[usize],
         prio: Priority,
-    ) -> Result<(Vec<Bytes>, Duration), FetchError> {
+    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
         self.fetch(layer, frames, prio, true).await
     }
 
@@ -385,16 +385,20 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
         want_data: bool,
-    ) -> Result<(Vec<Bytes>, Duration), FetchError> {
+    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
-            return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
+            let e = FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() };
+            return (Err(e), Duration::ZERO);
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let out: Vec<Option<Bytes>> = self.local(ids.clone(), want_data).await?;
+        let out: Vec<Option<Bytes>> = match self.local(ids.clone(), want_data).await {
+            Ok(out) => out,
+            Err(e) => return (Err(e), Duration::ZERO),
+        };
         self.inner.n.store_hits.fetch_add(out.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
         if out.iter().all(Option::is_some) {
-            return Ok((out.into_iter().flatten().collect(), Duration::ZERO));
+            return (Ok(out.into_iter().flatten().collect()), Duration::ZERO);
         }
         let waiting = Instant::now();
         let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
@@ -402,7 +406,7 @@ impl Fetcher {
         if prio == Priority::Demand {
             self.inner.n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
-        Ok((result?, waited))
+        (result, waited)
     }
 
     /// The rest of [`Fetcher::fetch`]: lead or join the fetches of the
@@ -473,7 +477,7 @@ impl Fetcher {
                 }
                 end += 1;
             }
-            self.fetch(layer, &frames[start..end], prio, false).await?;
+            self.fetch(layer, &frames[start..end], prio, false).await.0?;
             start = end;
         }
         Ok(())

@@ -229,6 +229,25 @@ pub async fn auto_gc(snap: std::sync::Weak<Snapshotter>, delay: std::time::Durat
     }
 }
 
+/// A blob in [`Snapshotter`]'s `preparing` set for as long as it lives.
+struct Preparing<'a> {
+    snap: &'a Snapshotter,
+    blob: String,
+}
+
+impl<'a> Preparing<'a> {
+    fn new(snap: &'a Snapshotter, blob: &str) -> Self {
+        snap.preparing.lock().unwrap().insert(blob.to_string());
+        Preparing { snap, blob: blob.to_string() }
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        self.snap.preparing.lock().unwrap().remove(&self.blob);
+    }
+}
+
 /// A mounted remote layer, for `hyperbox layers`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerStatus {
@@ -282,6 +301,10 @@ pub struct Snapshotter {
     closing: std::sync::atomic::AtomicBool,
     /// Remote layers removed since start ([`auto_gc`] watches it).
     removals: tokio::sync::watch::Sender<u64>,
+    /// Blobs of remote layers being prepared: their index is stored before
+    /// their record, and [`Snapshotter::gc`] (which holds this lock
+    /// throughout) must keep it.
+    preparing: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Snapshotter {
@@ -328,6 +351,7 @@ impl Snapshotter {
             broken: Mutex::new(std::collections::HashSet::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             removals: tokio::sync::watch::channel(0).0,
+            preparing: Mutex::new(std::collections::HashSet::new()),
         };
         let remote: Vec<(String, Record)> = {
             let meta = s.meta.lock().unwrap();
@@ -782,7 +806,8 @@ impl Snapshotter {
         // version's trace is found through it).
         let Some(image) = own.iter().chain(&shared).find_map(|(_, i, _)| i.clone()) else {
             return Err(SnapshotError::NotFound(format!(
-                "no lazy layer of image {manifest} here (hyperbox pull it first)"
+                "no lazy layer here is known to belong to image {manifest}: pull it with `hyperbox pull` (an \
+                 image whose layers all came with other images is not recorded; prefetch one of those)"
             )));
         };
         let image = ImageKey { digest: manifest.to_string(), ..image };
@@ -795,14 +820,17 @@ impl Snapshotter {
 
     /// Free what no snapshot needs: the kept indexes of layers no snapshot
     /// is (removed images' layers), then every chunk no kept index names.
-    /// A layer being prepared meanwhile may lose its fresh index; its
-    /// chunks are then fetched again when read, never served unverified.
+    /// Layers being prepared keep theirs: their preparation waits for the
+    /// gc to end, or the gc sees them.
     pub fn gc(&self) -> Result<GcReport> {
+        let preparing = self.preparing.lock().unwrap();
         let before = self.store.stats().bytes;
-        let wanted: std::collections::HashSet<String> = {
+        let mut wanted: std::collections::HashSet<String> = {
             let meta = self.meta.lock().unwrap();
             meta.snaps.values().filter_map(|r| r.remote.as_ref().map(|rr| rr.blob.clone())).collect()
         };
+        wanted.extend(preparing.iter().cloned());
+        wanted.extend(self.layers.lock().unwrap().values().map(|(_, l)| l.blob.to_string()));
         let mut indexes_removed = 0;
         for layer in self.store.indexed_layers()? {
             if !wanted.contains(&layer.to_string()) {
@@ -811,6 +839,7 @@ impl Snapshotter {
             }
         }
         let chunks_removed = self.store.gc()?;
+        drop(preparing);
         let bytes_freed = before.saturating_sub(self.store.stats().bytes);
         tracing::info!(indexes_removed, chunks_removed, bytes_freed, "gc done");
         Ok(GcReport { indexes_removed, chunks_removed, bytes_freed })
@@ -860,15 +889,7 @@ impl Snapshotter {
         };
         if let Some((reusable, id)) = existing {
             if reusable {
-                let image = image_of(labels);
-                if let Some(image) = &image {
-                    self.note_image(target, &image.digest);
-                }
-                // The image being pulled prefetches through it too.
-                let layer = self.layers.lock().unwrap().get(&id).map(|(_, l)| l.clone());
-                if let (Some(layer), Some(image)) = (layer, image) {
-                    self.prefetcher.layer_ready(&image, layer, labels_say_hydrate(labels));
-                }
+                self.reused(parent, target, id, labels);
             }
             return reusable;
         }
@@ -900,6 +921,20 @@ impl Snapshotter {
                 false
             }
         }
+    }
+
+    /// Remote layer `target` (snapshot `id`), made before, now serves the
+    /// image being pulled too: remember the image on it, and prefetch
+    /// through it and its lower layers.
+    fn reused(&self, parent: &str, target: &str, id: u64, labels: &HashMap<String, String>) {
+        let Some(image) = image_of(labels) else { return };
+        self.note_image(target, &image.digest);
+        let hydrate = labels_say_hydrate(labels);
+        let layer = self.layers.lock().unwrap().get(&id).map(|(_, l)| l.clone());
+        if let Some(layer) = layer {
+            self.prefetcher.layer_ready(&image, layer, hydrate);
+        }
+        self.share_ancestors(parent, &image, hydrate);
     }
 
     /// Remember that image `manifest` was pulled through remote layer
@@ -960,6 +995,9 @@ impl Snapshotter {
             manifest,
             also: Vec::new(),
         };
+        // Registered before its index is read or stored: a gc from now on
+        // keeps the index, and one running now finishes first.
+        let _preparing = Preparing::new(self, blob);
         // The network part runs without the lock.
         let layer = self.remote_layer(&remote, loc)?;
         // What the layer's files would take unpacked; its chunks live in the
@@ -970,7 +1008,11 @@ impl Snapshotter {
         // The lock was let go for the fetch: look again.
         if let Some(r) = meta.snaps.get(target) {
             if r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent {
-                return Ok(()); // another pull of the same layer made it meanwhile
+                // Another pull of the same layer made it meanwhile.
+                let id = r.id;
+                drop(meta);
+                self.reused(parent, target, id, labels);
+                return Ok(());
             }
             return Err(format!("snapshot {target} appeared meanwhile on another parent"));
         }

@@ -261,3 +261,30 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
     assert!(s.list(&[]).unwrap().is_empty());
     assert!(s.broken.lock().unwrap().is_empty());
 }
+
+#[test]
+fn gc_frees_orphan_indexes_but_not_a_layer_being_prepared() {
+    let f = Fixture::new();
+    let s = f.open();
+    // A real layer's index, stored as mount_remote stores it before the
+    // layer's record exists.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("f").unwrap();
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b"hello"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let c = crate::format::writer::convert_tar(&tar[..], &mut blob, &Default::default()).unwrap();
+    let frame = &blob[c.location.offset as usize..(c.location.offset + c.location.length) as usize];
+    let digest = Digest::of(&blob);
+    s.store.put_index(&digest, &c.location, frame).unwrap();
+    let preparing = Preparing::new(&s, &digest.to_string());
+    assert_eq!(s.gc().unwrap().indexes_removed, 0);
+    assert!(s.store.get_index(&digest).unwrap().is_some(), "a layer being prepared keeps its index");
+    drop(preparing);
+    assert_eq!(s.gc().unwrap().indexes_removed, 1);
+    assert!(s.store.get_index(&digest).unwrap().is_none(), "no snapshot and not being prepared: freed");
+}
