@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 
 use crate::digest::Digest;
 use crate::snapshotter::Snapshotter;
-use crate::store::Store;
 use crate::trace::{self, Trace, TraceError};
 
 #[allow(clippy::all)]
@@ -22,7 +21,6 @@ use proto::admin_server::{Admin, AdminServer};
 
 pub struct AdminService {
     snap: Arc<Snapshotter>,
-    store: Arc<Store>,
 }
 
 /// Largest message either side takes: a trace of a million chunks is about
@@ -31,8 +29,7 @@ pub const MAX_MESSAGE: usize = 512 << 20;
 
 /// The service, ready for `tonic::transport::Server::add_service`.
 pub fn server(snap: Arc<Snapshotter>) -> AdminServer<AdminService> {
-    let store = snap.store().clone();
-    AdminServer::new(AdminService { snap, store })
+    AdminServer::new(AdminService { snap })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE)
 }
@@ -91,7 +88,7 @@ impl Admin for AdminService {
         &self,
         _: Request<proto::ListTracesRequest>,
     ) -> Result<Response<proto::ListTracesResponse>, Status> {
-        let store = self.store.clone();
+        let store = self.snap.store().clone();
         let mut traces = blocking(move || trace::list(&store).map_err(status)).await?;
         traces.sort_by(|a, b| (&a.repository, b.updated).cmp(&(&b.repository, a.updated)));
         Ok(Response::new(proto::ListTracesResponse { traces: traces.iter().map(Into::into).collect() }))
@@ -102,7 +99,7 @@ impl Admin for AdminService {
         req: Request<proto::GetTraceRequest>,
     ) -> Result<Response<proto::GetTraceResponse>, Status> {
         let image = image_digest(&req.into_inner().image)?;
-        let store = self.store.clone();
+        let store = self.snap.store().clone();
         let t = blocking(move || {
             trace::load(&store, &image)
                 .map_err(status)?
@@ -117,7 +114,7 @@ impl Admin for AdminService {
         req: Request<proto::PutTraceRequest>,
     ) -> Result<Response<proto::PutTraceResponse>, Status> {
         let t = Trace::from_json(&req.into_inner().trace_json).map_err(status)?;
-        let store = self.store.clone();
+        let store = self.snap.store().clone();
         let summary = (&t).into();
         blocking(move || trace::save(&store, &t).map_err(status)).await?;
         Ok(Response::new(proto::PutTraceResponse { summary: Some(summary) }))
@@ -128,14 +125,14 @@ impl Admin for AdminService {
         req: Request<proto::DeleteTraceRequest>,
     ) -> Result<Response<proto::DeleteTraceResponse>, Status> {
         let image = image_digest(&req.into_inner().image)?;
-        let store = self.store.clone();
+        let store = self.snap.store().clone();
         let deleted = blocking(move || trace::delete(&store, &image).map_err(status)).await?;
         Ok(Response::new(proto::DeleteTraceResponse { deleted }))
     }
 
     async fn stats(&self, _: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
         use std::sync::atomic::Ordering::Relaxed;
-        let (f, s, p) = (self.snap.fetcher().stats(), self.store.stats(), &self.snap.prefetcher().stats);
+        let (f, s, p) = (self.snap.fetcher().stats(), self.snap.store().stats(), &self.snap.prefetcher().stats);
         Ok(Response::new(proto::StatsResponse {
             demand_requests: f.demand_requests,
             prefetch_requests: f.prefetch_requests,
@@ -145,7 +142,7 @@ impl Admin for AdminService {
             fetch_wait_seconds: self.snap.fetcher().wait_seconds(),
             store_chunks: s.chunks,
             store_bytes: s.bytes,
-            store_budget_bytes: self.store.budget_bytes(),
+            store_budget_bytes: self.snap.store().budget_bytes(),
             store_hits: s.hits,
             store_misses: s.misses,
             store_evictions: s.evictions,

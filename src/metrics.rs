@@ -3,7 +3,7 @@
 //! A leaf: it knows no other module. hyperboxd reads each module's counters
 //! and writes them here; `/metrics` serves the text.
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -117,27 +117,14 @@ impl Exposition {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+    /// A counter: a count (u64) or seconds (f64).
+    pub fn counter(&mut self, name: &str, help: &str, value: impl Display) {
         self.family(name, "counter", help);
         let _ = writeln!(self.out, "{name} {value}");
     }
 
-    /// A counter with one label, one sample per value.
-    pub fn counter_by(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
-        self.family(name, "counter", help);
-        for (v, n) in samples {
-            let _ = writeln!(self.out, "{name}{{{label}=\"{v}\"}} {n}");
-        }
-    }
-
-    /// A counter with a floating point value (seconds).
-    pub fn gauge_counter(&mut self, name: &str, help: &str, value: f64) {
-        self.family(name, "counter", help);
-        let _ = writeln!(self.out, "{name} {value}");
-    }
-
-    /// A counter of seconds with one label (floating point values).
-    pub fn seconds_by(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, f64)]) {
+    /// A counter with one label, one sample per label value.
+    pub fn counter_by<V: Display>(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, V)]) {
         self.family(name, "counter", help);
         for (v, n) in samples {
             let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape_label(v));
@@ -149,6 +136,7 @@ impl Exposition {
     pub fn histogram_by(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, HistogramSnapshot)]) {
         self.family(name, "histogram", help);
         for (v, h) in samples {
+            let v = escape_label(v);
             let mut cumulative = 0;
             for (i, n) in h.counts.iter().enumerate() {
                 cumulative += n;
@@ -217,7 +205,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let mut e = Exposition::default();
-        e.seconds_by(CONTAINER_FETCH_WAIT_SECONDS, "Wait.", "container", &[("a\"b\\c", 1.5)]);
+        e.counter_by(CONTAINER_FETCH_WAIT_SECONDS, "Wait.", "container", &[("a\"b\\c", 1.5)]);
         assert!(e.finish().ends_with("hyperbox_container_fetch_wait_seconds_total{container=\"a\\\"b\\\\c\"} 1.5\n"));
     }
 }

@@ -296,17 +296,9 @@ fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
         (Some(dir), Some(name)) => std::fs::canonicalize(dir)?.join(name),
         _ => mountpoint.to_path_buf(),
     };
-    let mountpoint = mountpoint.as_path();
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    // id parent major:minor root mountpoint ...; the last match is the top.
-    let dev = info
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (Path::new(&unescape_mountinfo(f.get(4)?)) == mountpoint).then(|| f[2].to_string())
-        })
-        .last()
-        .ok_or_else(|| {
+    // The last match is the top mount.
+    let dev =
+        mountinfo()?.into_iter().filter(|m| m.mountpoint == mountpoint).map(|m| m.dev).last().ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("{} is not in mountinfo", mountpoint.display()))
         })?;
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
@@ -322,25 +314,43 @@ pub const FSNAME_PREFIX: &str = "hyperbox:";
 /// `fuse` (the subtype is not passed to mount(2) without fusermount) with
 /// the source `hyperbox:...` that `mount` gives them.
 pub fn stale_mounts(root: &Path) -> io::Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out = Vec::new();
-    for line in info.lines() {
-        // id parent major:minor root mountpoint options [optional...] - fstype source super
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
-        let fstype = fields.get(dash + 1).copied().unwrap_or("");
-        let source = fields.get(dash + 2).copied().unwrap_or("");
-        let ours = fstype == "fuse.hyperbox" || (fstype == "fuse" && source.starts_with(FSNAME_PREFIX));
-        if !ours {
-            continue;
-        }
-        let Some(mp) = fields.get(4) else { continue };
-        let path = PathBuf::from(unescape_mountinfo(mp));
-        if path.starts_with(root) {
-            out.push(path);
+    for m in mountinfo()? {
+        let ours = m.fstype == "fuse.hyperbox" || (m.fstype == "fuse" && m.source.starts_with(FSNAME_PREFIX));
+        if ours && m.mountpoint.starts_with(root) {
+            out.push(m.mountpoint);
         }
     }
     Ok(out)
+}
+
+/// One line of `/proc/self/mountinfo`, the fields we use.
+struct MountInfo {
+    /// `major:minor` of the mount's device.
+    dev: String,
+    mountpoint: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// This process's mounts, in mountinfo's order (a later mount on the same
+/// path is on top).
+fn mountinfo() -> io::Result<Vec<MountInfo>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint options [optional...] - fstype source super
+            let f: Vec<&str> = line.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some(MountInfo {
+                dev: f.get(2)?.to_string(),
+                mountpoint: PathBuf::from(unescape_mountinfo(f.get(4)?)),
+                fstype: f.get(dash + 1).copied().unwrap_or("").to_string(),
+                source: f.get(dash + 2).copied().unwrap_or("").to_string(),
+            })
+        })
+        .collect())
 }
 
 /// Detach a mount (`umount2(MNT_DETACH)`): it goes away once unused.

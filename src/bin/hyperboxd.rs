@@ -200,14 +200,14 @@ fn metrics_text(snap: &Snapshotter) -> String {
         "priority",
         &snap.fetcher().request_latency(),
     );
-    e.gauge_counter(
+    e.counter(
         FETCH_WAIT_SECONDS,
         "Seconds FUSE reads spent waiting on registry fetches.",
         snap.fetcher().wait_seconds(),
     );
     let live = snap.container_ids();
     let waits = hyperbox::mount::CONTAINER_WAITS.live(|id| live.contains(id));
-    e.seconds_by(
+    e.counter_by(
         CONTAINER_FETCH_WAIT_SECONDS,
         "Seconds the reads of a container's processes spent waiting on registry fetches (containers that waited).",
         "container",

@@ -789,8 +789,8 @@ impl Snapshotter {
         }
         let mounted: HashMap<u64, Arc<RemoteLayer>> =
             self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
-        // Its own layers, and the layers it shares with images pulled before.
-        let (own, shared): (Vec<_>, Vec<_>) = {
+        // Its own layers first, then those it shares with images pulled before.
+        let mut found: Vec<(bool, Option<ImageKey>, Option<Arc<RemoteLayer>>)> = {
             let meta = self.meta.lock().unwrap();
             meta.snaps
                 .values()
@@ -800,18 +800,19 @@ impl Snapshotter {
                     (own || remote.also.iter().any(|m| m == manifest))
                         .then(|| (own, remote.image(), mounted.get(&r.id).cloned()))
                 })
-                .partition(|(own, _, _)| *own)
+                .collect()
         };
+        found.sort_by_key(|(own, _, _)| !own);
         // The image goes by the repository of its own layers (another
         // version's trace is found through it).
-        let Some(image) = own.iter().chain(&shared).find_map(|(_, i, _)| i.clone()) else {
+        let Some(image) = found.iter().find_map(|(_, i, _)| i.clone()) else {
             return Err(SnapshotError::NotFound(format!(
                 "no lazy layer here is known to belong to image {manifest}: pull it with `hyperbox pull` (an \
                  image whose layers all came with other images is not recorded; prefetch one of those)"
             )));
         };
         let image = ImageKey { digest: manifest.to_string(), ..image };
-        let layers: Vec<Arc<RemoteLayer>> = own.into_iter().chain(shared).filter_map(|(_, _, l)| l).collect();
+        let layers: Vec<Arc<RemoteLayer>> = found.into_iter().filter_map(|(_, _, l)| l).collect();
         for layer in &layers {
             self.prefetcher.layer_ready(&image, layer.clone(), hydrate);
         }
