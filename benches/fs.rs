@@ -5,6 +5,10 @@
 //!   hyperboxd's 4 MiB read-ahead, 1 MiB and the kernel's 128 KiB, on ext4,
 //!   side by side (`-open-once`: the same without an open per pass). Target:
 //!   FUSE at least 0.7 of ext4.
+//! - `fs/cached-small-files/{fuse,ext4}`: walk a tree of 2,000 small files
+//!   in 40 directories, already cached, as an interpreter importing modules
+//!   does: list each directory, `lstat` each entry, open and read each file,
+//!   follow each symlink. Interleaved medians and the ratio to ext4 printed.
 //! - cold sequential read of that file over loopback with each read-ahead
 //!   window: median time and range requests printed.
 //! - cold 4 KiB random reads (each in a chunk not yet fetched): latency p50
@@ -13,7 +17,8 @@
 //!   (this process's VmRSS before and after building and mounting them).
 //!
 //! `cargo bench --bench fs` (as root, with /dev/fuse); figures go in
-//! docs/benchmarks.md.
+//! docs/benchmarks.md. `FS_BENCH_PARTS=memory,cached,small,cold,random`
+//! runs only the parts named (all by default).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -92,6 +97,42 @@ fn pread_all(f: &std::fs::File, buf: &mut [u8]) -> u64 {
     }
 }
 
+/// Whether `FS_BENCH_PARTS` (a comma-separated list; unset: all) names `part`.
+fn part(part: &str) -> bool {
+    match std::env::var("FS_BENCH_PARTS") {
+        Ok(parts) => parts.split(',').any(|p| p.trim() == part),
+        Err(_) => true,
+    }
+}
+
+/// Median of `times` (sorted in place).
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort_unstable();
+    times[times.len() / 2]
+}
+
+/// Walk `root` as an interpreter importing modules does: list each
+/// directory, `lstat` each entry, read each file whole and each symlink's
+/// target. Returns the bytes read.
+fn walk(root: &Path, buf: &mut [u8]) -> u64 {
+    let mut n = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                dirs.push(p);
+            } else if m.is_symlink() {
+                n += std::fs::read_link(&p).unwrap().as_os_str().len() as u64;
+            } else {
+                n += read_all(&p, buf);
+            }
+        }
+    }
+    n
+}
+
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
@@ -114,7 +155,7 @@ fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
 
-    {
+    if part("memory") {
         // Memory first, while the process is fresh (what earlier parts free
         // stays in the allocator and blurs RSS): 10 mounted layers of 30,000
         // small files each. Measured before
@@ -160,130 +201,181 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // Cached sequential reads: FUSE and ext4, side by side.
+    if part("small") {
+        // Cached small files: 40 directories of 50 files (1-8 KiB) and one
+        // symlink each, through FUSE and on ext4, side by side.
+        let mut b = common::LayerBuilder::new();
+        let ext4_tree = dir.path().join("small-on-ext4");
+        let mut bytes = 0u64;
+        for d in 0..40 {
+            let sub = format!("site-packages/pkg{d}");
+            b = b.dir(&sub);
+            std::fs::create_dir_all(ext4_tree.join(&sub)).unwrap();
+            for f in 0..50 {
+                let mut data = vec![0u8; rng.gen_range(1024..8192)];
+                rng.fill_bytes(&mut data);
+                let path = format!("{sub}/mod{f}.py");
+                b = b.file(&path, 0o644, &data);
+                std::fs::write(ext4_tree.join(&path), &data).unwrap();
+                bytes += data.len() as u64;
+            }
+            b = b.symlink(&format!("{sub}/latest.py"), "mod0.py");
+            std::os::unix::fs::symlink("mod0.py", ext4_tree.join(format!("{sub}/latest.py"))).unwrap();
+            bytes += "mod0.py".len() as u64;
+        }
+        let layer = push(&env, &b.finish());
+        let (m, _f) = mount(&env, layer, &dir.path().join("db-small"), &dir.path().join("mnt-small"));
+        let mut buf = vec![0u8; 128 << 10];
+        let variants = [("fuse", m.path().to_path_buf()), ("ext4", ext4_tree)];
+        for (_, root) in &variants {
+            assert_eq!(walk(root, &mut buf), bytes); // fetch, store, cache
+        }
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..40 {
+            for (i, (_, root)) in variants.iter().enumerate() {
+                let t = Instant::now();
+                walk(root, &mut buf);
+                times[i].push(t.elapsed());
+            }
+        }
+        let medians: Vec<Duration> = times.iter_mut().map(|t| median(t)).collect();
+        for ((name, _), m) in variants.iter().zip(&medians) {
+            eprintln!(
+                "fs cached walk of 2,000 small files, interleaved, {name}: median {m:?}, ext4/this {:.2}",
+                medians[1].as_secs_f64() / m.as_secs_f64()
+            );
+        }
+        let mut g = c.benchmark_group("fs/cached-small-files");
+        g.sample_size(20).measurement_time(Duration::from_secs(5)).throughput(Throughput::Elements(2040));
+        for (name, root) in &variants {
+            g.bench_function(*name, |b| b.iter(|| walk(root, &mut buf)));
+        }
+        g.finish();
+    }
+    if !["cached", "cold", "random"].into_iter().any(part) {
+        return;
+    }
+
+    // A 64 MiB file (and a 32 MiB one) for the sequential and random parts.
     let mut data = vec![0u8; 64 << 20];
     rng.fill_bytes(&mut data);
     let tar = common::LayerBuilder::new().file("big", 0o644, &data).file("other", 0o644, &data[..32 << 20]).finish();
     let layer = push(&env, &tar);
-    // The layer mounted three times over one store: hyperboxd's 4 MiB
-    // read-ahead (`daemon.fuse_read_ahead_kb`), 1 MiB, and the kernel's
-    // default 128 KiB.
-    let (m, f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
-    let m1024 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra1024"), 1024);
-    let m128 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra128"), 128);
-    let ext4 = dir.path().join("big-on-ext4");
-    std::fs::write(&ext4, &data).unwrap();
-    let fuse_file = m.path().join("big");
-    let fuse1024_file = m1024.path().join("big");
-    let fuse128_file = m128.path().join("big");
     let mut buf = vec![0u8; 1 << 20];
-    assert_eq!(read_all(&fuse_file, &mut buf), data.len() as u64); // fetch, store, cache
-    assert_eq!(read_all(&fuse1024_file, &mut buf), data.len() as u64); // from the store
-    assert_eq!(read_all(&fuse128_file, &mut buf), data.len() as u64);
-    read_all(&ext4, &mut buf);
-    // Interleaved: one pass of each in turn, 40 rounds, so machine noise
-    // hits all alike; medians and ratios to ext4 printed.
-    let variants =
-        [("fuse", &fuse_file), ("fuse-ra1024", &fuse1024_file), ("fuse-ra128", &fuse128_file), ("ext4", &ext4)];
-    let mut times = vec![Vec::new(); variants.len()];
-    for _ in 0..40 {
-        for (i, (_, path)) in variants.iter().enumerate() {
-            let t = Instant::now();
-            read_all(path, &mut buf);
-            times[i].push(t.elapsed());
+    if part("cached") {
+        // Cached sequential reads: FUSE and ext4, side by side.
+        // The layer mounted three times over one store: hyperboxd's 4 MiB
+        // read-ahead (`daemon.fuse_read_ahead_kb`), 1 MiB, and the kernel's
+        // default 128 KiB.
+        let (m, f) = mount(&env, layer.clone(), &dir.path().join("db1"), &dir.path().join("mnt1"));
+        let m1024 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra1024"), 1024);
+        let m128 = mount_with(&env, layer.clone(), &f, &dir.path().join("mnt1-ra128"), 128);
+        let ext4 = dir.path().join("big-on-ext4");
+        std::fs::write(&ext4, &data).unwrap();
+        let fuse_file = m.path().join("big");
+        let fuse1024_file = m1024.path().join("big");
+        let fuse128_file = m128.path().join("big");
+        assert_eq!(read_all(&fuse_file, &mut buf), data.len() as u64); // fetch, store, cache
+        assert_eq!(read_all(&fuse1024_file, &mut buf), data.len() as u64); // from the store
+        assert_eq!(read_all(&fuse128_file, &mut buf), data.len() as u64);
+        read_all(&ext4, &mut buf);
+        // Interleaved: one pass of each in turn, 40 rounds, so machine noise
+        // hits all alike; medians and ratios to ext4 printed.
+        let variants =
+            [("fuse", &fuse_file), ("fuse-ra1024", &fuse1024_file), ("fuse-ra128", &fuse128_file), ("ext4", &ext4)];
+        let mut times = vec![Vec::new(); variants.len()];
+        for _ in 0..40 {
+            for (i, (_, path)) in variants.iter().enumerate() {
+                let t = Instant::now();
+                read_all(path, &mut buf);
+                times[i].push(t.elapsed());
+            }
         }
-    }
-    let medians: Vec<Duration> = times
-        .iter_mut()
-        .map(|t| {
-            t.sort_unstable();
-            t[t.len() / 2]
-        })
-        .collect();
-    for ((name, _), m) in variants.iter().zip(&medians) {
-        eprintln!(
-            "fs cached 64 MiB read, interleaved, {name}: median {m:?}, ext4/this {:.2}",
-            medians[3].as_secs_f64() / m.as_secs_f64()
-        );
-    }
-    let mut g = c.benchmark_group("fs/cached-seq-read");
-    g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Bytes(data.len() as u64));
-    g.bench_function("fuse", |b| b.iter(|| read_all(&fuse_file, &mut buf)));
-    g.bench_function("fuse-ra1024", |b| b.iter(|| read_all(&fuse1024_file, &mut buf)));
-    g.bench_function("fuse-ra128", |b| b.iter(|| read_all(&fuse128_file, &mut buf)));
-    g.bench_function("ext4", |b| b.iter(|| read_all(&ext4, &mut buf)));
-    // The same reads on a file opened once: no open/flush/release per pass.
-    let (fuse_fd, ext4_fd) = (std::fs::File::open(&fuse_file).unwrap(), std::fs::File::open(&ext4).unwrap());
-    g.bench_function("fuse-open-once", |b| b.iter(|| pread_all(&fuse_fd, &mut buf)));
-    g.bench_function("ext4-open-once", |b| b.iter(|| pread_all(&ext4_fd, &mut buf)));
-    g.finish();
-    drop((fuse_fd, ext4_fd, m1024, m128, f));
-
-    // Cold sequential read of the whole 64 MiB file over loopback, with each
-    // read-ahead window, alternating, 3 runs each (each on a fresh store).
-    let mut cold: [(u32, Vec<Duration>, u64); 3] =
-        [(defaults().1, Vec::new(), 0), (1024, Vec::new(), 0), (128, Vec::new(), 0)];
-    for run in 0..3 {
-        for (ra, times, requests) in cold.iter_mut() {
-            let store = Arc::new(
-                Store::open(&dir.path().join(format!("db-cold-{ra}-{run}")), &StoreConfig::default()).unwrap(),
+        let medians: Vec<Duration> = times.iter_mut().map(|t| median(t)).collect();
+        for ((name, _), m) in variants.iter().zip(&medians) {
+            eprintln!(
+                "fs cached 64 MiB read, interleaved, {name}: median {m:?}, ext4/this {:.2}",
+                medians[3].as_secs_f64() / m.as_secs_f64()
             );
-            let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
-            let m = mount_with(&env, layer.clone(), &fetcher, &dir.path().join(format!("mnt-cold-{ra}-{run}")), *ra);
+        }
+        let mut g = c.benchmark_group("fs/cached-seq-read");
+        g.sample_size(20).measurement_time(Duration::from_secs(10)).throughput(Throughput::Bytes(data.len() as u64));
+        g.bench_function("fuse", |b| b.iter(|| read_all(&fuse_file, &mut buf)));
+        g.bench_function("fuse-ra1024", |b| b.iter(|| read_all(&fuse1024_file, &mut buf)));
+        g.bench_function("fuse-ra128", |b| b.iter(|| read_all(&fuse128_file, &mut buf)));
+        g.bench_function("ext4", |b| b.iter(|| read_all(&ext4, &mut buf)));
+        // The same reads on a file opened once: no open/flush/release per pass.
+        let (fuse_fd, ext4_fd) = (std::fs::File::open(&fuse_file).unwrap(), std::fs::File::open(&ext4).unwrap());
+        g.bench_function("fuse-open-once", |b| b.iter(|| pread_all(&fuse_fd, &mut buf)));
+        g.bench_function("ext4-open-once", |b| b.iter(|| pread_all(&ext4_fd, &mut buf)));
+        g.finish();
+        drop((fuse_fd, ext4_fd, m, m1024, m128, f));
+    }
+    if part("cold") {
+        // Cold sequential read of the whole 64 MiB file over loopback, with each
+        // read-ahead window, alternating, 3 runs each (each on a fresh store).
+        let mut cold: [(u32, Vec<Duration>, u64); 3] =
+            [(defaults().1, Vec::new(), 0), (1024, Vec::new(), 0), (128, Vec::new(), 0)];
+        for run in 0..3 {
+            for (ra, times, requests) in cold.iter_mut() {
+                let store = Arc::new(
+                    Store::open(&dir.path().join(format!("db-cold-{ra}-{run}")), &StoreConfig::default()).unwrap(),
+                );
+                let fetcher = Fetcher::new(env.client.clone(), store, FetchConfig::default());
+                let m =
+                    mount_with(&env, layer.clone(), &fetcher, &dir.path().join(format!("mnt-cold-{ra}-{run}")), *ra);
+                let t = Instant::now();
+                assert_eq!(read_all(&m.path().join("big"), &mut buf), data.len() as u64);
+                times.push(t.elapsed());
+                *requests = fetcher.stats().requests();
+            }
+        }
+        for (ra, times, requests) in cold.iter_mut() {
+            times.sort_unstable();
+            eprintln!(
+                "fs cold sequential read of 64 MiB, read-ahead {ra} KiB: median {:?} of {:?} ({requests} range requests)",
+                times[1], times
+            );
+        }
+    }
+    if part("random") {
+        // Cold 4 KiB random reads, each in a frame not fetched yet: a fresh
+        // store and mount, and one read in the middle of each of 200 frames of
+        // "big", in random order.
+        let (m2, f2) = mount(&env, layer.clone(), &dir.path().join("db2"), &dir.path().join("mnt2"));
+        let file = std::fs::File::open(m2.path().join("big")).unwrap();
+        let index: &LayerIndex = &layer.index;
+        let frames = index.frames().len();
+        let mut order: Vec<usize> = (0..frames).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.gen_range(0..=i));
+        }
+        let entry = index.entries().iter().find(|e| e.path == b"big").unwrap();
+        let mut lat = Vec::new();
+        let mut page = [0u8; 4096];
+        for &fr in order.iter().take(200) {
+            let (ts, te) = index.frame_tar_range(fr);
+            if ts < entry.data_offset || te > entry.data_offset + entry.size {
+                continue; // a frame of headers or of the other file
+            }
+            let off = (ts - entry.data_offset + (te - ts) / 2) & !4095;
             let t = Instant::now();
-            assert_eq!(read_all(&m.path().join("big"), &mut buf), data.len() as u64);
-            times.push(t.elapsed());
-            *requests = fetcher.stats().requests();
+            file.read_exact_at(&mut page, off).unwrap();
+            lat.push(t.elapsed());
         }
-    }
-    for (ra, times, requests) in cold.iter_mut() {
-        times.sort_unstable();
-        eprintln!(
-            "fs cold sequential read of 64 MiB, read-ahead {ra} KiB: median {:?} of {:?} ({requests} range requests)",
-            times[1], times
-        );
-    }
-    if std::env::var_os("FS_BENCH_ONLY_CACHED").is_some() {
-        return;
-    }
-
-    // Cold 4 KiB random reads, each in a frame not fetched yet: a fresh
-    // store and mount, and one read in the middle of each of 200 frames of
-    // "big", in random order.
-    drop(m);
-    let (m2, f2) = mount(&env, layer.clone(), &dir.path().join("db2"), &dir.path().join("mnt2"));
-    let file = std::fs::File::open(m2.path().join("big")).unwrap();
-    let index: &LayerIndex = &layer.index;
-    let frames = index.frames().len();
-    let mut order: Vec<usize> = (0..frames).collect();
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.gen_range(0..=i));
-    }
-    let entry = index.entries().iter().find(|e| e.path == b"big").unwrap();
-    let mut lat = Vec::new();
-    let mut page = [0u8; 4096];
-    for &fr in order.iter().take(200) {
-        let (ts, te) = index.frame_tar_range(fr);
-        if ts < entry.data_offset || te > entry.data_offset + entry.size {
-            continue; // a frame of headers or of the other file
+        lat.sort_unstable();
+        if !lat.is_empty() {
+            eprintln!(
+                "fs cold 4 KiB random reads over loopback ({} reads, one frame each): p50 {:?}, p99 {:?} ({} requests)",
+                lat.len(),
+                lat[lat.len() / 2],
+                lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+                f2.stats().requests()
+            );
         }
-        let off = (ts - entry.data_offset + (te - ts) / 2) & !4095;
-        let t = Instant::now();
-        file.read_exact_at(&mut page, off).unwrap();
-        lat.push(t.elapsed());
+        drop(file);
+        drop(m2);
     }
-    lat.sort_unstable();
-    if !lat.is_empty() {
-        eprintln!(
-            "fs cold 4 KiB random reads over loopback ({} reads, one frame each): p50 {:?}, p99 {:?} ({} requests)",
-            lat.len(),
-            lat[lat.len() / 2],
-            lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
-            f2.stats().requests()
-        );
-    }
-    drop(file);
-    drop(m2);
 }
 
 criterion_group!(fs, benches);

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """How a file's page cache is made up: 4 KiB pages, or large folios of how
-many pages. Maps the file, touches every page (reads from the page cache, or
-fills it), and reads each page's flags from /proc/kpageflags (as root).
+many pages, and how much of it is physically contiguous. Maps the file,
+touches every page (reads from the page cache, or fills it), and reads each
+page's frame number from /proc/self/pagemap and its flags from
+/proc/kpageflags (as root).
 
     python3 benches/page-folios.py FILE...
 
@@ -32,13 +34,21 @@ def folios(path):
     for i in range(pages):
         view[i * PAGE]  # fault the page in
     small, sizes, run = 0, collections.Counter(), 0
+    # Physically contiguous runs: pages whose frame follows the previous one's.
+    extents, prev_pfn = [], None
     with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
         for i in range(pages):
             pm.seek((addr // PAGE + i) * 8)
             entry = struct.unpack("Q", pm.read(8))[0]
             if not entry >> 63:
                 continue  # not present
-            kf.seek((entry & ((1 << 55) - 1)) * 8)
+            pfn = entry & ((1 << 55) - 1)
+            if prev_pfn is not None and pfn == prev_pfn + 1:
+                extents[-1] += 1
+            else:
+                extents.append(1)
+            prev_pfn = pfn
+            kf.seek(pfn * 8)
             flags = struct.unpack("Q", kf.read(8))[0]
             if flags >> KPF_COMPOUND_TAIL & 1:
                 run += 1
@@ -50,10 +60,15 @@ def folios(path):
     if run:
         sizes[run] += 1
     os.close(fd)
-    return pages, small, sorted(sizes.items())
+    return pages, small, sorted(sizes.items()), extents
 
 
 for p in sys.argv[1:]:
-    pages, small, sizes = folios(p)
+    pages, small, sizes, extents = folios(p)
     large = ", ".join(f"{n} of {k} pages" for k, n in sizes) or "none"
     print(f"{p}: {pages} pages; {small} in 4 KiB folios; large folios: {large}")
+    if extents:
+        extents.sort()
+        mean = sum(extents) / len(extents)
+        print(f"  physically contiguous runs: {len(extents)}, mean {mean:.1f} pages, "
+              f"median {extents[len(extents) // 2]}, longest {extents[-1]}")

@@ -5,8 +5,13 @@
 //! `fuser`, one call and one reply per operation. Reads get a [`ReadReply`]
 //! they may answer later from another thread, so a read waiting on the
 //! network never holds a FUSE worker: lookups, getattr and local reads keep
-//! flowing. The kernel caches hard: entries and attributes for a day, file
-//! pages across opens (`FOPEN_KEEP_CACHE`), because a layer never changes.
+//! flowing. The kernel caches hard, because a layer never changes: entries
+//! and attributes for a day, file pages across opens, directory listings and
+//! symlink targets. Opening a file or a directory costs the daemon nothing:
+//! where the kernel supports it, `open` and `opendir` answer ENOSYS once and
+//! the kernel stops asking (zero-message opens, which imply
+//! `FOPEN_KEEP_CACHE` and `FOPEN_CACHE_DIR`); on older kernels `open`
+//! answers `FOPEN_KEEP_CACHE` itself.
 
 use std::ffi::OsStr;
 use std::io;
@@ -15,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 
 /// How long the kernel may cache entries and attributes: layers are immutable.
@@ -96,7 +102,21 @@ impl Drop for ReadReply {
     }
 }
 
-struct Adapter<F>(F);
+struct Adapter<F> {
+    fs: F,
+    /// The kernel takes ENOSYS from `open` as "never send OPEN or RELEASE
+    /// again" (`FUSE_NO_OPEN_SUPPORT`, Linux 3.14 and later).
+    no_open: bool,
+    /// The same for OPENDIR and RELEASEDIR (`FUSE_NO_OPENDIR_SUPPORT`, 5.1).
+    no_opendir: bool,
+}
+
+/// What the adapter asks of the kernel beyond fuser's defaults (async reads,
+/// `max_pages`), each only if the kernel offers it: none is needed to be
+/// correct. Parallel lookups and readdirs in one directory (without it the
+/// kernel serialises them on the directory's lock), and symlink targets kept
+/// in the page cache.
+const WANTED: InitFlags = InitFlags::FUSE_PARALLEL_DIROPS.union(InitFlags::FUSE_CACHE_SYMLINKS);
 
 fn file_type(k: Kind) -> FileType {
     match k {
@@ -144,29 +164,56 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno32>) {
 }
 
 impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let offered = config.capabilities();
+        // Cannot fail: only offered flags are asked for.
+        let _ = config.add_capabilities(WANTED & offered);
+        self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.0.lookup(parent.0, name.as_bytes()) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.getattr(ino.0) {
+        match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.0.readlink(ino.0) {
+        match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        if self.no_open {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE);
+        }
+    }
+
+    /// Nothing to flush on a read-only filesystem; ENOSYS tells the kernel
+    /// not to ask again.
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -181,11 +228,11 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.0.read(ino.0, offset, size, req.pid(), ReadReply(Some(reply)));
+        self.fs.read(ino.0, offset, size, req.pid(), ReadReply(Some(reply)));
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let r = self.0.readdir(ino.0, offset, &mut |child, next, kind, name| {
+        let r = self.fs.readdir(ino.0, offset, &mut |child, next, kind, name| {
             reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
         });
         match r {
@@ -195,11 +242,11 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.0.getxattr(ino.0, name.as_bytes()));
+        xattr_reply(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.0.listxattr(ino.0));
+        xattr_reply(reply, size, self.fs.listxattr(ino.0));
     }
 }
 
@@ -278,7 +325,7 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountO
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = threads > 1;
-    let session = fuser::spawn_mount(Adapter(fs), mountpoint, &cfg)?;
+    let session = fuser::spawn_mount(Adapter { fs, no_open: false, no_opendir: false }, mountpoint, &cfg)?;
     let mut mount = Mount { session: Some(session), path: mountpoint.to_path_buf(), read_ahead: Ok(0) };
     if opts.read_ahead_kb > 0 {
         mount.read_ahead = set_read_ahead(mountpoint, opts.read_ahead_kb).map(|()| opts.read_ahead_kb);
@@ -386,5 +433,117 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(super::unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
         assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+    }
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A root holding a file `f` and a symlink `l` to it, counting what the
+    /// kernel asks for.
+    #[derive(Default)]
+    struct Counted {
+        readdirs: AtomicUsize,
+        readlinks: AtomicUsize,
+        reads: AtomicUsize,
+    }
+
+    const DATA: &[u8] = b"hello, layer\n";
+
+    fn attr(ino: u64) -> Attr {
+        let (kind, size, perm) = match ino {
+            1 => (Kind::Dir, 0, 0o755),
+            2 => (Kind::File, DATA.len() as u64, 0o644),
+            _ => (Kind::Symlink, 1, 0o777),
+        };
+        Attr { ino, kind, size, perm, nlink: 1, uid: 0, gid: 0, rdev: 0, mtime: 0, mtime_nsec: 0 }
+    }
+
+    impl ReadOnlyFs for Arc<Counted> {
+        fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno32> {
+            match (parent, name) {
+                (1, b"f") => Ok(attr(2)),
+                (1, b"l") => Ok(attr(3)),
+                _ => Err(libc::ENOENT),
+            }
+        }
+        fn getattr(&self, ino: u64) -> Result<Attr, Errno32> {
+            Ok(attr(ino))
+        }
+        fn readlink(&self, _ino: u64) -> Result<Vec<u8>, Errno32> {
+            self.readlinks.fetch_add(1, Ordering::SeqCst);
+            Ok(b"f".to_vec())
+        }
+        fn readdir(
+            &self,
+            _ino: u64,
+            offset: u64,
+            add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool,
+        ) -> Result<(), Errno32> {
+            self.readdirs.fetch_add(1, Ordering::SeqCst);
+            let all: [(u64, Kind, &[u8]); 4] =
+                [(1, Kind::Dir, b"."), (1, Kind::Dir, b".."), (2, Kind::File, b"f"), (3, Kind::Symlink, b"l")];
+            for (i, (ino, kind, name)) in all.iter().enumerate().skip(offset as usize) {
+                if add(*ino, i as u64 + 1, *kind, name) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        fn getxattr(&self, _ino: u64, _name: &[u8]) -> Result<Vec<u8>, Errno32> {
+            Err(libc::ENODATA)
+        }
+        fn listxattr(&self, _ino: u64) -> Result<Vec<u8>, Errno32> {
+            Ok(Vec::new())
+        }
+        fn read(&self, _ino: u64, offset: u64, size: u32, _pid: u32, reply: ReadReply) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let start = (offset as usize).min(DATA.len());
+            reply.data(&DATA[start..(start + size as usize).min(DATA.len())]);
+        }
+    }
+
+    fn can_mount(test: &str) -> bool {
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && Path::new("/dev/fuse").exists() {
+            return true;
+        }
+        let why = if root { "no /dev/fuse" } else { "not running as root" };
+        assert!(std::env::var_os("HYPERBOX_REQUIRE_E2E").is_none(), "{test}: {why} (HYPERBOX_REQUIRE_E2E is set)");
+        eprintln!("SKIPPED {test}: {why}");
+        false
+    }
+
+    /// The kernel keeps what a layer cannot change: a second listing, a
+    /// second readlink and a second read of a file, each through a new open,
+    /// reach the daemon no more than the first did.
+    #[test]
+    fn the_kernel_caches_listings_links_and_pages_across_opens() {
+        if !can_mount("the_kernel_caches_listings_links_and_pages_across_opens") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(Counted::default());
+        let m = mount(fs.clone(), dir.path(), "hyperbox-test", &MountOptions::default()).unwrap();
+        let list = || {
+            let mut names: Vec<_> = std::fs::read_dir(m.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            names
+        };
+        for pass in 0..3 {
+            assert_eq!(list(), ["f", "l"], "pass {pass}");
+            assert_eq!(std::fs::read_link(m.path().join("l")).unwrap(), Path::new("f"), "pass {pass}");
+            assert_eq!(std::fs::read(m.path().join("f")).unwrap(), DATA, "pass {pass}");
+            assert_eq!(std::fs::read(m.path().join("l")).unwrap(), DATA, "pass {pass}");
+            if pass == 0 {
+                assert!(fs.readdirs.load(Ordering::SeqCst) > 0);
+                assert_eq!(fs.readlinks.load(Ordering::SeqCst), 1);
+                assert_eq!(fs.reads.load(Ordering::SeqCst), 1);
+            }
+        }
+        let first_listing = 2; // one call for the entries, one more that finds the end
+        assert_eq!(fs.readdirs.load(Ordering::SeqCst), first_listing, "listings reached the daemon again");
+        assert_eq!(fs.readlinks.load(Ordering::SeqCst), 1, "readlink reached the daemon again");
+        assert_eq!(fs.reads.load(Ordering::SeqCst), 1, "file pages were dropped on open");
+        m.unmount().unwrap();
     }
 }
