@@ -33,6 +33,7 @@ pub struct FuseOps {
     getattr: Histogram,
     readlink: Histogram,
     readdir: Histogram,
+    readdirplus: Histogram,
     getxattr: Histogram,
     listxattr: Histogram,
     read: Histogram,
@@ -43,6 +44,7 @@ pub static FUSE_OPS: FuseOps = FuseOps {
     getattr: Histogram::new(),
     readlink: Histogram::new(),
     readdir: Histogram::new(),
+    readdirplus: Histogram::new(),
     getxattr: Histogram::new(),
     listxattr: Histogram::new(),
     read: Histogram::new(),
@@ -55,6 +57,7 @@ impl FuseOps {
             ("getattr", self.getattr.snapshot()),
             ("readlink", self.readlink.snapshot()),
             ("readdir", self.readdir.snapshot()),
+            ("readdirplus", self.readdirplus.snapshot()),
             ("getxattr", self.getxattr.snapshot()),
             ("listxattr", self.listxattr.snapshot()),
             ("read", self.read.snapshot()),
@@ -289,6 +292,22 @@ impl ReadOnlyFs for LayerFs {
     fn readdir(&self, ino: u64, offset: u64, add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool) -> Result<(), i32> {
         timed(&FUSE_OPS.readdir, || {
             self.tree.readdir(ino, offset, &mut |child, next, k, name| add(child, next, kind(k), name)).map_err(errno)
+        })
+    }
+
+    fn readdirplus(&self, ino: u64, offset: u64, add: &mut dyn FnMut(&Attr, u64, &[u8]) -> bool) -> Result<(), i32> {
+        timed(&FUSE_OPS.readdirplus, || {
+            let tree = &self.tree;
+            let mut missing = None;
+            tree.readdir(ino, offset, &mut |child, next, _, name| match tree.attr(child) {
+                Ok(a) => add(&attr(a), next, name),
+                Err(e) => {
+                    missing = Some(e);
+                    true
+                }
+            })
+            .map_err(errno)?;
+            missing.map_or(Ok(()), |e| Err(errno(e)))
         })
     }
 

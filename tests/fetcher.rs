@@ -1,8 +1,9 @@
 //! The fetcher against a real `docker-registry`, directly and behind a
 //! fault-injecting proxy: coalescing and single flight shown by request
 //! counts, every fault met without an unverified byte coming back, retries
-//! that succeed once a fault stops, mirrors, token refresh, and a store
-//! under a small budget that refetches what it evicted.
+//! that succeed once a fault stops, mirrors, token refresh, a store under a
+//! small budget that refetches what it evicted, and a frame cache that
+//! answers reads coming back to a frame without the store.
 
 mod common;
 
@@ -416,7 +417,9 @@ async fn a_small_store_stays_in_budget_and_refetches() {
         return;
     }
     let budget = 1 << 20;
-    let s = setup(test_config(), StoreConfig { budget_bytes: budget, evict_to: 0.9, ..StoreConfig::default() }).await;
+    // The store alone: no frame cache to answer the second pass.
+    let cfg = FetchConfig { frame_cache_mb: 0, ..test_config() };
+    let s = setup(cfg, StoreConfig { budget_bytes: budget, evict_to: 0.9, ..StoreConfig::default() }).await;
     let n = s.layer.frames.len();
     assert!(s.layer.blob.len() as u64 > 2 * budget);
     for pass in 0..2 {
@@ -462,4 +465,43 @@ async fn credentials_handed_over_at_run_time_are_used() {
     client.set_credentials(&registry.addr, "kubelet", "s3cret");
     let n = layer.frames.len();
     check_frames(&fetcher.read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frame_cache_answers_reads_that_come_back() {
+    if !common::have_tools("the_frame_cache_answers_reads_that_come_back", TOOLS) {
+        return;
+    }
+    // 1 MiB of cache, about 3 MiB of frames: reading everything twice
+    // evicts, and every byte must still be right.
+    for mb in [32, 1, 0] {
+        let s = setup(FetchConfig { frame_cache_mb: mb, ..test_config() }, StoreConfig::default()).await;
+        let n = s.layer.frames.len();
+        let got = s.fetcher.read(&s.remote, 0..n, Priority::Demand).await.unwrap();
+        check_frames(&got, &s.layer.frames, 0);
+        s.fetcher.settled().await;
+        let (requests, store_hits) = (s.fetcher.stats().requests(), s.fetcher.store().stats().hits);
+        for first in 0..n {
+            let got = s.fetcher.read(&s.remote, first..first + 1, Priority::Demand).await.unwrap();
+            check_frames(&got, &s.layer.frames, first);
+        }
+        let (f, st) = (s.fetcher.stats(), s.fetcher.store().stats());
+        assert_eq!(f.requests(), requests, "{mb} MiB: a stored frame was fetched again");
+        assert_eq!(f.store_hits, n as u64, "{mb} MiB: {f:?}");
+        match mb {
+            32 => {
+                assert_eq!(f.cache_hits, n as u64, "{f:?}");
+                assert_eq!(st.hits, store_hits, "the store was asked for cached frames: {st:?}");
+            }
+            0 => {
+                assert_eq!(f.cache_hits, 0, "{f:?}");
+                assert_eq!(st.hits, store_hits + n as u64, "{st:?}");
+            }
+            _ => {
+                assert!(f.cache_hits < n as u64, "a 1 MiB cache held all {n} frames: {f:?}");
+                assert_eq!(st.hits - store_hits + f.cache_hits, n as u64, "{f:?} {st:?}");
+            }
+        }
+        drop(s.registry);
+    }
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyXattr, Request, SessionACL,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 
 /// How long the kernel may cache entries and attributes: layers are immutable.
@@ -69,6 +69,10 @@ pub trait ReadOnlyFs: Send + Sync + 'static {
     /// true when the reply buffer is full: stop then.
     fn readdir(&self, ino: u64, offset: u64, add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool)
         -> Result<(), Errno32>;
+    /// The same with each entry's attributes, which the kernel caches as if
+    /// each entry had been looked up: `add(attr, next_offset, name)`.
+    fn readdirplus(&self, ino: u64, offset: u64, add: &mut dyn FnMut(&Attr, u64, &[u8]) -> bool)
+        -> Result<(), Errno32>;
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno32>;
     /// Attribute names, each followed by a NUL byte.
     fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno32>;
@@ -114,9 +118,15 @@ struct Adapter<F> {
 /// What the adapter asks of the kernel beyond fuser's defaults (async reads,
 /// `max_pages`), each only if the kernel offers it: none is needed to be
 /// correct. Parallel lookups and readdirs in one directory (without it the
-/// kernel serialises them on the directory's lock), and symlink targets kept
-/// in the page cache.
-const WANTED: InitFlags = InitFlags::FUSE_PARALLEL_DIROPS.union(InitFlags::FUSE_CACHE_SYMLINKS);
+/// kernel serialises them on the directory's lock); symlink targets kept in
+/// the page cache; and listings that carry each entry's attributes when the
+/// kernel sees a listing followed by lookups of its entries (adaptive
+/// readdirplus), so a program that lists a directory and then stats or opens
+/// what it found costs one request instead of one per entry.
+const WANTED: InitFlags = InitFlags::FUSE_PARALLEL_DIROPS
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO);
 
 fn file_type(k: Kind) -> FileType {
     match k {
@@ -234,6 +244,16 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let r = self.fs.readdir(ino.0, offset, &mut |child, next, kind, name| {
             reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let r = self.fs.readdirplus(ino.0, offset, &mut |a, next, name| {
+            reply.add(INodeNo(a.ino), next, OsStr::from_bytes(name), &TTL, &file_attr(a), Generation(0))
         });
         match r {
             Ok(()) => reply.ok(),
@@ -442,6 +462,7 @@ mod tests {
     /// kernel asks for.
     #[derive(Default)]
     struct Counted {
+        lookups: AtomicUsize,
         readdirs: AtomicUsize,
         readlinks: AtomicUsize,
         reads: AtomicUsize,
@@ -460,6 +481,7 @@ mod tests {
 
     impl ReadOnlyFs for Arc<Counted> {
         fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno32> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             match (parent, name) {
                 (1, b"f") => Ok(attr(2)),
                 (1, b"l") => Ok(attr(3)),
@@ -489,6 +511,14 @@ mod tests {
             }
             Ok(())
         }
+        fn readdirplus(
+            &self,
+            ino: u64,
+            offset: u64,
+            add: &mut dyn FnMut(&Attr, u64, &[u8]) -> bool,
+        ) -> Result<(), Errno32> {
+            self.readdir(ino, offset, &mut |child, next, _, name| add(&attr(child), next, name))
+        }
         fn getxattr(&self, _ino: u64, _name: &[u8]) -> Result<Vec<u8>, Errno32> {
             Err(libc::ENODATA)
         }
@@ -515,7 +545,8 @@ mod tests {
 
     /// The kernel keeps what a layer cannot change: a second listing, a
     /// second readlink and a second read of a file, each through a new open,
-    /// reach the daemon no more than the first did.
+    /// reach the daemon no more than the first did; and the first listing
+    /// carries the entries' attributes, so no entry is looked up after it.
     #[test]
     fn the_kernel_caches_listings_links_and_pages_across_opens() {
         if !can_mount("the_kernel_caches_listings_links_and_pages_across_opens") {
@@ -544,6 +575,7 @@ mod tests {
         assert_eq!(fs.readdirs.load(Ordering::SeqCst), first_listing, "listings reached the daemon again");
         assert_eq!(fs.readlinks.load(Ordering::SeqCst), 1, "readlink reached the daemon again");
         assert_eq!(fs.reads.load(Ordering::SeqCst), 1, "file pages were dropped on open");
+        assert_eq!(fs.lookups.load(Ordering::SeqCst), 0, "entries were looked up after the listing");
         m.unmount().unwrap();
     }
 }

@@ -194,6 +194,7 @@ fn metrics_text(snap: &Snapshotter) -> String {
     e.counter(FETCH_FAILURES, "Fetches that gave up (a demand read waiting on one gets EIO).", f.failures);
     e.counter(FETCH_VERIFY_FAILURES, "Fetched chunks that failed verification.", f.verify_failures);
     e.counter(FETCH_JOINED, "Reads that joined a fetch already in flight.", f.joined);
+    e.counter(FRAME_CACHE_HITS, "Frames reads found in the frame cache, decompressed and verified.", f.cache_hits);
     e.histogram_by(
         FETCH_REQUEST_SECONDS,
         "Range request latency, sending to holding the whole body (failed tries included).",

@@ -21,9 +21,16 @@
 //!   `timeout_ms` overall, with an error naming the registry, repository,
 //!   blob and chunk.
 //!
+//! - **Frame cache**: the last `frame_cache_mb` of frames that reads were
+//!   answered with stay in memory, decompressed and verified. Small files
+//!   share frames (a 128 KiB frame holds dozens of Python modules), and the
+//!   kernel reads each file on its own: without it, every one of those reads
+//!   would fetch, decompress and hash the whole frame from the store again.
+//!
 //! Nothing leaves this module unverified: every frame is decompressed and
-//! hashed before anyone sees it ([`VerifiedChunk::verify`]), and store hits
-//! are verified by the store on read.
+//! hashed before anyone sees it ([`VerifiedChunk::verify`]), store hits are
+//! verified by the store on read, and the frame cache holds only frames that
+//! passed one of those checks (memory is trusted, as the page cache is).
 
 mod sched;
 
@@ -65,6 +72,9 @@ pub struct FetchConfig {
     /// A fetch that has not succeeded after this long fails (a FUSE read then
     /// returns EIO).
     pub timeout_ms: u64,
+    /// MiB of decompressed, verified frames kept in memory for reads that
+    /// come back to a frame (small files that share one); 0 turns it off.
+    pub frame_cache_mb: u64,
 }
 
 impl Default for FetchConfig {
@@ -78,6 +88,7 @@ impl Default for FetchConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             timeout_ms: 60_000,
+            frame_cache_mb: 32,
         }
     }
 }
@@ -96,6 +107,9 @@ impl FetchConfig {
         }
         if self.timeout_ms == 0 {
             return Err("fetch.timeout_ms must be more than 0".into());
+        }
+        if self.frame_cache_mb > 16 << 10 {
+            return Err("fetch.frame_cache_mb must be at most 16384".into());
         }
         Ok(())
     }
@@ -155,8 +169,10 @@ pub struct FetchStats {
     pub verify_failures: u64,
     /// Reads of a chunk that waited for a fetch already in flight.
     pub joined: u64,
-    /// Frames answered from the store.
+    /// Frames answered from the store (or the frame cache).
     pub store_hits: u64,
+    /// Of those, frames answered from the frame cache.
+    pub cache_hits: u64,
     /// Fetches that gave up.
     pub failures: u64,
 }
@@ -178,6 +194,7 @@ struct Counters {
     verify_failures: AtomicU64,
     joined: AtomicU64,
     store_hits: AtomicU64,
+    cache_hits: AtomicU64,
     failures: AtomicU64,
     demand_latency: Histogram,
     prefetch_latency: Histogram,
@@ -212,7 +229,22 @@ struct Inner {
     cfg: FetchConfig,
     sched: Arc<Scheduler>,
     inflight: Mutex<HashMap<ChunkId, Flight>>,
+    /// Verified frames reads were answered with (`frame_cache_mb`).
+    frames: Option<FrameCache>,
     n: Counters,
+}
+
+/// Decompressed, verified frames by chunk id, weighed in bytes.
+type FrameCache = quick_cache::sync::Cache<ChunkId, Bytes, FrameWeight>;
+
+#[derive(Clone)]
+struct FrameWeight;
+
+impl quick_cache::Weighter<ChunkId, Bytes> for FrameWeight {
+    fn weight(&self, _id: &ChunkId, data: &Bytes) -> u64 {
+        // An empty frame still costs its entry.
+        data.len().max(64) as u64
+    }
 }
 
 /// Cheap to clone; clones share flights, budget and counters.
@@ -224,6 +256,11 @@ pub struct Fetcher {
 impl Fetcher {
     pub fn new(client: Arc<Client>, store: Arc<Store>, cfg: FetchConfig) -> Fetcher {
         let sched = Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests);
+        let frames = (cfg.frame_cache_mb > 0).then(|| {
+            let bytes = cfg.frame_cache_mb << 20;
+            // Sized for frames of the default average (128 KiB).
+            FrameCache::with_weighter((bytes / (128 << 10)).max(16) as usize, bytes, FrameWeight)
+        });
         Fetcher {
             inner: Arc::new(Inner {
                 client,
@@ -231,6 +268,7 @@ impl Fetcher {
                 cfg,
                 sched,
                 inflight: Mutex::new(HashMap::new()),
+                frames,
                 n: Counters::default(),
             }),
         }
@@ -261,6 +299,7 @@ impl Fetcher {
             verify_failures: g(&n.verify_failures),
             joined: g(&n.joined),
             store_hits: g(&n.store_hits),
+            cache_hits: g(&n.cache_hits),
             failures: g(&n.failures),
         }
     }
@@ -392,19 +431,48 @@ impl Fetcher {
             return (Err(e), Duration::ZERO);
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let out: Vec<Option<Bytes>> = match self.local(ids.clone(), want_data).await {
-            Ok(out) => out,
-            Err(e) => return (Err(e), Duration::ZERO),
+        let n = &self.inner.n;
+        // Reads look in the frame cache first (prefetch and hydration only
+        // need frames stored, and do not fill it).
+        let cache = self.inner.frames.as_ref().filter(|_| want_data);
+        let mut out: Vec<Option<Bytes>> = match cache {
+            Some(c) => ids.iter().map(|id| c.get(id)).collect(),
+            None => vec![None; ids.len()],
         };
-        self.inner.n.store_hits.fetch_add(out.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
+        let cached = out.iter().filter(|o| o.is_some()).count() as u64;
+        n.cache_hits.fetch_add(cached, Ordering::Relaxed);
+        n.store_hits.fetch_add(cached, Ordering::Relaxed);
+        if cached < ids.len() as u64 {
+            let rest: Vec<ChunkId> = ids.iter().zip(&out).filter(|(_, o)| o.is_none()).map(|(id, _)| *id).collect();
+            let found = match self.local(rest, want_data).await {
+                Ok(found) => found,
+                Err(e) => return (Err(e), Duration::ZERO),
+            };
+            n.store_hits.fetch_add(found.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
+            let mut found = found.into_iter();
+            for (o, id) in out.iter_mut().zip(&ids) {
+                if o.is_none() {
+                    *o = found.next().expect("one answer per lookup");
+                    if let (Some(c), Some(data)) = (cache, o.as_ref()) {
+                        c.insert(*id, data.clone());
+                    }
+                }
+            }
+        }
         if out.iter().all(Option::is_some) {
             return (Ok(out.into_iter().flatten().collect()), Duration::ZERO);
         }
+        let fetched: Vec<bool> = out.iter().map(Option::is_none).collect();
         let waiting = Instant::now();
         let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
+        if let (Some(c), Ok(data)) = (cache, &result) {
+            for ((id, data), _) in ids.iter().zip(data).zip(&fetched).filter(|(_, &f)| f) {
+                c.insert(*id, data.clone());
+            }
+        }
         let waited = waiting.elapsed();
         if prio == Priority::Demand {
-            self.inner.n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
         (result, waited)
     }
