@@ -505,3 +505,33 @@ async fn the_frame_cache_answers_reads_that_come_back() {
         drop(s.registry);
     }
 }
+
+/// A frame that reads keep coming back to stays in the store under budget
+/// pressure, although the frame cache answers those reads: its hits reach
+/// the store's access times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_the_cache_answers_stay_hot_in_the_store() {
+    if !common::have_tools("frames_the_cache_answers_stay_hot_in_the_store", TOOLS) {
+        return;
+    }
+    let budget = 1 << 20;
+    let s = setup(test_config(), StoreConfig { budget_bytes: budget, evict_to: 0.9, ..StoreConfig::default() }).await;
+    let n = s.layer.frames.len();
+    let id = |f: usize| s.layer.index.frames().get(f).id;
+    let hot = s.fetcher.read(&s.remote, 0..1, Priority::Demand).await.unwrap();
+    check_frames(&hot, &s.layer.frames, 0);
+    s.fetcher.settled().await;
+    for f in 1..n {
+        let got = s.fetcher.read(&s.remote, 0..1, Priority::Demand).await.unwrap();
+        check_frames(&got, &s.layer.frames, 0);
+        let got = s.fetcher.read(&s.remote, f..f + 1, Priority::Demand).await.unwrap();
+        check_frames(&got, &s.layer.frames, f);
+        s.fetcher.settled().await;
+    }
+    let (f, st) = (s.fetcher.stats(), s.fetcher.store().stats());
+    assert_eq!(f.cache_hits, n as u64 - 1, "{f:?}");
+    assert!(st.evictions > 0, "{st:?}");
+    assert!(!s.fetcher.store().contains(&id(1)).unwrap(), "frame 1 should have been evicted: {st:?}");
+    assert!(s.fetcher.store().contains(&id(0)).unwrap(), "the hot frame was evicted: {st:?}");
+    drop(s.registry);
+}

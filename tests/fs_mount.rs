@@ -228,7 +228,9 @@ fn a_mounted_layer_equals_gnu_tars_unpack() {
 }
 
 fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
-    let mut s = serve(tar, FetchConfig::default(), 30_000);
+    // No frame cache: the warm reads below must go through the store's
+    // verified read (the cache has its own test in tests/fetcher.rs).
+    let mut s = serve(tar, FetchConfig { frame_cache_mb: 0, ..FetchConfig::default() }, 30_000);
     let files = regular_files(unpacked);
     assert!(files.len() >= 8, "{files:?}");
     // 16 readers of every file at once: on a cold store, then warm (chunks
@@ -260,6 +262,7 @@ fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
     let warm = s.fetcher.stats();
     assert_eq!(warm.requests(), st.requests(), "warm reads come from the store: {warm:?}");
     assert!(warm.store_hits > st.store_hits, "{warm:?}");
+    assert_eq!(warm.cache_hits, 0, "{warm:?}");
     // Then the whole tree, metadata and all.
     let mut checked = 0;
     compare(&s.mountpoint, unpacked, "", &mut checked);

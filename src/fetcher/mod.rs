@@ -231,7 +231,25 @@ struct Inner {
     inflight: Mutex<HashMap<ChunkId, Flight>>,
     /// Verified frames reads were answered with (`frame_cache_mb`).
     frames: Option<FrameCache>,
+    /// Chunks read from the frame cache whose access time the store has not
+    /// been told of yet: told in batches, off the runtime, so that the
+    /// store's LRU eviction still sees the hottest chunks as hot.
+    untouched: Mutex<Vec<ChunkId>>,
     n: Counters,
+}
+
+/// How many frame cache hits wait before their access times go to the store.
+const TOUCH_BATCH: usize = 256;
+
+/// Refresh access times of chunks the frame cache answered for; a failure
+/// only makes eviction less exact, so it is logged, not returned.
+fn touch_all(store: &Store, ids: &[ChunkId]) {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if let Err(e) = store.touch_all(&ids) {
+        tracing::warn!(error = %e, chunks = ids.len(), "recording frame cache hits in the store failed");
+    }
 }
 
 /// Decompressed, verified frames by chunk id, weighed in bytes.
@@ -269,6 +287,7 @@ impl Fetcher {
                 sched,
                 inflight: Mutex::new(HashMap::new()),
                 frames,
+                untouched: Mutex::new(Vec::new()),
                 n: Counters::default(),
             }),
         }
@@ -440,8 +459,11 @@ impl Fetcher {
             None => vec![None; ids.len()],
         };
         let cached = out.iter().filter(|o| o.is_some()).count() as u64;
-        n.cache_hits.fetch_add(cached, Ordering::Relaxed);
-        n.store_hits.fetch_add(cached, Ordering::Relaxed);
+        if cached > 0 {
+            n.cache_hits.fetch_add(cached, Ordering::Relaxed);
+            n.store_hits.fetch_add(cached, Ordering::Relaxed);
+            self.note_cache_hits(ids.iter().zip(&out).filter(|(_, o)| o.is_some()).map(|(id, _)| *id));
+        }
         if cached < ids.len() as u64 {
             let rest: Vec<ChunkId> = ids.iter().zip(&out).filter(|(_, o)| o.is_none()).map(|(id, _)| *id).collect();
             let found = match self.local(rest, want_data).await {
@@ -551,11 +573,29 @@ impl Fetcher {
         Ok(())
     }
 
+    /// Remember chunks read from the frame cache; once there are
+    /// [`TOUCH_BATCH`] of them, refresh their access times in the store off
+    /// the runtime. (A store lookup refreshes any pending ones sooner.)
+    fn note_cache_hits(&self, ids: impl Iterator<Item = ChunkId>) {
+        let batch = {
+            let mut pending = self.inner.untouched.lock().unwrap();
+            pending.extend(ids);
+            if pending.len() < TOUCH_BATCH {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || touch_all(&store, &batch));
+    }
+
     /// Look the chunks up in the store (verified there), off the runtime.
     /// Without `want_data`, only whether each is there.
     async fn local(&self, ids: Vec<ChunkId>, want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
         let store = self.inner.store.clone();
+        let pending = std::mem::take(&mut *self.inner.untouched.lock().unwrap());
         tokio::task::spawn_blocking(move || {
+            touch_all(&store, &pending);
             ids.iter()
                 .map(|id| match want_data {
                     true => store.get(id).map(|o| o.map(Bytes::from)),

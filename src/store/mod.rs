@@ -320,6 +320,13 @@ impl Store {
         }
     }
 
+    /// Record accesses of chunks read elsewhere (the fetcher's frame cache),
+    /// so eviction sees them as recently used. Chunks no longer stored are
+    /// skipped.
+    pub fn touch_all(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
+        ids.iter().try_for_each(|id| self.touch(id))
+    }
+
     /// Record an access. Without the WAL: losing a recent access time in a
     /// crash only makes eviction slightly less exact.
     fn touch(&self, id: &ChunkId) -> Result<(), StoreError> {
