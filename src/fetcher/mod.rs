@@ -20,12 +20,12 @@
 //!   the next source. A fetch gives up after `attempts` tries per source or
 //!   `timeout_ms` overall, with an error naming the registry, repository,
 //!   blob and chunk.
-//!
-//! - **Frame cache**: the last `frame_cache_mb` of frames that reads were
+//! - **Frame cache**: up to `frame_cache_mb` of the frames that reads were
 //!   answered with stay in memory, decompressed and verified. Small files
 //!   share frames (a 128 KiB frame holds dozens of Python modules), and the
 //!   kernel reads each file on its own: without it, every one of those reads
 //!   would fetch, decompress and hash the whole frame from the store again.
+//!   Hits refresh the chunks' access times in the store, in batches.
 //!
 //! Nothing leaves this module unverified: every frame is decompressed and
 //! hashed before anyone sees it ([`VerifiedChunk::verify`]), store hits are
