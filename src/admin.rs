@@ -152,6 +152,7 @@ impl Admin for AdminService {
             prefetch_bytes: p.bytes.load(Relaxed),
             prefetch_errors: p.errors.load(Relaxed),
             trace_sessions: self.snap.recorder().map_or(0, |r| r.stats.sessions.load(Relaxed)),
+            frame_cache_hits: f.cache_hits,
         }))
     }
 

@@ -456,11 +456,13 @@ fn traced_start_prefetches_everything_it_reads() {
     assert_eq!(metric(&text, "hyperbox_fetch_request_seconds_count{priority=\"demand\"}"), Some(demand), "{text}");
     assert!(metric(&text, "hyperbox_fuse_op_seconds_count{op=\"read\"}").unwrap() > 0.0, "{text}");
     assert!(metric(&text, "hyperbox_fuse_op_seconds_count{op=\"lookup\"}").unwrap() > 0.0, "{text}");
+    let cache_hits = metric(&text, "hyperbox_frame_cache_hits_total").unwrap();
     assert!(metric(&text, "hyperbox_snapshot_operations_total{call=\"prepare\"}").unwrap() > 0.0, "{text}");
     // The same through the admin API: hyperbox stats and layers.
     let admin = |cmd: &str| run(hyperbox().args([cmd, "--address"]).arg(&socket));
     let out = admin("stats");
     assert!(out.contains(&format!("{untraced_requests} demand + 0 prefetch range requests")), "{out}");
+    assert!(out.contains(&format!("cache      {cache_hits} reads of a frame")), "{out}");
     let out = admin("layers");
     assert!(out.contains("3 layer(s) mounted") && out.contains("/traced "), "{out}");
     assert!(out.lines().any(|l| l.contains("/traced") && !l.ends_with("100.0%")), "only part was read:\n{out}");
