@@ -49,44 +49,19 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
-loglines() { wc -l < "$WORK/registry.log"; }
-served() { tail -n +"$(($1 + 1))" "$WORK/registry.log" | python3 -c '
-import re, sys
-print(sum(int(m.group(2)) for l in sys.stdin if "/blobs/" in l and "\"GET " in l
-          for m in [re.search(r"HTTP/1.1\" (2\d\d) (\d+)", l)] if m))'; }
+# shellcheck source=scripts/lab.sh
+. "$HERE/../scripts/lab.sh"
 
 # ---- registry, containerd ----
-REG=127.0.0.1:$(free_port)
-cat > "$WORK/registry.yml" <<YML
-version: 0.1
-log: { level: warn, accesslog: { disabled: false } }
-storage: { filesystem: { rootdirectory: $WORK/registry } }
-http: { addr: $REG }
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 & PIDS+=($!)
+start_registry
 HBSOCK=$WORK/hyperbox.sock
 HBROOT=$WORK/hyperbox
 printf 'version = 1\n[trace]\nidle_secs = 3\n' > "$WORK/hyperbox.toml"
 printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nfuse_read_ahead_kb = 128\n' > "$WORK/hyperbox-ra128.toml"
-SOCK=$WORK/containerd.sock
-cat > "$WORK/containerd.toml" <<TOML
-version = 2
-root = "$WORK/containerd/root"
-state = "$WORK/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$SOCK"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$WORK/containerd/opt"
-[proxy_plugins.hyperbox]
-  type = "snapshot"
-  address = "$HBSOCK"
-TOML
-containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 & PIDS+=($!)
+start_containerd "$HBSOCK"
 ctr_() { ctr --address "$SOCK" "$@"; }
-until curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && ctr_ version >/dev/null 2>&1; do sleep 0.1; done
+wait_ready
 
 hb_start() {
   "$BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &

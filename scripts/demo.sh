@@ -24,51 +24,18 @@ trap cleanup EXIT
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
-# Bytes the registry sent for blob GETs since log line $1.
-served() { tail -n +"$(($1 + 1))" "$WORK/registry.log" | python3 -c '
-import re, sys
-print(sum(int(m.group(2)) for l in sys.stdin if "/blobs/" in l and "\"GET " in l
-          for m in [re.search(r"HTTP/1.1\" (2\d\d) (\d+)", l)] if m))'; }
-loglines() { wc -l < "$WORK/registry.log"; }
+# shellcheck source=scripts/lab.sh
+. "$(dirname "$0")/lab.sh"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port)
-REG=127.0.0.1:$PORT
-
-step "starting docker-registry on $REG and containerd in $WORK"
-cat > "$WORK/registry.yml" <<YML
-version: 0.1
-log: { level: warn, accesslog: { disabled: false } }
-storage: { filesystem: { rootdirectory: $WORK/registry } }
-http: { addr: $REG }
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
-PIDS+=($!)
+start_registry
+step "started docker-registry on $REG; starting hyperboxd and containerd in $WORK"
 HBSOCK=$WORK/hyperbox.sock
 printf 'version = 1\n' > "$WORK/hyperbox.toml"
 "$HYPERBOXD" --root "$WORK/hyperbox" --address "$HBSOCK" --config "$WORK/hyperbox.toml" > "$WORK/hyperboxd.log" 2>&1 &
 PIDS+=($!)
-SOCK=$WORK/containerd.sock
-cat > "$WORK/containerd.toml" <<TOML
-version = 2
-root = "$WORK/containerd/root"
-state = "$WORK/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$SOCK"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$WORK/containerd/opt"
-[proxy_plugins.hyperbox]
-  type = "snapshot"
-  address = "$HBSOCK"
-TOML
-containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
-PIDS+=($!)
+start_containerd "$HBSOCK"
 CTR=(ctr --address "$SOCK" --namespace demo)
-for _ in $(seq 100); do
-  curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && "${CTR[@]}" version >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready
 
 step "building a sample OCI image: busybox plus 64 MiB of application data"
 ROOT=$WORK/rootfs
