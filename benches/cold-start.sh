@@ -76,22 +76,9 @@ hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # ---- the image: the ordinary gzip one, and its HyperBox conversion ----
-OCI=$WORK/oci; mkdir -p "$OCI/blobs/sha256"
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "$OCI/blobs/sha256/$d"; echo "$d"; }
-tar --numeric-owner --xattrs -C "$DIR/rootfs" -cf "$WORK/layer.tar" .
-DIFF_ID=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); TAR_SIZE=$(stat -c %s "$WORK/layer.tar")
-gzip -6 -c "$WORK/layer.tar" > "$WORK/layer.gz"; rm "$WORK/layer.tar"
-LSIZE=$(stat -c %s "$WORK/layer.gz"); LAYER=$(blob "$WORK/layer.gz")
-CMD='["python3","-c","import numpy; print(round(numpy.linalg.det(numpy.eye(4) * 2)))"]'
-printf '{"architecture":"%s","os":"linux","config":{"Cmd":%s,"Env":["PATH=/usr/bin:/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-  "$(dpkg --print-architecture)" "$CMD" "$DIFF_ID" > "$WORK/c.json"
-CSIZE=$(stat -c %s "$WORK/c.json"); CONFIG=$(blob "$WORK/c.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' \
-  "$CONFIG" "$CSIZE" "$LAYER" "$LSIZE" > "$WORK/m.json"
-MSIZE=$(stat -c %s "$WORK/m.json"); MANIFEST=$(blob "$WORK/m.json")
-echo '{"imageLayoutVersion":"1.0.0"}' > "$OCI/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"src"}}]}' \
-  "$MANIFEST" "$MSIZE" > "$OCI/index.json"
+TAR_FLAGS=(--numeric-owner --xattrs)
+oci_image "$DIR/rootfs" '["python3","-c","import numpy; print(round(numpy.linalg.det(numpy.eye(4) * 2)))"]' \
+  '["PATH=/usr/bin:/bin"]' src
 # The ordinary image, pushed as it is (distribution's two-step upload).
 push_blob() {
   local loc sep

@@ -21,27 +21,16 @@ fi
 rm -f "$DIR"/rootfs/var/cache/apt/archives/*.deb
 
 WORK=$(mktemp -d /tmp/hb-convert-bench.XXXXXX)
-PID=
-trap '[ -n "$PID" ] && kill $PID 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-REG=127.0.0.1:$PORT
-printf 'version: 0.1\nlog: { level: warn }\nstorage: { filesystem: { rootdirectory: %s/registry } }\nhttp: { addr: %s }\n' "$WORK" "$REG" > "$WORK/registry.yml"
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 & PID=$!
-until curl -fsS "http://$REG/v2/" >/dev/null 2>&1; do sleep 0.1; done
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$WORK"' EXIT
+# shellcheck source=scripts/lab.sh
+. "$(dirname "$0")/../scripts/lab.sh"
+start_registry
+wait_registry
 
 # The source image: one gzip layer, as `docker build` would push it.
-OCI=$WORK/oci; mkdir -p "$OCI/blobs/sha256"
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "$OCI/blobs/sha256/$d"; echo "$d"; }
-tar --numeric-owner --xattrs -C "$DIR/rootfs" -cf "$WORK/layer.tar" .
-DIFF_ID=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); TAR_SIZE=$(stat -c %s "$WORK/layer.tar")
-gzip -6 -c "$WORK/layer.tar" > "$WORK/layer.gz"; rm "$WORK/layer.tar"
-LSIZE=$(stat -c %s "$WORK/layer.gz"); LAYER=$(blob "$WORK/layer.gz")
-printf '{"architecture":"%s","os":"linux","config":{"Cmd":["python3"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$(dpkg --print-architecture)" "$DIFF_ID" > "$WORK/c.json"
-CSIZE=$(stat -c %s "$WORK/c.json"); CONFIG=$(blob "$WORK/c.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' "$CONFIG" "$CSIZE" "$LAYER" "$LSIZE" > "$WORK/m.json"
-MSIZE=$(stat -c %s "$WORK/m.json"); MANIFEST=$(blob "$WORK/m.json")
-echo '{"imageLayoutVersion":"1.0.0"}' > "$OCI/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"src"}}]}' "$MANIFEST" "$MSIZE" > "$OCI/index.json"
+TAR_FLAGS=(--numeric-owner --xattrs)
+oci_image "$DIR/rootfs" '["python3"]' '[]' src
 echo "image: $(numfmt --to=iec "$TAR_SIZE") tar, $(numfmt --to=iec "$LSIZE") gzip"
 
 for i in $(seq "$RUNS"); do

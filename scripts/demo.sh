@@ -45,24 +45,9 @@ for a in sh cat echo ls wc head sha256sum; do ln -s busybox "$ROOT/bin/$a"; done
 echo 'root:x:0:0:root:/root:/bin/sh' > "$ROOT/etc/passwd"
 echo 'Hello from a HyperBox image!' > "$ROOT/app/greeting.txt"
 head -c $((64 << 20)) /dev/urandom > "$ROOT/app/model.bin"
-OCI=$WORK/oci
-mkdir -p "$OCI/blobs/sha256"
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "$OCI/blobs/sha256/$d"; echo "$d"; }
-tar --sort=name --mtime=@1700000000 --owner=0 --group=0 --numeric-owner -C "$ROOT" -cf "$WORK/layer.tar" .
-DIFF_ID=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1)
-gzip -1 -c "$WORK/layer.tar" > "$WORK/layer.tar.gz"
-LAYER_SIZE=$(stat -c %s "$WORK/layer.tar.gz"); LAYER=$(blob "$WORK/layer.tar.gz")
-ARCH=$(dpkg --print-architecture)
-printf '{"architecture":"%s","os":"linux","config":{"Cmd":["cat","/app/greeting.txt"],"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-  "$ARCH" "$DIFF_ID" > "$WORK/config.json"
-CONFIG_SIZE=$(stat -c %s "$WORK/config.json"); CONFIG=$(blob "$WORK/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' \
-  "$CONFIG" "$CONFIG_SIZE" "$LAYER" "$LAYER_SIZE" > "$WORK/manifest.json"
-MANIFEST_SIZE=$(stat -c %s "$WORK/manifest.json"); MANIFEST=$(blob "$WORK/manifest.json")
-echo '{"imageLayoutVersion":"1.0.0"}' > "$OCI/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' \
-  "$MANIFEST" "$MANIFEST_SIZE" > "$OCI/index.json"
-echo "image oci:$OCI:v1 (layer $(numfmt --to=iec "$LAYER_SIZE") gzip)"
+TAR_FLAGS=(--sort=name --mtime=@1700000000 --owner=0 --group=0 --numeric-owner)
+GZIP_LEVEL=1 oci_image "$ROOT" '["cat","/app/greeting.txt"]' '["PATH=/bin"]' v1
+echo "image oci:$OCI:v1 (layer $(numfmt --to=iec "$LSIZE") gzip)"
 
 step "hyperbox convert oci:$OCI:v1 $REG/demo:hyperbox"
 "$HYPERBOX" convert --plain-http "oci:$OCI:v1" "$REG/demo:hyperbox"
