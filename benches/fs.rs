@@ -91,11 +91,7 @@ fn read_all(path: &Path, buf: &mut [u8]) -> u64 {
 /// Drop `path`'s pages from the page cache and read it back in, into pages
 /// the kernel places anew (a FUSE file's come back from the store).
 fn refill(path: &Path, buf: &mut [u8]) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    // SAFETY: a plain syscall on an fd this function owns.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise on {}", path.display());
+    common::drop_page_cache(path);
     read_all(path, buf);
 }
 

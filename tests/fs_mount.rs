@@ -254,9 +254,7 @@ fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
     assert!(st.joined > 0 || st.requests() < 16, "readers of the same chunks share fetches: {st:?}");
     s.rt.block_on(s.fetcher.settled());
     for f in &files {
-        let file = std::fs::File::open(s.mountpoint.join(f)).unwrap();
-        // SAFETY: a valid fd; drops the file's cached pages so reads reach the filesystem.
-        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        common::drop_page_cache(&s.mountpoint.join(f));
     }
     sixteen_readers("warm");
     let warm = s.fetcher.stats();
@@ -314,10 +312,7 @@ fn a_stalled_registry_stalls_only_reads_that_need_it_and_a_dead_one_gives_eio() 
     });
     std::thread::sleep(Duration::from_millis(100));
     // While that read waits on the registry: metadata and local data answer.
-    let f = std::fs::File::open(&warm).unwrap();
-    // SAFETY: a valid fd; drops this file's cached pages, so the read below reaches the filesystem.
-    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    drop(f);
+    common::drop_page_cache(&warm);
     assert_eq!(std::fs::read_dir(s.mountpoint.join("d")).unwrap().count(), 2);
     assert!(std::fs::read(&warm).unwrap() == want);
     assert!(!reader.is_finished(), "the cold read should still be waiting on the stalled registry");

@@ -458,43 +458,40 @@ impl Fetcher {
             Some(c) => ids.iter().map(|id| c.get(id)).collect(),
             None => vec![None; ids.len()],
         };
-        let cached = out.iter().filter(|o| o.is_some()).count() as u64;
-        if cached > 0 {
-            n.cache_hits.fetch_add(cached, Ordering::Relaxed);
-            n.store_hits.fetch_add(cached, Ordering::Relaxed);
-            self.note_cache_hits(ids.iter().zip(&out).filter(|(_, o)| o.is_some()).map(|(id, _)| *id));
+        let cached: Vec<bool> = out.iter().map(Option::is_some).collect();
+        let hits = cached.iter().filter(|&&c| c).count();
+        if hits > 0 {
+            n.cache_hits.fetch_add(hits as u64, Ordering::Relaxed);
+            n.store_hits.fetch_add(hits as u64, Ordering::Relaxed);
+            self.note_cache_hits(ids.iter().zip(&cached).filter(|(_, &c)| c).map(|(id, _)| *id));
         }
-        if cached < ids.len() as u64 {
-            let rest: Vec<ChunkId> = ids.iter().zip(&out).filter(|(_, o)| o.is_none()).map(|(id, _)| *id).collect();
+        if hits < ids.len() {
+            let rest: Vec<ChunkId> = ids.iter().zip(&cached).filter(|(_, &c)| !c).map(|(id, _)| *id).collect();
             let found = match self.local(rest, want_data).await {
                 Ok(found) => found,
                 Err(e) => return (Err(e), Duration::ZERO),
             };
             n.store_hits.fetch_add(found.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
-            let mut found = found.into_iter();
-            for (o, id) in out.iter_mut().zip(&ids) {
-                if o.is_none() {
-                    *o = found.next().expect("one answer per lookup");
-                    if let (Some(c), Some(data)) = (cache, o.as_ref()) {
-                        c.insert(*id, data.clone());
-                    }
-                }
+            for (o, f) in out.iter_mut().filter(|o| o.is_none()).zip(found) {
+                *o = f;
             }
         }
-        if out.iter().all(Option::is_some) {
-            return (Ok(out.into_iter().flatten().collect()), Duration::ZERO);
-        }
-        let fetched: Vec<bool> = out.iter().map(Option::is_none).collect();
-        let waiting = Instant::now();
-        let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
+        let (result, waited) = if out.iter().all(Option::is_some) {
+            (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
+        } else {
+            let waiting = Instant::now();
+            let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
+            let waited = waiting.elapsed();
+            if prio == Priority::Demand {
+                n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            }
+            (result, waited)
+        };
+        // What the cache did not hold, from the store or the registry, goes in.
         if let (Some(c), Ok(data)) = (cache, &result) {
-            for ((id, data), _) in ids.iter().zip(data).zip(&fetched).filter(|(_, &f)| f) {
+            for ((id, data), _) in ids.iter().zip(data).zip(&cached).filter(|(_, &c)| !c) {
                 c.insert(*id, data.clone());
             }
-        }
-        let waited = waiting.elapsed();
-        if prio == Priority::Demand {
-            n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
         (result, waited)
     }

@@ -638,3 +638,13 @@ pub fn tar_dir(dir: &Path) -> Vec<u8> {
     assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
+
+/// Drop `path`'s pages from the page cache, so the next read reaches its
+/// filesystem (through FUSE: hyperboxd).
+pub fn drop_page_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a plain syscall on an fd this function owns.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise on {}", path.display());
+}
