@@ -16,6 +16,10 @@
 #                                            with the kernel's 128 KiB
 #                                            read-ahead (docs/tuning.md)
 #   OUT=docs/cold-start                      writes OUT.csv and OUT.svg
+#   ALT_BIN=DIR                              another build's hyperbox and
+#                                            hyperboxd, for modes lazy@alt and
+#                                            traced@alt: before/after figures
+#                                            side by side in one run
 #
 # The link is benches/slowlink.py, a user-space proxy between the clients
 # and the registry (this kernel has no netem). Needs root, containerd, runc,
@@ -63,8 +67,9 @@ start_containerd "$HBSOCK"
 ctr_() { ctr --address "$SOCK" "$@"; }
 wait_ready
 
+HBD_BIN=$BIN   # whose hyperboxd hb_start runs
 hb_start() {
-  "$BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &
+  "$HBD_BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &
   HBPID=$!
   until [ -S "$HBSOCK" ]; do sleep 0.05; done
   # containerd redials a restarted proxy with backoff: wait until it answers.
@@ -107,35 +112,39 @@ for prof in $PROFILES; do
   label="${rate} Mbit/s, ${delay} ms"
   for i in $(seq "$RUNS"); do
     for mode in $MODES; do
-      ns="b-$mode"
+      # MODE@alt: the same start with ALT_BIN's binaries.
+      base=${mode%@alt}; B=$BIN
+      if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
+      ns="b-${mode/@/-}"
       # Every image of the namespace (a previous link's proxy had another port).
       ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
-      if [ "$mode" != overlayfs ]; then
-        hb_stop; rm -rf "$HBROOT"
-        if [ "$mode" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
-        [ "$mode" = traced ] && "$BIN/hyperbox" trace --address "$HBSOCK" import "$WORK/trace.json" >/dev/null
+      if [ "$base" != overlayfs ]; then
+        hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
+        if [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
+        [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace.json" >/dev/null
       fi
       cold
       mark=$(loglines); t0=$(now)
-      if [ "$mode" = overlayfs ]; then
+      if [ "$base" = overlayfs ]; then
         ctr_ -n "$ns" image pull --plain-http "$VIA/python:gzip" >/dev/null
         out=$(ctr_ -n "$ns" run --rm "$VIA/python:gzip" "c$i")
       else
-        "$BIN/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null 2>&1
+        "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null 2>&1
         out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/python:hyperbox" "c$i")
       fi
       t1=$(now)
       bytes=$(served "$mark")
       [ "$out" = "$EXPECT" ] || { echo "cold-start: $mode printed '$out', expected '$EXPECT'"; exit 1; }
       p=; r=
-      if [ "$mode" != overlayfs ]; then
+      if [ "$base" != overlayfs ]; then
         # Let the start's trace be recorded (idle_secs), then keep it.
-        until "$BIN/hyperbox" trace --address "$HBSOCK" export "$VIA/python:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
-              python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$mode' == 'traced' else 1) else 1)"; do
+        until "$B/hyperbox" trace --address "$HBSOCK" export "$VIA/python:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
+              python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$base' == 'traced' else 1) else 1)"; do
           sleep 0.5
         done
+        # Traced starts (both builds) import this build's latest lazy trace.
         if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace.json"; fi
-        if [ "$mode" = traced ]; then
+        if [ "$base" = traced ]; then
           read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
         fi
       fi

@@ -1,36 +1,52 @@
 //! HyperBox: a lazy-loading remote snapshotter for containerd.
 //!
-//! Modules, and the one direction data and imports flow in (a module uses
-//! only those on its left, plus the leaves):
+//! The layering. A module imports only modules on the rows below its own
+//! (never one on its own row); the library never imports a client; nothing
+//! imports the daemon. `tests/layering.rs` reads this map and fails on any
+//! `crate::` path in the code that goes against it, so the map stays true.
 //!
-//! ```text
-//! registry, store ─▶ fetcher ─▶ mount ◀─ fs ;  mount ─▶ snapshotter ─▶ (containerd)
-//! side paths: mount ─▶ trace ─▶ {store, fetcher} ; prefetch ─▶ {trace, fetcher} ; snapshotter ─▶ prefetch
-//! leaves:     digest, format, config
-//! fs knows nothing of FUSE; `mount` serves an fs tree through the fuse/ crate
-//! convert ─▶ {format, digest, registry}   (the `hyperbox convert` side)
+//! ```text layering
+//! daemon                          : the node: owns the parts; Snapshots and admin gRPC, /metrics
+//! snapshotter config              : containerd semantics, remote layers | the config file
+//! mount prefetch                  : a layer tree served through FUSE | predict and warm chunks
+//! trace                           : record first reads; traces in the store and the registry
+//! fetcher                         : the read path: store, else registry, verified
+//! layer registry store fs         : a remote layer | OCI distribution | RocksDB | layer trees
+//! testing                         : layers built in memory, for tests and benches
+//! oci format                      : OCI vocabulary | the layer format and frame codec
+//! digest labels metrics admin     : leaves: digests | containerd labels | metric names | admin API types
+//! ---
+//! inspect                         : `hyperbox inspect`
+//! convert pull doctor             : image conversion | `hyperbox pull` | node checks
 //! ```
 //!
-//! Only `registry` names the HTTP client, only `store` names RocksDB, and
-//! only `format` knows zstd's frame layout. The fetcher is the read path:
-//! it asks the store first and fills it from the registry, so the store
-//! stays a plain database (nydus' cache over its backend). See
+//! Only `store` names RocksDB, only `registry` names the HTTP client, and
+//! only the fuse/ crate names the FUSE library (`mount` serves through it).
+//! The fetcher is the read path: it asks the store first and fills it from
+//! the registry, so the store stays a plain database (nydus' cache over its
+//! backend). `testing` builds layers in memory for the tests and benches.
+//! The binaries (`src/bin`) use the daemon and the clients. See
 //! docs/architecture.md.
 
 pub mod admin;
 pub mod config;
 pub mod convert;
+pub mod daemon;
 pub mod digest;
 pub mod doctor;
 pub mod fetcher;
 pub mod format;
 pub mod fs;
 pub mod inspect;
+pub mod labels;
+pub mod layer;
 pub mod metrics;
 pub mod mount;
+pub mod oci;
 pub mod prefetch;
 pub mod pull;
 pub mod registry;
 pub mod snapshotter;
 pub mod store;
+pub mod testing;
 pub mod trace;

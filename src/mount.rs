@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
 
-use crate::fetcher::{Fetcher, Priority, RemoteLayer};
+use crate::fetcher::{Fetcher, Priority};
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
+use crate::layer::RemoteLayer;
 use crate::metrics::{Histogram, HistogramSnapshot};
 pub use crate::trace::{ChunkAccess, TraceHook};
 

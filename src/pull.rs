@@ -26,11 +26,11 @@ use futures_util::StreamExt;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use tonic::transport::Channel;
 
-use crate::convert::is_index;
 use crate::digest::Digest;
 use crate::format::{ANNOTATION_PREFIX, ANN_VERSION};
-use crate::registry::{Client, Reference};
-use crate::snapshotter::{LABEL_HYDRATE, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET};
+use crate::labels;
+use crate::oci::{self, Reference};
+use crate::registry::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -38,10 +38,15 @@ pub enum PullError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("{what}: {problem}")]
     Image { what: String, problem: String },
-    #[error("cannot connect to containerd at {path}: {error}")]
-    Connect { path: String, error: String },
-    #[error("containerd {what}: {status}")]
-    Containerd { what: String, status: String },
+    // The transport error's Display is only "transport error": show its cause.
+    #[error("cannot connect to containerd at {path}: {source:?}")]
+    Connect { path: String, source: tonic::transport::Error },
+    #[error("containerd {what}: {}: {}", code_name(.status.code()), .status.message())]
+    Containerd {
+        what: String,
+        #[source]
+        status: tonic::Status,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -54,7 +59,7 @@ fn image_err(what: impl Into<String>, problem: impl ToString) -> PullError {
 
 fn ctr_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> PullError {
     let what = what.into();
-    move |s| PullError::Containerd { what, status: format!("{}: {}", code_name(s.code()), s.message()) }
+    move |status| PullError::Containerd { what, status }
 }
 
 fn code_name(c: tonic::Code) -> &'static str {
@@ -226,47 +231,8 @@ fn file_chunks(
     }))
 }
 
-/// The OCI chain ids of a layer stack: `chain[0] = diff[0]`,
-/// `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => Digest::of(format!("{prev} {d}").as_bytes()).to_string(),
-        };
-        out.push(next);
-    }
-    out
-}
-
-/// RFC 3339 (UTC, seconds) for a lease's `containerd.io/gc.expire`.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 fn unix_nanos() -> u128 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
-}
-
-fn platform_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 /// The image's root manifest and, for an index, this platform's manifest:
@@ -277,17 +243,17 @@ pub async fn resolve(
 ) -> Result<(Option<crate::registry::Manifest>, crate::registry::Manifest)> {
     let root = registry.get_manifest(&r.repo, &r.target()).await?;
     // An index: pick this machine's platform, keep the index as the image's target.
-    Ok(if is_index(&root.media_type) {
+    Ok(if oci::is_index(&root.media_type) {
         let idx = ImageIndex::from_reader(&root.bytes[..]).map_err(|e| image_err("image index", e))?;
         let want = idx
             .manifests()
             .iter()
             .find(|d| {
-                d.platform()
-                    .as_ref()
-                    .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == platform_arch())
+                d.platform().as_ref().is_some_and(|p| {
+                    p.os().to_string() == "linux" && p.architecture().to_string() == oci::platform_arch()
+                })
             })
-            .ok_or_else(|| image_err("image index", format!("no manifest for linux/{}", platform_arch())))?;
+            .ok_or_else(|| image_err("image index", format!("no manifest for linux/{}", oci::platform_arch())))?;
         let m = registry.get_manifest(&r.repo, want.digest().as_ref()).await?;
         (Some(root), m)
     } else {
@@ -316,19 +282,19 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
             format!("{} layers but {} diff_ids in the config", m.layers().len(), diff_ids.len()),
         ));
     }
-    let chain = chain_ids(&diff_ids);
+    let chain = oci::chain_ids(&diff_ids);
     let pinned = format!("{}/{}@{}", r.repo.registry, r.repo.name, manifest.digest);
 
     let channel = containerd_client::connect(&opts.address)
         .await
-        .map_err(|e| PullError::Connect { path: opts.address.display().to_string(), error: format!("{e:?}") })?;
+        .map_err(|source| PullError::Connect { path: opts.address.display().to_string(), source })?;
     let mut ctr = Ctr { channel: channel.clone(), namespace: opts.namespace.clone(), lease: None };
     // Everything written holds to this lease until the image record does;
     // should this process die, the lease expires and GC takes it all.
     let lease_id = format!("hyperbox-pull-{}", unix_nanos());
     // 24 hours, as containerd's own client: long enough for a slow pull of
     // layers that are not lazy.
-    let expire = rfc3339(SystemTime::now() + Duration::from_secs(24 * 3600));
+    let expire = oci::rfc3339(SystemTime::now() + Duration::from_secs(24 * 3600));
     LeasesClient::new(channel.clone())
         .create(ctr.req(CreateLeaseRequest {
             id: lease_id.clone(),
@@ -390,11 +356,11 @@ async fn pull_with_lease(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let hyperbox = labels.contains_key(ANN_VERSION);
-        labels.insert(LABEL_TARGET.into(), chain[i].clone());
-        labels.insert(LABEL_IMAGE_REF.into(), pinned.to_string());
-        labels.insert(LABEL_LAYER_DIGEST.into(), layer.digest().to_string());
+        labels.insert(labels::TARGET.into(), chain[i].clone());
+        labels.insert(labels::IMAGE_REF.into(), pinned.to_string());
+        labels.insert(labels::LAYER_DIGEST.into(), layer.digest().to_string());
         if opts.hydrate && hyperbox {
-            labels.insert(LABEL_HYDRATE.into(), "true".into());
+            labels.insert(labels::HYDRATE.into(), "true".into());
         }
         let prepared = snapshots
             .prepare(ctr.req(PrepareSnapshotRequest {
@@ -482,7 +448,7 @@ async fn pull_with_lease(
         manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest().to_string());
     }
     let manifest_desc = Descriptor {
-        media_type: media_type_or(&manifest.media_type, "application/vnd.oci.image.manifest.v1+json"),
+        media_type: media_type_or(&manifest.media_type, oci::MEDIA_TYPE_MANIFEST),
         digest: manifest.digest.to_string(),
         size: manifest.bytes.len() as i64,
         annotations: HashMap::new(),
@@ -499,7 +465,7 @@ async fn pull_with_lease(
         Some(idx) => {
             let labels = HashMap::from([("containerd.io/gc.ref.content.m.0".to_string(), manifest.digest.to_string())]);
             let desc = Descriptor {
-                media_type: media_type_or(&idx.media_type, "application/vnd.oci.image.index.v1+json"),
+                media_type: media_type_or(&idx.media_type, oci::MEDIA_TYPE_INDEX),
                 digest: idx.digest.to_string(),
                 size: idx.bytes.len() as i64,
                 annotations: HashMap::new(),
@@ -532,26 +498,5 @@ fn media_type_or(mt: &str, default: &str) -> String {
         default.to_string()
     } else {
         mt.to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_oci_definition() {
-        let d = ["sha256:aa".to_string(), "sha256:bb".to_string(), "sha256:cc".to_string()];
-        let c = chain_ids(&d);
-        assert_eq!(c[0], "sha256:aa");
-        assert_eq!(c[1], Digest::of(b"sha256:aa sha256:bb").to_string());
-        assert_eq!(c[2], Digest::of(format!("{} sha256:cc", c[1]).as_bytes()).to_string());
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_365_296)), "2026-11-22T16:34:56Z");
     }
 }

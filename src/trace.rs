@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{ChunkId, Digest};
-use crate::fetcher::RemoteLayer;
+use crate::layer::RemoteLayer;
 use crate::store::{Family, Store, StoreError};
 
 /// The layout version of a trace; others are refused with a clear error.
@@ -46,7 +46,7 @@ pub enum TraceError {
     #[error("not a HyperBox trace: {0}")]
     Invalid(String),
     #[error("trace in the registry: {0}")]
-    Registry(String),
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// The `[trace]` section of the config file.
@@ -608,13 +608,13 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
 }
 
 /// Which file's data a tar offset falls in, for one layer.
-struct FileMap {
+pub(crate) struct FileMap {
     /// (data start, data end, entry number), by start.
     spans: Vec<(u64, u64, usize)>,
 }
 
 impl FileMap {
-    fn new(layer: &RemoteLayer) -> FileMap {
+    pub(crate) fn new(layer: &RemoteLayer) -> FileMap {
         let mut spans: Vec<(u64, u64, usize)> = layer
             .index
             .entries()
@@ -630,7 +630,7 @@ impl FileMap {
     /// The first file whose data lies in the frame `[tar, frame_end)`, and
     /// the offset of `tar` in its stored data (0 if the frame starts before
     /// it); "" if no file's data is in the frame.
-    fn at(&self, layer: &RemoteLayer, tar: u64, frame_end: u64) -> (String, u64) {
+    pub(crate) fn at(&self, layer: &RemoteLayer, tar: u64, frame_end: u64) -> (String, u64) {
         let k = self.spans.partition_point(|&(_, end, _)| end <= tar);
         match self.spans.get(k) {
             Some(&(start, _, i)) if start < frame_end => {
@@ -639,70 +639,6 @@ impl FileMap {
             }
             _ => (String::new(), 0),
         }
-    }
-}
-
-/// Where a trace entry's chunk is among `layers` (layer position, frame):
-/// the same layer and frame if present, else any frame with the same chunk
-/// digest, else the same bytes of a file at the same path (the topmost
-/// layer that has it). None if the image has nothing like it.
-pub struct Resolver<'a> {
-    layers: &'a [Arc<RemoteLayer>],
-    by_blob: HashMap<&'a Digest, usize>,
-    by_chunk: Option<HashMap<ChunkId, (usize, usize)>>,
-    by_path: Option<HashMap<&'a [u8], (usize, usize)>>,
-}
-
-impl<'a> Resolver<'a> {
-    pub fn new(layers: &'a [Arc<RemoteLayer>]) -> Resolver<'a> {
-        let by_blob = layers.iter().enumerate().map(|(i, l)| (&l.blob, i)).collect();
-        Resolver { layers, by_blob, by_chunk: None, by_path: None }
-    }
-
-    /// Frames of `layers[i]` for the entry (a path match can span several).
-    pub fn resolve(&mut self, e: &TraceEntry) -> Option<(usize, Vec<usize>)> {
-        if let Some(&i) = self.by_blob.get(&e.layer) {
-            let frames = self.layers[i].index.frames();
-            if (e.frame as usize) < frames.len() && frames.get(e.frame as usize).id == e.chunk {
-                return Some((i, vec![e.frame as usize]));
-            }
-        }
-        let layers = self.layers;
-        let by_chunk = self.by_chunk.get_or_insert_with(|| {
-            let mut m = HashMap::new();
-            for (i, l) in layers.iter().enumerate() {
-                for (f, frame) in l.index.frames().iter().enumerate() {
-                    m.entry(frame.id).or_insert((i, f));
-                }
-            }
-            m
-        });
-        if let Some(&(i, f)) = by_chunk.get(&e.chunk) {
-            return Some((i, vec![f]));
-        }
-        if e.path.is_empty() {
-            return None;
-        }
-        let by_path = self.by_path.get_or_insert_with(|| {
-            let mut m = HashMap::new();
-            // Layers are bottom first: a later (upper) one wins.
-            for (i, l) in layers.iter().enumerate() {
-                for (k, entry) in l.index.entries().iter().enumerate() {
-                    if entry.data_len() > 0 {
-                        m.insert(entry.path.as_slice(), (i, k));
-                    }
-                }
-            }
-            m
-        });
-        let &(i, k) = by_path.get(e.path.as_bytes())?;
-        let entry = &layers[i].index.entries()[k];
-        if e.offset >= entry.data_len() {
-            return None;
-        }
-        let len = (entry.data_len() - e.offset).min(e.u_len.max(1) as u64);
-        let frames: Vec<usize> = layers[i].index.frames_for(entry.data_offset + e.offset, len).collect();
-        (!frames.is_empty()).then_some((i, frames))
     }
 }
 

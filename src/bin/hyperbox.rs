@@ -578,7 +578,7 @@ async fn inspect_image(store: ImageStore, verify: bool) -> Result<Vec<hyperbox::
     use oci_spec::image::{ImageIndex, ImageManifest};
     let root = store.root().await?;
     let mut manifests = Vec::new();
-    if convert::is_index(&root.media_type) {
+    if hyperbox::oci::is_index(&root.media_type) {
         let index = ImageIndex::from_reader(&root.bytes[..])?;
         for d in index.manifests() {
             manifests.push(store.manifest(&d.digest().to_string().parse()?, d.media_type().as_ref()).await?);

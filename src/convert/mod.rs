@@ -19,7 +19,8 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 
 use crate::digest::{ChunkId, Digest};
 use crate::format::writer::{convert_tar, WriteOptions};
-use crate::format::{IndexLocation, MEDIA_TYPE};
+use crate::format::{FormatError, IndexLocation, MEDIA_TYPE};
+use crate::oci::{self, is_foreign, is_index, is_tar_layer};
 use crate::registry::BlobBody;
 pub use store::{ImageLocation, ImageStore, StoreError};
 
@@ -30,9 +31,28 @@ pub enum ConvertError {
     #[error("{what}: {problem}")]
     Image { what: String, problem: String },
     #[error("{layer}: {problem}")]
-    Layer { layer: String, problem: String },
+    Layer {
+        layer: String,
+        #[source]
+        problem: LayerProblem,
+    },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What went wrong with one layer (its name is in [`ConvertError::Layer`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LayerProblem {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("uncompressed content is {got}, but the config says {want}")]
+    DiffId { got: Digest, want: String },
+    #[error("the conversion stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Other(Box<ConvertError>),
 }
 
 #[derive(Clone, Debug)]
@@ -108,36 +128,10 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Layer media types that hold a tar (compressed or not) and are converted.
-/// Anything else (foreign layers, artifacts, attestations) is copied as is.
-fn is_tar_layer(mt: &str) -> bool {
-    matches!(
-        mt,
-        "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.docker.image.rootfs.diff.tar"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
-    )
-}
-
-/// Layers whose blobs may not be copied between registries (Windows base
-/// layers and the like): they keep their descriptor and their diff_id.
-fn is_foreign(mt: &str) -> bool {
-    mt.starts_with("application/vnd.docker.image.rootfs.foreign.diff.tar")
-        || mt.starts_with("application/vnd.oci.image.layer.nondistributable.v1.tar")
-}
-
 /// Layers that have a diff_id in the image config.
 fn has_diff_id(l: &Descriptor) -> bool {
     let mt = l.media_type().as_ref();
     is_tar_layer(mt) || is_foreign(mt) || has_hyperbox(l)
-}
-
-/// Whether a manifest media type is a multi-platform index.
-pub fn is_index(mt: &str) -> bool {
-    mt == "application/vnd.oci.image.index.v1+json" || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
 struct Converter {
@@ -252,7 +246,9 @@ impl Converter {
                 async move {
                     me.convert_layer(&l, diff_id.as_deref(), &name).await.map_err(|e| match e {
                         ConvertError::Layer { .. } => e,
-                        other => ConvertError::Layer { layer: name.clone(), problem: other.to_string() },
+                        other => {
+                            ConvertError::Layer { layer: name.clone(), problem: LayerProblem::Other(Box::new(other)) }
+                        }
                     })
                 }
             })
@@ -260,7 +256,7 @@ impl Converter {
             .try_collect()
             .await?;
         let mut config_desc = manifest.config().clone();
-        if config_desc.media_type() == &MediaType::Other("application/vnd.docker.container.image.v1+json".into()) {
+        if config_desc.media_type() == &MediaType::Other(oci::MEDIA_TYPE_DOCKER_CONFIG.into()) {
             config_desc.set_media_type(MediaType::ImageConfig);
         }
         manifest.set_config(config_desc);
@@ -278,7 +274,7 @@ impl Converter {
         name: &str,
     ) -> Result<Descriptor, ConvertError> {
         let digest = parse_digest(layer, name)?;
-        let layer_err = |problem: String| ConvertError::Layer { layer: name.to_string(), problem };
+        let layer_err = |problem: LayerProblem| ConvertError::Layer { layer: name.to_string(), problem };
         if is_foreign(layer.media_type().as_ref()) {
             // Its blob lives elsewhere (its `urls`); the descriptor is enough.
             self.summary.lock().unwrap().layers += 1;
@@ -315,23 +311,20 @@ impl Converter {
         bar.set_position(0);
         bar.set_message("convert");
         let (opts, pb, inp, outp) = (self.opts.write.clone(), bar.clone(), input.to_path_buf(), output.to_path_buf());
-        let converted = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let file = std::fs::File::open(&inp).map_err(|e| e.to_string())?;
-            let reader = decompressed(pb.wrap_read(file)).map_err(|e| format!("reading the layer: {e}"))?;
-            let out =
-                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&outp).map_err(|e| e.to_string())?);
-            convert_tar(reader, out, &opts).map_err(|e| e.to_string())
+        let converted = tokio::task::spawn_blocking(move || -> Result<_, LayerProblem> {
+            let io = |what| move |source| LayerProblem::Io { what, source };
+            let file = std::fs::File::open(&inp).map_err(io("open the downloaded layer"))?;
+            let reader = decompressed(pb.wrap_read(file)).map_err(io("reading the layer"))?;
+            let out = std::fs::File::create(&outp).map_err(io("create the converted layer"))?;
+            Ok(convert_tar(reader, std::io::BufWriter::with_capacity(1 << 20, out), &opts)?)
         })
         .await
-        .expect("layer conversion panicked")
+        .map_err(|e| layer_err(e.into()))?
         .map_err(layer_err)?;
         drop(input);
         if let Some(want) = diff_id {
             if converted.diff_id.to_string() != want {
-                return Err(layer_err(format!(
-                    "uncompressed content is {}, but the config says {want}",
-                    converted.diff_id
-                )));
+                return Err(layer_err(LayerProblem::DiffId { got: converted.diff_id, want: want.to_string() }));
             }
         }
         bar.set_message("push");
@@ -418,5 +411,5 @@ pub fn convert_file(
     let name = input.display().to_string();
     let reader = decompressed(std::fs::File::open(input)?)?;
     let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(output)?);
-    convert_tar(reader, out, opts).map_err(|e| ConvertError::Layer { layer: name, problem: e.to_string() })
+    convert_tar(reader, out, opts).map_err(|e| ConvertError::Layer { layer: name, problem: e.into() })
 }

@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::digest::{Digest, Sha256Writer};
-use crate::registry::{BlobBody, Client, Manifest, Reference, RegistryError};
+use crate::oci::{Reference, ReferenceError};
+use crate::registry::{BlobBody, Client, Manifest, RegistryError};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -31,9 +32,9 @@ impl FromStr for ImageLocation {
                 }
                 Ok(ImageLocation::Layout { dir: PathBuf::from(dir), tag })
             }
-            None => Ok(ImageLocation::Registry(
-                s.parse().map_err(|e: crate::registry::ReferenceError| StoreError::Location(e.to_string()))?,
-            )),
+            None => {
+                Ok(ImageLocation::Registry(s.parse().map_err(|e: ReferenceError| StoreError::Location(e.to_string()))?))
+            }
         }
     }
 }

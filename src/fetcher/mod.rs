@@ -45,6 +45,7 @@ use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
 use crate::format::{self, IndexLocation, LayerIndex};
+pub use crate::layer::RemoteLayer;
 use crate::metrics::{Histogram, HistogramSnapshot};
 use crate::registry::{Client, Repo};
 use crate::store::{Store, VerifiedChunk};
@@ -121,20 +122,6 @@ impl FetchConfig {
 pub enum Priority {
     Prefetch = 0,
     Demand = 1,
-}
-
-/// A layer whose chunks can be fetched: where its blob lives, and its index.
-#[derive(Debug)]
-pub struct RemoteLayer {
-    pub repo: Repo,
-    pub blob: Digest,
-    pub index: Arc<LayerIndex>,
-}
-
-impl RemoteLayer {
-    fn name(&self) -> String {
-        format!("layer {} of {}", self.blob, self.repo)
-    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]

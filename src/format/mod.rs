@@ -10,6 +10,7 @@
 //! [frame 0][frame 1]...[frame n-1][index skippable frame][footer skippable frame (72 bytes)]
 //! ```
 
+pub mod frame;
 pub mod index;
 pub mod writer;
 
@@ -17,6 +18,7 @@ use std::collections::HashMap;
 use std::io;
 
 use crate::digest::{ChunkId, Digest};
+pub use frame::{compress_frame, decode_frame, verify_frame, FrameError};
 pub use index::{
     ChunkParams, Entry, EntryExtra, EntryKind, Frame, FrameTable, Index, LayerIndex, SparseSegment, Xattr,
 };
@@ -61,7 +63,12 @@ pub enum FormatError {
     #[error("corrupt layer: {0}")]
     Corrupt(String),
     #[error("chunk {frame} ({id}) failed verification: {problem}")]
-    ChunkVerify { frame: usize, id: ChunkId, problem: String },
+    ChunkVerify {
+        frame: usize,
+        id: ChunkId,
+        #[source]
+        problem: FrameError,
+    },
 }
 
 /// Where a layer's index is: what the annotations (or the footer) say.
@@ -229,35 +236,6 @@ pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex
         return Err(FormatError::Corrupt(format!("index decompresses to {} bytes, header says {raw_len}", raw.len())));
     }
     Index::decode(&raw, loc.offset)
-}
-
-/// Decompress frame `i` from its compressed bytes and verify it against the
-/// index.
-pub fn decode_frame(index: &LayerIndex, i: usize, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let f = index.frames().get(i);
-    if compressed.len() != f.c_len as usize {
-        let problem = format!("{} compressed bytes, expected {}", compressed.len(), f.c_len);
-        return Err(FormatError::ChunkVerify { frame: i, id: f.id, problem });
-    }
-    verify_frame(f.id, f.u_len, compressed).map_err(|problem| FormatError::ChunkVerify { frame: i, id: f.id, problem })
-}
-
-/// Decompress one frame into exactly `u_len` bytes and check that they hash
-/// to `id`. Nothing else in HyperBox turns compressed bytes into data: the
-/// reader, the store (on every read) and the fetcher all come through here.
-pub fn verify_frame(id: ChunkId, u_len: u32, compressed: &[u8]) -> Result<Vec<u8>, String> {
-    if u_len > index::limits::MAX_FRAME_LEN {
-        return Err(format!("declared length {u_len} is over the frame limit"));
-    }
-    let data = zstd::bulk::decompress(compressed, u_len as usize).map_err(|e| format!("does not decompress: {e}"))?;
-    if data.len() != u_len as usize {
-        return Err(format!("decompresses to {} bytes, expected {u_len}", data.len()));
-    }
-    let actual = ChunkId::of(&data);
-    if actual != id {
-        return Err(format!("content hashes to {actual}"));
-    }
-    Ok(data)
 }
 
 /// Random access to a blob: a file, a buffer, or (later) a registry.

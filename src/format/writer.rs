@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use rayon::prelude::*;
 
 use super::index::{normalize_path, ChunkParams, Entry, EntryKind, Frame, FrameTable, Index, SparseSegment, Xattr};
-use super::{encode_footer, encode_index_frame, FormatError, IndexLocation, FORMAT_VERSION};
+use super::{compress_frame, encode_footer, encode_index_frame, FormatError, IndexLocation, FORMAT_VERSION};
 use crate::digest::{ChunkId, Digest, Sha256Writer};
 
 #[derive(Clone, Debug)]
@@ -655,24 +655,6 @@ impl<W: Write> HashingWriter<W> {
         self.len += b.len() as u64;
         Ok(())
     }
-}
-
-thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
-}
-
-/// Compress one frame with this thread's reusable zstd context.
-pub fn compress_frame(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            let mut z = zstd::bulk::Compressor::new(level)?;
-            z.include_checksum(false)?;
-            z.include_contentsize(true)?;
-            *c = Some((level, z));
-        }
-        c.as_mut().unwrap().1.compress(data)
-    })
 }
 
 #[cfg(test)]

@@ -1,48 +1,19 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::format::{self, writer};
+use crate::format;
+use crate::testing::TarBuilder;
 
-fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_path(path).unwrap();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_mtime(1_700_000_000);
-    h.set_uid(1000);
-    h.set_gid(100);
-    h
-}
-
-/// A layer from (path, kind, data-or-link) triples.
+/// A layer from (path, kind, data-or-link) triples, owned by 1000:100.
 fn layer(items: &[(&str, tar::EntryType, &[u8])]) -> (Vec<u8>, Arc<LayerIndex>) {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, kind, data) in items {
-        match *kind {
-            tar::EntryType::Regular => {
-                let mut h = header(path, *kind, 0o640, data.len() as u64);
-                h.set_cksum();
-                b.append(&h, *data).unwrap();
-            }
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                let mut h = header(path, *kind, 0o777, 0);
-                h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
-                h.set_cksum();
-                b.append(&h, &[][..]).unwrap();
-            }
-            _ => {
-                let mut h = header(path, *kind, 0o755, 0);
-                h.set_cksum();
-                b.append(&h, &[][..]).unwrap();
-            }
-        }
-    }
-    let tar = b.into_inner().unwrap();
-    let mut blob = Vec::new();
-    let c = writer::convert_tar(&tar[..], &mut blob, &writer::WriteOptions::default()).unwrap();
-    let (_, idx) = format::open_layer(&blob[..], Some(&c.location)).unwrap();
-    (blob, Arc::new(idx))
+    let tar = items.iter().fold(TarBuilder::new().owner(1000, 100), |b, &(path, kind, data)| match kind {
+        tar::EntryType::Regular => b.file(path, 0o640, data),
+        tar::EntryType::Symlink => b.symlink(path, std::str::from_utf8(data).unwrap()),
+        tar::EntryType::Link => b.hardlink(path, std::str::from_utf8(data).unwrap()),
+        other => b.special(path, other, 0o755),
+    });
+    let l = tar.layer(&Default::default());
+    (l.blob, l.index)
 }
 
 fn names(t: &LayerTree, dir: u64) -> Vec<String> {

@@ -9,8 +9,6 @@
 //! in, and the caller (the fetcher) owns the retry policy, helped by
 //! [`RegistryError::is_transient`].
 
-mod reference;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -21,7 +19,7 @@ use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-pub use reference::{Reference, ReferenceError, Repo};
+pub use crate::oci::{Reference, ReferenceError, Repo};
 
 use crate::digest::{Digest, Sha256Writer};
 

@@ -1,8 +1,11 @@
 //! containerd's snapshotter semantics, without containerd: real store, real
 //! dirs, no mounts performed (the specs are checked instead).
 
+use super::gc::Preparing;
 use super::*;
+use crate::digest::Digest;
 use crate::fetcher::FetchConfig;
+use crate::format::IndexLocation;
 use crate::registry::{Client, RegistryConfig};
 use crate::store::StoreConfig;
 
@@ -25,13 +28,12 @@ impl Fixture {
         let store = Arc::new(Store::open(&self.root.join("store"), &StoreConfig::default()).unwrap());
         let client = Arc::new(Client::new(&RegistryConfig::default(), true).unwrap());
         let fetcher = Fetcher::new(client, store.clone(), FetchConfig::default());
-        let opts = Options {
-            root: self.root.clone(),
-            fuse: MountOptions { threads: 1, read_ahead_kb: 0 },
-            trace: Default::default(),
-            prefetch: Default::default(),
-        };
-        Snapshotter::open(opts, store, fetcher, self.rt.handle().clone()).unwrap()
+        let rt = self.rt.handle().clone();
+        let recorder = Some(Recorder::start(store.clone(), Default::default(), &rt));
+        let prefetcher =
+            Prefetcher::new(fetcher.clone(), store.clone(), recorder.clone(), Default::default(), rt.clone());
+        let opts = Options { root: self.root.clone(), fuse: MountOptions { threads: 1, read_ahead_kb: 0 } };
+        Snapshotter::open(opts, Parts { store, fetcher, recorder, prefetcher, rt }).unwrap()
     }
 }
 
@@ -198,15 +200,15 @@ fn remote_layer_without_what_it_needs_takes_the_ordinary_path() {
     let loc =
         IndexLocation { offset: 10, length: 20, digest: Digest::of(b"i"), version: crate::format::FORMAT_VERSION };
     let mut l = loc.to_annotations();
-    l.insert(LABEL_TARGET.into(), "sha256:cc".into());
+    l.insert(crate::labels::TARGET.into(), "sha256:cc".into());
     let m = s.create(Kind::Active, "extract-1", "", l.clone()).unwrap();
     assert_eq!(m[0].kind, "bind");
     // With a reference to a registry that is not there: also the ordinary path.
     l.insert(
-        LABEL_IMAGE_REF.into(),
+        crate::labels::IMAGE_REF.into(),
         "127.0.0.1:9/none@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
     );
-    l.insert(LABEL_LAYER_DIGEST.into(), format!("{}", Digest::of(b"blob")));
+    l.insert(crate::labels::LAYER_DIGEST.into(), format!("{}", Digest::of(b"blob")));
     let started = std::time::Instant::now();
     let m = s.create(Kind::Active, "extract-2", "", l).unwrap();
     assert_eq!(m[0].kind, "bind");
@@ -242,7 +244,7 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
             }),
         };
         let mut meta = s.meta.lock().unwrap();
-        s.transact(&mut meta, vec![("sha256:remote".into(), rec)], vec![], 2).unwrap();
+        meta.transact(&s.store, vec![("sha256:remote".into(), rec)], vec![], 2).unwrap();
     }
     let s = f.open();
     assert!(s.broken.lock().unwrap().contains(&1));
@@ -268,19 +270,9 @@ fn gc_frees_orphan_indexes_but_not_a_layer_being_prepared() {
     let s = f.open();
     // A real layer's index, stored as mount_remote stores it before the
     // layer's record exists.
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_path("f").unwrap();
-    h.set_size(5);
-    h.set_mode(0o644);
-    h.set_cksum();
-    b.append(&h, &b"hello"[..]).unwrap();
-    let tar = b.into_inner().unwrap();
-    let mut blob = Vec::new();
-    let c = crate::format::writer::convert_tar(&tar[..], &mut blob, &Default::default()).unwrap();
-    let frame = &blob[c.location.offset as usize..(c.location.offset + c.location.length) as usize];
-    let digest = Digest::of(&blob);
-    s.store.put_index(&digest, &c.location, frame).unwrap();
+    let layer = crate::testing::TarBuilder::new().file("f", 0o644, b"hello").layer(&Default::default());
+    let digest = layer.digest.clone();
+    s.store.put_index(&digest, &layer.location, layer.index_frame()).unwrap();
     let preparing = Preparing::new(&s, &digest.to_string());
     assert_eq!(s.gc().unwrap().indexes_removed, 0);
     assert!(s.store.get_index(&digest).unwrap().is_some(), "a layer being prepared keeps its index");

@@ -71,7 +71,11 @@ pub enum StoreError {
     #[error("store {path}: {problem}")]
     Corrupt { path: String, problem: String },
     #[error("chunk {id} failed verification: {problem}")]
-    Verify { id: ChunkId, problem: String },
+    Verify {
+        id: ChunkId,
+        #[source]
+        problem: format::FrameError,
+    },
     #[error(transparent)]
     Format(#[from] format::FormatError),
 }
@@ -95,7 +99,7 @@ impl VerifiedChunk {
 
     /// Compress data you hold; its id is computed, so it is right by construction.
     pub fn from_data(data: &[u8], level: i32) -> Self {
-        let compressed = format::writer::compress_frame(data, level).expect("in-memory zstd compression cannot fail");
+        let compressed = format::compress_frame(data, level).expect("in-memory zstd compression cannot fail");
         Self { id: ChunkId::of(data), u_len: data.len() as u32, compressed }
     }
 
@@ -299,9 +303,11 @@ impl Store {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
+        // A value is the frame's u_len (4 bytes, little endian), then the frame.
         let verified = match value.get(..4) {
-            Some(h) => format::verify_frame(*id, u32::from_le_bytes(h.try_into().unwrap()), &value[4..]),
-            None => Err("value shorter than its header".to_string()),
+            Some(h) => format::verify_frame(*id, u32::from_le_bytes(h.try_into().unwrap()), &value[4..])
+                .map_err(|e| e.to_string()),
+            None => Err(format!("the value is {} bytes, shorter than its header", value.len())),
         };
         drop(value);
         match verified {

@@ -13,17 +13,13 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 
 use super::{Trace, TraceError, MEDIA_TYPE};
 use crate::digest::Digest;
-use crate::registry::{BlobBody, Client, Manifest, RegistryError, Repo};
+use crate::oci::{
+    self, Repo, ANNOTATION_CREATED as CREATED, MEDIA_TYPE_EMPTY as EMPTY_TYPE, MEDIA_TYPE_INDEX as INDEX_TYPE,
+    MEDIA_TYPE_MANIFEST as MANIFEST_TYPE,
+};
+use crate::registry::{BlobBody, Client, Manifest, RegistryError};
 
-const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY: &[u8] = b"{}";
-const CREATED: &str = "org.opencontainers.image.created";
-
-fn registry(e: RegistryError) -> TraceError {
-    TraceError::Registry(e.to_string())
-}
 
 /// Where a published trace went.
 #[derive(Debug)]
@@ -45,9 +41,9 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
     }
     let json = trace.to_json();
     let (json_digest, empty_digest) = (Digest::of(&json), Digest::of(EMPTY));
-    client.push_blob(repo, &empty_digest, BlobBody::Bytes(EMPTY)).await.map_err(registry)?;
-    client.push_blob(repo, &json_digest, BlobBody::Bytes(&json)).await.map_err(registry)?;
-    let created = crate::pull::rfc3339(std::time::SystemTime::now());
+    client.push_blob(repo, &empty_digest, BlobBody::Bytes(EMPTY)).await?;
+    client.push_blob(repo, &json_digest, BlobBody::Bytes(&json)).await?;
+    let created = oci::rfc3339(std::time::SystemTime::now());
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
@@ -59,8 +55,7 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
     });
     let bytes = serde_json::to_vec(&manifest).expect("json");
     let digest = Digest::of(&bytes);
-    let referrers_api =
-        client.put_manifest_with_subject(repo, &digest.to_string(), &bytes, MANIFEST_TYPE).await.map_err(registry)?;
+    let referrers_api = client.put_manifest_with_subject(repo, &digest.to_string(), &bytes, MANIFEST_TYPE).await?;
     if !referrers_api {
         // The tag schema: this subject's index, our older traces replaced.
         let tag = fallback_tag(&subject.digest);
@@ -72,7 +67,7 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
             Err(RegistryError::Status { status: 404, .. }) => {
                 serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []})
             }
-            Err(e) => return Err(registry(e)),
+            Err(e) => return Err(e.into()),
         };
         let list = index["manifests"].as_array_mut().expect("checked above");
         list.retain(|d| d["artifactType"] != MEDIA_TYPE);
@@ -81,7 +76,7 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
             "artifactType": MEDIA_TYPE, "annotations": {CREATED: manifest["annotations"][CREATED]},
         }));
         let index = serde_json::to_vec(&index).expect("json");
-        client.put_manifest(repo, &tag, &index, INDEX_TYPE).await.map_err(registry)?;
+        client.put_manifest(repo, &tag, &index, INDEX_TYPE).await?;
     }
     Ok(Published { manifest: digest, referrers_api })
 }
@@ -89,12 +84,12 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
 /// The newest trace published for the image whose manifest is `subject`,
 /// if any. Checked like an imported trace, and it must be of `subject`.
 pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Option<Trace>, TraceError> {
-    let index = match client.referrers(repo, subject, MEDIA_TYPE).await.map_err(registry)? {
+    let index = match client.referrers(repo, subject, MEDIA_TYPE).await? {
         Some(index) => index,
         None => match client.get_manifest(repo, &fallback_tag(subject)).await {
             Ok(m) => m.bytes,
             Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
-            Err(e) => return Err(registry(e)),
+            Err(e) => return Err(e.into()),
         },
     };
     let index =
@@ -106,7 +101,7 @@ pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Opti
         .filter(|d| d.artifact_type().as_ref().is_some_and(|t| t.to_string() == MEDIA_TYPE))
         .max_by_key(|d| d.annotations().as_ref().and_then(|a| a.get(CREATED).cloned()).unwrap_or_default());
     let Some(desc) = newest else { return Ok(None) };
-    let m = client.get_manifest(repo, desc.digest().as_ref()).await.map_err(registry)?;
+    let m = client.get_manifest(repo, desc.digest().as_ref()).await?;
     let m =
         ImageManifest::from_reader(&m.bytes[..]).map_err(|e| TraceError::Invalid(format!("trace manifest: {e}")))?;
     let layer = m
@@ -115,7 +110,7 @@ pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Opti
         .find(|l| l.media_type().to_string() == MEDIA_TYPE)
         .ok_or_else(|| TraceError::Invalid("the trace artifact holds no trace".into()))?;
     let digest: Digest = layer.digest().as_ref().parse().map_err(|e| TraceError::Invalid(format!("{e}")))?;
-    let json = client.get_blob(repo, &digest).await.map_err(registry)?;
+    let json = client.get_blob(repo, &digest).await?;
     let t = Trace::from_json(&json)?;
     if t.image != subject.to_string() {
         return Err(TraceError::Invalid(format!("the published trace is of {}, not of {subject}", t.image)));

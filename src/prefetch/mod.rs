@@ -26,10 +26,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fetcher::{Fetcher, Priority, RemoteLayer};
-use crate::registry::Repo;
+use crate::fetcher::{Fetcher, Priority};
+use crate::layer::RemoteLayer;
+use crate::oci::Repo;
 use crate::store::Store;
-use crate::trace::{self, ImageKey, Prefetched, Recorder, Resolver, Trace};
+use crate::trace::{self, ImageKey, Prefetched, Recorder, Trace};
+
+mod resolve;
+pub use resolve::Resolver;
 
 /// The `[prefetch]` section of the config file.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! containerd's Snapshots service over the `Snapshotter`: a thin adapter.
-//! gRPC status codes are chosen here and nowhere else; each call runs on
-//! the blocking pool (metadata writes are synced, mounts are syscalls).
+//! Each call runs on the blocking pool (metadata writes are synced, mounts
+//! are syscalls); its error becomes a gRPC status in `super::status`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,23 +9,7 @@ use std::sync::Arc;
 use containerd_snapshots::api::types::Mount as GrpcMount;
 use containerd_snapshots::{Info as GrpcInfo, Kind as GrpcKind, Usage as GrpcUsage};
 
-use super::{Info, Kind, MountSpec, SnapshotError, Snapshotter};
-
-impl From<SnapshotError> for tonic::Status {
-    fn from(e: SnapshotError) -> tonic::Status {
-        let msg = e.to_string();
-        match e {
-            SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
-            SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            SnapshotError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            SnapshotError::Io { .. }
-            | SnapshotError::Store(_)
-            | SnapshotError::Corrupt(_)
-            | SnapshotError::Internal(_) => tonic::Status::internal(msg),
-        }
-    }
-}
+use crate::snapshotter::{Info, Kind, MountSpec, SnapshotError, Snapshotter};
 
 /// The calls of containerd's Snapshots service, as counted.
 pub const CALLS: [&str; 10] =

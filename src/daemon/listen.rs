@@ -1,0 +1,50 @@
+//! Where hyperboxd listens: the socket systemd passes (socket activation,
+//! `LISTEN_FDS`) or its own unix socket at `daemon.address`; and the
+//! signals that stop it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::DaemonError;
+
+/// The listening socket: systemd's, or our own at `address`. Returns the
+/// path to remove at exit when we made it. Call within the runtime.
+pub fn listen(address: &Path) -> Result<(tokio::net::UnixListener, Option<PathBuf>), DaemonError> {
+    use std::os::fd::FromRawFd;
+    let io = |what: String| move |source| DaemonError::Io { what, source };
+    let fds: Vec<i32> = sd_notify::listen_fds().map_err(io("LISTEN_FDS".into()))?.collect();
+    if let Some(&fd) = fds.first() {
+        if fds.len() > 1 {
+            tracing::warn!(count = fds.len(), "systemd passed several sockets; serving on the first");
+        }
+        // SAFETY: systemd passed this fd to us and nothing else owns it.
+        let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        l.set_nonblocking(true).map_err(io("the socket systemd passed".into()))?;
+        let l = tokio::net::UnixListener::from_std(l).map_err(io("the socket systemd passed".into()))?;
+        return Ok((l, None));
+    }
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            return Err(DaemonError::InUse(address.to_path_buf()));
+        }
+        std::fs::remove_file(address).map_err(io(format!("remove stale socket {}", address.display())))?;
+    }
+    let l = tokio::net::UnixListener::bind(address).map_err(io(format!("listen on {}", address.display())))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
+        .map_err(io(format!("chmod {}", address.display())))?;
+    Ok((l, Some(address.to_path_buf())))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

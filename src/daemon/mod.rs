@@ -1,0 +1,176 @@
+//! The node: hyperboxd's parts, wired once, and the services it serves.
+//!
+//! A [`Node`] owns the parts (the store, the fetcher, the trace recorder,
+//! the prefetcher and the snapshotter over them); [`serve`] serves
+//! containerd's Snapshots API and the admin API on a unix listener until a
+//! shutdown future resolves; [`metrics::serve`] serves `/metrics`. [`run`]
+//! is hyperboxd: a runtime, a node, its listener (systemd's or its own),
+//! sd_notify READY and STOPPING, and on SIGTERM or SIGINT the calls in
+//! progress finish and the FUSE layers are unmounted. The binary only parses
+//! flags, sets up logging and calls [`run`]; tests build a node and serve it
+//! on a socket of their own, in process.
+
+pub mod admin;
+pub mod listen;
+pub mod metrics;
+pub mod snapshots;
+pub mod status;
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::fetcher::Fetcher;
+use crate::mount::MountOptions;
+use crate::prefetch::Prefetcher;
+use crate::registry::{Client, RegistryError};
+use crate::snapshotter::{self, Parts, SnapshotError, Snapshotter};
+use crate::store::{Store, StoreError};
+use crate::trace::Recorder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("daemon.metrics_address {address:?}: {source}")]
+    MetricsAddress { address: String, source: std::net::AddrParseError },
+    #[error("{} is in use: is another hyperboxd running?", .0.display())]
+    InUse(PathBuf),
+    #[error("serving the Snapshots API: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// One node's parts. The snapshotter uses the others; the admin API and
+/// the metrics read them all.
+pub struct Node {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub fetcher: Fetcher,
+    pub recorder: Option<Recorder>,
+    pub prefetcher: Prefetcher,
+    pub snapshotter: Arc<Snapshotter>,
+}
+
+impl Node {
+    /// Make `daemon.root` (0711), open the store, build the parts, load the
+    /// snapshots and mount their remote layers again, and start the gc that
+    /// follows removals. Call from outside the runtime `rt` belongs to.
+    pub fn open(config: Config, rt: &tokio::runtime::Handle) -> Result<Node, DaemonError> {
+        let root = config.daemon.root.clone();
+        let io = |what: String| move |source| DaemonError::Io { what, source };
+        std::fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(format!("chmod {}", root.display())))?;
+        let store = Arc::new(Store::open(&root.join("store"), &config.store)?);
+        let client = Arc::new(Client::new(&config.registry, false)?);
+        let fetcher = Fetcher::new(client, store.clone(), config.fetch.clone());
+        let recorder = config.trace.enabled.then(|| Recorder::start(store.clone(), config.trace.clone(), rt));
+        let prefetcher =
+            Prefetcher::new(fetcher.clone(), store.clone(), recorder.clone(), config.prefetch.clone(), rt.clone());
+        let opts = snapshotter::Options {
+            root: root.clone(),
+            fuse: MountOptions { threads: config.daemon.fuse_threads, read_ahead_kb: config.daemon.fuse_read_ahead_kb },
+        };
+        let parts = Parts {
+            store: store.clone(),
+            fetcher: fetcher.clone(),
+            recorder: recorder.clone(),
+            prefetcher: prefetcher.clone(),
+            rt: rt.clone(),
+        };
+        let snapshotter = Arc::new(Snapshotter::open(opts, parts)?);
+        if config.store.gc_after_remove_secs > 0 {
+            let delay = Duration::from_secs(config.store.gc_after_remove_secs);
+            rt.spawn(snapshotter::auto_gc(Arc::downgrade(&snapshotter), delay));
+        }
+        tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
+        Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter })
+    }
+
+    /// Stop serving layers: save the traces being recorded and unmount
+    /// every remote layer. Call from outside the runtime.
+    pub fn close(&self) {
+        tracing::info!(layers = self.snapshotter.mounted_layers(), "stopping: unmounting layers");
+        self.snapshotter.unmount_all();
+    }
+}
+
+/// Serve containerd's Snapshots API and the admin API on `listener` until
+/// `shutdown` resolves; calls in progress then finish.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let snapshots = containerd_snapshots::server(Arc::new(snapshots::Service(node.snapshotter.clone())));
+    tonic::transport::Server::builder()
+        .add_service(snapshots)
+        .add_service(admin::server(node))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// hyperboxd: serve `config` until SIGTERM or SIGINT, then unmount.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hyperboxd")
+        .build()
+        .map_err(|source| DaemonError::Io { what: "start the runtime".into(), source })?;
+    let node = Arc::new(Node::open(config, rt.handle())?);
+    let metrics = metrics_listener(&node.config.daemon.metrics_address)?.map(|listener| {
+        let _guard = rt.enter();
+        rt.spawn(metrics::serve(node.clone(), listener, std::future::pending()))
+    });
+    let served = rt.block_on(async {
+        let address = &node.config.daemon.address;
+        let (listener, owned) = listen::listen(address)?;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tracing::info!(address = %address.display(), activated = owned.is_none(), "serving");
+        let served = serve(node.clone(), listener, listen::shutdown_signal()).await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        if let Some(path) = owned {
+            let _ = std::fs::remove_file(path);
+        }
+        served
+    });
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    node.close();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    served
+}
+
+/// The metrics listener, if `address` names one. A port that cannot be
+/// bound is logged and skipped: the snapshotter matters more than its
+/// metrics. A malformed address is a config error.
+fn metrics_listener(address: &str) -> Result<Option<std::net::TcpListener>, DaemonError> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr =
+        address.parse().map_err(|source| DaemonError::MetricsAddress { address: address.to_string(), source })?;
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l));
+    match bound {
+        Ok(l) => {
+            tracing::info!(address = %addr, "serving /metrics and /healthz");
+            Ok(Some(l))
+        }
+        Err(e) => {
+            tracing::error!(address = %addr, error = %e, "cannot serve metrics");
+            Ok(None)
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Remote (lazy) layers. A Prepare whose labels name a HyperBox layer of a
+//! known image becomes a committed snapshot (named by the target chain id)
+//! whose `fs` is that layer's FUSE mount; the call answers AlreadyExists,
+//! so containerd downloads nothing. Any failure falls back to the ordinary
+//! path, where containerd unpacks the layer. A remote layer's Prepare also
+//! starts (or joins) its image's prefetch.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::dirs::remove_dir;
+use super::error::{Result, SnapshotError};
+use super::gc::Preparing;
+use super::meta::{Kind, Meta, Record, RemoteRef, Usage};
+use super::Snapshotter;
+use crate::digest::{Digest, DigestParseError};
+use crate::fetcher::FetchError;
+use crate::format::{FormatError, IndexLocation};
+use crate::labels::{self, LayerLabels};
+use crate::layer::RemoteLayer;
+use crate::mount::LayerFs;
+use crate::oci::{Reference, ReferenceError, Repo};
+use crate::trace::{ImageKey, Recorder};
+
+impl Snapshotter {
+    /// Make sure every remote layer in the chain from `top` down is mounted:
+    /// one that failed to mount at start is tried again here, and if it
+    /// still fails the call fails rather than hand out an empty layer.
+    pub(super) fn ensure_mounted(&self, top: &str) -> Result<()> {
+        if self.broken.lock().unwrap().is_empty() {
+            return Ok(());
+        }
+        let chain: Vec<(String, Record)> = {
+            let meta = self.meta.lock().unwrap();
+            meta.chain((!top.is_empty()).then_some(top)).map(|(n, r)| (n.to_string(), r.clone())).collect()
+        };
+        for (name, rec) in chain {
+            if !self.broken.lock().unwrap().contains(&rec.id) {
+                continue;
+            }
+            self.remount(&rec)
+                .map_err(|e| SnapshotError::FailedPrecondition(format!("remote layer {name} is not available: {e}")))?;
+            self.broken.lock().unwrap().remove(&rec.id);
+            tracing::info!(snapshot = %name, "remote layer mounted again");
+        }
+        Ok(())
+    }
+
+    /// Prefetch an image whose layers are mounted, as when they were
+    /// prepared: its trace's chunks and, with `hydrate`, then every other
+    /// chunk. Returns the number of its layers handed to the prefetcher.
+    pub fn prefetch(&self, manifest: &str, hydrate: bool) -> Result<usize> {
+        if !self.prefetcher.enabled() {
+            return Err(SnapshotError::FailedPrecondition("prefetch is off (prefetch.enabled = false)".into()));
+        }
+        let mounted: HashMap<u64, Arc<RemoteLayer>> =
+            self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+        // Its own layers first, then those it shares with images pulled before.
+        let mut found: Vec<(bool, Option<ImageKey>, Option<Arc<RemoteLayer>>)> = {
+            let meta = self.meta.lock().unwrap();
+            meta.snaps
+                .values()
+                .filter_map(|r| {
+                    let remote = r.remote.as_ref()?;
+                    let own = remote.manifest.as_deref() == Some(manifest);
+                    (own || remote.also.iter().any(|m| m == manifest))
+                        .then(|| (own, remote.image(), mounted.get(&r.id).cloned()))
+                })
+                .collect()
+        };
+        found.sort_by_key(|(own, _, _)| !own);
+        // The image goes by the repository of its own layers (another
+        // version's trace is found through it).
+        let Some(image) = found.iter().find_map(|(_, i, _)| i.clone()) else {
+            return Err(SnapshotError::NotFound(format!(
+                "no lazy layer here is known to belong to image {manifest}: pull it with `hyperbox pull` (an \
+                 image whose layers all came with other images is not recorded; prefetch one of those)"
+            )));
+        };
+        let image = ImageKey { digest: manifest.to_string(), ..image };
+        let layers: Vec<Arc<RemoteLayer>> = found.into_iter().filter_map(|(_, _, l)| l).collect();
+        for layer in &layers {
+            self.prefetcher.layer_ready(&image, layer.clone(), hydrate);
+        }
+        Ok(layers.len())
+    }
+
+    pub(super) fn unmount_layer(&self, id: u64) {
+        let Some((m, _)) = self.layers.lock().unwrap().remove(&id) else { return };
+        let fs = self.fs_dir(id);
+        if let Err(e) = m.unmount() {
+            tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
+            let _ = crate::mount::detach(&fs);
+        }
+    }
+
+    /// Try to make `target` a committed remote layer on `parent`. True if
+    /// it exists now (made here or before); false to take the ordinary path.
+    pub(super) fn try_remote(&self, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
+        let existing = {
+            let meta = self.meta.lock().unwrap();
+            if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
+                return false;
+            }
+            // Already here (another pull, maybe of another image sharing the
+            // layer). A snapshot of that name on another parent cannot be reused.
+            meta.snaps
+                .get(target)
+                .map(|r| (r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent, r.id))
+        };
+        if let Some((reusable, id)) = existing {
+            if reusable {
+                self.reused(target, id, labels);
+            }
+            return reusable;
+        }
+        let loc = match IndexLocation::from_annotations(labels) {
+            Ok(Some(loc)) => loc,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(target, error = %e, "bad HyperBox annotations; the layer will be downloaded");
+                return false;
+            }
+        };
+        let said = LayerLabels::read(labels);
+        let (Some(image), Some(blob)) = (said.image_ref, said.layer_digest) else {
+            tracing::info!(
+                target,
+                "a HyperBox layer without its image reference and digest (use `hyperbox pull`, or CRI with \
+                 disable_snapshot_annotations = false); the layer will be downloaded"
+            );
+            return false;
+        };
+        match self.mount_remote(parent, target, labels, image, blob, &loc) {
+            Ok(()) => {
+                tracing::info!(target, image = %image, layer = %blob, "remote layer ready");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(target, image = %image, layer = %blob, error = %e, "remote layer failed; the layer will be downloaded");
+                false
+            }
+        }
+    }
+
+    /// Remote layer `target` (snapshot `id`), made before, now serves the
+    /// image being pulled too: remember the image on it and on its lower
+    /// layers (one batch), and prefetch through them.
+    fn reused(&self, target: &str, id: u64, labels: &HashMap<String, String>) {
+        let Some(image) = image_of(labels) else { return };
+        let hydrate = LayerLabels::read(labels).hydrate;
+        let ancestors: Vec<u64> = {
+            let mut meta = self.meta.lock().unwrap();
+            let notes = noted(&meta, Some(target), &image.digest);
+            let ancestors = notes.iter().filter(|(k, _)| k != target).map(|(_, r)| r.id).collect();
+            let next = meta.next_id;
+            if !notes.is_empty() {
+                if let Err(e) = meta.transact(&self.store, notes, vec![], next) {
+                    // It only narrows `hyperbox prefetch` of that image.
+                    tracing::warn!(target, error = %e, "could not record another image of a shared layer");
+                }
+            }
+            ancestors
+        };
+        self.prefetch_through(&image, std::iter::once(id).chain(ancestors), hydrate);
+    }
+
+    /// Hand the mounted layers among snapshot `ids` to the image's prefetch.
+    fn prefetch_through(&self, image: &ImageKey, ids: impl IntoIterator<Item = u64>, hydrate: bool) {
+        let layers: Vec<Arc<RemoteLayer>> = {
+            let mounted = self.layers.lock().unwrap();
+            ids.into_iter().filter_map(|id| mounted.get(&id).map(|(_, l)| l.clone())).collect()
+        };
+        for layer in layers {
+            self.prefetcher.layer_ready(image, layer, hydrate);
+        }
+    }
+
+    fn remote_layer(&self, remote: &RemoteRef, loc: &IndexLocation) -> Result<Arc<RemoteLayer>, RemoteError> {
+        let blob: Digest = remote.blob.parse()?;
+        let repo = Repo { registry: remote.registry.clone(), name: remote.repository.clone() };
+        let index = self.rt.block_on(self.fetcher.layer_index(&repo, &blob, loc))?;
+        Ok(Arc::new(RemoteLayer { repo, blob, index: Arc::new(index) }))
+    }
+
+    fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), RemoteError> {
+        let hook = self.recorder.as_ref().map(Recorder::hook);
+        let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
+        let mount = fs.mount(&self.fs_dir(id), &self.fuse).map_err(RemoteError::Mount)?;
+        let mut layers = self.layers.lock().unwrap();
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(layers);
+            let _ = mount.unmount();
+            return Err(RemoteError::Stopping);
+        }
+        layers.insert(id, (mount, layer));
+        Ok(())
+    }
+
+    fn mount_remote(
+        &self,
+        parent: &str,
+        target: &str,
+        labels: &HashMap<String, String>,
+        image: &str,
+        blob: &str,
+        loc: &IndexLocation,
+    ) -> Result<(), RemoteError> {
+        let reference: Reference = image.parse()?;
+        let hydrate = LayerLabels::read(labels).hydrate;
+        let manifest = image_of(labels).map(|i| i.digest);
+        let remote = RemoteRef {
+            registry: reference.repo.registry,
+            repository: reference.repo.name,
+            blob: blob.into(),
+            location: loc.to_annotations(),
+            manifest,
+            also: Vec::new(),
+        };
+        // Registered before its index is read or stored: a gc from now on
+        // keeps the index, and one running now finishes first.
+        let _preparing = Preparing::new(self, blob);
+        // The network part runs without the lock.
+        let layer = self.remote_layer(&remote, loc)?;
+        // What the layer's files would take unpacked; its chunks live in the
+        // shared store and are not this snapshot's alone.
+        let entries = layer.index.entries();
+        let usage = Usage { size: entries.iter().map(|e| e.size as i64).sum(), inodes: entries.len() as i64 };
+        let mut meta = self.meta.lock().unwrap();
+        // The lock was let go for the fetch: look again.
+        if let Some(r) = meta.snaps.get(target) {
+            if r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent {
+                // Another pull of the same layer made it meanwhile.
+                let id = r.id;
+                drop(meta);
+                self.reused(target, id, labels);
+                return Ok(());
+            }
+            return Err(RemoteError::OtherParent(target.to_string()));
+        }
+        if !meta.parent_ok(parent) {
+            return Err(RemoteError::ParentGone(parent.to_string()));
+        }
+        let id = meta.next_id;
+        self.make_dirs(id, false)?;
+        if let Err(e) = self.mount_layer(id, layer.clone()) {
+            remove_dir(&self.dir(id));
+            return Err(e);
+        }
+        let mut labels = labels.clone();
+        // Keep what containerd checks, and the layer's annotations for a
+        // remount; drop the CRI's per-pull labels.
+        labels.retain(|k, _| labels::keep_on_commit(k));
+        let image = remote.image();
+        let now = SystemTime::now();
+        let rec = Record {
+            id,
+            kind: Kind::Committed,
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            labels,
+            created: now,
+            updated: now,
+            usage: Some(usage),
+            remote: Some(remote),
+        };
+        // The image's lower layers that came with images pulled before
+        // learn of this image in the same batch.
+        let mut puts = match &image {
+            Some(image) => noted(&meta, (!parent.is_empty()).then_some(parent), &image.digest),
+            None => Vec::new(),
+        };
+        let ancestors: Vec<u64> = puts.iter().map(|(_, r)| r.id).collect();
+        puts.push((target.to_string(), rec));
+        if let Err(e) = meta.transact(&self.store, puts, vec![], id + 1) {
+            drop(meta);
+            self.unmount_layer(id);
+            remove_dir(&self.dir(id));
+            return Err(e.into());
+        }
+        drop(meta);
+        if let Some(image) = image {
+            self.prefetch_through(&image, std::iter::once(id).chain(ancestors), hydrate);
+        }
+        Ok(())
+    }
+
+    pub(super) fn remount(&self, rec: &Record) -> Result<(), RemoteError> {
+        let remote = rec.remote.as_ref().expect("only remote records");
+        let from = if remote.location.is_empty() { &rec.labels } else { &remote.location };
+        let loc = IndexLocation::from_annotations(from)?.ok_or(RemoteError::NoLocation)?;
+        let layer = self.remote_layer(remote, &loc)?;
+        std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(RemoteError::Dir)?;
+        self.mount_layer(rec.id, layer)
+    }
+}
+
+/// Why a remote layer could not be mounted (the Prepare then falls back to
+/// the ordinary path, or a remount at start marks the layer broken).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RemoteError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("layer digest: {0}")]
+    Digest(#[from] DigestParseError),
+    #[error("index location: {0}")]
+    Location(#[from] FormatError),
+    #[error("the snapshot lost its index location")]
+    NoLocation,
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("FUSE mount: {0}")]
+    Mount(#[source] io::Error),
+    #[error("create the layer's fs dir: {0}")]
+    Dir(#[source] io::Error),
+    #[error("hyperboxd is stopping")]
+    Stopping,
+    #[error("snapshot {0} appeared meanwhile on another parent")]
+    OtherParent(String),
+    #[error("parent {0} was removed meanwhile")]
+    ParentGone(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The records of remote layers from `top` down that do not know image
+/// `manifest` yet, with it added to the images they serve.
+fn noted(meta: &Meta, top: Option<&str>, manifest: &str) -> Vec<(String, Record)> {
+    meta.chain(top)
+        .filter(|(_, r)| {
+            r.remote
+                .as_ref()
+                .is_some_and(|rr| rr.manifest.as_deref() != Some(manifest) && !rr.also.iter().any(|m| m == manifest))
+        })
+        .map(|(k, r)| {
+            let mut r = r.clone();
+            r.remote.as_mut().expect("filtered on remote").also.push(manifest.to_string());
+            (k.to_string(), r)
+        })
+        .collect()
+}
+
+/// The image a layer's Prepare is for: its platform manifest's digest, from
+/// the CRI's label (a reference pinned by digest may name an index), else
+/// from the pinned reference `hyperbox pull` passes.
+fn image_of(labels: &HashMap<String, String>) -> Option<ImageKey> {
+    let l = LayerLabels::read(labels);
+    let r: Reference = l.image_ref?.parse().ok()?;
+    let digest = match l.manifest_digest.and_then(|d| d.parse::<Digest>().ok()) {
+        Some(d) => d.to_string(),
+        None => r.digest.as_ref()?.to_string(),
+    };
+    Some(ImageKey { digest, repository: format!("{}/{}", r.repo.registry, r.repo.name) })
+}
