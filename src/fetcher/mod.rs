@@ -2,10 +2,11 @@
 //! the store, and fetches what the store lacks from the registry, verifies
 //! it, stores it, and answers with it.
 //!
-//! - **Coalescing**: the missing frames of one call are sorted by position
-//!   and merged into range requests while the gap between two is at most
-//!   `coalesce_gap_bytes` and the request at most `max_request_bytes`. Frames
-//!   in a gap come along, are verified and stored too.
+//! - **Coalescing** ([`plan`], pure and unit-tested): the missing frames of
+//!   one call are sorted by position and merged into range requests while
+//!   the gap between two is at most `coalesce_gap_bytes` and the request at
+//!   most `max_request_bytes`. Frames in a gap come along, are verified and
+//!   stored too.
 //! - **Single flight**: one fetch per chunk id at a time. A reader of a chunk
 //!   already on its way waits for that fetch; N readers make one request.
 //!   Fetches run in their own task, so a reader that gives up (an
@@ -33,6 +34,7 @@
 //! passed one of those checks (memory is trusted, as the page cache is).
 
 mod config;
+mod plan;
 mod sched;
 
 use std::collections::HashMap;
@@ -49,6 +51,7 @@ use crate::format::{self, IndexLocation, LayerIndex};
 use crate::metrics::{Histogram, HistogramSnapshot};
 use crate::registry::{Client, Repo};
 use crate::store::{Store, VerifiedChunk};
+use plan::{Planner, Rules};
 use sched::{Scheduler, Ticket};
 
 pub use config::FetchConfig;
@@ -152,11 +155,9 @@ struct Flight {
     blob: Digest,
 }
 
-/// Frames fetched in one range request, first to last in blob order.
+/// Frames fetched in one range request (a [`plan::Request`]): the flights
+/// it leads, with their senders, in blob order.
 struct Group {
-    first: usize,
-    last: usize,
-    /// The frames this group answers flights for, with their senders.
     leads: Vec<(usize, ChunkId, watch::Sender<Answer>)>,
     prio: Arc<AtomicU8>,
 }
@@ -579,32 +580,22 @@ impl Fetcher {
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
+            let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
                 if let Some(f) = inflight.get(&id) {
-                    // Became a flight below, as a gap frame of this call.
+                    // Became a flight below, as a gap frame of this call
+                    // (another frame holds the same chunk).
                     waits[seen[&id]].1 = f.rx.clone();
                     continue;
                 }
-                let (start, end) = layer.index.frame_blob_range(frame);
-                let joins = groups.last().is_some_and(|g| {
-                    let (g_start, _) = layer.index.frame_blob_range(g.first);
-                    let (_, g_end) = layer.index.frame_blob_range(g.last);
-                    inner.cfg.max_request_bytes > 0
-                        && start - g_end <= inner.cfg.coalesce_gap_bytes
-                        && end - g_start <= inner.cfg.max_request_bytes
-                });
-                if !joins {
-                    groups.push(Group {
-                        first: frame,
-                        last: frame,
-                        leads: Vec::new(),
-                        prio: Arc::new(AtomicU8::new(prio as u8)),
-                    });
+                let added = planner.add(frame);
+                if added.request == groups.len() {
+                    groups.push(Group { leads: Vec::new(), prio: Arc::new(AtomicU8::new(prio as u8)) });
                 }
-                let g = groups.last_mut().unwrap();
+                let g = &mut groups[added.request];
                 // Frames in the gap come along: make them flights too, so no
                 // other reader fetches them meanwhile.
-                for gap in g.last + 1..frame {
+                for gap in added.gap {
                     let gap_id = table.get(gap).id;
                     if !inflight.contains_key(&gap_id) {
                         let (tx, rx) = watch::channel(None);
@@ -612,7 +603,6 @@ impl Fetcher {
                         g.leads.push((gap, gap_id, tx));
                     }
                 }
-                g.last = frame;
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
                 g.leads.push((frame, id, tx));
