@@ -17,13 +17,18 @@ pub struct FetchConfig {
     /// Largest range one request asks for (a single frame larger than this
     /// is still fetched whole). 0 turns coalescing off: one frame a request.
     pub max_request_bytes: u64,
-    /// Tries per source (each mirror, then the registry).
+    /// Tries per source: each mirror gets one, the registry this many.
     pub attempts: u32,
     /// First backoff between tries; doubles each time, with jitter.
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
-    /// A fetch that has not succeeded after this long fails (a FUSE read then
-    /// returns EIO).
+    /// The most one registry read may take, all tries on all sources and the
+    /// backoff between them included: a range of chunks (a FUSE read waiting
+    /// on it then returns EIO) or a layer's index (the layer's `Prepare`
+    /// then fails). The clock starts when the first try starts; for chunks,
+    /// when the request first gets a slot (time queued behind other
+    /// requests, each bounded itself, does not count). A stalled connection
+    /// is cut sooner, by `registry.read_timeout_ms`, and retried.
     pub timeout_ms: u64,
     /// MiB of decompressed, verified frames kept in memory for reads that
     /// come back to a frame (small files that share one); 0 turns it off.
