@@ -24,45 +24,52 @@
 //!   `timeout_ms` has passed since its first try, with an error
 //!   ([`FetchError`], which keeps its typed cause) naming the registry,
 //!   repository, blob and chunk.
-//! - **Frame cache**: up to `frame_cache_mb` of the frames that reads were
-//!   answered with stay in memory, decompressed and verified. Small files
-//!   share frames (a 128 KiB frame holds dozens of Python modules), and the
-//!   kernel reads each file on its own: without it, every one of those reads
-//!   would fetch, decompress and hash the whole frame from the store again.
-//!   Hits refresh the chunks' access times in the store, in batches.
+//! - **Frame cache** ([`cache`]): up to `frame_cache_mb` of the frames that
+//!   reads were answered with stay in memory, decompressed and verified.
+//!   Small files share frames (a 128 KiB frame holds dozens of Python
+//!   modules), and the kernel reads each file on its own: without it, every
+//!   one of those reads would fetch, decompress and hash the whole frame from
+//!   the store again. Hits refresh the chunks' access times in the store, in
+//!   batches.
 //!
 //! Nothing leaves this module unverified: every frame is decompressed and
-//! hashed before anyone sees it ([`VerifiedChunk::verify`](crate::store::VerifiedChunk::verify)), store hits are
-//! verified by the store on read, and the frame cache holds only frames that
-//! passed one of those checks (memory is trusted, as the page cache is).
+//! hashed before anyone sees it
+//! ([`VerifiedChunk::verify`](crate::store::VerifiedChunk::verify)), store
+//! hits are verified by the store on read, and the frame cache holds only
+//! frames that passed one of those checks (memory is trusted, as the page
+//! cache is).
 
+mod cache;
 mod config;
 mod error;
 mod plan;
 mod remote;
 mod retry;
 mod sched;
+mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
 use crate::format::{self, FormatError, IndexLocation, LayerIndex};
-use crate::metrics::{Histogram, HistogramSnapshot};
+use crate::metrics::HistogramSnapshot;
 use crate::registry::{Client, Repo};
 use crate::store::Store;
+use cache::{touch_all, FrameCache};
 use plan::{Planner, Rules};
 use retry::RetryPolicy;
 use sched::Scheduler;
+use stats::Counters;
 
 pub use config::FetchConfig;
 pub use error::{FetchError, TryError};
+pub use stats::FetchStats;
 
 /// Who is asking. Demand is a reader waiting now; prefetch is a guess.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,57 +91,6 @@ impl RemoteLayer {
     fn name(&self) -> String {
         format!("layer {} of {}", self.blob, self.repo)
     }
-}
-
-/// Counters since start.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FetchStats {
-    /// Range requests sent (tries included), by priority.
-    pub demand_requests: u64,
-    pub prefetch_requests: u64,
-    /// Compressed bytes received in good responses.
-    pub bytes: u64,
-    /// Chunks fetched, verified and handed to the store.
-    pub chunks: u64,
-    /// Tries after a failed one.
-    pub retries: u64,
-    /// Failed tries (transport, status, protocol, verification).
-    pub errors: u64,
-    /// Responses holding a frame that failed verification.
-    pub verify_failures: u64,
-    /// Reads of a chunk that waited for a fetch already in flight.
-    pub joined: u64,
-    /// Frames answered from the store (or the frame cache).
-    pub store_hits: u64,
-    /// Of those, frames answered from the frame cache.
-    pub cache_hits: u64,
-    /// Fetches that gave up.
-    pub failures: u64,
-}
-
-impl FetchStats {
-    pub fn requests(&self) -> u64 {
-        self.demand_requests + self.prefetch_requests
-    }
-}
-
-#[derive(Default)]
-struct Counters {
-    demand_requests: AtomicU64,
-    prefetch_requests: AtomicU64,
-    bytes: AtomicU64,
-    chunks: AtomicU64,
-    retries: AtomicU64,
-    errors: AtomicU64,
-    verify_failures: AtomicU64,
-    joined: AtomicU64,
-    store_hits: AtomicU64,
-    cache_hits: AtomicU64,
-    failures: AtomicU64,
-    demand_latency: Histogram,
-    prefetch_latency: Histogram,
-    /// Time reads spent waiting on fetches, in nanoseconds.
-    wait_ns: AtomicU64,
 }
 
 type Answer = Option<Result<Bytes, FetchError>>;
@@ -172,33 +128,6 @@ struct Inner {
     n: Counters,
 }
 
-/// How many frame cache hits wait before their access times go to the store.
-const TOUCH_BATCH: usize = 256;
-
-/// Refresh access times of chunks the frame cache answered for; a failure
-/// only makes eviction less exact, so it is logged, not returned.
-fn touch_all(store: &Store, ids: &[ChunkId]) {
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    if let Err(e) = store.touch_all(&ids) {
-        tracing::warn!(error = %e, chunks = ids.len(), "recording frame cache hits in the store failed");
-    }
-}
-
-/// Decompressed, verified frames by chunk id, weighed in bytes.
-type FrameCache = quick_cache::sync::Cache<ChunkId, Bytes, FrameWeight>;
-
-#[derive(Clone)]
-struct FrameWeight;
-
-impl quick_cache::Weighter<ChunkId, Bytes> for FrameWeight {
-    fn weight(&self, _id: &ChunkId, data: &Bytes) -> u64 {
-        // An empty frame still costs its entry.
-        data.len().max(64) as u64
-    }
-}
-
 /// Cheap to clone; clones share flights, budget and counters.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -208,11 +137,7 @@ pub struct Fetcher {
 impl Fetcher {
     pub fn new(client: Arc<Client>, store: Arc<Store>, cfg: FetchConfig) -> Fetcher {
         let sched = Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests);
-        let frames = (cfg.frame_cache_mb > 0).then(|| {
-            let bytes = cfg.frame_cache_mb << 20;
-            // Sized for frames of the default average (128 KiB).
-            FrameCache::with_weighter((bytes / (128 << 10)).max(16) as usize, bytes, FrameWeight)
-        });
+        let frames = cache::frame_cache(cfg.frame_cache_mb);
         Fetcher {
             inner: Arc::new(Inner {
                 client,
@@ -241,21 +166,7 @@ impl Fetcher {
     }
 
     pub fn stats(&self) -> FetchStats {
-        let n = &self.inner.n;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        FetchStats {
-            demand_requests: g(&n.demand_requests),
-            prefetch_requests: g(&n.prefetch_requests),
-            bytes: g(&n.bytes),
-            chunks: g(&n.chunks),
-            retries: g(&n.retries),
-            errors: g(&n.errors),
-            verify_failures: g(&n.verify_failures),
-            joined: g(&n.joined),
-            store_hits: g(&n.store_hits),
-            cache_hits: g(&n.cache_hits),
-            failures: g(&n.failures),
-        }
+        self.inner.n.snapshot()
     }
 
     /// Range request latency (send to whole body, failures included), for
@@ -470,22 +381,6 @@ impl Fetcher {
             start = end;
         }
         Ok(())
-    }
-
-    /// Remember chunks read from the frame cache; once there are
-    /// [`TOUCH_BATCH`] of them, refresh their access times in the store off
-    /// the runtime. (A store lookup refreshes any pending ones sooner.)
-    fn note_cache_hits(&self, ids: impl Iterator<Item = ChunkId>) {
-        let batch = {
-            let mut pending = self.inner.untouched.lock().unwrap();
-            pending.extend(ids);
-            if pending.len() < TOUCH_BATCH {
-                return;
-            }
-            std::mem::take(&mut *pending)
-        };
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || touch_all(&store, &batch));
     }
 
     /// Look the chunks up in the store (verified there), off the runtime.
