@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::faultproxy::{Fault, FaultProxy};
-use hyperbox::fetcher::{FetchConfig, FetchError, Fetcher, Priority, RemoteLayer};
-use hyperbox::format::{self, writer, LayerIndex};
-use hyperbox::registry::{BlobBody, Client, RegistryConfig, Repo};
+use hyperbox::fetcher::{FetchConfig, FetchError, Fetcher, Priority, RemoteLayer, TryError};
+use hyperbox::format::{self, writer, IndexLocation, LayerIndex};
+use hyperbox::registry::{BlobBody, Client, RegistryConfig, RegistryError, Repo};
 use hyperbox::store::{Store, StoreConfig};
 use rand::{RngCore, SeedableRng};
 
@@ -24,6 +24,7 @@ struct TestLayer {
     blob: Vec<u8>,
     digest: hyperbox::digest::Digest,
     index: Arc<LayerIndex>,
+    location: IndexLocation,
     frames: Vec<Vec<u8>>,
 }
 
@@ -45,7 +46,7 @@ fn make_layer(seed: u64, files: usize, size: usize) -> TestLayer {
     let layer = writer::convert_tar(&tar[..], &mut blob, &writer::WriteOptions::default()).unwrap();
     let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
     let frames = (0..index.frames().len()).map(|i| format::read_frame(&blob[..], &index, i).unwrap()).collect();
-    TestLayer { blob, digest: layer.blob_digest, index: Arc::new(index), frames }
+    TestLayer { blob, digest: layer.blob_digest, index: Arc::new(index), location: layer.location, frames }
 }
 
 struct Setup {
@@ -103,20 +104,32 @@ async fn setup(cfg: FetchConfig, store_cfg: StoreConfig) -> Setup {
     Setup { _dir: dir, registry, proxy, layer, fetcher, remote }
 }
 
-/// How many range requests the fetcher's coalescing rule makes for all frames.
-fn expected_groups(index: &LayerIndex, cfg: &FetchConfig) -> u64 {
-    let (mut groups, mut g_start) = (0u64, None::<u64>);
-    for i in 0..index.frames().len() {
-        let (s, e) = index.frame_blob_range(i);
-        match g_start {
-            Some(gs) if cfg.max_request_bytes > 0 && e - gs <= cfg.max_request_bytes => {}
-            _ => {
-                groups += 1;
-                g_start = Some(s);
-            }
-        }
-    }
-    groups
+/// The layer `setup()` pushes (`make_layer(1, 3, 1 << 20)`), read whole
+/// under `test_config()` (1 MiB requests, no frame missing in between), is
+/// REQUESTS_1 range requests. Derived by hand from its frame table (which
+/// `assert_fixture` pins):
+/// 23 frames in 3,147,936 bytes; the requests are cut where the next frame
+/// would end past 1 MiB (1,048,576 bytes) from the request's first byte:
+///
+/// | request | frames | blob bytes                        | the next frame would end at |
+/// |---------|--------|-----------------------------------|-----------------------------|
+/// | 1       | 0-5    | 0..1,017,107                      | 1,048,770 (frame 6)         |
+/// | 2       | 6-12   | 1,017,107..1,827,080 (809,973)    | 2,088,142 (frame 13)        |
+/// | 3       | 13-19  | 1,827,080..2,837,432 (1,010,352)  | 3,078,224 (frame 20)        |
+/// | 4       | 20-22  | 2,837,432..3,146,677 (309,245)    | (the last frame)            |
+const REQUESTS_1: u64 = 4;
+
+/// The same for `make_layer(3, 2, 512 << 10)`, the mirrors test's layer:
+/// 11 frames in 1,050,075 bytes: frames 0-8 are bytes 0..979,419; frame 9
+/// would end at 1,048,874, 298 bytes past 1 MiB, so frames 9-10
+/// (979,419..1,049,283) are the second request.
+const REQUESTS_3: u64 = 2;
+
+/// The request counts above hold for the frame tables they were derived
+/// from; if the writer (chunking, packing, zstd) changes, derive them again.
+fn assert_fixture(layer: &TestLayer, frames: usize, blob_len: usize) {
+    let got = (layer.index.frames().len(), layer.blob.len());
+    assert_eq!(got, (frames, blob_len), "the fixture changed (frames, blob bytes): derive its request count again");
 }
 
 fn check_frames(got: &[bytes::Bytes], want: &[Vec<u8>], first: usize) {
@@ -130,10 +143,9 @@ async fn concurrent_readers_make_one_coalesced_fetch() {
     if !common::have_tools("concurrent_readers_make_one_coalesced_fetch", TOOLS) {
         return;
     }
-    let cfg = test_config();
-    let s = setup(cfg.clone(), StoreConfig::default()).await;
+    let s = setup(test_config(), StoreConfig::default()).await;
     let n = s.layer.frames.len();
-    assert!(n > 20, "the layer has {n} frames");
+    assert_fixture(&s.layer, 23, 3_147_936);
     // 16 readers of the whole layer at once.
     let readers: Vec<_> = (0..16)
         .map(|_| {
@@ -144,7 +156,7 @@ async fn concurrent_readers_make_one_coalesced_fetch() {
     for r in readers {
         check_frames(&r.await.unwrap().unwrap(), &s.layer.frames, 0);
     }
-    let want = expected_groups(&s.layer.index, &cfg);
+    let want = REQUESTS_1;
     let st = s.fetcher.stats();
     eprintln!(
         "{n} frames, {} blob bytes: {} requests (expected {want}), stats {st:?}",
@@ -253,6 +265,53 @@ async fn every_fault_fails_cleanly_and_reads_succeed_once_it_stops() {
     assert!(st.verify_failures >= 4, "flipped bytes are caught by verification: {st:?}");
 }
 
+/// `timeout_ms` bounds a whole read, tries and backoff included, for chunks
+/// and indexes alike: a registry that answers too slowly every time gets one
+/// try, not `attempts` tries of `timeout_ms` each. Then an index read meets
+/// a failure that stops, and the retry policy gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_ms_bounds_the_whole_read_of_chunks_and_of_an_index() {
+    if !common::have_tools("timeout_ms_bounds_the_whole_read_of_chunks_and_of_an_index", TOOLS) {
+        return;
+    }
+    // Answers come after 400 ms: under the client's 500 ms read timeout, so
+    // only timeout_ms (300) can cut them off.
+    let s = setup(FetchConfig { timeout_ms: 300, ..test_config() }, StoreConfig::default()).await;
+    s.proxy.set(Fault::Delay(400), None);
+    let began = std::time::Instant::now();
+    let err = s.fetcher.read(&s.remote, 0..1, Priority::Demand).await.unwrap_err();
+    let took = began.elapsed();
+    eprintln!("chunks, after {took:?}: {err}");
+    assert!(
+        matches!(err, FetchError::Remote { attempts: 1, cause: TryError::TimedOut { ms: 300, .. }, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("fetch.timeout_ms (300 ms)"), "{err}");
+    assert_eq!(s.proxy.blob_gets(), 1);
+    assert!(took < Duration::from_millis(1_000), "{took:?}");
+
+    let repo = s.remote.repo.clone();
+    let began = std::time::Instant::now();
+    let err = s.fetcher.layer_index(&repo, &s.layer.digest, &s.layer.location).await.unwrap_err();
+    let took = began.elapsed();
+    eprintln!("index, after {took:?}: {err}");
+    assert!(matches!(err, FetchError::Index { cause: TryError::TimedOut { ms: 300, .. }, .. }), "{err:?}");
+    for needle in [s.proxy.addr.as_str(), "test/layer", &s.layer.digest.to_string(), "fetch.timeout_ms"] {
+        assert!(err.to_string().contains(needle), "{err} does not name {needle}");
+    }
+    assert_eq!(s.proxy.blob_gets(), 2, "one try for the index: the deadline is for the whole read");
+    assert!(took < Duration::from_millis(1_000), "{took:?}");
+
+    // A 500 once: the index read retries and gets it, verified.
+    s.proxy.set(Fault::Status500, Some(1));
+    let index = s.fetcher.layer_index(&repo, &s.layer.digest, &s.layer.location).await.unwrap();
+    assert_eq!(index.frames().len(), s.layer.index.frames().len());
+    assert_eq!(s.proxy.blob_gets(), 4, "a failed try and a good one");
+    // Now it is kept: no request.
+    s.fetcher.layer_index(&repo, &s.layer.digest, &s.layer.location).await.unwrap();
+    assert_eq!(s.proxy.blob_gets(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_blob_is_a_clear_error_without_retries() {
     if !common::have_tools("a_missing_blob_is_a_clear_error_without_retries", TOOLS) {
@@ -262,9 +321,18 @@ async fn a_missing_blob_is_a_clear_error_without_retries() {
     let other = make_layer(2, 1, 200 << 10); // never pushed
     let remote =
         Arc::new(RemoteLayer { repo: s.remote.repo.clone(), blob: other.digest.clone(), index: other.index.clone() });
-    let msg = s.fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap_err().to_string();
+    let err = s.fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap_err();
+    let msg = err.to_string();
     assert!(msg.contains("404") && msg.contains(&other.digest.to_string()) && msg.contains("test/layer"), "{msg}");
     assert_eq!(s.proxy.blob_gets(), 1, "a 404 is final: {msg}");
+    // The registry's answer stays typed, as the error's source.
+    match &err {
+        FetchError::Remote { cause: TryError::Registry(e), attempts: 1, .. } => {
+            assert!(matches!(**e, RegistryError::Status { status: 404, .. }), "{e:?}");
+        }
+        other => panic!("not a registry error: {other:?}"),
+    }
+    assert!(std::error::Error::source(&err).is_some(), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,6 +344,7 @@ async fn mirrors_come_first_and_the_registry_backs_them_up() {
     let mirror = common::Registry::start();
     let (origin_proxy, mirror_proxy) = (FaultProxy::start(&origin.addr), FaultProxy::start(&mirror.addr));
     let layer = make_layer(3, 2, 512 << 10);
+    assert_fixture(&layer, 11, 1_050_075);
     push(&origin.addr, &layer).await;
     let n = layer.frames.len();
     let fetcher_for = |dir: &tempfile::TempDir| {
@@ -292,7 +361,7 @@ async fn mirrors_come_first_and_the_registry_backs_them_up() {
     // The mirror lacks the blob (404): each request falls through to the registry.
     let d1 = tempfile::tempdir().unwrap();
     check_frames(&fetcher_for(&d1).read(&remote, 0..n, Priority::Demand).await.unwrap(), &layer.frames, 0);
-    let groups = expected_groups(&layer.index, &test_config());
+    let groups = REQUESTS_3;
     assert_eq!((mirror_proxy.blob_gets(), origin_proxy.blob_gets()), (groups, groups));
     // Once the mirror has it, the registry is not asked.
     push(&mirror.addr, &layer).await;
@@ -347,16 +416,16 @@ async fn fetch_into_store_fills_the_store_in_coalesced_requests() {
     if !common::have_tools("fetch_into_store_fills_the_store_in_coalesced_requests", TOOLS) {
         return;
     }
-    let cfg = test_config();
-    let s = setup(cfg.clone(), StoreConfig::default()).await;
+    let s = setup(test_config(), StoreConfig::default()).await;
     let n = s.layer.frames.len();
+    assert_fixture(&s.layer, 23, 3_147_936);
     let all: Vec<usize> = (0..n).collect();
     s.fetcher.fetch_into_store(&s.remote, &all, Priority::Prefetch).await.unwrap();
     s.fetcher.settled().await;
     for i in 0..n {
         assert!(s.fetcher.store().contains(&s.layer.index.frames().get(i).id).unwrap(), "frame {i}");
     }
-    let want = expected_groups(&s.layer.index, &cfg);
+    let want = REQUESTS_1;
     assert_eq!(s.proxy.blob_gets(), want);
     assert_eq!(s.fetcher.stats().prefetch_requests, want);
     // A second time finds everything stored, without reading it back.

@@ -2,119 +2,75 @@
 //! the store, and fetches what the store lacks from the registry, verifies
 //! it, stores it, and answers with it.
 //!
-//! - **Coalescing**: the missing frames of one call are sorted by position
-//!   and merged into range requests while the gap between two is at most
-//!   `coalesce_gap_bytes` and the request at most `max_request_bytes`. Frames
-//!   in a gap come along, are verified and stored too.
-//! - **Single flight**: one fetch per chunk id at a time. A reader of a chunk
-//!   already on its way waits for that fetch; N readers make one request.
-//!   Fetches run in their own task, so a reader that gives up (an
-//!   interrupted FUSE read) cancels nothing others wait for.
-//! - **Budget and priority**: at most `max_concurrent_requests` requests at
-//!   once, at most `max_prefetch_requests` of them prefetch; a free slot goes
-//!   to demand first, and a demand read joining a queued prefetch raises it.
-//! - **Retries**: sources are the registry's mirrors, then the registry
-//!   ([`Client::pull_sources`]). Transient failures (transport, 5xx, a 200
-//!   for a range, a short body, bytes that fail verification) are retried
-//!   with exponential backoff and jitter; a permanent one (a 4xx) moves to
-//!   the next source. A fetch gives up after `attempts` tries per source or
-//!   `timeout_ms` overall, with an error naming the registry, repository,
-//!   blob and chunk.
-//! - **Frame cache**: up to `frame_cache_mb` of the frames that reads were
-//!   answered with stay in memory, decompressed and verified. Small files
-//!   share frames (a 128 KiB frame holds dozens of Python modules), and the
-//!   kernel reads each file on its own: without it, every one of those reads
-//!   would fetch, decompress and hash the whole frame from the store again.
-//!   Hits refresh the chunks' access times in the store, in batches.
+//! - **Coalescing** ([`plan`], pure and unit-tested): the missing frames of
+//!   one call are sorted by position and merged into range requests while
+//!   the gap between two is at most `coalesce_gap_bytes` and the request at
+//!   most `max_request_bytes`. Frames in a gap come along, are verified and
+//!   stored too.
+//! - **Single flight** (here): one fetch per chunk id at a time. A reader of
+//!   a chunk already on its way waits for that fetch; N readers make one
+//!   request. Fetches run in their own task ([`remote`]), so a reader that
+//!   gives up (an interrupted FUSE read) cancels nothing others wait for.
+//! - **Budget and priority** ([`sched`]): at most `max_concurrent_requests`
+//!   requests at once, at most `max_prefetch_requests` of them prefetch; a
+//!   free slot goes to demand first, and a demand read joining a queued
+//!   prefetch raises it.
+//! - **Retries** ([`retry`], one policy for chunks and indexes): sources are
+//!   the registry's mirrors, then the registry ([`Client::pull_sources`]).
+//!   Transient failures (transport, 5xx, a 200 for a range, a short body,
+//!   bytes that fail verification) are retried with exponential backoff and
+//!   jitter; a permanent one (a 4xx) moves to the next source. A read gives
+//!   up after one try per mirror and `attempts` at the registry, or once
+//!   `timeout_ms` has passed since its first try, with an error
+//!   ([`FetchError`], which keeps its typed cause) naming the registry,
+//!   repository, blob and chunk.
+//! - **Frame cache** ([`cache`]): up to `frame_cache_mb` of the frames that
+//!   reads were answered with stay in memory, decompressed and verified.
+//!   Small files share frames (a 128 KiB frame holds dozens of Python
+//!   modules), and the kernel reads each file on its own: without it, every
+//!   one of those reads would fetch, decompress and hash the whole frame from
+//!   the store again. Hits refresh the chunks' access times in the store, in
+//!   batches.
 //!
 //! Nothing leaves this module unverified: every frame is decompressed and
-//! hashed before anyone sees it ([`VerifiedChunk::verify`]), store hits are
-//! verified by the store on read, and the frame cache holds only frames that
-//! passed one of those checks (memory is trusted, as the page cache is).
+//! hashed before anyone sees it
+//! ([`VerifiedChunk::verify`](crate::store::VerifiedChunk::verify)), store
+//! hits are verified by the store on read, and the frame cache holds only
+//! frames that passed one of those checks (memory is trusted, as the page
+//! cache is).
 
+mod cache;
+mod config;
+mod error;
+mod plan;
+mod remote;
+mod retry;
 mod sched;
+mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
-use crate::format::{self, IndexLocation, LayerIndex};
+use crate::format::{self, FormatError, IndexLocation, LayerIndex};
 pub use crate::layer::RemoteLayer;
-use crate::metrics::{Histogram, HistogramSnapshot};
+use crate::metrics::HistogramSnapshot;
 use crate::registry::{Client, Repo};
-use crate::store::{Store, VerifiedChunk};
-use sched::{Scheduler, Ticket};
+use crate::store::Store;
+use cache::{touch_all, FrameCache};
+use plan::{Planner, Rules};
+use retry::RetryPolicy;
+use sched::Scheduler;
+use stats::Counters;
 
-/// The fetch section of the config file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FetchConfig {
-    /// Registry requests in flight at once, all kinds.
-    pub max_concurrent_requests: usize,
-    /// Of those, how many may be prefetch; the rest stay free for demand.
-    pub max_prefetch_requests: usize,
-    /// Missing frames separated by at most this many bytes of other frames
-    /// are fetched in one request (the bytes between come along).
-    pub coalesce_gap_bytes: u64,
-    /// Largest range one request asks for (a single frame larger than this
-    /// is still fetched whole). 0 turns coalescing off: one frame a request.
-    pub max_request_bytes: u64,
-    /// Tries per source (each mirror, then the registry).
-    pub attempts: u32,
-    /// First backoff between tries; doubles each time, with jitter.
-    pub backoff_initial_ms: u64,
-    pub backoff_max_ms: u64,
-    /// A fetch that has not succeeded after this long fails (a FUSE read then
-    /// returns EIO).
-    pub timeout_ms: u64,
-    /// MiB of decompressed, verified frames kept in memory for reads that
-    /// come back to a frame (small files that share one); 0 turns it off.
-    pub frame_cache_mb: u64,
-}
-
-impl Default for FetchConfig {
-    fn default() -> Self {
-        Self {
-            max_concurrent_requests: 16,
-            max_prefetch_requests: 4,
-            coalesce_gap_bytes: 128 << 10,
-            max_request_bytes: 4 << 20,
-            attempts: 4,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 5_000,
-            timeout_ms: 60_000,
-            frame_cache_mb: 32,
-        }
-    }
-}
-
-impl FetchConfig {
-    /// Problems with the values, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_concurrent_requests == 0 {
-            return Err("fetch.max_concurrent_requests must be at least 1".into());
-        }
-        if self.max_prefetch_requests == 0 || self.max_prefetch_requests > self.max_concurrent_requests {
-            return Err("fetch.max_prefetch_requests must be between 1 and max_concurrent_requests".into());
-        }
-        if self.attempts == 0 {
-            return Err("fetch.attempts must be at least 1".into());
-        }
-        if self.timeout_ms == 0 {
-            return Err("fetch.timeout_ms must be more than 0".into());
-        }
-        if self.frame_cache_mb > 16 << 10 {
-            return Err("fetch.frame_cache_mb must be at most 16384".into());
-        }
-        Ok(())
-    }
-}
+pub use config::FetchConfig;
+pub use error::{FetchError, TryError};
+pub use stats::FetchStats;
 
 /// Who is asking. Demand is a reader waiting now; prefetch is a guess.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,71 +78,6 @@ impl FetchConfig {
 pub enum Priority {
     Prefetch = 0,
     Demand = 1,
-}
-
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("fetching chunk {chunk} of {layer} (blob bytes {offset}+{len}) failed after {attempts} tries in {elapsed_ms} ms: {problem}")]
-    Remote { layer: String, chunk: ChunkId, offset: u64, len: u64, attempts: u32, elapsed_ms: u64, problem: String },
-    #[error("{layer}: frame {frame} does not exist (the index has {frames})")]
-    NoSuchFrame { layer: String, frame: usize, frames: usize },
-    #[error("{0}")]
-    Store(String),
-    #[error("{layer}: cannot get the layer index: {problem}")]
-    Index { layer: String, problem: String },
-    #[error("{layer}: chunk {chunk}: the fetch it waited for ended without an answer")]
-    Lost { layer: String, chunk: ChunkId },
-}
-
-/// Counters since start.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FetchStats {
-    /// Range requests sent (tries included), by priority.
-    pub demand_requests: u64,
-    pub prefetch_requests: u64,
-    /// Compressed bytes received in good responses.
-    pub bytes: u64,
-    /// Chunks fetched, verified and handed to the store.
-    pub chunks: u64,
-    /// Tries after a failed one.
-    pub retries: u64,
-    /// Failed tries (transport, status, protocol, verification).
-    pub errors: u64,
-    /// Responses holding a frame that failed verification.
-    pub verify_failures: u64,
-    /// Reads of a chunk that waited for a fetch already in flight.
-    pub joined: u64,
-    /// Frames answered from the store (or the frame cache).
-    pub store_hits: u64,
-    /// Of those, frames answered from the frame cache.
-    pub cache_hits: u64,
-    /// Fetches that gave up.
-    pub failures: u64,
-}
-
-impl FetchStats {
-    pub fn requests(&self) -> u64 {
-        self.demand_requests + self.prefetch_requests
-    }
-}
-
-#[derive(Default)]
-struct Counters {
-    demand_requests: AtomicU64,
-    prefetch_requests: AtomicU64,
-    bytes: AtomicU64,
-    chunks: AtomicU64,
-    retries: AtomicU64,
-    errors: AtomicU64,
-    verify_failures: AtomicU64,
-    joined: AtomicU64,
-    store_hits: AtomicU64,
-    cache_hits: AtomicU64,
-    failures: AtomicU64,
-    demand_latency: Histogram,
-    prefetch_latency: Histogram,
-    /// Time reads spent waiting on fetches, in nanoseconds.
-    wait_ns: AtomicU64,
 }
 
 type Answer = Option<Result<Bytes, FetchError>>;
@@ -201,11 +92,9 @@ struct Flight {
     blob: Digest,
 }
 
-/// Frames fetched in one range request, first to last in blob order.
+/// Frames fetched in one range request (a [`plan::Request`]): the flights
+/// it leads, with their senders, in blob order.
 struct Group {
-    first: usize,
-    last: usize,
-    /// The frames this group answers flights for, with their senders.
     leads: Vec<(usize, ChunkId, watch::Sender<Answer>)>,
     prio: Arc<AtomicU8>,
 }
@@ -214,6 +103,7 @@ struct Inner {
     client: Arc<Client>,
     store: Arc<Store>,
     cfg: FetchConfig,
+    retry: RetryPolicy,
     sched: Arc<Scheduler>,
     inflight: Mutex<HashMap<ChunkId, Flight>>,
     /// Verified frames reads were answered with (`frame_cache_mb`).
@@ -225,33 +115,6 @@ struct Inner {
     n: Counters,
 }
 
-/// How many frame cache hits wait before their access times go to the store.
-const TOUCH_BATCH: usize = 256;
-
-/// Refresh access times of chunks the frame cache answered for; a failure
-/// only makes eviction less exact, so it is logged, not returned.
-fn touch_all(store: &Store, ids: &[ChunkId]) {
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    if let Err(e) = store.touch_all(&ids) {
-        tracing::warn!(error = %e, chunks = ids.len(), "recording frame cache hits in the store failed");
-    }
-}
-
-/// Decompressed, verified frames by chunk id, weighed in bytes.
-type FrameCache = quick_cache::sync::Cache<ChunkId, Bytes, FrameWeight>;
-
-#[derive(Clone)]
-struct FrameWeight;
-
-impl quick_cache::Weighter<ChunkId, Bytes> for FrameWeight {
-    fn weight(&self, _id: &ChunkId, data: &Bytes) -> u64 {
-        // An empty frame still costs its entry.
-        data.len().max(64) as u64
-    }
-}
-
 /// Cheap to clone; clones share flights, budget and counters.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -261,15 +124,12 @@ pub struct Fetcher {
 impl Fetcher {
     pub fn new(client: Arc<Client>, store: Arc<Store>, cfg: FetchConfig) -> Fetcher {
         let sched = Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests);
-        let frames = (cfg.frame_cache_mb > 0).then(|| {
-            let bytes = cfg.frame_cache_mb << 20;
-            // Sized for frames of the default average (128 KiB).
-            FrameCache::with_weighter((bytes / (128 << 10)).max(16) as usize, bytes, FrameWeight)
-        });
+        let frames = cache::frame_cache(cfg.frame_cache_mb);
         Fetcher {
             inner: Arc::new(Inner {
                 client,
                 store,
+                retry: RetryPolicy::new(&cfg),
                 cfg,
                 sched,
                 inflight: Mutex::new(HashMap::new()),
@@ -293,21 +153,7 @@ impl Fetcher {
     }
 
     pub fn stats(&self) -> FetchStats {
-        let n = &self.inner.n;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        FetchStats {
-            demand_requests: g(&n.demand_requests),
-            prefetch_requests: g(&n.prefetch_requests),
-            bytes: g(&n.bytes),
-            chunks: g(&n.chunks),
-            retries: g(&n.retries),
-            errors: g(&n.errors),
-            verify_failures: g(&n.verify_failures),
-            joined: g(&n.joined),
-            store_hits: g(&n.store_hits),
-            cache_hits: g(&n.cache_hits),
-            failures: g(&n.failures),
-        }
+        self.inner.n.snapshot()
     }
 
     /// Range request latency (send to whole body, failures included), for
@@ -323,62 +169,29 @@ impl Fetcher {
         self.inner.n.wait_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
 
-    /// A layer's index: from the store if kept there, else fetched (mirrors
-    /// once each, then the registry with retries), verified against `loc`'s
-    /// digest and kept. One range request when it is not local.
+    /// A layer's index: from the store if kept there, else fetched under
+    /// the retry policy (mirrors once each, then the registry), verified
+    /// against `loc`'s digest and kept. One range request when it is not
+    /// local.
     pub async fn layer_index(&self, repo: &Repo, blob: &Digest, loc: &IndexLocation) -> Result<LayerIndex, FetchError> {
-        let store_err = |e: crate::store::StoreError| FetchError::Store(e.to_string());
         match self.inner.store.get_index(blob) {
             Ok(Some((have, index))) if &have == loc => return Ok(index),
             Ok(_) => {}
             Err(e) => {
                 // A row that no longer verifies: drop it and fetch again.
                 tracing::warn!(layer = %blob, error = %e, "stored index is unusable; fetching it again");
-                self.inner.store.delete_index(blob).map_err(store_err)?;
+                self.inner.store.delete_index(blob)?;
             }
         }
-        let bad = |problem: String| FetchError::Index { layer: format!("{}@{blob}", repo.name), problem };
+        let bad =
+            |error: FormatError| FetchError::IndexLocation { layer: format!("{repo}@{blob}"), error: Arc::new(error) };
         // The blob's size is not known here; bounding the length is what matters.
         let end = loc.offset.checked_add(loc.length).and_then(|e| e.checked_add(format::FOOTER_LEN as u64));
-        let end = end.ok_or_else(|| bad(format!("index at {}+{} is past any blob", loc.offset, loc.length)))?;
-        loc.check_bounds(end).map_err(|e| bad(e.to_string()))?;
-        let sources = self.inner.client.pull_sources(repo);
-        let mut problem = String::new();
-        for (s, source) in sources.iter().enumerate() {
-            let attempts = self.inner.attempts(s + 1 == sources.len());
-            for attempt in 0..attempts {
-                if attempt > 0 {
-                    tokio::time::sleep(self.inner.backoff(attempt)).await;
-                }
-                let timeout = Duration::from_millis(self.inner.cfg.timeout_ms);
-                let frame = match tokio::time::timeout(
-                    timeout,
-                    self.inner.client.get_blob_range(source, blob, loc.offset, loc.length),
-                )
-                .await
-                {
-                    Err(_) => {
-                        problem = format!("{source}: no answer within {} ms", self.inner.cfg.timeout_ms);
-                        continue;
-                    }
-                    Ok(Err(e)) => {
-                        let transient = e.is_transient();
-                        problem = e.to_string();
-                        if transient {
-                            continue;
-                        }
-                        break;
-                    }
-                    Ok(Ok(frame)) => frame,
-                };
-                match self.inner.store.put_index(blob, loc, &frame) {
-                    Ok(index) => return Ok(index),
-                    // Wrong bytes: a mirror is skipped, the registry retried.
-                    Err(e) => problem = format!("{source}: {e}"),
-                }
-            }
-        }
-        Err(bad(problem))
+        let end = end.ok_or_else(|| {
+            bad(FormatError::Corrupt(format!("index at {}+{} is past any blob", loc.offset, loc.length)))
+        })?;
+        loc.check_bounds(end).map_err(bad)?;
+        self.inner.fetch_index(repo, blob, loc).await
     }
 
     /// Wait until no fetch is in flight (every fetched chunk is stored).
@@ -557,22 +370,6 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Remember chunks read from the frame cache; once there are
-    /// [`TOUCH_BATCH`] of them, refresh their access times in the store off
-    /// the runtime. (A store lookup refreshes any pending ones sooner.)
-    fn note_cache_hits(&self, ids: impl Iterator<Item = ChunkId>) {
-        let batch = {
-            let mut pending = self.inner.untouched.lock().unwrap();
-            pending.extend(ids);
-            if pending.len() < TOUCH_BATCH {
-                return;
-            }
-            std::mem::take(&mut *pending)
-        };
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || touch_all(&store, &batch));
-    }
-
     /// Look the chunks up in the store (verified there), off the runtime.
     /// Without `want_data`, only whether each is there.
     async fn local(&self, ids: Vec<ChunkId>, want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
@@ -589,7 +386,7 @@ impl Fetcher {
         })
         .await
         .expect("store lookup panicked")
-        .map_err(|e| FetchError::Store(e.to_string()))
+        .map_err(FetchError::from)
     }
 
     /// For each missing chunk, join its flight or start one. Returns what to
@@ -628,32 +425,22 @@ impl Fetcher {
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
+            let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
                 if let Some(f) = inflight.get(&id) {
-                    // Became a flight below, as a gap frame of this call.
+                    // Became a flight below, as a gap frame of this call
+                    // (another frame holds the same chunk).
                     waits[seen[&id]].1 = f.rx.clone();
                     continue;
                 }
-                let (start, end) = layer.index.frame_blob_range(frame);
-                let joins = groups.last().is_some_and(|g| {
-                    let (g_start, _) = layer.index.frame_blob_range(g.first);
-                    let (_, g_end) = layer.index.frame_blob_range(g.last);
-                    inner.cfg.max_request_bytes > 0
-                        && start - g_end <= inner.cfg.coalesce_gap_bytes
-                        && end - g_start <= inner.cfg.max_request_bytes
-                });
-                if !joins {
-                    groups.push(Group {
-                        first: frame,
-                        last: frame,
-                        leads: Vec::new(),
-                        prio: Arc::new(AtomicU8::new(prio as u8)),
-                    });
+                let added = planner.add(frame);
+                if added.request == groups.len() {
+                    groups.push(Group { leads: Vec::new(), prio: Arc::new(AtomicU8::new(prio as u8)) });
                 }
-                let g = groups.last_mut().unwrap();
+                let g = &mut groups[added.request];
                 // Frames in the gap come along: make them flights too, so no
                 // other reader fetches them meanwhile.
-                for gap in g.last + 1..frame {
+                for gap in added.gap {
                     let gap_id = table.get(gap).id;
                     if !inflight.contains_key(&gap_id) {
                         let (tx, rx) = watch::channel(None);
@@ -661,7 +448,6 @@ impl Fetcher {
                         g.leads.push((gap, gap_id, tx));
                     }
                 }
-                g.last = frame;
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
                 g.leads.push((frame, id, tx));
@@ -702,202 +488,4 @@ impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         self.release();
     }
-}
-
-impl Inner {
-    async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, g: Group, ticket: Ticket) {
-        let mut guard = FlightGuard { inner: &self, ids: g.leads.iter().map(|l| l.1).collect() };
-        // A flight that ended between the reader's store lookup and taking
-        // the in-flight lock has stored its chunks: look once more.
-        // Frames in a gap were never looked up at all.
-        let store = self.store.clone();
-        let ids: Vec<ChunkId> = g.leads.iter().map(|l| l.1).collect();
-        let found = tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .map(|id| store.contains(id).ok().filter(|&c| c).and_then(|_| store.get(id).ok().flatten()))
-                .collect()
-        })
-        .await
-        .unwrap_or_else(|_| vec![None; g.leads.len()]);
-        let mut pending = Vec::new();
-        for (lead, found) in g.leads.into_iter().zip::<Vec<Option<Vec<u8>>>>(found) {
-            match found {
-                Some(data) => {
-                    self.n.store_hits.fetch_add(1, Ordering::Relaxed);
-                    let _ = lead.2.send(Some(Ok(Bytes::from(data))));
-                }
-                None => pending.push(lead),
-            }
-        }
-        let (Some(first), Some(last)) = (pending.first().map(|l| l.0), pending.last().map(|l| l.0)) else { return };
-        match self.fetch_verified(&layer, first, last, &g.prio, ticket).await {
-            Ok(chunks) => {
-                for (frame, _, tx) in &pending {
-                    let data = chunks[frame - first].1.clone();
-                    let _ = tx.send(Some(Ok(data)));
-                }
-                self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                let store = self.store.clone();
-                let stored = tokio::task::spawn_blocking(move || {
-                    chunks.iter().try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
-                })
-                .await
-                .expect("store put panicked");
-                if let Err(e) = stored {
-                    // The readers have their verified data; the next reader
-                    // of these chunks fetches them again.
-                    tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks");
-                }
-            }
-            Err(e) => {
-                self.n.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "fetch failed");
-                guard.release();
-                for (_, _, tx) in &pending {
-                    let _ = tx.send(Some(Err(e.clone())));
-                }
-            }
-        }
-    }
-
-    /// Fetch blob frames `first..=last` in one range request and verify each,
-    /// trying mirrors then the registry, with retries. Returns each frame's
-    /// chunk and data, in order.
-    async fn fetch_verified(
-        &self,
-        layer: &Arc<RemoteLayer>,
-        first: usize,
-        last: usize,
-        prio: &Arc<AtomicU8>,
-        ticket: Ticket,
-    ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
-        let mut ticket = Some(ticket);
-        let (start, _) = layer.index.frame_blob_range(first);
-        let (_, end) = layer.index.frame_blob_range(last);
-        let began = Instant::now();
-        // The clock starts when the first slot is granted: time queued behind
-        // other requests (each bounded itself) does not count against a fetch.
-        let mut deadline: Option<tokio::time::Instant> = None;
-        let sources = self.client.pull_sources(&layer.repo);
-        let mut tries = 0u32;
-        let mut problem = String::new();
-        'sources: for (s, source) in sources.iter().enumerate() {
-            let last_source = s + 1 == sources.len();
-            let attempts = self.attempts(last_source);
-            for attempt in 0..attempts {
-                if attempt > 0 {
-                    self.n.retries.fetch_add(1, Ordering::Relaxed);
-                    let pause = self.backoff(attempt);
-                    if deadline.is_some_and(|d| tokio::time::Instant::now() + pause >= d) {
-                        break 'sources;
-                    }
-                    tokio::time::sleep(pause).await;
-                }
-                tries += 1;
-                let permit = match ticket.take() {
-                    Some(t) => t.wait().await,
-                    None => self.sched.acquire(prio.clone()).await,
-                };
-                let until = *deadline
-                    .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(self.cfg.timeout_ms));
-                let (counter, latency) = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
-                    (&self.n.demand_requests, &self.n.demand_latency)
-                } else {
-                    (&self.n.prefetch_requests, &self.n.prefetch_latency)
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                let sent = Instant::now();
-                let attempt_result =
-                    tokio::time::timeout_at(until, self.client.get_blob_range(source, &layer.blob, start, end - start))
-                        .await;
-                latency.observe(sent.elapsed());
-                drop(permit);
-                let bytes = match attempt_result {
-                    Err(_) => {
-                        self.n.errors.fetch_add(1, Ordering::Relaxed);
-                        let waited = format!("no answer within {} ms", self.cfg.timeout_ms);
-                        problem = if problem.is_empty() { waited } else { format!("{problem}; then {waited}") };
-                        break 'sources;
-                    }
-                    Ok(Err(e)) => {
-                        self.n.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(layer = %layer.name(), source = %source, error = %e, "range request failed");
-                        let transient = e.is_transient();
-                        problem = e.to_string();
-                        if !transient {
-                            continue 'sources;
-                        }
-                        continue;
-                    }
-                    Ok(Ok(b)) => b,
-                };
-                self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                match verify_frames(layer.clone(), first, last, start, bytes).await {
-                    Ok(chunks) => return Ok(chunks),
-                    Err(p) => {
-                        self.n.errors.fetch_add(1, Ordering::Relaxed);
-                        self.n.verify_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(layer = %layer.name(), source = %source, problem = %p, "fetched bytes failed verification");
-                        problem = format!("{source}: {p}");
-                        // A mirror serving wrong bytes is skipped; the registry itself is retried.
-                        if !last_source {
-                            continue 'sources;
-                        }
-                    }
-                }
-            }
-        }
-        Err(FetchError::Remote {
-            layer: layer.name(),
-            chunk: layer.index.frames().get(first).id,
-            offset: start,
-            len: end - start,
-            attempts: tries,
-            elapsed_ms: began.elapsed().as_millis() as u64,
-            problem,
-        })
-    }
-
-    /// Tries a source gets. A mirror gets one: a slow or broken mirror must
-    /// not use up the time the registry itself (the last source) may need.
-    fn attempts(&self, last_source: bool) -> u32 {
-        if last_source {
-            self.cfg.attempts
-        } else {
-            1
-        }
-    }
-
-    /// Exponential backoff with equal jitter: half fixed, half random.
-    fn backoff(&self, attempt: u32) -> Duration {
-        use rand::Rng;
-        let exp = self.cfg.backoff_initial_ms.saturating_mul(1u64 << (attempt - 1).min(20));
-        let d = exp.min(self.cfg.backoff_max_ms).max(1);
-        Duration::from_millis(d / 2 + rand::thread_rng().gen_range(0..=d / 2))
-    }
-}
-
-/// Split a response into frames and verify each (decompress and hash), off
-/// the runtime. Any frame failing fails the whole response.
-async fn verify_frames(
-    layer: Arc<RemoteLayer>,
-    first: usize,
-    last: usize,
-    start: u64,
-    bytes: Vec<u8>,
-) -> Result<Vec<(VerifiedChunk, Bytes)>, String> {
-    tokio::task::spawn_blocking(move || {
-        (first..=last)
-            .map(|i| {
-                let f = layer.index.frames().get(i);
-                let (s, e) = layer.index.frame_blob_range(i);
-                let piece = bytes[(s - start) as usize..(e - start) as usize].to_vec();
-                VerifiedChunk::verify(f.id, f.u_len, piece)
-                    .map(|(chunk, data)| (chunk, Bytes::from(data)))
-                    .map_err(|e| format!("frame {i}: {e}"))
-            })
-            .collect()
-    })
-    .await
-    .expect("verification panicked")
 }

@@ -155,10 +155,22 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
     use super::*;
 
     fn prio(p: Priority) -> Arc<AtomicU8> {
         Arc::new(AtomicU8::new(p as u8))
+    }
+
+    /// `fut`'s output, or a failure saying what never came: a scheduler that
+    /// loses a slot or a waiter shows as a wait without end.
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(Duration::from_secs(5), fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("{what}: still waiting after 5 s"),
+        }
     }
 
     #[tokio::test]
@@ -183,13 +195,13 @@ mod tests {
         let demand = tokio::spawn(async move { s3.acquire(prio(Priority::Demand)).await });
         tokio::task::yield_now().await;
         drop(b);
-        let c = demand.await.unwrap();
+        let c = within("the demand waiter, after a slot freed", demand).await.unwrap();
         assert!(!queued_prefetch.is_finished());
         // Raising the queued prefetch to demand lets it past the cap.
         drop(c);
         p2.store(Priority::Demand as u8, Ordering::Relaxed);
         s.kick();
-        let d = (&mut queued_prefetch).await.unwrap();
+        let d = within("the raised prefetch waiter, after kick", &mut queued_prefetch).await.unwrap();
         assert_eq!(s.running(), (2, 1));
         drop((a, d));
         assert_eq!(s.running(), (0, 0));
@@ -205,7 +217,8 @@ mod tests {
         w.abort();
         let _ = w.await;
         drop(a);
-        let _b = s.acquire(prio(Priority::Demand)).await;
+        assert_eq!(s.running(), (0, 0), "the cancelled waiter holds a slot");
+        let _b = within("a slot, once the only one was freed", s.acquire(prio(Priority::Demand))).await;
         assert_eq!(s.running(), (1, 0));
     }
 }

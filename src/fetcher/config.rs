@@ -1,0 +1,74 @@
+//! The fetch section of the config file, owned here and composed by
+//! `config`.
+
+use serde::{Deserialize, Serialize};
+
+/// The fetch section of the config file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Registry requests in flight at once, all kinds.
+    pub max_concurrent_requests: usize,
+    /// Of those, how many may be prefetch; the rest stay free for demand.
+    pub max_prefetch_requests: usize,
+    /// Missing frames separated by at most this many bytes of other frames
+    /// are fetched in one request (the bytes between come along).
+    pub coalesce_gap_bytes: u64,
+    /// Largest range one request asks for (a single frame larger than this
+    /// is still fetched whole). 0 turns coalescing off: one frame a request.
+    pub max_request_bytes: u64,
+    /// Tries per source: each mirror gets one, the registry this many.
+    pub attempts: u32,
+    /// First backoff between tries; doubles each time, with jitter.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// The most one registry read may take, all tries on all sources and the
+    /// backoff between them included: a range of chunks (a FUSE read waiting
+    /// on it then returns EIO) or a layer's index (the layer's `Prepare`
+    /// then fails). The clock starts when the first try starts; for chunks,
+    /// when the request first gets a slot (time queued behind other
+    /// requests, each bounded itself, does not count). A stalled connection
+    /// is cut sooner, by `registry.read_timeout_ms`, and retried.
+    pub timeout_ms: u64,
+    /// MiB of decompressed, verified frames kept in memory for reads that
+    /// come back to a frame (small files that share one); 0 turns it off.
+    pub frame_cache_mb: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 16,
+            max_prefetch_requests: 4,
+            coalesce_gap_bytes: 128 << 10,
+            max_request_bytes: 4 << 20,
+            attempts: 4,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            timeout_ms: 60_000,
+            frame_cache_mb: 32,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// Problems with the values, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_requests == 0 {
+            return Err("fetch.max_concurrent_requests must be at least 1".into());
+        }
+        if self.max_prefetch_requests == 0 || self.max_prefetch_requests > self.max_concurrent_requests {
+            return Err("fetch.max_prefetch_requests must be between 1 and max_concurrent_requests".into());
+        }
+        if self.attempts == 0 {
+            return Err("fetch.attempts must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("fetch.timeout_ms must be more than 0".into());
+        }
+        if self.frame_cache_mb > 16 << 10 {
+            return Err("fetch.frame_cache_mb must be at most 16384".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+//! The fetcher's side of the wire: one planned range request, or one layer
+//! index, read from the registry's sources under the [retry policy](super::retry),
+//! and verified before anyone sees it.
+//!
+//! A range request runs in a task of its own ([`Inner::run_group`]): it looks
+//! in the store once more, fetches what is still missing in one range,
+//! verifies every frame, answers the flights it leads, then stores the
+//! chunks. Every try holds a slot from the [scheduler](super::sched) while
+//! it is on the wire, and the policy's deadline starts when the first slot
+//! is granted.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::retry::Failure;
+use super::sched::Ticket;
+use super::{FetchError, FlightGuard, Group, Inner, Priority, RemoteLayer, TryError};
+use crate::digest::{ChunkId, Digest};
+use crate::format::{IndexLocation, LayerIndex};
+use crate::registry::{RegistryError, Repo};
+use crate::store::{StoreError, VerifiedChunk};
+
+/// How the policy takes a registry error.
+fn failure(e: &RegistryError) -> Failure {
+    if e.is_transient() {
+        Failure::Transient
+    } else {
+        Failure::Permanent
+    }
+}
+
+impl Inner {
+    /// Fetch a group's frames (those the store still lacks) and answer its
+    /// flights: with the data, or all with the same error.
+    pub(super) async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, g: Group, ticket: Ticket) {
+        let mut guard = FlightGuard { inner: &self, ids: g.leads.iter().map(|l| l.1).collect() };
+        // A flight that ended between the reader's store lookup and taking
+        // the in-flight lock has stored its chunks: look once more.
+        // Frames in a gap were never looked up at all.
+        let store = self.store.clone();
+        let ids: Vec<ChunkId> = g.leads.iter().map(|l| l.1).collect();
+        let found = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| store.contains(id).ok().filter(|&c| c).and_then(|_| store.get(id).ok().flatten()))
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; g.leads.len()]);
+        let mut pending = Vec::new();
+        for (lead, found) in g.leads.into_iter().zip::<Vec<Option<Vec<u8>>>>(found) {
+            match found {
+                Some(data) => {
+                    self.n.store_hits.fetch_add(1, Ordering::Relaxed);
+                    let _ = lead.2.send(Some(Ok(Bytes::from(data))));
+                }
+                None => pending.push(lead),
+            }
+        }
+        let (Some(first), Some(last)) = (pending.first().map(|l| l.0), pending.last().map(|l| l.0)) else { return };
+        match self.fetch_verified(&layer, first, last, &g.prio, ticket).await {
+            Ok(chunks) => {
+                for (frame, _, tx) in &pending {
+                    let data = chunks[frame - first].1.clone();
+                    let _ = tx.send(Some(Ok(data)));
+                }
+                self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                let store = self.store.clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    chunks.iter().try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
+                })
+                .await
+                .expect("store put panicked");
+                if let Err(e) = stored {
+                    // The readers have their verified data; the next reader
+                    // of these chunks fetches them again.
+                    tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks");
+                }
+            }
+            Err(e) => {
+                self.n.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "fetch failed");
+                guard.release();
+                for (_, _, tx) in &pending {
+                    let _ = tx.send(Some(Err(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// Fetch blob frames `first..=last` in one range request and verify each,
+    /// from the sources in turn under the retry policy. Returns each frame's
+    /// chunk and data, in order.
+    async fn fetch_verified(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        first: usize,
+        last: usize,
+        prio: &Arc<AtomicU8>,
+        ticket: Ticket,
+    ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
+        let mut ticket = Some(ticket);
+        let (start, _) = layer.index.frame_blob_range(first);
+        let (_, end) = layer.index.frame_blob_range(last);
+        let sources = self.client.pull_sources(&layer.repo);
+        let mut tries = self.retry.start(sources.len());
+        let mut cause: Option<TryError> = None;
+        while let Some(t) = tries.next().await {
+            if t.retry {
+                self.n.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let source = &sources[t.source];
+            let permit = match ticket.take() {
+                Some(t) => t.wait().await,
+                None => self.sched.acquire(prio.clone()).await,
+            };
+            // The clock starts when the first slot is granted: time queued
+            // behind other requests (each bounded itself) does not count.
+            let deadline = tries.deadline();
+            let (counter, latency) = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                (&self.n.demand_requests, &self.n.demand_latency)
+            } else {
+                (&self.n.prefetch_requests, &self.n.prefetch_latency)
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::Instant::now();
+            let answer =
+                tokio::time::timeout_at(deadline, self.client.get_blob_range(source, &layer.blob, start, end - start))
+                    .await;
+            latency.observe(sent.elapsed());
+            drop(permit);
+            let bytes = match answer {
+                Err(_) => {
+                    self.n.errors.fetch_add(1, Ordering::Relaxed);
+                    let before = cause.take().map(Box::new);
+                    cause = Some(TryError::TimedOut { from: source.clone(), ms: self.cfg.timeout_ms, before });
+                    tries.failed(Failure::TimedOut);
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    self.n.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(layer = %layer.name(), source = %source, error = %e, "range request failed");
+                    tries.failed(failure(&e));
+                    cause = Some(e.into());
+                    continue;
+                }
+                Ok(Ok(b)) => b,
+            };
+            self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            match verify_frames(layer.clone(), first, last, start, bytes).await {
+                Ok(chunks) => return Ok(chunks),
+                Err((frame, e)) => {
+                    self.n.errors.fetch_add(1, Ordering::Relaxed);
+                    self.n.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(layer = %layer.name(), source = %source, frame, error = %e, "fetched bytes failed verification");
+                    cause = Some(TryError::Chunk { from: source.clone(), frame, error: Arc::new(e) });
+                    // Tried again like a transient failure: a mirror has one
+                    // try, so the next source serves; the registry is retried.
+                    tries.failed(Failure::Transient);
+                }
+            }
+        }
+        Err(FetchError::Remote {
+            layer: layer.name(),
+            chunk: layer.index.frames().get(first).id,
+            offset: start,
+            len: end - start,
+            attempts: tries.made(),
+            elapsed_ms: tries.elapsed().as_millis() as u64,
+            cause: cause.expect("a fetch makes at least one try: the registry is always a source"),
+        })
+    }
+
+    /// Fetch a layer's index from the sources in turn under the retry
+    /// policy, verify it against `loc`'s digest and keep it in the store.
+    /// One range request when nothing fails. Not scheduled: an index is
+    /// fetched once per layer, while `Prepare` waits.
+    pub(super) async fn fetch_index(
+        &self,
+        repo: &Repo,
+        blob: &Digest,
+        loc: &IndexLocation,
+    ) -> Result<LayerIndex, FetchError> {
+        let sources = self.client.pull_sources(repo);
+        let mut tries = self.retry.start(sources.len());
+        let mut cause: Option<TryError> = None;
+        while let Some(t) = tries.next().await {
+            let source = &sources[t.source];
+            let deadline = tries.deadline();
+            let got =
+                tokio::time::timeout_at(deadline, self.client.get_blob_range(source, blob, loc.offset, loc.length))
+                    .await;
+            let frame = match got {
+                Err(_) => {
+                    let before = cause.take().map(Box::new);
+                    cause = Some(TryError::TimedOut { from: source.clone(), ms: self.cfg.timeout_ms, before });
+                    tries.failed(Failure::TimedOut);
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tries.failed(failure(&e));
+                    cause = Some(e.into());
+                    continue;
+                }
+                Ok(Ok(frame)) => frame,
+            };
+            match self.store.put_index(blob, loc, &frame) {
+                Ok(index) => return Ok(index),
+                Err(e) => {
+                    // Wrong bytes: a mirror is left for the next source, the
+                    // registry is retried.
+                    cause = Some(TryError::Index { from: source.clone(), error: Arc::new(e) });
+                    tries.failed(Failure::Transient);
+                }
+            }
+        }
+        Err(FetchError::Index {
+            layer: format!("{repo}@{blob}"),
+            cause: cause.expect("a fetch makes at least one try: the registry is always a source"),
+        })
+    }
+}
+
+/// Split a response into frames and verify each (decompress and hash), off
+/// the runtime. Any frame failing fails the whole response: the frame, and
+/// why.
+async fn verify_frames(
+    layer: Arc<RemoteLayer>,
+    first: usize,
+    last: usize,
+    start: u64,
+    bytes: Vec<u8>,
+) -> Result<Vec<(VerifiedChunk, Bytes)>, (usize, StoreError)> {
+    tokio::task::spawn_blocking(move || {
+        (first..=last)
+            .map(|i| {
+                let f = layer.index.frames().get(i);
+                let (s, e) = layer.index.frame_blob_range(i);
+                let piece = bytes[(s - start) as usize..(e - start) as usize].to_vec();
+                VerifiedChunk::verify(f.id, f.u_len, piece)
+                    .map(|(chunk, data)| (chunk, Bytes::from(data)))
+                    .map_err(|e| (i, e))
+            })
+            .collect()
+    })
+    .await
+    .expect("verification panicked")
+}
