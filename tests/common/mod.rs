@@ -1,49 +1,20 @@
-//! Helpers shared by the integration tests: prerequisite checks, and real
-//! processes (a `docker-registry`, a containerd) that live in a temp dir and
-//! are stopped by process id when the test ends, whether it passed or not.
+//! Helpers shared by the integration tests: prerequisite checks (skip.rs),
+//! and real processes (a `docker-registry`, a containerd) that live in a temp
+//! dir and are stopped by process id when the test ends, whether it passed or
+//! not.
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod skip;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use skip::{have, have_tools, skip, which, Need};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Whether a missing prerequisite fails the test (as `make test` and CI ask,
-/// since they install everything) or skips it with a printed reason.
-fn prerequisites_required() -> bool {
-    std::env::var_os("HYPERBOX_REQUIRE_E2E").is_some_and(|v| v == "1")
-}
-
-/// Returns false (after printing why) when a test must be skipped.
-pub fn have_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
-    let root = unsafe { libc_geteuid() } == 0;
-    if missing.is_empty() && root {
-        return true;
-    }
-    let why = if !root { "not running as root".to_string() } else { format!("missing {}", missing.join(", ")) };
-    if prerequisites_required() {
-        panic!("{test}: {why} (HYPERBOX_REQUIRE_E2E=1; run `make deps`)");
-    }
-    eprintln!("SKIPPED {test}: {why}; `make test` installs the prerequisites");
-    false
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
 
 /// Run a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
