@@ -6,8 +6,6 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hyperbox::digest::Digest;
-use hyperbox::format::{self, writer};
 use hyperbox::store::{Family, Store, StoreConfig, VerifiedChunk};
 
 fn chunk_data(i: u64) -> Vec<u8> {
@@ -92,33 +90,29 @@ fn store_survives_sigkill() {
 #[test]
 fn chunks_shared_by_layers_are_stored_once() {
     let shared: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 9) as u8).collect();
-    let layers: Vec<Vec<u8>> = (0..2)
+    let layers: Vec<common::Layer> = (0..2)
         .map(|n| {
             let own: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(40503 + n) >> 5) as u8).collect();
             common::LayerBuilder::new()
                 .file(&format!("layer{n}/own"), 0o644, &own)
                 .file("usr/lib/shared.so", 0o755, &shared)
-                .finish()
+                .convert()
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
     let mut refs = 0;
     let mut digests = Vec::new();
-    for tar in &layers {
-        let mut blob = Vec::new();
-        let out = writer::convert_tar(&tar[..], &mut blob, &Default::default()).unwrap();
-        let frame = &blob[out.location.offset as usize..(out.location.offset + out.location.length) as usize];
-        let layer = Digest::of(&blob);
-        let idx = store.put_index(&layer, &out.location, frame).unwrap();
+    for layer in &layers {
+        let idx = store.put_index(layer.digest(), &layer.out.location, layer.index_frame()).unwrap();
         for i in 0..idx.frames().len() {
             let f = idx.frames().get(i);
             let (s, e) = idx.frame_blob_range(i);
-            let (chunk, _) = VerifiedChunk::verify(f.id, f.u_len, blob[s as usize..e as usize].to_vec()).unwrap();
+            let (chunk, _) = VerifiedChunk::verify(f.id, f.u_len, layer.blob[s as usize..e as usize].to_vec()).unwrap();
             store.put(&chunk).unwrap();
             refs += 1;
         }
-        digests.push(layer);
+        digests.push(layer.digest().clone());
     }
     // Every frame of the shared file (in the second layer) was already stored.
     let (_, second) = store.get_index(&digests[1]).unwrap().unwrap();
@@ -143,5 +137,4 @@ fn chunks_shared_by_layers_are_stored_once() {
     for f in idx1.frames().iter() {
         assert!(store.get(&f.id).unwrap().is_some());
     }
-    let _ = format::FORMAT_VERSION;
 }

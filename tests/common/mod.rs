@@ -1,13 +1,16 @@
 //! Helpers shared by the integration tests: prerequisite checks (skip.rs),
-//! and real processes (a `docker-registry`, a containerd) that live in a temp
-//! dir and are stopped by process id when the test ends, whether it passed or
-//! not.
+//! test layers (layer.rs), and real processes (a `docker-registry`, a
+//! containerd) that live in a temp dir and are stopped by process id when the
+//! test ends, whether it passed or not.
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod layer;
 pub mod skip;
 
 // Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use layer::{Layer, LayerBuilder};
 #[allow(unused_imports)]
 pub use skip::{have, have_tools, skip, which, Need};
 
@@ -378,56 +381,6 @@ pub fn oci_arch() -> &'static str {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
-    }
-}
-
-/// A tar layer built in memory.
-pub struct LayerBuilder(tar::Builder<Vec<u8>>);
-
-impl LayerBuilder {
-    pub fn new() -> Self {
-        Self(tar::Builder::new(Vec::new()))
-    }
-    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h
-    }
-    pub fn dir(mut self, path: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Directory, 0o755, 0);
-        self.0.append_data(&mut h, path, &[][..]).unwrap();
-        self
-    }
-    pub fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
-        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
-        self.0.append_data(&mut h, path, data).unwrap();
-        self
-    }
-    pub fn symlink(mut self, path: &str, target: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
-        self.0.append_link(&mut h, path, target).unwrap();
-        self
-    }
-    /// A layer with busybox and its applet links: enough to run `sh -c`.
-    pub fn busybox() -> Self {
-        let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
-        let mut l = Self::new().dir("bin").dir("etc").dir("tmp").file("bin/busybox", 0o755, &bb);
-        for applet in ["sh", "cat", "echo", "ls", "wc", "sha256sum", "head", "find", "stat"] {
-            l = l.symlink(&format!("bin/{applet}"), "busybox");
-        }
-        l.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
-    }
-    /// A small layer without busybox, for tests that never run it.
-    pub fn busybox_free() -> Self {
-        Self::new().dir("etc").file("etc/os-release", 0o644, b"ID=hyperbox-test\n")
-    }
-    pub fn finish(self) -> Vec<u8> {
-        self.0.into_inner().unwrap()
     }
 }
 
