@@ -2,45 +2,59 @@
 //! Benchmark corpora shared by the benches: a tar of real files from this
 //! machine (binaries, libraries, text), and a synthetic 100k-entry index.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use hyperbox::digest::ChunkId;
 use hyperbox::format::{ChunkParams, Entry, EntryKind, Frame, FrameTable, Index};
 
-/// A tar of up to `limit` bytes of regular files under `roots`, in sorted
-/// order (so runs on one machine see the same bytes).
+#[path = "../tests/common/layer.rs"]
+mod layer;
+
+/// A tar of up to `limit` bytes of regular files (and symlinks) under
+/// `roots`, in sorted order, built as the tests build theirs (so runs on one
+/// machine see the same bytes).
 pub fn usr_tar(roots: &[&str], limit: u64) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    b.follow_symlinks(false);
+    let mut b = layer::LayerBuilder::new();
     let mut total = 0u64;
     for root in roots {
-        add_dir(&mut b, Path::new(root), &mut total, limit);
+        b = add_dir(b, Path::new(root), &mut total, limit);
     }
-    b.into_inner().unwrap()
+    b.finish()
 }
 
-fn add_dir(b: &mut tar::Builder<Vec<u8>>, dir: &Path, total: &mut u64, limit: u64) {
+fn add_dir(mut b: layer::LayerBuilder, dir: &Path, total: &mut u64, limit: u64) -> layer::LayerBuilder {
     let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
+        return b;
     };
     let mut names: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     names.sort();
     for p in names {
         if *total >= limit {
-            return;
+            break;
         }
         let Ok(md) = std::fs::symlink_metadata(&p) else {
             continue;
         };
-        let name = p.strip_prefix("/").unwrap();
+        let Some(name) = p.strip_prefix("/").unwrap().to_str() else {
+            continue; // the builder takes UTF-8 names
+        };
         if md.is_dir() {
-            add_dir(b, &p, total, limit);
-        } else if md.is_file() || md.file_type().is_symlink() {
-            if b.append_path_with_name(&p, name).is_ok() {
-                *total += md.len() + 512;
-            }
+            b = add_dir(b, &p, total, limit);
+        } else if md.file_type().is_symlink() {
+            let Some(target) = std::fs::read_link(&p).ok().and_then(|t| t.to_str().map(str::to_string)) else {
+                continue;
+            };
+            b = b.symlink(name, &target);
+            *total += 512;
+        } else if md.is_file() {
+            // Files this process may not read are left out.
+            let Ok(data) = std::fs::read(&p) else { continue };
+            b = b.file(name, md.permissions().mode() & 0o7777, &data);
+            *total += data.len() as u64 + 512;
         }
     }
+    b
 }
 
 /// A synthetic index shaped like a large Python image: 100k entries (10%

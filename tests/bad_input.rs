@@ -10,15 +10,19 @@ use common::*;
 use hyperbox::digest::{ChunkId, Digest};
 use hyperbox::format::{self, writer, FormatError, IndexLocation, FOOTER_LEN};
 
-fn sample_tar() -> Vec<u8> {
+fn sample() -> LayerBuilder {
     let data: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8 ^ (i >> 9) as u8).collect();
-    LayerBuilder::new().dir("d").file("d/a", 0o644, &data).file("d/b", 0o600, b"small").finish()
+    LayerBuilder::new().dir("d").file("d/a", 0o644, &data).file("d/b", 0o600, b"small")
 }
 
+fn sample_tar() -> Vec<u8> {
+    sample().finish()
+}
+
+/// The sample as a HyperBox layer: its blob, and where its index is.
 fn converted() -> (Vec<u8>, IndexLocation) {
-    let mut blob = Vec::new();
-    let out = writer::convert_tar(&sample_tar()[..], &mut blob, &Default::default()).unwrap();
-    (blob, out.location)
+    let layer = sample().convert();
+    (layer.blob, layer.out.location)
 }
 
 /// Re-seal a blob after editing its index: new index frame, new footer.

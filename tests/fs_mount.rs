@@ -57,27 +57,21 @@ struct Served {
 
 /// Convert `tar`, push it to a registry behind a fault proxy, and mount it
 /// through FUSE with an empty store.
-fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
+fn serve(tar: Vec<u8>, fetch: FetchConfig, read_timeout_ms: u64) -> Served {
     logs();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let registry = common::Registry::start();
     let proxy = FaultProxy::start(&registry.addr);
-    let mut blob = Vec::new();
-    let layer = writer::convert_tar(tar, &mut blob, &writer::WriteOptions::default()).unwrap();
-    let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
+    let layer = common::Layer::from_tar(tar, &writer::WriteOptions::default());
     let push_cfg = RegistryConfig { insecure: vec![registry.addr.clone()], ..RegistryConfig::default() };
     let repo = Repo { registry: registry.addr.clone(), name: "test/fs".into() };
-    rt.block_on(Client::new(&push_cfg, false).unwrap().push_blob(&repo, &layer.blob_digest, BlobBody::Bytes(&blob)))
-        .unwrap();
+    let pusher = Client::new(&push_cfg, false).unwrap();
+    rt.block_on(pusher.push_blob(&repo, layer.digest(), BlobBody::Bytes(&layer.blob))).unwrap();
     let cfg = RegistryConfig { insecure: vec![proxy.addr.clone()], read_timeout_ms, ..RegistryConfig::default() };
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
     let fetcher = Fetcher::new(Arc::new(Client::new(&cfg, false).unwrap()), store, fetch);
-    let remote = Arc::new(RemoteLayer {
-        repo: Repo { registry: proxy.addr.clone(), name: "test/fs".into() },
-        blob: layer.blob_digest.clone(),
-        index: Arc::new(index),
-    });
+    let remote = layer.remote(Repo { registry: proxy.addr.clone(), name: "test/fs".into() });
     let (hook, trace) = TraceHook::new(1 << 16);
     let fs = LayerFs::new(remote, fetcher.clone(), rt.handle().clone(), Some(hook));
     // Mounted through a symlinked dir, as a daemon root may be: mountinfo
@@ -100,7 +94,7 @@ fn serve(tar: &[u8], fetch: FetchConfig, read_timeout_ms: u64) -> Served {
         mount: Some(mount),
         mountpoint,
         fetcher,
-        blob: layer.blob_digest,
+        blob: layer.digest().clone(),
         trace,
     }
 }
@@ -223,11 +217,11 @@ fn a_mounted_layer_equals_gnu_tars_unpack() {
                 .arg(unpacked.path()),
         );
         let _ = std::fs::remove_file(&tar_file);
-        mount_and_compare(format, &tar, unpacked.path());
+        mount_and_compare(format, tar, unpacked.path());
     }
 }
 
-fn mount_and_compare(format: &str, tar: &[u8], unpacked: &Path) {
+fn mount_and_compare(format: &str, tar: Vec<u8>, unpacked: &Path) {
     // No frame cache: the warm reads below must go through the store's
     // verified read (the cache has its own test in tests/fetcher.rs).
     let mut s = serve(tar, FetchConfig { frame_cache_mb: 0, ..FetchConfig::default() }, 30_000);
@@ -295,7 +289,7 @@ fn a_stalled_registry_stalls_only_reads_that_need_it_and_a_dead_one_gives_eio() 
         b = b.file(&format!("d/{name}"), 0o644, &data);
     }
     let fetch = FetchConfig { attempts: 2, backoff_initial_ms: 10, timeout_ms: 3_000, ..FetchConfig::default() };
-    let s = serve(&b.finish(), fetch, 500);
+    let s = serve(b.finish(), fetch, 500);
     let warm = s.mountpoint.join("d/warm");
     let want = std::fs::read(&warm).unwrap();
     s.rt.block_on(s.fetcher.settled()); // readers are answered before chunks are stored

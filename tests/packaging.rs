@@ -43,11 +43,18 @@ fn systemd_units_verify() {
 
 #[test]
 fn containerd_snippets_and_default_config_parse() {
-    for entry in std::fs::read_dir(format!("{ROOT}/packaging/containerd")).unwrap().flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap();
-        let v: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
-        assert_eq!(v["proxy_plugins"]["hyperbox"]["type"].as_str(), Some("snapshot"), "{}", entry.path().display());
-        assert_eq!(v["proxy_plugins"]["hyperbox"]["address"].as_str(), Some("/run/hyperbox/hyperbox.sock"));
+    let snippets = toml_files(Path::new(&format!("{ROOT}/packaging/containerd")));
+    assert!(snippets.len() >= 2, "the containerd config snippets (versions 2 and 3) are missing: {snippets:?}");
+    for path in &snippets {
+        let text = std::fs::read_to_string(path).unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(v["proxy_plugins"]["hyperbox"]["type"].as_str(), Some("snapshot"), "{}", path.display());
+        assert_eq!(
+            v["proxy_plugins"]["hyperbox"]["address"].as_str(),
+            Some("/run/hyperbox/hyperbox.sock"),
+            "{}",
+            path.display()
+        );
     }
     // What --print-default-config prints loads back as the defaults.
     let out = Command::new(env!("CARGO_BIN_EXE_hyperboxd")).arg("--print-default-config").output().unwrap();

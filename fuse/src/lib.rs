@@ -453,6 +453,14 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The workspace's one check of a test's prerequisites (tests/common/skip.rs:
+/// `HYPERBOX_REQUIRE_E2E=1` fails a test that lacks one, anything else skips
+/// it), shared with the integration tests rather than copied.
+#[cfg(test)]
+#[allow(dead_code)] // this crate's tests use a part of it
+#[path = "../../tests/common/skip.rs"]
+mod skip;
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -547,24 +555,14 @@ mod tests {
         }
     }
 
-    fn can_mount(test: &str) -> bool {
-        let root = unsafe { libc::geteuid() } == 0;
-        if root && Path::new("/dev/fuse").exists() {
-            return true;
-        }
-        let why = if root { "no /dev/fuse" } else { "not running as root" };
-        assert!(std::env::var_os("HYPERBOX_REQUIRE_E2E").is_none(), "{test}: {why} (HYPERBOX_REQUIRE_E2E is set)");
-        eprintln!("SKIPPED {test}: {why}");
-        false
-    }
-
     /// The kernel keeps what a layer cannot change: a second listing, a
     /// second readlink and a second read of a file, each through a new open,
     /// reach the daemon no more than the first did; and the first listing
     /// carries the entries' attributes, so no entry is looked up after it.
     #[test]
     fn the_kernel_caches_listings_links_and_pages_across_opens() {
-        if !can_mount("the_kernel_caches_listings_links_and_pages_across_opens") {
+        use crate::skip::{have, Need};
+        if !have("the_kernel_caches_listings_links_and_pages_across_opens", &[Need::Root, Need::Path("/dev/fuse")]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

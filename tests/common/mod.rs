@@ -1,49 +1,23 @@
-//! Helpers shared by the integration tests: prerequisite checks, and real
-//! processes (a `docker-registry`, a containerd) that live in a temp dir and
-//! are stopped by process id when the test ends, whether it passed or not.
+//! Helpers shared by the integration tests: prerequisite checks (skip.rs),
+//! test layers (layer.rs), and real processes (a `docker-registry`, a
+//! containerd) that live in a temp dir and are stopped by process id when the
+//! test ends, whether it passed or not.
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod layer;
+pub mod skip;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use layer::{Layer, LayerBuilder};
+#[allow(unused_imports)]
+pub use skip::{have, have_tools, skip, which, Need};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Whether a missing prerequisite fails the test (as `make test` and CI ask,
-/// since they install everything) or skips it with a printed reason.
-fn prerequisites_required() -> bool {
-    std::env::var_os("HYPERBOX_REQUIRE_E2E").is_some_and(|v| v == "1")
-}
-
-/// Returns false (after printing why) when a test must be skipped.
-pub fn have_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
-    let root = unsafe { libc_geteuid() } == 0;
-    if missing.is_empty() && root {
-        return true;
-    }
-    let why = if !root { "not running as root".to_string() } else { format!("missing {}", missing.join(", ")) };
-    if prerequisites_required() {
-        panic!("{test}: {why} (HYPERBOX_REQUIRE_E2E=1; run `make deps`)");
-    }
-    eprintln!("SKIPPED {test}: {why}; `make test` installs the prerequisites");
-    false
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
 
 /// Run a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
@@ -148,9 +122,12 @@ impl Registry {
         Registry { addr, dir, _daemon: daemon }
     }
 
-    /// The registry's log: one access-log line per request, with status and bytes.
+    /// The registry's log: one access-log line per request, with status and
+    /// bytes. Tests count requests in it (some expect none), so a log that
+    /// cannot be read fails the test rather than reading as no requests.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        let path = self.dir.path().join("registry.log");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 }
 
@@ -364,16 +341,22 @@ impl Drop for Hyperboxd {
 }
 
 /// Bytes the registry sent for blob GETs (its access log), and how many.
+/// A blob GET line it cannot read fails the test: tests expect zero of these
+/// as often as more, and a log format it misread would give zero.
 pub fn blob_bytes_served(log: &str) -> (u64, usize) {
     let mut bytes = 0;
     let mut n = 0;
     for l in log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")) {
         // ... "GET /v2/x/blobs/sha256:.. HTTP/1.1" 206 12345 "referer" "agent"
-        let Some(after) = l.split("HTTP/1.1\" ").nth(1) else { continue };
-        let mut f = after.split(' ');
-        let (Some(status), Some(size)) = (f.next(), f.next()) else { continue };
+        let fields = l.split("HTTP/1.1\" ").nth(1).map(|after| {
+            let mut f = after.split(' ');
+            (f.next().unwrap_or(""), f.next().unwrap_or(""))
+        });
+        let Some((status, size)) = fields.filter(|(s, _)| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit())) else {
+            panic!("a blob GET without a status in the registry's log: {l}")
+        };
         if status.starts_with('2') {
-            bytes += size.parse::<u64>().unwrap_or(0);
+            bytes += size.parse::<u64>().unwrap_or_else(|_| panic!("a blob GET without a size: {l}"));
             n += 1;
         }
     }
@@ -407,56 +390,6 @@ pub fn oci_arch() -> &'static str {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
-    }
-}
-
-/// A tar layer built in memory.
-pub struct LayerBuilder(tar::Builder<Vec<u8>>);
-
-impl LayerBuilder {
-    pub fn new() -> Self {
-        Self(tar::Builder::new(Vec::new()))
-    }
-    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h
-    }
-    pub fn dir(mut self, path: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Directory, 0o755, 0);
-        self.0.append_data(&mut h, path, &[][..]).unwrap();
-        self
-    }
-    pub fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
-        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
-        self.0.append_data(&mut h, path, data).unwrap();
-        self
-    }
-    pub fn symlink(mut self, path: &str, target: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
-        self.0.append_link(&mut h, path, target).unwrap();
-        self
-    }
-    /// A layer with busybox and its applet links: enough to run `sh -c`.
-    pub fn busybox() -> Self {
-        let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
-        let mut l = Self::new().dir("bin").dir("etc").dir("tmp").file("bin/busybox", 0o755, &bb);
-        for applet in ["sh", "cat", "echo", "ls", "wc", "sha256sum", "head", "find", "stat"] {
-            l = l.symlink(&format!("bin/{applet}"), "busybox");
-        }
-        l.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
-    }
-    /// A small layer without busybox, for tests that never run it.
-    pub fn busybox_free() -> Self {
-        Self::new().dir("etc").file("etc/os-release", 0o644, b"ID=hyperbox-test\n")
-    }
-    pub fn finish(self) -> Vec<u8> {
-        self.0.into_inner().unwrap()
     }
 }
 
