@@ -8,8 +8,7 @@ use std::path::Path;
 use hyperbox::digest::ChunkId;
 use hyperbox::format::{ChunkParams, Entry, EntryKind, Frame, FrameTable, Index};
 
-#[path = "../tests/common/layer.rs"]
-mod layer;
+use hyperbox::testing as layer;
 
 /// A tar of up to `limit` bytes of regular files (and symlinks) under
 /// `roots`, in sorted order, built as the tests build theirs (so runs on one

@@ -84,8 +84,7 @@ fn store_benches(c: &mut Criterion) {
 }
 
 fn fetch_benches(c: &mut Criterion) {
-    if common::which("docker-registry").is_none() {
-        eprintln!("SKIPPED fetch benchmarks: docker-registry is not installed (`make deps`)");
+    if !common::have("fetch benchmarks", &[common::Need::Tool("docker-registry")]) {
         return;
     }
     let registry = common::Registry::start();

@@ -148,8 +148,8 @@ fn rss_kib() -> u64 {
 }
 
 fn benches(c: &mut Criterion) {
-    if !common::have_tools("fs benchmarks", &["docker-registry"]) || !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED fs benchmarks: need root, /dev/fuse and docker-registry");
+    let needs = [common::Need::Root, common::Need::Tool("docker-registry"), common::Need::Path("/dev/fuse")];
+    if !common::have("fs benchmarks", &needs) {
         return;
     }
     let registry = common::Registry::start();

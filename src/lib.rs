@@ -2,7 +2,8 @@
 //!
 //! The layering. A module imports only modules on the rows below its own
 //! (never one on its own row); the library never imports a client; nothing
-//! imports the daemon. `tests/layering.rs` reads this map and fails on any
+//! imports the daemon. Test code (a `tests.rs` file, or what follows
+//! `#[cfg(test)]`) may also use `testing`, whatever its row. `tests/layering.rs` reads this map and fails on any
 //! `crate::` path in the code that goes against it, so the map stays true.
 //!
 //! ```text layering
@@ -10,9 +11,8 @@
 //! snapshotter config              : containerd semantics, remote layers | the config file
 //! mount prefetch                  : a layer tree served through FUSE | predict and warm chunks
 //! trace                           : record first reads; traces in the store and the registry
-//! fetcher                         : the read path: store, else registry, verified
+//! fetcher testing                 : the read path: store, else registry, verified | test layers
 //! layer registry store fs         : a remote layer | OCI distribution | RocksDB | layer trees
-//! testing                         : layers built in memory, for tests and benches
 //! oci format                      : OCI vocabulary | the layer format and frame codec
 //! digest labels metrics admin     : leaves: digests | containerd labels | metric names | admin API types
 //! ---

@@ -2,17 +2,17 @@ use std::sync::Arc;
 
 use super::*;
 use crate::format;
-use crate::testing::TarBuilder;
+use crate::testing::LayerBuilder;
 
 /// A layer from (path, kind, data-or-link) triples, owned by 1000:100.
 fn layer(items: &[(&str, tar::EntryType, &[u8])]) -> (Vec<u8>, Arc<LayerIndex>) {
-    let tar = items.iter().fold(TarBuilder::new().owner(1000, 100), |b, &(path, kind, data)| match kind {
+    let tar = items.iter().fold(LayerBuilder::gnu().owner(1000, 100), |b, &(path, kind, data)| match kind {
         tar::EntryType::Regular => b.file(path, 0o640, data),
         tar::EntryType::Symlink => b.symlink(path, std::str::from_utf8(data).unwrap()),
         tar::EntryType::Link => b.hardlink(path, std::str::from_utf8(data).unwrap()),
         other => b.special(path, other, 0o755),
     });
-    let l = tar.layer(&Default::default());
+    let l = tar.convert();
     (l.blob, l.index)
 }
 

@@ -77,14 +77,13 @@ impl<'a> Resolver<'a> {
 mod tests {
     use super::*;
     use crate::oci::Repo;
-    use crate::testing::{small_chunks, TarBuilder};
+    use crate::testing::{small_chunks, LayerBuilder};
     use crate::trace::FileMap;
 
     /// A HyperBox layer (small chunks) of the given files.
     fn layer(files: &[(&str, Vec<u8>)]) -> Arc<RemoteLayer> {
-        let tar = files.iter().fold(TarBuilder::new(), |b, (path, data)| b.file(path, 0o644, data));
-        let l = tar.layer(&small_chunks());
-        Arc::new(RemoteLayer { repo: Repo { registry: "r".into(), name: "n".into() }, blob: l.digest, index: l.index })
+        let tar = files.iter().fold(LayerBuilder::gnu(), |b, (path, data)| b.file(path, 0o644, data));
+        tar.convert_with(&small_chunks()).remote(Repo { registry: "r".into(), name: "n".into() })
     }
 
     fn noise(seed: u8, n: usize) -> Vec<u8> {

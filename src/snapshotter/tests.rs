@@ -270,9 +270,9 @@ fn gc_frees_orphan_indexes_but_not_a_layer_being_prepared() {
     let s = f.open();
     // A real layer's index, stored as mount_remote stores it before the
     // layer's record exists.
-    let layer = crate::testing::TarBuilder::new().file("f", 0o644, b"hello").layer(&Default::default());
-    let digest = layer.digest.clone();
-    s.store.put_index(&digest, &layer.location, layer.index_frame()).unwrap();
+    let layer = crate::testing::LayerBuilder::new().file("f", 0o644, b"hello").convert();
+    let digest = layer.digest().clone();
+    s.store.put_index(&digest, &layer.out.location, layer.index_frame()).unwrap();
     let preparing = Preparing::new(&s, &digest.to_string());
     assert_eq!(s.gc().unwrap().indexes_removed, 0);
     assert!(s.store.get_index(&digest).unwrap().is_some(), "a layer being prepared keeps its index");

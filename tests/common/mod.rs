@@ -1,16 +1,15 @@
 //! Helpers shared by the integration tests: prerequisite checks (skip.rs),
-//! test layers (layer.rs), and real processes (a `docker-registry`, a
+//! test layers (`hyperbox::testing`), and real processes (a `docker-registry`, a
 //! containerd) that live in a temp dir and are stopped by process id when the
 //! test ends, whether it passed or not.
 #![allow(dead_code)]
 
 pub mod faultproxy;
-pub mod layer;
 pub mod skip;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use layer::{Layer, LayerBuilder};
+pub use hyperbox::testing::{Layer, LayerBuilder};
 #[allow(unused_imports)]
 pub use skip::{have, have_tools, skip, which, Need};
 
