@@ -129,10 +129,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .build()
         .map_err(|source| DaemonError::Io { what: "start the runtime".into(), source })?;
     let node = Arc::new(Node::open(config, rt.handle())?);
-    let metrics = metrics_listener(&node.config.daemon.metrics_address)?.map(|listener| {
-        let _guard = rt.enter();
-        rt.spawn(metrics::serve(node.clone(), listener, std::future::pending()))
-    });
+    let metrics = metrics_listener(&node.config.daemon.metrics_address)?
+        .map(|listener| rt.spawn(metrics::serve(node.clone(), listener, std::future::pending())));
     let served = rt.block_on(async {
         let address = &node.config.daemon.address;
         let (listener, owned) = listen::listen(address)?;
