@@ -183,8 +183,9 @@ fn an_upward_import_is_found() {
 /// Only one module names each of these crates.
 #[test]
 fn one_module_names_each_backend() {
+    let map = read_map(&std::fs::read_to_string(root().join("src/lib.rs")).unwrap());
     for (krate, owner) in [("rocksdb::", "store"), ("reqwest::", "registry"), ("fuser::", "")] {
-        for module in read_map(&std::fs::read_to_string(root().join("src/lib.rs")).unwrap()).at.keys() {
+        for module in map.at.keys() {
             if module == owner {
                 continue;
             }

@@ -11,7 +11,7 @@ use super::DaemonError;
 /// path to remove at exit when we made it. Call within the runtime.
 pub fn listen(address: &Path) -> Result<(tokio::net::UnixListener, Option<PathBuf>), DaemonError> {
     use std::os::fd::FromRawFd;
-    let io = |what: String| move |source| DaemonError::Io { what, source };
+    let io = DaemonError::io;
     let fds: Vec<i32> = sd_notify::listen_fds().map_err(io("LISTEN_FDS".into()))?.collect();
     if let Some(&fd) = fds.first() {
         if fds.len() > 1 {

@@ -49,6 +49,13 @@ pub enum DaemonError {
     Serve(#[from] tonic::transport::Error),
 }
 
+impl DaemonError {
+    /// `map_err(DaemonError::io(what))`: an I/O error, saying what failed.
+    pub fn io(what: String) -> impl FnOnce(std::io::Error) -> DaemonError {
+        move |source| DaemonError::Io { what, source }
+    }
+}
+
 /// One node's parts. The snapshotter uses the others; the admin API and
 /// the metrics read them all.
 pub struct Node {
@@ -66,7 +73,7 @@ impl Node {
     /// follows removals. Call from outside the runtime `rt` belongs to.
     pub fn open(config: Config, rt: &tokio::runtime::Handle) -> Result<Node, DaemonError> {
         let root = config.daemon.root.clone();
-        let io = |what: String| move |source| DaemonError::Io { what, source };
+        let io = DaemonError::io;
         std::fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
             .map_err(io(format!("chmod {}", root.display())))?;
@@ -127,7 +134,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .enable_all()
         .thread_name("hyperboxd")
         .build()
-        .map_err(|source| DaemonError::Io { what: "start the runtime".into(), source })?;
+        .map_err(DaemonError::io("start the runtime".into()))?;
     let node = Arc::new(Node::open(config, rt.handle())?);
     let metrics = metrics_listener(&node.config.daemon.metrics_address)?
         .map(|listener| rt.spawn(metrics::serve(node.clone(), listener, std::future::pending())));

@@ -110,9 +110,10 @@ impl Snapshotter {
                 .get(target)
                 .map(|r| (r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent, r.id))
         };
+        let said = LayerLabels::read(labels);
         if let Some((reusable, id)) = existing {
             if reusable {
-                self.reused(target, id, labels);
+                self.reused(target, id, &said);
             }
             return reusable;
         }
@@ -124,7 +125,6 @@ impl Snapshotter {
                 return false;
             }
         };
-        let said = LayerLabels::read(labels);
         let (Some(image), Some(blob)) = (said.image_ref, said.layer_digest) else {
             tracing::info!(
                 target,
@@ -133,7 +133,7 @@ impl Snapshotter {
             );
             return false;
         };
-        match self.mount_remote(parent, target, labels, image, blob, &loc) {
+        match self.mount_remote(parent, target, labels, &said, (image, blob), &loc) {
             Ok(()) => {
                 tracing::info!(target, image = %image, layer = %blob, "remote layer ready");
                 true
@@ -148,9 +148,8 @@ impl Snapshotter {
     /// Remote layer `target` (snapshot `id`), made before, now serves the
     /// image being pulled too: remember the image on it and on its lower
     /// layers (one batch), and prefetch through them.
-    fn reused(&self, target: &str, id: u64, labels: &HashMap<String, String>) {
-        let Some(image) = image_of(labels) else { return };
-        let hydrate = LayerLabels::read(labels).hydrate;
+    fn reused(&self, target: &str, id: u64, said: &LayerLabels) {
+        let Some(image) = image_of(said) else { return };
         let ancestors: Vec<u64> = {
             let mut meta = self.meta.lock().unwrap();
             let notes = noted(&meta, Some(target), &image.digest);
@@ -164,7 +163,7 @@ impl Snapshotter {
             }
             ancestors
         };
-        self.prefetch_through(&image, std::iter::once(id).chain(ancestors), hydrate);
+        self.prefetch_through(&image, std::iter::once(id).chain(ancestors), said.hydrate);
     }
 
     /// Hand the mounted layers among snapshot `ids` to the image's prefetch.
@@ -204,13 +203,12 @@ impl Snapshotter {
         parent: &str,
         target: &str,
         labels: &HashMap<String, String>,
-        image: &str,
-        blob: &str,
+        said: &LayerLabels,
+        (image, blob): (&str, &str),
         loc: &IndexLocation,
     ) -> Result<(), RemoteError> {
         let reference: Reference = image.parse()?;
-        let hydrate = LayerLabels::read(labels).hydrate;
-        let manifest = image_of(labels).map(|i| i.digest);
+        let manifest = image_of(said).map(|i| i.digest);
         let remote = RemoteRef {
             registry: reference.repo.registry,
             repository: reference.repo.name,
@@ -235,7 +233,7 @@ impl Snapshotter {
                 // Another pull of the same layer made it meanwhile.
                 let id = r.id;
                 drop(meta);
-                self.reused(target, id, labels);
+                self.reused(target, id, said);
                 return Ok(());
             }
             return Err(RemoteError::OtherParent(target.to_string()));
@@ -281,7 +279,7 @@ impl Snapshotter {
         }
         drop(meta);
         if let Some(image) = image {
-            self.prefetch_through(&image, std::iter::once(id).chain(ancestors), hydrate);
+            self.prefetch_through(&image, std::iter::once(id).chain(ancestors), said.hydrate);
         }
         Ok(())
     }
@@ -344,8 +342,7 @@ fn noted(meta: &Meta, top: Option<&str>, manifest: &str) -> Vec<(String, Record)
 /// The image a layer's Prepare is for: its platform manifest's digest, from
 /// the CRI's label (a reference pinned by digest may name an index), else
 /// from the pinned reference `hyperbox pull` passes.
-fn image_of(labels: &HashMap<String, String>) -> Option<ImageKey> {
-    let l = LayerLabels::read(labels);
+fn image_of(l: &LayerLabels) -> Option<ImageKey> {
     let r: Reference = l.image_ref?.parse().ok()?;
     let digest = match l.manifest_digest.and_then(|d| d.parse::<Digest>().ok()) {
         Some(d) => d.to_string(),
