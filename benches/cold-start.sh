@@ -129,7 +129,7 @@ for prof in $PROFILES; do
         ctr_ -n "$ns" image pull --plain-http "$VIA/python:gzip" >/dev/null
         out=$(ctr_ -n "$ns" run --rm "$VIA/python:gzip" "c$i")
       else
-        "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null 2>&1
+        HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null 2>&1
         out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/python:hyperbox" "c$i")
       fi
       t1=$(now)

@@ -58,7 +58,7 @@ step "hyperbox inspect (reads only the index, with one range request per layer)"
 step "lazy: hyperbox pull, then ctr run --snapshotter hyperbox"
 mark=$(loglines)
 start=$(now)
-"$HYPERBOX" pull --address "$SOCK" --namespace lazy "$REG/demo:hyperbox"
+"$HYPERBOX" pull --address "$SOCK" --hyperboxd "$HBSOCK" --namespace lazy "$REG/demo:hyperbox"
 ctr --address "$SOCK" --namespace lazy run --rm --snapshotter hyperbox "$REG/demo:hyperbox" lazy1
 lazy_time=$(secs "$start" "$(now)")
 lazy_bytes=$(served "$mark")

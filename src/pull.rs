@@ -49,6 +49,11 @@ pub enum PullError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "cannot get the pull token from hyperboxd at {path} (--hyperboxd or HYPERBOX_ADDRESS names its socket): \
+         {problem}"
+    )]
+    Daemon { path: String, problem: String },
 }
 
 type Result<T, E = PullError> = std::result::Result<T, E>;
@@ -80,6 +85,8 @@ pub struct PullOptions {
     pub snapshotter: String,
     /// Fetch the whole image in the background once its layers are ready.
     pub hydrate: bool,
+    /// hyperboxd's socket, where the pull token comes from.
+    pub hyperboxd: PathBuf,
 }
 
 /// What a pull did, layer by layer.
@@ -231,6 +238,19 @@ fn file_chunks(
     }))
 }
 
+fn is_hyperbox(layer: &oci_spec::image::Descriptor) -> bool {
+    layer.annotations().as_ref().is_some_and(|a| a.contains_key(ANN_VERSION))
+}
+
+/// The node's pull token, from hyperboxd's admin API at `socket`.
+async fn pull_token(socket: &std::path::Path) -> Result<String> {
+    let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
+    let mut c = crate::admin::connect(socket).await.map_err(|e| failed(format!("{e:?}")))?;
+    let t =
+        c.pull_token(crate::admin::proto::PullTokenRequest {}).await.map_err(|s| failed(s.message().to_string()))?;
+    Ok(t.into_inner().token)
+}
+
 fn unix_nanos() -> u128 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos()
 }
@@ -276,6 +296,9 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
         .map(|v| v.as_str().map(str::to_string))
         .collect::<Option<_>>()
         .ok_or_else(|| image_err("image config", "rootfs.diff_ids holds a non-string"))?;
+    for d in &diff_ids {
+        d.parse::<Digest>().map_err(|e| image_err("image config", e))?;
+    }
     if diff_ids.len() != m.layers().len() {
         return Err(image_err(
             "image",
@@ -283,6 +306,8 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
         ));
     }
     let chain = oci::chain_ids(&diff_ids);
+    // Only HyperBox layers carry the token, and only if there is one.
+    let token = if m.layers().iter().any(is_hyperbox) { Some(pull_token(&opts.hyperboxd).await?) } else { None };
     let pinned = format!("{}/{}@{}", r.repo.registry, r.repo.name, manifest.digest);
 
     let channel = containerd_client::connect(&opts.address)
@@ -315,7 +340,8 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
         &m,
         config,
         &config_digest,
-        &chain,
+        (&diff_ids, &chain),
+        token.as_deref(),
         &log,
     )
     .await;
@@ -339,7 +365,8 @@ async fn pull_with_lease(
     m: &ImageManifest,
     config: Vec<u8>,
     config_digest: &Digest,
-    chain: &[String],
+    (diff_ids, chain): (&[String], &[String]),
+    token: Option<&str>,
     log: &impl Fn(&str),
 ) -> Result<PullReport> {
     let mut report = PullReport { name: name.to_string(), manifest: manifest.digest.to_string(), ..Default::default() };
@@ -348,19 +375,24 @@ async fn pull_with_lease(
     for (i, layer) in m.layers().iter().enumerate() {
         let parent = if i == 0 { String::new() } else { chain[i - 1].clone() };
         let key = format!("extract-{}-{}", unix_nanos(), chain[i]);
+        // The layer's own HyperBox annotations (where its index is), but
+        // none of the labels only this pull may set.
         let mut labels: HashMap<String, String> = layer
             .annotations()
             .iter()
             .flatten()
-            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX) && !labels::PULL_SET.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let hyperbox = labels.contains_key(ANN_VERSION);
+        let hyperbox = is_hyperbox(layer);
         labels.insert(labels::TARGET.into(), chain[i].clone());
-        labels.insert(labels::IMAGE_REF.into(), pinned.to_string());
-        labels.insert(labels::LAYER_DIGEST.into(), layer.digest().to_string());
-        if opts.hydrate && hyperbox {
-            labels.insert(labels::HYDRATE.into(), "true".into());
+        if let (true, Some(token)) = (hyperbox, token) {
+            labels.insert(labels::IMAGE_REF.into(), pinned.to_string());
+            labels.insert(labels::LAYER_DIGEST.into(), layer.digest().to_string());
+            labels.insert(labels::PULL_TOKEN.into(), token.to_string());
+            if opts.hydrate {
+                labels.insert(labels::HYDRATE.into(), "true".into());
+            }
         }
         let prepared = snapshots
             .prepare(ctr.req(PrepareSnapshotRequest {
@@ -392,7 +424,7 @@ async fn pull_with_lease(
             let got = registry.get_blob_to_file(&r.repo, &digest, layer.size(), tmp.path(), |_| {}).await?;
             let labels = HashMap::new();
             ctr.write_content(&digest.to_string(), got, file_chunks(tmp.reopen()?), labels).await?;
-            DiffClient::new(ctr.channel.clone())
+            let applied = DiffClient::new(ctr.channel.clone())
                 .apply(ctr.req(ApplyRequest {
                     diff: Some(Descriptor {
                         media_type: layer.media_type().to_string(),
@@ -404,7 +436,19 @@ async fn pull_with_lease(
                     ..Default::default()
                 }))
                 .await
-                .map_err(ctr_err(format!("unpack of layer {digest}")))?;
+                .map_err(ctr_err(format!("unpack of layer {digest}")))?
+                .into_inner()
+                .applied;
+            // What was unpacked must be the layer the config names, as
+            // containerd's own unpacker checks: else this image's layer
+            // would be committed under another layer's chain id.
+            let unpacked = applied.map(|d| d.digest).unwrap_or_default();
+            if unpacked != diff_ids[i] {
+                return Err(image_err(
+                    format!("layer {digest}"),
+                    format!("unpacks to {unpacked}, but the image config says its diff_id is {}", diff_ids[i]),
+                ));
+            }
             snapshots
                 .clone()
                 .commit(ctr.req(CommitSnapshotRequest {

@@ -56,14 +56,6 @@ fn convert_to(layout: &Path, dst: &str) {
     run(hyperbox().args(["convert", "-q", "--plain-http"]).arg(format!("oci:{}:v1", layout.display())).arg(dst));
 }
 
-fn hyperbox_pull(ctd: &Containerd, ns: &str, reference: &str) -> String {
-    hyperbox_pull_with(ctd, ns, reference, &[])
-}
-
-fn hyperbox_pull_with(ctd: &Containerd, ns: &str, reference: &str, flags: &[&str]) -> String {
-    run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).args(flags).args(["--namespace", ns, reference]))
-}
-
 #[test]
 fn lazy_start_survives_restarts_and_goes_with_gc() {
     if !have_tools("lazy_start_survives_restarts_and_goes_with_gc", TOOLS) {
@@ -85,7 +77,7 @@ fn lazy_start_survives_restarts_and_goes_with_gc() {
     let log_start = reg.log().len();
 
     // Pull: both layers are HyperBox layers, so both are mounted, not downloaded.
-    let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    let out = hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst);
     assert!(out.contains("2 lazy, 0 downloaded"), "{out}");
     assert_eq!(hb.fuse_mounts().len(), 2, "{}", hb.log());
     let snaps = snapshot_names(&ctd, "hyperbox-test");
@@ -158,7 +150,7 @@ fn images_that_are_not_lazy_still_work() {
     let ctd = Containerd::start(&hb.proxy_plugin());
 
     // An ordinary gzip image through `hyperbox pull`: downloaded and unpacked.
-    let out = hyperbox_pull(&ctd, "hyperbox-test", &plain);
+    let out = hyperbox_pull(&hb, &ctd, "hyperbox-test", &plain);
     assert!(out.contains("0 lazy, 2 downloaded"), "{out}");
     let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &plain, "p1", "cat", "/data/small"]));
     assert_eq!(out.as_bytes(), SMALL);
@@ -206,7 +198,7 @@ fn debian_image_starts_lazily() {
     let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
     let ctd = Containerd::start(&hb.proxy_plugin());
     let log_start = reg.log().len();
-    let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    let out = hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst);
     assert!(out.contains("2 lazy, 0 downloaded"), "{out}");
     let out = run(ctd.ctr().args(["run", "--rm", "--snapshotter", "hyperbox", &dst, "d1"]));
     assert_eq!(out, expected);
@@ -436,7 +428,7 @@ fn traced_start_prefetches_everything_it_reads() {
     };
 
     // First start: no trace, so nothing is prefetched; the start is recorded.
-    let out = hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    let out = hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst);
     assert!(out.contains("3 lazy"), "{out}");
     let log_start = reg.log().len();
     // Kept after it exits (no --rm): its snapshot, and so its metrics, stay.
@@ -505,7 +497,7 @@ fn traced_start_prefetches_everything_it_reads() {
     // Second start: pulling finds the trace in the registry and prefetches
     // its chunks; the container finds everything it reads already fetched.
     let log_before = hb.log().len();
-    hyperbox_pull(&ctd, "hyperbox-test", &dst);
+    hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst);
     wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
     assert!(hb.log()[log_before..].contains("trace found in the registry"), "{}", &hb.log()[log_before..]);
     let log_start = reg.log().len();
@@ -563,7 +555,7 @@ fn traced_start_prefetches_everything_it_reads() {
     let dst2 = format!("{}/traced:v2", reg.addr);
     convert_to(&layout2, &dst2);
     let log_before = hb.log().len();
-    hyperbox_pull(&ctd, "hyperbox-test", &dst2);
+    hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst2);
     wait_until("prefetch done", Duration::from_secs(60), || hb.log()[log_before..].contains("prefetch done"));
     assert!(hb.log()[log_before..].contains("using its repository's latest"), "{}", &hb.log()[log_before..]);
     let log_start = reg.log().len();
@@ -593,7 +585,7 @@ fn hydrate_fetches_the_whole_image() {
     let hb = Hyperboxd::start(tmp.path(), "version = 1\n[trace]\nenabled = false\n");
     let ctd = Containerd::start(&hb.proxy_plugin());
     let log_pull = reg.log().len();
-    let out = hyperbox_pull_with(&ctd, "hyperbox-test", &dst, &["--hydrate"]);
+    let out = hyperbox_pull_with(&hb, &ctd, "hyperbox-test", &dst, &["--hydrate"]);
     assert!(out.contains("2 lazy"), "{out}");
     wait_until("hydrated", Duration::from_secs(60), || hb.log().contains("hydrated"));
     let log_start = reg.log().len();
@@ -611,7 +603,7 @@ fn hydrate_fetches_the_whole_image() {
     make_image(&layout2, &big2);
     let dst2 = format!("{}/hydrate:later", reg.addr);
     convert_to(&layout2, &dst2);
-    hyperbox_pull(&ctd, "hyperbox-test", &dst2);
+    hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst2);
     let admin = |args: &[&str]| run(hyperbox().args(args).arg("--address").arg(&hb.socket));
     let local =
         |out: &str| out.lines().filter(|l| l.contains("/hydrate ")).map(|l| l.ends_with("100.0%")).collect::<Vec<_>>();

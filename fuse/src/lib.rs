@@ -334,6 +334,11 @@ impl Default for MountOptions {
 /// (`default_permissions`): overlayfs checks a container process's access
 /// to a lower dir with that process's credentials.
 ///
+/// `nosuid,nodev`: the mount itself honours no setuid bit, file capability
+/// or device node, so a path to it (were one reachable) gives a local user
+/// nothing. A container still sees them work: exec and open go through the
+/// overlay mount, whose flags the kernel checks, not the lower layer's.
+///
 /// The read-ahead window is set after the mount; failing to set it (no
 /// write access to `/sys`) leaves the mount up with the kernel's default,
 /// and the error in [`Mount::read_ahead`] for the caller to report.
@@ -345,8 +350,8 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountO
         MountOption::FSName(fsname.to_string()),
         MountOption::Subtype("hyperbox".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
+        MountOption::NoDev,
+        MountOption::NoSuid,
     ];
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));

@@ -25,6 +25,10 @@ struct Args {
 }
 
 fn main() {
+    // Everything the daemon creates is private unless it says otherwise
+    // (RocksDB's files 0600, dirs 0700); set while this is the only thread.
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    unsafe { libc::umask(0o077) };
     hyperbox::mount::fix_mmap_threshold();
     let args = Args::parse();
     if args.print_default_config {

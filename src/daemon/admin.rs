@@ -166,6 +166,13 @@ impl Admin for AdminService {
         Ok(Response::new(proto::PrefetchResponse { layers: layers as u32 }))
     }
 
+    async fn pull_token(
+        &self,
+        _: Request<proto::PullTokenRequest>,
+    ) -> Result<Response<proto::PullTokenResponse>, Status> {
+        Ok(Response::new(proto::PullTokenResponse { token: self.node.pull_token.clone() }))
+    }
+
     async fn gc(&self, _: Request<proto::GcRequest>) -> Result<Response<proto::GcResponse>, Status> {
         let snap = self.node.snapshotter.clone();
         let r = blocking(move || snap.gc()).await?;

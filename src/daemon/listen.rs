@@ -32,10 +32,25 @@ pub fn listen(address: &Path) -> Result<(tokio::net::UnixListener, Option<PathBu
         }
         std::fs::remove_file(address).map_err(io(format!("remove stale socket {}", address.display())))?;
     }
-    let l = tokio::net::UnixListener::bind(address).map_err(io(format!("listen on {}", address.display())))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
-        .map_err(io(format!("chmod {}", address.display())))?;
+    let l = bind_private(address).map_err(io(format!("listen on {}", address.display())))?;
     Ok((l, Some(address.to_path_buf())))
+}
+
+/// The socket's mode, as containerd's own: root and its group only.
+const SOCKET_MODE: u32 = 0o660;
+
+/// Bind a unix socket at `address` that nobody else can ever have
+/// connected to: it is bound inside a fresh 0700 dir next to `address`,
+/// given its final mode there, and only then renamed into place (binding
+/// in place and chmodding after would leave a window open to any user).
+fn bind_private(address: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let dir = address.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new().prefix(".hyperboxd-").tempdir_in(dir)?;
+    let staged = staging.path().join("sock");
+    let l = tokio::net::UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    std::fs::rename(&staged, address)?;
+    Ok(l)
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

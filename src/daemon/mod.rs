@@ -65,17 +65,23 @@ pub struct Node {
     pub recorder: Option<Recorder>,
     pub prefetcher: Prefetcher,
     pub snapshotter: Arc<Snapshotter>,
+    /// What `hyperbox pull` must put in its labels to be believed
+    /// (`crate::labels::Trust`): random, made at each start, given only
+    /// over the admin socket.
+    pub pull_token: String,
 }
 
 impl Node {
-    /// Make `daemon.root` (0711), open the store, build the parts, load the
+    /// Make `daemon.root` (0700, as containerd's snapshotters), open the store, build the parts, load the
     /// snapshots and mount their remote layers again, and start the gc that
     /// follows removals. Call from outside the runtime `rt` belongs to.
     pub fn open(config: Config, rt: &tokio::runtime::Handle) -> Result<Node, DaemonError> {
         let root = config.daemon.root.clone();
         let io = DaemonError::io;
         std::fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+        // Only root walks into it: the layers' mounts, the containers' upper
+        // dirs and the store are below. Also tightens an older root (0711).
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("chmod {}", root.display())))?;
         let store = Arc::new(Store::open(&root.join("store"), &config.store)?);
         let client = Arc::new(Client::new(&config.registry, false)?);
@@ -83,7 +89,9 @@ impl Node {
         let recorder = config.trace.enabled.then(|| Recorder::start(store.clone(), config.trace.clone(), rt));
         let prefetcher =
             Prefetcher::new(fetcher.clone(), store.clone(), recorder.clone(), config.prefetch.clone(), rt.clone());
+        let pull_token = new_token();
         let opts = snapshotter::Options {
+            pull_token: pull_token.clone(),
             root: root.clone(),
             fuse: MountOptions { threads: config.daemon.fuse_threads, read_ahead_kb: config.daemon.fuse_read_ahead_kb },
         };
@@ -100,7 +108,7 @@ impl Node {
             rt.spawn(snapshotter::auto_gc(Arc::downgrade(&snapshotter), delay));
         }
         tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
-        Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter })
+        Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter, pull_token })
     }
 
     /// Stop serving layers: save the traces being recorded and unmount
@@ -109,6 +117,14 @@ impl Node {
         tracing::info!(layers = self.snapshotter.mounted_layers(), "stopping: unmounting layers");
         self.snapshotter.unmount_all();
     }
+}
+
+/// 128 bits from the OS's random source, as hex.
+fn new_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
 }
 
 /// Serve containerd's Snapshots API and the admin API on `listener` until

@@ -66,6 +66,15 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
+/// The chain id of a layer with diff id `diff_id` on a parent whose chain
+/// id is `parent` (none for a bottom layer).
+pub fn chain_id(parent: Option<&Digest>, diff_id: &Digest) -> Digest {
+    match parent {
+        None => diff_id.clone(),
+        Some(p) => Digest::of(format!("{p} {diff_id}").as_bytes()),
+    }
+}
+
 /// This machine's architecture as OCI platforms name it (`amd64`, `arm64`).
 pub fn platform_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -98,6 +107,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn chain_id_is_chain_ids_one_step() {
+        let diffs: Vec<String> = [b"a", b"b", b"c"].iter().map(|d| Digest::of(*d).to_string()).collect();
+        let chain = chain_ids(&diffs);
+        let mut parent: Option<Digest> = None;
+        for (d, want) in diffs.iter().zip(&chain) {
+            let next = chain_id(parent.as_ref(), &d.parse().unwrap());
+            assert_eq!(&next.to_string(), want);
+            parent = Some(next);
+        }
+    }
 
     #[test]
     fn chain_ids_follow_the_oci_definition() {

@@ -1,4 +1,5 @@
-//! Every path of a snapshot comes from here: `<root>/snapshots/<id>/{fs,work}`,
+//! Every path of a snapshot comes from here: `<root>/snapshots/<id>/{fs,work}`
+//! (`snapshots` and each `<id>` 0700: see [`PRIVATE`]),
 //! made as `new-<id>-<rand>` and renamed into place before the metadata
 //! commits; a failed call removes its dir, and `Cleanup` removes dirs no
 //! snapshot owns (a crash between rename and commit, or a dir that could
@@ -31,12 +32,18 @@ impl Snapshotter {
             .prefix(&format!("new-{id}-"))
             .tempdir_in(&snapshots)
             .map_err(io_err(format!("create a dir in {}", snapshots.display())))?;
-        std::fs::create_dir(staged.path().join("fs")).map_err(io_err("create fs dir"))?;
+        // As containerd's overlay snapshotter: `<id>` stays 0700 (tempdir's
+        // mode), so no local user reaches a layer or a container's upper dir
+        // through it; `fs` is 0755 since it becomes the container's `/`
+        // (whatever the process umask), and overlayfs wants `work` 0711.
+        let fs = staged.path().join("fs");
+        std::fs::create_dir(&fs).map_err(io_err("create fs dir"))?;
+        set_mode(&fs, 0o755)?;
         if work {
-            std::fs::create_dir(staged.path().join("work")).map_err(io_err("create work dir"))?;
+            let work = staged.path().join("work");
+            std::fs::create_dir(&work).map_err(io_err("create work dir"))?;
+            set_mode(&work, 0o711)?;
         }
-        // 0755 like containerd's overlay dirs (tempdir makes 0700).
-        set_mode(staged.path(), 0o755)?;
         let dest = self.dir(id);
         if dest.exists() {
             // Left by a crash before its metadata committed: nobody owns it.
@@ -47,6 +54,11 @@ impl Snapshotter {
         Ok(())
     }
 }
+
+/// The mode of `<root>`, `<root>/snapshots` and each `<id>`: only root may
+/// walk to a layer's mount or a container's upper dir, which hold the
+/// image's setuid binaries and device nodes (containerd's CVE-2021-41103).
+pub(super) const PRIVATE: u32 = 0o700;
 
 pub(super) fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -62,6 +62,9 @@ pub struct Options {
     pub root: PathBuf,
     /// How each remote layer is served (FUSE threads, read-ahead).
     pub fuse: MountOptions,
+    /// The secret `hyperbox pull` puts in its labels to be believed
+    /// (`crate::labels::Trust`); empty: no pull is believed.
+    pub pull_token: String,
 }
 
 /// The node's parts a snapshotter works with; the daemon makes them
@@ -84,6 +87,7 @@ pub struct Snapshotter {
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
     fuse: MountOptions,
+    pull_token: String,
     meta: Mutex<Meta>,
     /// FUSE mounts of remote layers, by snapshot id.
     layers: Mutex<HashMap<u64, (Mount, Arc<RemoteLayer>)>>,
@@ -110,7 +114,10 @@ impl Snapshotter {
     pub fn open(opts: Options, parts: Parts) -> Result<Snapshotter> {
         let Parts { store, fetcher, recorder, prefetcher, rt } = parts;
         let root = opts.root;
-        std::fs::create_dir_all(root.join("snapshots")).map_err(io_err(format!("create {}", root.display())))?;
+        let snapshots = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(io_err(format!("create {}", snapshots.display())))?;
+        // Also tightens a dir an older version made 0755.
+        dirs::set_mode(&snapshots, dirs::PRIVATE)?;
         for stale in crate::mount::stale_mounts(&root).map_err(io_err("read /proc/self/mountinfo"))? {
             tracing::info!(path = %stale.display(), "detaching a FUSE mount left by a previous hyperboxd");
             if let Err(e) = crate::mount::detach(&stale) {
@@ -126,6 +133,7 @@ impl Snapshotter {
             recorder,
             prefetcher,
             fuse: MountOptions { threads: opts.fuse.threads.max(1), ..opts.fuse },
+            pull_token: opts.pull_token,
             meta: Mutex::new(meta),
             layers: Mutex::new(HashMap::new()),
             broken: Mutex::new(HashSet::new()),
@@ -165,7 +173,7 @@ impl Snapshotter {
         }
         if kind == Kind::Active {
             if let Some(target) = labels.get(labels::TARGET) {
-                if self.try_remote(parent, target, &labels) {
+                if self.try_remote(key, parent, target, &labels) {
                     return Err(SnapshotError::AlreadyExists(target.clone()));
                 }
             }

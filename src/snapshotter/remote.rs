@@ -18,7 +18,7 @@ use super::Snapshotter;
 use crate::digest::{Digest, DigestParseError};
 use crate::fetcher::FetchError;
 use crate::format::{FormatError, IndexLocation};
-use crate::labels::{self, LayerLabels};
+use crate::labels::{self, LayerLabels, Trust};
 use crate::layer::RemoteLayer;
 use crate::mount::LayerFs;
 use crate::oci::{Reference, ReferenceError, Repo};
@@ -96,40 +96,54 @@ impl Snapshotter {
         }
     }
 
-    /// Try to make `target` a committed remote layer on `parent`. True if
-    /// it exists now (made here or before); false to take the ordinary path.
-    pub(super) fn try_remote(&self, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
-        let existing = {
-            let meta = self.meta.lock().unwrap();
-            if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
-                return false;
-            }
-            // Already here (another pull, maybe of another image sharing the
-            // layer). A snapshot of that name on another parent cannot be reused.
-            meta.snaps
-                .get(target)
-                .map(|r| (r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent, r.id))
-        };
-        let said = LayerLabels::read(labels);
-        if let Some((reusable, id)) = existing {
-            if reusable {
-                self.reused(target, id, &said);
-            }
-            return reusable;
-        }
+    /// Try to make `target` a committed remote layer on `parent`, for the
+    /// Prepare of `key`. True if it exists now (made here or before); false
+    /// to take the ordinary path.
+    ///
+    /// A remote layer named `target` serves every later pull that names it,
+    /// in any namespace, so it is made only when the layer's index says it
+    /// is that chain id, and reused only by a Prepare that names the same
+    /// index (whose digest fixes every file it serves). Anything else takes
+    /// the ordinary path, where containerd checks what it unpacks.
+    pub(super) fn try_remote(&self, key: &str, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
+        let said = LayerLabels::read(labels, key, Trust { pull_token: &self.pull_token });
         let loc = match IndexLocation::from_annotations(labels) {
-            Ok(Some(loc)) => loc,
-            Ok(None) => return false,
+            Ok(loc) => loc,
             Err(e) => {
                 tracing::warn!(target, error = %e, "bad HyperBox annotations; the layer will be downloaded");
                 return false;
             }
         };
+        let existing = {
+            let meta = self.meta.lock().unwrap();
+            if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
+                return false;
+            }
+            meta.snaps.get(target).map(|r| {
+                let same_parent = r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent;
+                let same_index = loc.is_some() && stored_location(r).ok().flatten() == loc;
+                (same_parent && same_index, r.id)
+            })
+        };
+        if let Some((reusable, id)) = existing {
+            if reusable {
+                self.reused(target, id, &said);
+            } else {
+                tracing::warn!(
+                    target,
+                    "a snapshot of this chain id exists with another parent or another layer index; the layer will \
+                     be downloaded"
+                );
+            }
+            return reusable;
+        }
+        let Some(loc) = loc else { return false };
         let (Some(image), Some(blob)) = (said.image_ref, said.layer_digest) else {
             tracing::info!(
                 target,
-                "a HyperBox layer without its image reference and digest (use `hyperbox pull`, or CRI with \
-                 disable_snapshot_annotations = false); the layer will be downloaded"
+                source = ?said.source,
+                "a HyperBox layer without an image reference and digest from a source the image cannot forge (use \
+                 `hyperbox pull`, or CRI with disable_snapshot_annotations = false); the layer will be downloaded"
             );
             return false;
         };
@@ -222,6 +236,7 @@ impl Snapshotter {
         let _preparing = Preparing::new(self, blob);
         // The network part runs without the lock.
         let layer = self.remote_layer(&remote, loc)?;
+        check_chain(parent, target, &layer)?;
         // What the layer's files would take unpacked; its chunks live in the
         // shared store and are not this snapshot's alone.
         let entries = layer.index.entries();
@@ -229,7 +244,8 @@ impl Snapshotter {
         let mut meta = self.meta.lock().unwrap();
         // The lock was let go for the fetch: look again.
         if let Some(r) = meta.snaps.get(target) {
-            if r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent {
+            let same_index = stored_location(r).ok().flatten().as_ref() == Some(loc);
+            if r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent && same_index {
                 // Another pull of the same layer made it meanwhile.
                 let id = r.id;
                 drop(meta);
@@ -285,11 +301,11 @@ impl Snapshotter {
     }
 
     pub(super) fn remount(&self, rec: &Record) -> Result<(), RemoteError> {
-        let remote = rec.remote.as_ref().expect("only remote records");
-        let from = if remote.location.is_empty() { &rec.labels } else { &remote.location };
-        let loc = IndexLocation::from_annotations(from)?.ok_or(RemoteError::NoLocation)?;
+        let remote = rec.remote.as_ref().ok_or(RemoteError::NoLocation)?;
+        let loc = stored_location(rec)?.ok_or(RemoteError::NoLocation)?;
         let layer = self.remote_layer(remote, &loc)?;
         std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(RemoteError::Dir)?;
+        super::dirs::set_mode(&self.dir(rec.id), super::dirs::PRIVATE)?;
         self.mount_layer(rec.id, layer)
     }
 }
@@ -314,12 +330,51 @@ pub(super) enum RemoteError {
     Dir(#[source] io::Error),
     #[error("hyperboxd is stopping")]
     Stopping,
-    #[error("snapshot {0} appeared meanwhile on another parent")]
+    #[error("snapshot {0} appeared meanwhile on another parent or with another index")]
     OtherParent(String),
     #[error("parent {0} was removed meanwhile")]
     ParentGone(String),
+    #[error("{0:?} is not a chain id (sha256:...) as containerd names layers")]
+    NotAChain(String),
+    #[error(
+        "the layer's index says its diff_id is {diff_id}, which on parent {parent:?} makes chain id {got}, not {target}"
+    )]
+    ChainMismatch { target: String, parent: String, diff_id: Digest, got: Digest },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+}
+
+/// Where a remote layer's index is, as its record keeps it (older records
+/// kept it only in the labels). `Ok(None)`: not a remote layer.
+fn stored_location(rec: &Record) -> Result<Option<IndexLocation>, FormatError> {
+    let Some(remote) = &rec.remote else { return Ok(None) };
+    let from = if remote.location.is_empty() { &rec.labels } else { &remote.location };
+    IndexLocation::from_annotations(from)
+}
+
+/// The chain id a snapshot's name stands for. containerd's metadata layer
+/// names a layer it unpacked `<namespace>/<n>/<chain id>`; a remote layer is
+/// named by its plain chain id.
+pub(super) fn chain_of(name: &str) -> Option<Digest> {
+    name.rsplit('/').next()?.parse().ok()
+}
+
+/// A remote layer is committed as `target` only if its index's diff_id on
+/// `parent`'s chain id gives `target`: the name every later pull trusts is
+/// the one the layer's own index claims (the index is fixed by the digest
+/// in the image's manifest, and every chunk by its id).
+fn check_chain(parent: &str, target: &str, layer: &RemoteLayer) -> Result<(), RemoteError> {
+    let want = chain_of(target).ok_or_else(|| RemoteError::NotAChain(target.to_string()))?;
+    let parent_chain = match parent {
+        "" => None,
+        p => Some(chain_of(p).ok_or_else(|| RemoteError::NotAChain(p.to_string()))?),
+    };
+    let diff_id = Digest::from_bytes(layer.index.index.diff_id);
+    let got = crate::oci::chain_id(parent_chain.as_ref(), &diff_id);
+    if got != want {
+        return Err(RemoteError::ChainMismatch { target: target.into(), parent: parent.into(), diff_id, got });
+    }
+    Ok(())
 }
 
 /// The records of remote layers from `top` down that do not know image

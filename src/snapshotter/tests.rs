@@ -9,6 +9,9 @@ use crate::format::IndexLocation;
 use crate::registry::{Client, RegistryConfig};
 use crate::store::StoreConfig;
 
+/// The pull token the fixture's snapshotter believes.
+const PULL_TOKEN: &str = "fixture-token";
+
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -32,7 +35,11 @@ impl Fixture {
         let recorder = Some(Recorder::start(store.clone(), Default::default(), &rt));
         let prefetcher =
             Prefetcher::new(fetcher.clone(), store.clone(), recorder.clone(), Default::default(), rt.clone());
-        let opts = Options { root: self.root.clone(), fuse: MountOptions { threads: 1, read_ahead_kb: 0 } };
+        let opts = Options {
+            root: self.root.clone(),
+            fuse: MountOptions { threads: 1, read_ahead_kb: 0 },
+            pull_token: PULL_TOKEN.into(),
+        };
         Snapshotter::open(opts, Parts { store, fetcher, recorder, prefetcher, rt }).unwrap()
     }
 }
@@ -209,6 +216,7 @@ fn remote_layer_without_what_it_needs_takes_the_ordinary_path() {
         "127.0.0.1:9/none@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
     );
     l.insert(crate::labels::LAYER_DIGEST.into(), format!("{}", Digest::of(b"blob")));
+    l.insert(crate::labels::PULL_TOKEN.into(), PULL_TOKEN.into());
     let started = std::time::Instant::now();
     let m = s.create(Kind::Active, "extract-2", "", l).unwrap();
     assert_eq!(m[0].kind, "bind");
@@ -279,4 +287,55 @@ fn gc_frees_orphan_indexes_but_not_a_layer_being_prepared() {
     drop(preparing);
     assert_eq!(s.gc().unwrap().indexes_removed, 1);
     assert!(s.store.get_index(&digest).unwrap().is_none(), "no snapshot and not being prepared: freed");
+}
+
+#[test]
+fn a_remote_layer_is_reused_only_by_a_prepare_that_names_its_index() {
+    let f = Fixture::new();
+    let loc =
+        IndexLocation { offset: 10, length: 20, digest: Digest::of(b"i"), version: crate::format::FORMAT_VERSION };
+    let target = Digest::of(b"chain").to_string();
+    let s = f.open();
+    let now = SystemTime::now();
+    let rec = Record {
+        id: 1,
+        kind: Kind::Committed,
+        parent: None,
+        labels: HashMap::new(),
+        created: now,
+        updated: now,
+        usage: None,
+        remote: Some(RemoteRef {
+            registry: "127.0.0.1:9".into(),
+            repository: "first".into(),
+            blob: Digest::of(b"blob").to_string(),
+            location: loc.to_annotations(),
+            manifest: None,
+            also: Vec::new(),
+        }),
+    };
+    s.meta.lock().unwrap().transact(&s.store, vec![(target.clone(), rec)], vec![], 2).unwrap();
+    let prepare = |key: &str, mut labels: HashMap<String, String>| {
+        labels.insert(crate::labels::TARGET.into(), target.clone());
+        s.create(Kind::Active, key, "", labels)
+    };
+    // Another image's layer of the same chain id: an ordinary layer (as any
+    // image pulled through CRI), or a HyperBox layer with another index.
+    // Neither may be served the first image's files: both are unpacked.
+    assert_eq!(prepare("default/1/extract-a", HashMap::new()).unwrap()[0].kind, "bind");
+    let other = IndexLocation { digest: Digest::of(b"other"), ..loc.clone() };
+    assert_eq!(prepare("default/1/extract-b", other.to_annotations()).unwrap()[0].kind, "bind");
+    // The same index: the layer is here already.
+    match prepare("k8s.io/2/extract-c", loc.to_annotations()) {
+        Err(SnapshotError::AlreadyExists(name)) => assert_eq!(name, target),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn chain_ids_come_from_containerd_names() {
+    let c = Digest::of(b"c");
+    assert_eq!(remote::chain_of(&c.to_string()), Some(c.clone()));
+    assert_eq!(remote::chain_of(&format!("k8s.io/7/{c}")), Some(c));
+    assert_eq!(remote::chain_of("default/7/my-snapshot"), None);
 }

@@ -70,6 +70,8 @@ pub enum StoreError {
     NewerSchema { path: String, found: u32 },
     #[error("store {path}: {problem}")]
     Corrupt { path: String, problem: String },
+    #[error("store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
     #[error("chunk {id} failed verification: {problem}")]
     Verify {
         id: ChunkId,
@@ -181,6 +183,23 @@ fn parse_atime(v: &[u8]) -> Option<(u64, u32)> {
         .then(|| (u64::from_le_bytes(v[..8].try_into().unwrap()), u32::from_le_bytes(v[8..].try_into().unwrap())))
 }
 
+/// Create the store's dir 0700, and take group and other access off what an
+/// older version left there (new files are 0600 by hyperboxd's umask).
+/// Chunks, indexes and traces of private images are in it.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(path)? {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Open (or create) the store at `path`. Refuses a database written by a
     /// newer schema; rebuilds sizes and the access clock from `atime`.
@@ -207,6 +226,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_SNAPSHOTS, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ];
+        make_private(path).map_err(|source| StoreError::Io { path: p.clone(), source })?;
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)?;
         let meta = db.cf_handle(CF_META).expect("meta family exists");
         match db.get_cf(meta, SCHEMA_KEY).map_err(db_err)? {

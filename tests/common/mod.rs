@@ -362,6 +362,20 @@ pub fn blob_bytes_served(log: &str) -> (u64, usize) {
     (bytes, n)
 }
 
+/// `hyperbox pull` into containerd `ctd`'s namespace `ns`, asking `hb` for
+/// its pull token; returns what it printed.
+pub fn hyperbox_pull(hb: &Hyperboxd, ctd: &Containerd, ns: &str, reference: &str) -> String {
+    hyperbox_pull_with(hb, ctd, ns, reference, &[])
+}
+
+pub fn hyperbox_pull_with(hb: &Hyperboxd, ctd: &Containerd, ns: &str, reference: &str, flags: &[&str]) -> String {
+    run(hyperbox().arg("pull").arg("--address").arg(&ctd.socket).arg("--hyperboxd").arg(&hb.socket).args(flags).args([
+        "--namespace",
+        ns,
+        reference,
+    ]))
+}
+
 /// Push the (single-manifest) image of an OCI layout to `dst` as it is.
 pub fn push_layout(dir: &Path, dst: &str) {
     use hyperbox::registry::{BlobBody, Client, Reference, RegistryConfig};

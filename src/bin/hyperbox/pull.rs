@@ -33,13 +33,17 @@ pub struct PullArgs {
     /// After the traced chunks, fetch the whole image in the background.
     #[arg(long)]
     hydrate: bool,
+    /// hyperboxd's socket: the pull asks it for the token that makes its
+    /// labels believed.
+    #[arg(long, env = "HYPERBOX_ADDRESS", default_value = "/run/hyperbox/hyperbox.sock")]
+    hyperboxd: PathBuf,
     reference: String,
 }
 
 pub fn run(args: PullArgs, config: &Config, rt: &tokio::runtime::Runtime) -> Result<()> {
-    let PullArgs { plain_http, address, namespace, snapshotter, hydrate, reference } = args;
+    let PullArgs { plain_http, address, namespace, snapshotter, hydrate, hyperboxd, reference } = args;
     let client = Client::new(&config.registry, plain_http)?;
-    let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter, hydrate };
+    let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter, hydrate, hyperboxd };
     let started = std::time::Instant::now();
     let report = rt.block_on(hyperbox::pull::pull(&client, &opts, &reference, |line| eprintln!("{line}")))?;
     println!(
