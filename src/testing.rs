@@ -64,6 +64,21 @@ impl LayerBuilder {
         self.tar.append_data(&mut h, path, &[][..]).unwrap();
         self
     }
+    /// A character or block device node.
+    pub fn device(mut self, path: &str, kind: tar::EntryType, mode: u32, major: u32, minor: u32) -> Self {
+        let mut h = self.header(kind, mode, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.tar.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+    /// A regular file with extended attributes (PAX `SCHILY.xattr.` records,
+    /// as GNU tar and containerd write them).
+    pub fn file_with_xattrs(mut self, path: &str, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]) -> Self {
+        let records: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+        self.tar.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
+        self.file(path, mode, data)
+    }
     pub fn dir(mut self, path: &str) -> Self {
         let mut h = self.header(tar::EntryType::Directory, 0o755, 0);
         self.tar.append_data(&mut h, path, &[][..]).unwrap();
