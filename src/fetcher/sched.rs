@@ -314,4 +314,37 @@ mod tests {
         let _b = within("a slot, once the only one was freed", s.acquire("r", prio(Priority::Demand))).await;
         assert_eq!(s.running(), (1, 0));
     }
+
+    /// A host whose requests never finish holds its own slots only: another
+    /// host's demand and prefetch requests still get slots at once, and
+    /// within one host demand keeps a slot prefetch cannot take.
+    #[tokio::test]
+    async fn a_stalled_host_holds_only_its_own_slots() {
+        // 8 in all, 4 prefetch; 3 a host, of which 2 prefetch.
+        let s = Scheduler::new(8, 4, 3);
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            stalled.push(within("a slot at the stalled host", s.acquire("stalled", prio(Priority::Demand))).await);
+        }
+        // More requests for the stalled host wait...
+        let queued = s.enqueue("stalled", prio(Priority::Demand));
+        let queued_prefetch = s.enqueue("stalled", prio(Priority::Prefetch));
+        // ...while another host is served at once, demand and prefetch.
+        let d = within("demand at a healthy host", s.acquire("healthy", prio(Priority::Demand))).await;
+        let p = within("prefetch at a healthy host", s.acquire("healthy", prio(Priority::Prefetch))).await;
+        assert_eq!(s.running(), (5, 1));
+        // A host's prefetch stops at its cap (2), leaving demand a slot.
+        let p2 = within("a second prefetch", s.acquire("healthy", prio(Priority::Prefetch))).await;
+        let mut third = Box::pin(s.acquire("healthy", prio(Priority::Prefetch)));
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut third).await.is_err(), "a third prefetch ran");
+        drop(p);
+        let p3 = within("the third prefetch, once one ended", third).await;
+        drop((d, p2, p3));
+        // The stalled host's queue moves when its own slots free.
+        drop(stalled.pop());
+        let q = within("the stalled host's queued demand", queued.wait()).await;
+        assert!(q.is_some());
+        drop((q, stalled, queued_prefetch));
+        assert_eq!(s.running(), (0, 0));
+    }
 }

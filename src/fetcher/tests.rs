@@ -72,17 +72,22 @@ async fn a_frame_list_with_the_same_chunk_several_times_is_read() {
     let registry = dead_registry();
     let f = fetcher(dir.path(), &registry);
     let remote = layer.remote(Repo { registry: registry.clone(), name: "t/dup".into() });
-    // Each duplicated chunk three times, interleaved, with the small frames.
+    // One chunk at two frames; then three times, ending on a repeat; then
+    // each duplicated chunk three times, interleaved with every frame.
+    let (i, j) = pairs[0];
     let mut frames: Vec<usize> = Vec::new();
     for &(i, j) in &pairs {
         frames.extend([i, j, i]);
     }
     frames.extend(0..layer.index.frames().len());
+    let lists = [vec![i, j], vec![j, pairs[1].0, i, pairs[1].1], frames.clone()];
     for round in 0..2 {
-        for prio in [Priority::Demand, Priority::Prefetch] {
-            let err = f.read_frames(&remote, &frames, prio).await.unwrap_err();
-            assert!(matches!(err, FetchError::Remote { .. }), "round {round}: {err:?}");
-            f.fetch_into_store(&remote, &frames, prio).await.unwrap_err();
+        for list in &lists {
+            for prio in [Priority::Demand, Priority::Prefetch] {
+                let err = f.read_frames(&remote, list, prio).await.unwrap_err();
+                assert!(matches!(err, FetchError::Remote { .. }), "round {round}, {list:?}: {err:?}");
+                f.fetch_into_store(&remote, list, prio).await.unwrap_err();
+            }
         }
     }
     f.settled().await;
