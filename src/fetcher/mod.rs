@@ -83,6 +83,9 @@ pub enum Priority {
 
 type Answer = Option<Result<Bytes, FetchError>>;
 
+/// A flight's key: the registry host it is fetched from, and the chunk.
+type FlightKey = (Arc<str>, ChunkId);
+
 /// A fetch in flight: its answer, once sent, and the priority of the
 /// request carrying it (raised when a demand read joins).
 struct Flight {
@@ -112,7 +115,11 @@ struct Inner {
     cfg: FetchConfig,
     retry: RetryPolicy,
     sched: Arc<Scheduler>,
-    inflight: Mutex<HashMap<ChunkId, Flight>>,
+    /// Flights by registry host and chunk: a reader joins a fetch of its
+    /// chunk from its own registry only, so a registry that stalls holds up
+    /// its own images alone, even for chunks other images share (a tar's
+    /// end-of-archive blocks, common files).
+    inflight: Mutex<HashMap<FlightKey, Flight>>,
     /// Verified frames reads were answered with (`frame_cache_mb`).
     frames: Option<FrameCache>,
     /// Chunks read from the frame cache whose access time the store has not
@@ -455,6 +462,10 @@ impl Fetcher {
         let mut seen: HashMap<ChunkId, usize> = HashMap::new();
         let mut groups: Vec<Group> = Vec::new();
         let mut raised = false;
+        // Flights and request slots are per registry host: the first source's.
+        let host = inner.client.pull_sources(&layer.repo).into_iter().next().unwrap_or_else(|| layer.repo.clone());
+        let host: Arc<str> = Arc::from(host.registry.as_str());
+        let key = |id: ChunkId| (host.clone(), id);
         {
             let mut inflight = inner.inflight.lock();
             let mut leads: Vec<(usize, ChunkId)> = Vec::new();
@@ -465,7 +476,7 @@ impl Fetcher {
                         v.insert(waits.len());
                     }
                 }
-                if let Some(f) = inflight.get(&id) {
+                if let Some(f) = inflight.get(&key(id)) {
                     inner.n.joined.fetch_add(1, Ordering::Relaxed);
                     if prio == Priority::Demand && f.prio.swap(Priority::Demand as u8, Ordering::Relaxed) != prio as u8
                     {
@@ -483,7 +494,7 @@ impl Fetcher {
             for (frame, id) in leads {
                 // Every lead was given its place in `waits` above.
                 let Some(slot) = seen.get(&id).and_then(|&w| waits.get_mut(w)) else { continue };
-                if let Some(f) = inflight.get(&id) {
+                if let Some(f) = inflight.get(&key(id)) {
                     // Became a flight below, as a gap frame of this call
                     // (another frame holds the same chunk).
                     slot.1 = f.rx.clone();
@@ -498,14 +509,14 @@ impl Fetcher {
                 // other reader fetches them meanwhile.
                 for gap in added.gap {
                     let gap_id = table.get(gap).id;
-                    if !inflight.contains_key(&gap_id) {
+                    if !inflight.contains_key(&key(gap_id)) {
                         let (tx, rx) = watch::channel(None);
-                        inflight.insert(gap_id, Flight { rx, prio: g.prio.clone(), blob: layer.blob.clone() });
+                        inflight.insert(key(gap_id), Flight { rx, prio: g.prio.clone(), blob: layer.blob.clone() });
                         g.leads.push((gap, gap_id, tx));
                     }
                 }
                 let (tx, rx) = watch::channel(None);
-                inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
+                inflight.insert(key(id), Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
                 g.leads.push((frame, id, tx));
                 slot.1 = rx;
             }
@@ -513,13 +524,11 @@ impl Fetcher {
         if raised {
             inner.sched.kick();
         }
-        // Slots are counted per registry host: the first source's.
-        let host = inner.client.pull_sources(&layer.repo).into_iter().next().unwrap_or_else(|| layer.repo.clone());
         for g in groups {
             // Queue now, in the call's order of requests (its frames sorted).
-            let ticket = inner.sched.enqueue(&host.registry, g.prio.clone());
-            let (inner, layer) = (inner.clone(), layer.clone());
-            tokio::spawn(async move { inner.run_group(layer, g, ticket).await });
+            let ticket = inner.sched.enqueue(&host, g.prio.clone());
+            let (inner, layer, host) = (inner.clone(), layer.clone(), host.clone());
+            tokio::spawn(async move { inner.run_group(layer, host, g, ticket).await });
         }
         waits
     }
@@ -553,13 +562,14 @@ fn check_lengths(layer: &RemoteLayer, frames: &[usize], data: Vec<Bytes>) -> Res
 struct FlightGuard<'a> {
     inner: &'a Inner,
     layer: String,
+    host: Arc<str>,
     ids: Vec<ChunkId>,
     leads: Vec<Lead>,
 }
 
 impl<'a> FlightGuard<'a> {
-    fn new(inner: &'a Inner, layer: &RemoteLayer, leads: Vec<Lead>) -> Self {
-        FlightGuard { inner, layer: layer.name(), ids: leads.iter().map(|l| l.1).collect(), leads }
+    fn new(inner: &'a Inner, layer: &RemoteLayer, host: Arc<str>, leads: Vec<Lead>) -> Self {
+        FlightGuard { inner, layer: layer.name(), host, ids: leads.iter().map(|l| l.1).collect(), leads }
     }
 
     /// Take the flights out of the in-flight map (once).
@@ -569,7 +579,7 @@ impl<'a> FlightGuard<'a> {
         }
         let mut inflight = self.inner.inflight.lock();
         for id in self.ids.drain(..) {
-            inflight.remove(&id);
+            inflight.remove(&(self.host.clone(), id));
         }
     }
 

@@ -36,9 +36,9 @@ impl Inner {
     /// flights: with the data, or all with the same error. However the task
     /// ends, its [`FlightGuard`] leaves no flight behind and no waiter
     /// waiting.
-    pub(super) async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, g: Group, ticket: Ticket) {
+    pub(super) async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, host: Arc<str>, g: Group, ticket: Ticket) {
         let (prio, requested) = (g.prio.clone(), g.requested);
-        let mut guard = FlightGuard::new(&self, &layer, g.leads);
+        let mut guard = FlightGuard::new(&self, &layer, host, g.leads);
         // A flight that ended between the reader's store lookup and taking
         // the in-flight lock has stored its chunks: look once more.
         // Frames in a gap were never looked up at all.

@@ -159,7 +159,7 @@ async fn a_flight_whose_task_dies_answers_its_waiters_and_leaves_the_map() {
     let inner = f.inner.clone();
     let r = remote.clone();
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let _guard = FlightGuard::new(&inner, &r, vec![(0, id, tx)]);
+        let _guard = FlightGuard::new(&inner, &r, host, vec![(0, id, tx)]);
         panic!("the leader's task dies");
     }));
     assert!(died.is_err());
