@@ -152,10 +152,11 @@ async fn a_flight_whose_task_dies_answers_its_waiters_and_leaves_the_map() {
     let remote = layer.remote(Repo { registry: "r.example".into(), name: "t/x".into() });
     let id = layer.index.frames().get(0).id;
     let (tx, rx) = watch::channel(None);
-    f.inner
-        .inflight
-        .lock()
-        .insert(id, Flight { rx: rx.clone(), prio: Arc::new(AtomicU8::new(0)), blob: remote.blob.clone() });
+    let host: Arc<str> = Arc::from("r.example");
+    f.inner.inflight.lock().insert(
+        (host.clone(), id),
+        Flight { rx: rx.clone(), prio: Arc::new(AtomicU8::new(0)), blob: remote.blob.clone() },
+    );
     let inner = f.inner.clone();
     let r = remote.clone();
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
