@@ -604,3 +604,63 @@ async fn frames_the_cache_answers_stay_hot_in_the_store() {
     assert!(s.fetcher.store().contains(&id(0)).unwrap(), "the hot frame was evicted: {st:?}");
     drop(s.registry);
 }
+
+/// A layer holding the same large file twice (real images do: 139 duplicate
+/// chunks in a Debian python image): hydrating it and reading it whole
+/// fetch each distinct chunk once and answer every frame; the node's fetcher
+/// keeps working after (a repeated chunk used to panic it while it held its
+/// in-flight lock, poisoning every later read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_with_two_identical_large_files_is_hydrated_and_read() {
+    if !common::have_tools("a_layer_with_two_identical_large_files_is_hydrated_and_read", TOOLS) {
+        return;
+    }
+    let registry = common::Registry::start();
+    let mut data = vec![0u8; 8 << 20];
+    rand::rngs::StdRng::seed_from_u64(21).fill_bytes(&mut data);
+    let layer = common::LayerBuilder::new()
+        .dir("opt")
+        .file("opt/one.bin", 0o644, &data)
+        .file("opt/note", 0o644, b"between the copies\n")
+        .file("opt/two.bin", 0o644, &data)
+        .convert();
+    let t = layer.index.frames();
+    let n = t.len();
+    let distinct: std::collections::HashSet<_> = (0..n).map(|i| t.get(i).id).collect();
+    assert!(distinct.len() + 10 < n, "the copies should share chunks: {} distinct of {n}", distinct.len());
+    let repo = Repo { registry: registry.addr.clone(), name: "test/dup".into() };
+    let pusher =
+        Client::new(&RegistryConfig { insecure: vec![registry.addr.clone()], ..Default::default() }, false).unwrap();
+    pusher.push_blob(&repo, layer.digest(), BlobBody::Bytes(&layer.blob)).await.unwrap();
+    let want = |i: usize| format::read_frame(&layer.blob[..], &layer.index, i).unwrap();
+    for hydrate_first in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+        let fetcher = Fetcher::new(client(&[&registry.addr], &[]), store, test_config());
+        let remote = layer.remote(repo.clone());
+        let all: Vec<usize> = (0..n).collect();
+        if hydrate_first {
+            // `hyperbox pull --hydrate`: every frame, in one list.
+            fetcher.fetch_into_store(&remote, &all, Priority::Prefetch).await.unwrap();
+            fetcher.settled().await;
+            for id in &distinct {
+                assert!(fetcher.store().contains(id).unwrap());
+            }
+        }
+        // Whole-file reads of both copies at once, and one list naming each
+        // frame twice.
+        let (f, r) = (fetcher.clone(), remote.clone());
+        let both = tokio::spawn(async move { f.read(&r, 0..n, Priority::Demand).await });
+        let mut twice = all.clone();
+        twice.extend(all.iter().rev());
+        let got = fetcher.read_frames(&remote, &twice, Priority::Demand).await.unwrap();
+        for (g, &i) in got.iter().zip(&twice) {
+            assert!(g[..] == want(i)[..], "frame {i}");
+        }
+        check_frames(&both.await.unwrap().unwrap(), &(0..n).map(want).collect::<Vec<_>>(), 0);
+        let st = fetcher.stats();
+        assert!(st.chunks as usize <= n, "{st:?}");
+        // The fetcher still serves reads after.
+        fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap();
+    }
+}

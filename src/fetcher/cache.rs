@@ -51,7 +51,7 @@ impl Fetcher {
     /// the runtime. (A store lookup refreshes any pending ones sooner.)
     pub(super) fn note_cache_hits(&self, ids: impl Iterator<Item = ChunkId>) {
         let batch = {
-            let mut pending = self.inner.untouched.lock().unwrap();
+            let mut pending = self.inner.untouched.lock();
             pending.extend(ids);
             if pending.len() < TOUCH_BATCH {
                 return;

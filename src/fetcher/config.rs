@@ -11,6 +11,12 @@ pub struct FetchConfig {
     pub max_concurrent_requests: usize,
     /// Of those, how many may be prefetch; the rest stay free for demand.
     pub max_prefetch_requests: usize,
+    /// Registry requests in flight at once against one registry host (a
+    /// mirror is a host of its own), all kinds: a registry that stalls holds
+    /// at most this many, and reads from other registries go on. Of these,
+    /// at most `min(max_prefetch_requests, this - 1)` (at least 1) may be
+    /// prefetch. Capped at `max_concurrent_requests`.
+    pub max_requests_per_registry: usize,
     /// Missing frames separated by at most this many bytes of other frames
     /// are fetched in one request (the bytes between come along).
     pub coalesce_gap_bytes: u64,
@@ -25,9 +31,11 @@ pub struct FetchConfig {
     /// The most one registry read may take, all tries on all sources and the
     /// backoff between them included: a range of chunks (a FUSE read waiting
     /// on it then returns EIO) or a layer's index (the layer's `Prepare`
-    /// then fails). The clock starts when the first try starts; for chunks,
-    /// when the request first gets a slot (time queued behind other
-    /// requests, each bounded itself, does not count). A stalled connection
+    /// then fails). For a demand read the clock starts when the read is
+    /// requested: time queued for a request slot, or waiting for another
+    /// reader's fetch of the same chunks, counts. For prefetch it starts
+    /// when the request first gets a slot (prefetch queues behind demand by
+    /// design, each request bounded itself). A stalled connection
     /// is cut sooner, by `registry.read_timeout_ms`, and retried.
     pub timeout_ms: u64,
     /// MiB of decompressed, verified frames kept in memory for reads that
@@ -40,6 +48,7 @@ impl Default for FetchConfig {
         Self {
             max_concurrent_requests: 16,
             max_prefetch_requests: 4,
+            max_requests_per_registry: 8,
             coalesce_gap_bytes: 128 << 10,
             max_request_bytes: 4 << 20,
             attempts: 4,
@@ -59,6 +68,9 @@ impl FetchConfig {
         }
         if self.max_prefetch_requests == 0 || self.max_prefetch_requests > self.max_concurrent_requests {
             return Err("fetch.max_prefetch_requests must be between 1 and max_concurrent_requests".into());
+        }
+        if self.max_requests_per_registry == 0 {
+            return Err("fetch.max_requests_per_registry must be at least 1".into());
         }
         if self.attempts == 0 {
             return Err("fetch.attempts must be at least 1".into());

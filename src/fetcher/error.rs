@@ -52,6 +52,18 @@ pub enum FetchError {
     },
     #[error("{layer}: chunk {chunk}: the fetch it waited for ended without an answer")]
     Lost { layer: String, chunk: ChunkId },
+    /// A demand read was not answered within `fetch.timeout_ms` of being
+    /// requested (time queued for a request slot, or waiting for another
+    /// reader's fetch, included).
+    #[error("{layer}: a read of {frames} frames got no answer within fetch.timeout_ms ({ms} ms) of its request")]
+    Waited { layer: String, frames: usize, ms: u64 },
+    /// The index gives a chunk id two lengths: the verified data of the
+    /// chunk does not have the length this frame of the index says.
+    #[error("{layer}: frame {frame} (chunk {chunk}) is {want} bytes in the index, but its chunk's verified data is {got} bytes: the index lists this chunk with different lengths")]
+    FrameLength { layer: String, frame: usize, chunk: ChunkId, want: u32, got: usize },
+    /// Work handed to a thread of its own panicked (a bug, not the data).
+    #[error("{what} panicked: {problem}")]
+    Panicked { what: &'static str, problem: String },
 }
 
 impl From<StoreError> for FetchError {
@@ -89,6 +101,13 @@ pub enum TryError {
     /// answer; `before` is how the try before it failed, if one did.
     #[error("{}{from}: still no answer when fetch.timeout_ms ({ms} ms) ran out", .before.as_ref().map(|b| format!("{b}; then ")).unwrap_or_default())]
     TimedOut { from: Repo, ms: u64, before: Option<Box<TryError>> },
+    /// A demand read's `fetch.timeout_ms` ran out while it waited for a
+    /// request slot for `at` (its registry's requests are all busy).
+    #[error("{}{at}: still waiting for a request slot when fetch.timeout_ms ({ms} ms) ran out (the registry's requests are all busy)", .before.as_ref().map(|b| format!("{b}; then ")).unwrap_or_default())]
+    Queued { at: Repo, ms: u64, before: Option<Box<TryError>> },
+    /// The read gave up before any try (no time or no source left).
+    #[error("{at}: no try was made")]
+    NotTried { at: Repo },
 }
 
 impl From<RegistryError> for TryError {

@@ -50,10 +50,11 @@ mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::digest::{ChunkId, Digest};
@@ -82,6 +83,9 @@ pub enum Priority {
 
 type Answer = Option<Result<Bytes, FetchError>>;
 
+/// A flight's key: the registry host it is fetched from, and the chunk.
+type FlightKey = (Arc<str>, ChunkId);
+
 /// A fetch in flight: its answer, once sent, and the priority of the
 /// request carrying it (raised when a demand read joins).
 struct Flight {
@@ -95,9 +99,15 @@ struct Flight {
 /// Frames fetched in one range request (a [`plan::Request`]): the flights
 /// it leads, with their senders, in blob order.
 struct Group {
-    leads: Vec<(usize, ChunkId, watch::Sender<Answer>)>,
+    leads: Vec<Lead>,
     prio: Arc<AtomicU8>,
+    /// When the read that made the group was requested: a demand read's
+    /// `timeout_ms` runs from here, time queued for a slot included.
+    requested: tokio::time::Instant,
 }
+
+/// A flight a group leads: its frame, its chunk, and the sender of its answer.
+type Lead = (usize, ChunkId, watch::Sender<Answer>);
 
 struct Inner {
     client: Arc<Client>,
@@ -105,7 +115,11 @@ struct Inner {
     cfg: FetchConfig,
     retry: RetryPolicy,
     sched: Arc<Scheduler>,
-    inflight: Mutex<HashMap<ChunkId, Flight>>,
+    /// Flights by registry host and chunk: a reader joins a fetch of its
+    /// chunk from its own registry only, so a registry that stalls holds up
+    /// its own images alone, even for chunks other images share (a tar's
+    /// end-of-archive blocks, common files).
+    inflight: Mutex<HashMap<FlightKey, Flight>>,
     /// Verified frames reads were answered with (`frame_cache_mb`).
     frames: Option<FrameCache>,
     /// Chunks read from the frame cache whose access time the store has not
@@ -123,7 +137,8 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(client: Arc<Client>, store: Arc<Store>, cfg: FetchConfig) -> Fetcher {
-        let sched = Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests);
+        let sched =
+            Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests, cfg.max_requests_per_registry);
         let frames = cache::frame_cache(cfg.frame_cache_mb);
         Fetcher {
             inner: Arc::new(Inner {
@@ -197,7 +212,7 @@ impl Fetcher {
     /// Wait until no fetch is in flight (every fetched chunk is stored).
     /// Readers are answered before their chunks are written to the store.
     pub async fn settled(&self) {
-        while !self.inner.inflight.lock().unwrap().is_empty() {
+        while !self.inner.inflight.lock().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -244,6 +259,8 @@ impl Fetcher {
         prio: Priority,
         want_data: bool,
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
+        // A demand read's time runs from now, time queued for a slot included.
+        let requested = tokio::time::Instant::now();
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
             let e = FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() };
@@ -280,12 +297,36 @@ impl Fetcher {
             (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
         } else {
             let waiting = Instant::now();
-            let result = self.fetch_missing(layer, frames, &ids, out, prio).await;
+            let missing = self.fetch_missing(layer, frames, &ids, out, prio, requested);
+            let result = match prio {
+                Priority::Demand => {
+                    // The reader waits at most `timeout_ms` from its request,
+                    // whoever leads the flights it waits for.
+                    let deadline = requested + Duration::from_millis(self.inner.cfg.timeout_ms);
+                    match tokio::time::timeout_at(deadline, missing).await {
+                        Ok(result) => result,
+                        Err(_) => Err(FetchError::Waited {
+                            layer: layer.name(),
+                            frames: frames.len(),
+                            ms: self.inner.cfg.timeout_ms,
+                        }),
+                    }
+                }
+                Priority::Prefetch => missing.await,
+            };
             let waited = waiting.elapsed();
             if prio == Priority::Demand {
                 n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
             }
             (result, waited)
+        };
+        // The data of a frame is exactly as long as the index says (what
+        // `ReadPlan::assemble` relies on). A chunk is verified by its id, so
+        // an index giving one id two lengths gets the other length's data
+        // for one of them: refused here, whatever the index decoder let by.
+        let result = match (want_data, result) {
+            (true, Ok(data)) => check_lengths(layer, frames, data),
+            (_, result) => result,
         };
         // What the cache did not hold, from the store or the registry, goes in.
         if let (Some(c), Ok(data)) = (cache, &result) {
@@ -305,33 +346,47 @@ impl Fetcher {
         ids: &[ChunkId],
         mut out: Vec<Option<Bytes>>,
         prio: Priority,
+        requested: tokio::time::Instant,
     ) -> Result<Vec<Bytes>, FetchError> {
         // A flight can end without an answer for us: its task died, or it
         // failed fetching another layer's copy of the chunk. Then we look
         // again and lead ourselves, a bounded number of times.
         let mut last_err = None;
         for _ in 0..3 {
-            let missing: Vec<usize> = (0..frames.len()).filter(|&p| out[p].is_none()).collect();
+            // Positions still missing, by chunk: a chunk listed at several
+            // positions (the same content twice in a layer) is one flight.
+            let mut at: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+            let mut missing: Vec<(usize, ChunkId)> = Vec::new();
+            for ((o, &frame), &id) in out.iter().zip(frames).zip(ids) {
+                if o.is_none() {
+                    missing.push((frame, id));
+                }
+            }
             if missing.is_empty() {
                 break;
             }
-            let mut at: HashMap<ChunkId, Vec<usize>> = HashMap::new();
-            for &p in &missing {
-                at.entry(ids[p]).or_default().push(p);
+            for (p, (o, &id)) in out.iter().zip(ids).enumerate() {
+                if o.is_none() {
+                    at.entry(id).or_default().push(p);
+                }
             }
-            let mut waits = self.join_or_lead(layer, missing.iter().map(|&p| (frames[p], ids[p])), prio);
+            let mut waits = self.join_or_lead(layer, missing.into_iter(), prio, requested);
             for (id, rx, ours) in waits.iter_mut() {
                 let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
-                let data = match (*answer).clone().expect("waited for an answer") {
-                    Ok(data) => data,
-                    Err(e) if *ours => return Err(e),
-                    Err(e) => {
-                        last_err = Some(e);
+                let data = match answer.as_ref() {
+                    Some(Ok(data)) => data.clone(),
+                    Some(Err(e)) if *ours => return Err(e.clone()),
+                    Some(Err(e)) => {
+                        last_err = Some(e.clone());
                         continue;
                     }
+                    // wait_for returned: an answer is there.
+                    None => continue,
                 };
-                for &p in &at[id] {
-                    out[p] = Some(data.clone());
+                for &p in at.get(id).into_iter().flatten() {
+                    if let Some(o) = out.get_mut(p) {
+                        *o = Some(data.clone());
+                    }
                 }
             }
         }
@@ -374,7 +429,7 @@ impl Fetcher {
     /// Without `want_data`, only whether each is there.
     async fn local(&self, ids: Vec<ChunkId>, want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
         let store = self.inner.store.clone();
-        let pending = std::mem::take(&mut *self.inner.untouched.lock().unwrap());
+        let pending = std::mem::take(&mut *self.inner.untouched.lock());
         tokio::task::spawn_blocking(move || {
             touch_all(&store, &pending);
             ids.iter()
@@ -385,7 +440,7 @@ impl Fetcher {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .expect("store lookup panicked")
+        .map_err(|e| FetchError::Panicked { what: "a store lookup", problem: e.to_string() })?
         .map_err(FetchError::from)
     }
 
@@ -397,21 +452,31 @@ impl Fetcher {
         layer: &Arc<RemoteLayer>,
         missing: impl Iterator<Item = (usize, ChunkId)>,
         prio: Priority,
+        requested: tokio::time::Instant,
     ) -> Vec<(ChunkId, watch::Receiver<Answer>, bool)> {
         let inner = &self.inner;
         let table = layer.index.frames();
         let mut waits: Vec<(ChunkId, watch::Receiver<Answer>, bool)> = Vec::new();
+        // Chunk → its place in `waits`. The same chunk may be listed many
+        // times (identical files in one layer): the first place stays.
         let mut seen: HashMap<ChunkId, usize> = HashMap::new();
         let mut groups: Vec<Group> = Vec::new();
         let mut raised = false;
+        // Flights and request slots are per registry host: the first source's.
+        let host = inner.client.pull_sources(&layer.repo).into_iter().next().unwrap_or_else(|| layer.repo.clone());
+        let host: Arc<str> = Arc::from(host.registry.as_str());
+        let key = |id: ChunkId| (host.clone(), id);
         {
-            let mut inflight = inner.inflight.lock().unwrap();
+            let mut inflight = inner.inflight.lock();
             let mut leads: Vec<(usize, ChunkId)> = Vec::new();
             for (frame, id) in missing {
-                if seen.insert(id, waits.len()).is_some() {
-                    continue;
+                match seen.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(_) => continue,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(waits.len());
+                    }
                 }
-                if let Some(f) = inflight.get(&id) {
+                if let Some(f) = inflight.get(&key(id)) {
                     inner.n.joined.fetch_add(1, Ordering::Relaxed);
                     if prio == Priority::Demand && f.prio.swap(Priority::Demand as u8, Ordering::Relaxed) != prio as u8
                     {
@@ -427,31 +492,33 @@ impl Fetcher {
             leads.sort_unstable_by_key(|&(frame, _)| frame);
             let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
-                if let Some(f) = inflight.get(&id) {
+                // Every lead was given its place in `waits` above.
+                let Some(slot) = seen.get(&id).and_then(|&w| waits.get_mut(w)) else { continue };
+                if let Some(f) = inflight.get(&key(id)) {
                     // Became a flight below, as a gap frame of this call
                     // (another frame holds the same chunk).
-                    waits[seen[&id]].1 = f.rx.clone();
+                    slot.1 = f.rx.clone();
                     continue;
                 }
                 let added = planner.add(frame);
-                if added.request == groups.len() {
-                    groups.push(Group { leads: Vec::new(), prio: Arc::new(AtomicU8::new(prio as u8)) });
+                if added.request >= groups.len() {
+                    groups.push(Group { leads: Vec::new(), prio: Arc::new(AtomicU8::new(prio as u8)), requested });
                 }
-                let g = &mut groups[added.request];
+                let Some(g) = groups.last_mut() else { continue };
                 // Frames in the gap come along: make them flights too, so no
                 // other reader fetches them meanwhile.
                 for gap in added.gap {
                     let gap_id = table.get(gap).id;
-                    if !inflight.contains_key(&gap_id) {
+                    if !inflight.contains_key(&key(gap_id)) {
                         let (tx, rx) = watch::channel(None);
-                        inflight.insert(gap_id, Flight { rx, prio: g.prio.clone(), blob: layer.blob.clone() });
+                        inflight.insert(key(gap_id), Flight { rx, prio: g.prio.clone(), blob: layer.blob.clone() });
                         g.leads.push((gap, gap_id, tx));
                     }
                 }
                 let (tx, rx) = watch::channel(None);
-                inflight.insert(id, Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
+                inflight.insert(key(id), Flight { rx: rx.clone(), prio: g.prio.clone(), blob: layer.blob.clone() });
                 g.leads.push((frame, id, tx));
-                waits[seen[&id]].1 = rx;
+                slot.1 = rx;
             }
         }
         if raised {
@@ -459,33 +526,83 @@ impl Fetcher {
         }
         for g in groups {
             // Queue now, in the call's order of requests (its frames sorted).
-            let ticket = inner.sched.enqueue(g.prio.clone());
-            let (inner, layer) = (inner.clone(), layer.clone());
-            tokio::spawn(async move { inner.run_group(layer, g, ticket).await });
+            let ticket = inner.sched.enqueue(&host, g.prio.clone());
+            let (inner, layer, host) = (inner.clone(), layer.clone(), host.clone());
+            tokio::spawn(async move { inner.run_group(layer, host, g, ticket).await });
         }
         waits
     }
 }
 
-/// Removes a group's flights from the in-flight map: after the chunks are
-/// stored, before an error is sent (so a later read tries afresh rather than
-/// joining a failed flight), or when the task dies.
-struct FlightGuard<'a> {
-    inner: &'a Inner,
-    ids: Vec<ChunkId>,
+/// The data of `frames` of `layer`, checked against the lengths the index
+/// gives them.
+fn check_lengths(layer: &RemoteLayer, frames: &[usize], data: Vec<Bytes>) -> Result<Vec<Bytes>, FetchError> {
+    let table = layer.index.frames();
+    for (&frame, d) in frames.iter().zip(&data) {
+        let f = table.get(frame);
+        if d.len() != f.u_len as usize {
+            return Err(FetchError::FrameLength {
+                layer: layer.name(),
+                frame,
+                chunk: f.id,
+                want: f.u_len,
+                got: d.len(),
+            });
+        }
+    }
+    Ok(data)
 }
 
-impl FlightGuard<'_> {
+/// Owns a group's flights while its task runs: removes them from the
+/// in-flight map after the chunks are stored, before an error is sent (so a
+/// later read tries afresh rather than joining a failed flight), and, when
+/// the task ends in any other way (a panic, the runtime shutting down),
+/// removes them and answers every waiter still waiting with an error, so
+/// nobody hangs and the next read of those chunks leads a new flight.
+struct FlightGuard<'a> {
+    inner: &'a Inner,
+    layer: String,
+    host: Arc<str>,
+    ids: Vec<ChunkId>,
+    leads: Vec<Lead>,
+}
+
+impl<'a> FlightGuard<'a> {
+    fn new(inner: &'a Inner, layer: &RemoteLayer, host: Arc<str>, leads: Vec<Lead>) -> Self {
+        FlightGuard { inner, layer: layer.name(), host, ids: leads.iter().map(|l| l.1).collect(), leads }
+    }
+
+    /// Take the flights out of the in-flight map (once).
     fn release(&mut self) {
-        let mut inflight = self.inner.inflight.lock().unwrap();
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut inflight = self.inner.inflight.lock();
         for id in self.ids.drain(..) {
-            inflight.remove(&id);
+            inflight.remove(&(self.host.clone(), id));
+        }
+    }
+
+    /// Answer lead `k`.
+    fn answer(&self, k: usize, answer: Result<Bytes, FetchError>) {
+        if let Some((_, _, tx)) = self.leads.get(k) {
+            let _ = tx.send(Some(answer));
         }
     }
 }
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
+        // Out of the map first: a waiter woken below that looks again must
+        // not find the dead flight.
         self.release();
+        for (_, chunk, tx) in &self.leads {
+            if tx.borrow().is_none() {
+                let _ = tx.send(Some(Err(FetchError::Lost { layer: self.layer.clone(), chunk: *chunk })));
+            }
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -18,7 +18,7 @@ use super::retry::Failure;
 use super::sched::Ticket;
 use super::{FetchError, FlightGuard, Group, Inner, Priority, RemoteLayer, TryError};
 use crate::digest::{ChunkId, Digest};
-use crate::format::{IndexLocation, LayerIndex};
+use crate::format::{self, IndexLocation, LayerIndex};
 use crate::registry::{RegistryError, Repo};
 use crate::store::{StoreError, VerifiedChunk};
 
@@ -33,57 +33,76 @@ fn failure(e: &RegistryError) -> Failure {
 
 impl Inner {
     /// Fetch a group's frames (those the store still lacks) and answer its
-    /// flights: with the data, or all with the same error.
-    pub(super) async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, g: Group, ticket: Ticket) {
-        let mut guard = FlightGuard { inner: &self, ids: g.leads.iter().map(|l| l.1).collect() };
+    /// flights: with the data, or all with the same error. However the task
+    /// ends, its [`FlightGuard`] leaves no flight behind and no waiter
+    /// waiting.
+    pub(super) async fn run_group(self: Arc<Self>, layer: Arc<RemoteLayer>, host: Arc<str>, g: Group, ticket: Ticket) {
+        let (prio, requested) = (g.prio.clone(), g.requested);
+        let mut guard = FlightGuard::new(&self, &layer, host, g.leads);
         // A flight that ended between the reader's store lookup and taking
         // the in-flight lock has stored its chunks: look once more.
         // Frames in a gap were never looked up at all.
         let store = self.store.clone();
-        let ids: Vec<ChunkId> = g.leads.iter().map(|l| l.1).collect();
-        let found = tokio::task::spawn_blocking(move || {
+        let ids: Vec<ChunkId> = guard.leads.iter().map(|l| l.1).collect();
+        let n = ids.len();
+        let found: Vec<Option<Vec<u8>>> = tokio::task::spawn_blocking(move || {
             ids.iter()
                 .map(|id| store.contains(id).ok().filter(|&c| c).and_then(|_| store.get(id).ok().flatten()))
                 .collect()
         })
         .await
-        .unwrap_or_else(|_| vec![None; g.leads.len()]);
-        let mut pending = Vec::new();
-        for (lead, found) in g.leads.into_iter().zip::<Vec<Option<Vec<u8>>>>(found) {
+        .unwrap_or_else(|_| vec![None; n]);
+        // Leads still to fetch, by their place in the guard, in blob order.
+        let mut pending: Vec<usize> = Vec::new();
+        for (k, found) in found.into_iter().enumerate() {
             match found {
                 Some(data) => {
                     self.n.store_hits.fetch_add(1, Ordering::Relaxed);
-                    let _ = lead.2.send(Some(Ok(Bytes::from(data))));
+                    guard.answer(k, Ok(Bytes::from(data)));
                 }
-                None => pending.push(lead),
+                None => pending.push(k),
             }
         }
-        let (Some(first), Some(last)) = (pending.first().map(|l| l.0), pending.last().map(|l| l.0)) else { return };
-        match self.fetch_verified(&layer, first, last, &g.prio, ticket).await {
+        let frame = |k: &usize| guard.leads.get(*k).map(|l| l.0);
+        let (Some(first), Some(last)) = (pending.first().and_then(frame), pending.last().and_then(frame)) else {
+            return;
+        };
+        match self.fetch_verified(&layer, first, last, &prio, requested, ticket).await {
             Ok(chunks) => {
-                for (frame, _, tx) in &pending {
-                    let data = chunks[frame - first].1.clone();
-                    let _ = tx.send(Some(Ok(data)));
+                for &k in &pending {
+                    let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).map(|c| c.1.clone());
+                    // The guard answers a lead left unanswered with an error.
+                    if let Some(data) = data {
+                        guard.answer(k, Ok(data));
+                    }
                 }
                 self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
                 let store = self.store.clone();
                 let stored = tokio::task::spawn_blocking(move || {
-                    chunks.iter().try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
+                    // A range may hold one chunk several times: stored once.
+                    let mut seen = std::collections::HashSet::new();
+                    chunks
+                        .iter()
+                        .filter(|(c, _)| seen.insert(c.id()))
+                        .try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
                 })
-                .await
-                .expect("store put panicked");
-                if let Err(e) = stored {
+                .await;
+                match stored {
+                    Ok(Ok(())) => {}
                     // The readers have their verified data; the next reader
                     // of these chunks fetches them again.
-                    tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks");
+                    Ok(Err(e)) => {
+                        tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks")
+                    }
+                    Err(e) => tracing::error!(layer = %layer.name(), error = %e, "storing fetched chunks panicked"),
                 }
             }
             Err(e) => {
                 self.n.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "fetch failed");
                 guard.release();
-                for (_, _, tx) in &pending {
-                    let _ = tx.send(Some(Err(e.clone())));
+                for &k in &pending {
+                    guard.answer(k, Err(e.clone()));
                 }
             }
         }
@@ -98,6 +117,7 @@ impl Inner {
         first: usize,
         last: usize,
         prio: &Arc<AtomicU8>,
+        requested: tokio::time::Instant,
         ticket: Ticket,
     ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
         let mut ticket = Some(ticket);
@@ -110,13 +130,39 @@ impl Inner {
             if t.retry {
                 self.n.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let source = &sources[t.source];
-            let permit = match ticket.take() {
-                Some(t) => t.wait().await,
-                None => self.sched.acquire(prio.clone()).await,
+            let Some(source) = sources.get(t.source) else { break };
+            // A demand read's clock runs from its request: time queued for a
+            // slot counts. Prefetch's starts when its first slot is granted
+            // (it queues behind demand by design, each request bounded).
+            let demand = prio.load(Ordering::Relaxed) >= Priority::Demand as u8;
+            if demand {
+                tries.deadline_from(requested);
+            }
+            // Slots are per registry host: the queued ticket is for the
+            // first source; a try elsewhere queues at that host.
+            let queued = match ticket.take() {
+                Some(t) if t.host() == source.registry => t,
+                _ => self.sched.enqueue(&source.registry, prio.clone()),
             };
-            // The clock starts when the first slot is granted: time queued
-            // behind other requests (each bounded itself) does not count.
+            let permit = if demand {
+                let deadline = tries.deadline();
+                match tokio::time::timeout_at(deadline, queued.wait()).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        let before = cause.take().map(Box::new);
+                        cause = Some(TryError::Queued { at: source.clone(), ms: self.cfg.timeout_ms, before });
+                        tries.failed(Failure::TimedOut);
+                        continue;
+                    }
+                }
+            } else {
+                queued.wait().await
+            };
+            let Some(permit) = permit else {
+                // The scheduler dropped the place without a slot: cannot
+                // happen while the fetcher lives; give up this read.
+                break;
+            };
             let deadline = tries.deadline();
             let (counter, latency) = if prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
                 (&self.n.demand_requests, &self.n.demand_latency)
@@ -168,7 +214,7 @@ impl Inner {
             len: end - start,
             attempts: tries.made(),
             elapsed_ms: tries.elapsed().as_millis() as u64,
-            cause: cause.expect("a fetch makes at least one try: the registry is always a source"),
+            cause: cause.unwrap_or(TryError::NotTried { at: layer.repo.clone() }),
         })
     }
 
@@ -186,7 +232,7 @@ impl Inner {
         let mut tries = self.retry.start(sources.len());
         let mut cause: Option<TryError> = None;
         while let Some(t) = tries.next().await {
-            let source = &sources[t.source];
+            let Some(source) = sources.get(t.source) else { break };
             let deadline = tries.deadline();
             let got =
                 tokio::time::timeout_at(deadline, self.client.get_blob_range(source, blob, loc.offset, loc.length))
@@ -217,7 +263,7 @@ impl Inner {
         }
         Err(FetchError::Index {
             layer: format!("{repo}@{blob}"),
-            cause: cause.expect("a fetch makes at least one try: the registry is always a source"),
+            cause: cause.unwrap_or(TryError::NotTried { at: repo.clone() }),
         })
     }
 }
@@ -232,18 +278,34 @@ async fn verify_frames(
     start: u64,
     bytes: Vec<u8>,
 ) -> Result<Vec<(VerifiedChunk, Bytes)>, (usize, StoreError)> {
-    tokio::task::spawn_blocking(move || {
+    let verified = tokio::task::spawn_blocking(move || {
         (first..=last)
             .map(|i| {
                 let f = layer.index.frames().get(i);
                 let (s, e) = layer.index.frame_blob_range(i);
-                let piece = bytes[(s - start) as usize..(e - start) as usize].to_vec();
-                VerifiedChunk::verify(f.id, f.u_len, piece)
+                // The response is exactly the range's bytes (checked by the
+                // registry client), and the frames lie inside it.
+                let piece = usize::try_from(s - start)
+                    .ok()
+                    .zip(usize::try_from(e - start).ok())
+                    .and_then(|(a, b)| bytes.get(a..b))
+                    .ok_or_else(|| {
+                        let got = format::FrameError::CompressedLength { got: bytes.len(), want: f.c_len };
+                        (i, StoreError::Verify { id: f.id, problem: got })
+                    })?;
+                VerifiedChunk::verify(f.id, f.u_len, piece.to_vec())
                     .map(|(chunk, data)| (chunk, Bytes::from(data)))
                     .map_err(|e| (i, e))
             })
             .collect()
     })
-    .await
-    .expect("verification panicked")
+    .await;
+    // A panic in verification (a bug in a decoder) fails this response
+    // like bad bytes do, rather than the task.
+    verified.unwrap_or_else(|e| {
+        Err((
+            first,
+            StoreError::Corrupt { path: "(fetched bytes)".into(), problem: format!("verification panicked: {e}") },
+        ))
+    })
 }

@@ -167,6 +167,12 @@ impl Tries<'_> {
         *self.deadline.get_or_insert_with(|| Instant::now() + self.policy.timeout)
     }
 
+    /// Start the clock at `start` (when the read was requested), unless it
+    /// runs already.
+    pub(crate) fn deadline_from(&mut self, start: Instant) -> Instant {
+        *self.deadline.get_or_insert(start + self.policy.timeout)
+    }
+
     /// Report how the latest try failed.
     pub(crate) fn failed(&mut self, how: Failure) {
         self.failed = Some(how);

@@ -11,10 +11,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -77,6 +77,10 @@ pub enum RegistryError {
     Auth { repo: String, what: String, problem: String },
     #[error("credentials from {path}: {problem}")]
     Credentials { path: String, problem: String },
+    /// A read with a time limit of its own (a token, a trace lookup) did
+    /// not finish in time.
+    #[error("{repo}: {what}: no complete answer within {ms} ms")]
+    TimedOut { repo: String, what: String, ms: u64 },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -91,7 +95,7 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         match self {
             RegistryError::Transport { error, .. } => !error.is_builder() && !error.is_redirect(),
-            RegistryError::Protocol { .. } | RegistryError::Io(_) => true,
+            RegistryError::Protocol { .. } | RegistryError::Io(_) | RegistryError::TimedOut { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             RegistryError::Reference(_) | RegistryError::Credentials { .. } | RegistryError::Auth { .. } => false,
         }
@@ -136,6 +140,7 @@ impl Client {
             .user_agent(concat!("hyperbox/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)))
             .read_timeout(Duration::from_millis(cfg.read_timeout_ms.max(1)))
+            .redirect(redirect_policy())
             .build()
             .map_err(|e| RegistryError::Transport { repo: String::new(), what: "HTTP client".into(), error: e })?;
         let mut insecure = cfg.insecure.clone();
@@ -179,9 +184,9 @@ impl Client {
     /// Credentials for `registry` handed over at run time (the CRI passes
     /// them with each pull); they replace any from docker's config.json.
     pub fn set_credentials(&self, registry: &str, user: &str, secret: &str) {
-        self.creds.lock().unwrap().insert(registry.to_string(), (user.to_string(), secret.to_string()));
+        self.creds.lock().insert(registry.to_string(), (user.to_string(), secret.to_string()));
         // Tokens got with other credentials may carry other rights.
-        self.tokens.lock().unwrap().retain(|(r, _), _| r != registry);
+        self.tokens.lock().retain(|(r, _), _| r != registry);
     }
 
     /// Where to read `repo`'s content from, in order: its mirrors, then
@@ -220,19 +225,23 @@ impl Client {
         let scope = format!("repository:{}:{}", repo.name, if push { "pull,push" } else { "pull" });
         let key = (repo.registry.clone(), scope.clone());
         let transport = |e| RegistryError::Transport { repo: repo.to_string(), what: what.to_string(), error: e };
-        let base = reqwest::Url::parse(&self.base(&repo.registry)).expect("registry base URL parses");
-        for attempt in 0..2 {
+        let base = self.base_url(repo, what)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let mut req = build(&self.http).build().map_err(transport)?;
             // Credentials go only to the registry itself, never to another
-            // host an upload Location or redirect points at.
-            let token = self.tokens.lock().unwrap().get(&key).cloned();
+            // host an upload Location points at; a redirect to another
+            // origin drops them (reqwest does, and `redirect_policy` refuses
+            // https to http).
+            let token = self.tokens.lock().get(&key).cloned();
             if let Some(t) = token.filter(|_| req.url().origin() == base.origin()) {
                 if let Ok(v) = header::HeaderValue::from_str(&t) {
                     req.headers_mut().insert(header::AUTHORIZATION, v);
                 }
             }
             let resp = self.http.execute(req).await.map_err(transport)?;
-            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt >= 2 {
                 return Ok(resp);
             }
             let challenge = resp
@@ -241,16 +250,48 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let auth = self.authorize(repo, &challenge, &scope, what).await?;
-            self.tokens.lock().unwrap().insert(key.clone(), auth);
+            let auth = self.authorize(repo, &base, &challenge, &scope, what).await?;
+            self.tokens.lock().insert(key.clone(), auth);
         }
-        unreachable!()
+    }
+
+    /// The registry's `/v2/` URL, parsed.
+    fn base_url(&self, repo: &Repo, what: &str) -> Result<reqwest::Url> {
+        reqwest::Url::parse(&self.base(&repo.registry)).map_err(|e| RegistryError::Protocol {
+            repo: repo.to_string(),
+            what: what.to_string(),
+            problem: format!("{:?} is not a registry host: {e}", repo.registry),
+        })
+    }
+
+    /// Whether a registry's basic credentials may go to `realm`: its own
+    /// origin, an https token service (as Docker Hub's auth.docker.io), or
+    /// a host the config names as plain http (`registry.insecure`, a mirror
+    /// written with `http://`). Never another host over plain http, where
+    /// anyone on the path reads them.
+    fn may_send_credentials(&self, base: &reqwest::Url, realm: &reqwest::Url) -> bool {
+        if realm.origin() == base.origin() || realm.scheme() == "https" {
+            return true;
+        }
+        let host = match (realm.host_str(), realm.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => return false,
+        };
+        realm.scheme() == "http" && self.insecure.iter().any(|h| *h == host)
     }
 
     /// Answer a `WWW-Authenticate` challenge with an `Authorization` value.
-    async fn authorize(&self, repo: &Repo, challenge: &str, scope: &str, what: &str) -> Result<String> {
+    async fn authorize(
+        &self,
+        repo: &Repo,
+        base: &reqwest::Url,
+        challenge: &str,
+        scope: &str,
+        what: &str,
+    ) -> Result<String> {
         use base64::Engine;
-        let creds = self.creds.lock().unwrap().get(&repo.registry).cloned();
+        let creds = self.creds.lock().get(&repo.registry).cloned();
         let basic = creds
             .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
         let fail = |problem: String| RegistryError::Auth { repo: repo.to_string(), what: what.to_string(), problem };
@@ -264,12 +305,24 @@ impl Client {
         }
         let params = parse_challenge(params);
         let realm = params.get("realm").ok_or_else(|| fail("bearer challenge without a realm".into()))?;
-        let mut req = self.http.get(realm.as_str()).query(&[("scope", scope)]);
+        let realm_url = reqwest::Url::parse(realm)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| fail(format!("bearer challenge with a realm that is not an http(s) URL: {realm:?}")))?;
+        let mut req = self.http.get(realm_url.clone()).query(&[("scope", scope)]).timeout(TOKEN_TIMEOUT);
         if let Some(service) = params.get("service") {
             req = req.query(&[("service", service)]);
         }
-        if let Some(b) = basic {
-            req = req.header(header::AUTHORIZATION, b);
+        match basic {
+            Some(b) if self.may_send_credentials(base, &realm_url) => req = req.header(header::AUTHORIZATION, b),
+            Some(_) => {
+                // An anonymous token may still do; say why if it does not.
+                tracing::warn!(
+                    registry = %repo.registry, realm = %realm,
+                    "not sending credentials to a plain-http token service on another host"
+                );
+            }
+            None => {}
         }
         let resp = req.send().await.map_err(|e| RegistryError::Transport {
             repo: repo.to_string(),
@@ -294,7 +347,8 @@ impl Client {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Token = resp.json().await.map_err(|e| fail(format!("token response: {e}")))?;
+        let body = read_limited(resp, MAX_TOKEN_RESPONSE, repo, &format!("{what}: token from {realm}")).await?;
+        let t: Token = serde_json::from_slice(&body).map_err(|e| fail(format!("token response: {e}")))?;
         let t = t.token.or(t.access_token).ok_or_else(|| fail("token response holds no token".into()))?;
         Ok(format!("Bearer {t}"))
     }
@@ -304,14 +358,8 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
-        let mut body = resp.text().await.unwrap_or_default();
-        body.truncate(300);
-        Err(RegistryError::Status {
-            repo: repo.to_string(),
-            what: what.to_string(),
-            status,
-            body: body.trim().to_string(),
-        })
+        let body = read_prefix(resp, MAX_ERROR_BODY).await;
+        Err(RegistryError::Status { repo: repo.to_string(), what: what.to_string(), status, body: error_text(&body) })
     }
 
     /// GET a manifest or index by tag or digest, verifying it against the
@@ -403,13 +451,19 @@ impl Client {
         Ok(size)
     }
 
-    /// GET a small blob (a config) into memory, verifying its digest.
+    /// GET a small blob (a config) into memory, verifying its digest; at
+    /// most [`MAX_SMALL_BLOB`] bytes.
     pub async fn get_blob(&self, repo: &Repo, digest: &Digest) -> Result<Vec<u8>> {
+        self.get_blob_limited(repo, digest, MAX_SMALL_BLOB).await
+    }
+
+    /// GET a blob of at most `limit` bytes into memory, verifying its digest.
+    pub async fn get_blob_limited(&self, repo: &Repo, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
         let what = format!("blob {digest}");
         let url = self.url(repo, &format!("blobs/{digest}"));
         let resp = self.send(repo, false, &what, |c| c.get(&url)).await?;
         let resp = Self::check(resp, repo, &what).await?;
-        let bytes = read_limited(resp, MAX_SMALL_BLOB, repo, &what).await?;
+        let bytes = read_limited(resp, limit, repo, &what).await?;
         if &Digest::of(&bytes) != digest {
             return Err(RegistryError::Protocol {
                 repo: repo.to_string(),
@@ -557,10 +611,72 @@ fn causes(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Largest manifest or index accepted (containerd's own limit is 4 MiB).
+/// Largest manifest or index accepted (containerd's own limit is 4 MiB);
+/// referrers lists too.
 pub const MAX_MANIFEST: u64 = 8 << 20;
 /// Largest blob [`Client::get_blob`] reads into memory (image configs).
 pub const MAX_SMALL_BLOB: u64 = 64 << 20;
+/// Largest token service response read (a JSON object holding a token; real
+/// ones are a few KiB).
+pub const MAX_TOKEN_RESPONSE: u64 = 256 << 10;
+/// Bytes of an error response's body read (the rest is not read); its
+/// first [`ERROR_TEXT_CHARS`] characters go into the error message.
+pub const MAX_ERROR_BODY: u64 = 4 << 10;
+/// Characters of an error body shown in an error message.
+pub const ERROR_TEXT_CHARS: usize = 300;
+/// The most a token request may take, connection to the end of the body.
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Redirects followed for one request (reqwest's default is 10).
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Follow at most [`MAX_REDIRECTS`] redirects, never from https to plain
+/// http. reqwest drops `Authorization` (and cookies) on any redirect to
+/// another host or port itself (0.12 `remove_sensitive_headers`; tested in
+/// tests/registry_safety.rs), so a registry's redirect of a blob to its
+/// storage gets no credentials; a downgrade to http on the same host and
+/// port would keep them, so it is refused.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http" && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            attempt.error("refusing a redirect from https to plain http")
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Up to `limit` bytes of a response's body, for an error message: a read
+/// that fails ends it, the rest is never read.
+async fn read_prefix(resp: Response, limit: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(piece)) = stream.next().await {
+        let room = (limit as usize).saturating_sub(out.len());
+        out.extend_from_slice(piece.get(..room.min(piece.len())).unwrap_or_default());
+        if out.len() as u64 >= limit {
+            break;
+        }
+    }
+    out
+}
+
+/// An error body as text for a message: lossy UTF-8, control characters
+/// shown escaped, at most [`ERROR_TEXT_CHARS`] characters.
+fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for c in text.trim().chars().take(ERROR_TEXT_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Read a response body, failing as soon as it passes `limit` bytes: a
 /// server cannot make us buffer without bound.

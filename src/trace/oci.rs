@@ -21,6 +21,14 @@ use crate::registry::{BlobBody, Client, Manifest, RegistryError};
 
 const EMPTY: &[u8] = b"{}";
 
+/// The most a lookup of an image's published trace may take, all requests
+/// (referrers, manifests, the trace) together: prefetch waits for it, and
+/// a registry that trickles must not hold it for long.
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Largest trace JSON read from a registry.
+pub const MAX_TRACE_BYTES: u64 = 16 << 20;
+
 /// Where a published trace went.
 #[derive(Debug)]
 pub struct Published {
@@ -83,7 +91,19 @@ pub async fn publish(client: &Client, repo: &Repo, subject: &Manifest, trace: &T
 
 /// The newest trace published for the image whose manifest is `subject`,
 /// if any. Checked like an imported trace, and it must be of `subject`.
+/// Gives up after [`LOOKUP_TIMEOUT`].
 pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Option<Trace>, TraceError> {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, find_unbounded(client, repo, subject)).await {
+        Ok(found) => found,
+        Err(_) => Err(TraceError::Registry(RegistryError::TimedOut {
+            repo: repo.to_string(),
+            what: format!("trace lookup for {subject}"),
+            ms: LOOKUP_TIMEOUT.as_millis() as u64,
+        })),
+    }
+}
+
+async fn find_unbounded(client: &Client, repo: &Repo, subject: &Digest) -> Result<Option<Trace>, TraceError> {
     let index = match client.referrers(repo, subject, MEDIA_TYPE).await? {
         Some(index) => index,
         None => match client.get_manifest(repo, &fallback_tag(subject)).await {
@@ -110,7 +130,7 @@ pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Opti
         .find(|l| l.media_type().to_string() == MEDIA_TYPE)
         .ok_or_else(|| TraceError::Invalid("the trace artifact holds no trace".into()))?;
     let digest: Digest = layer.digest().as_ref().parse().map_err(|e| TraceError::Invalid(format!("{e}")))?;
-    let json = client.get_blob(repo, &digest).await?;
+    let json = client.get_blob_limited(repo, &digest, MAX_TRACE_BYTES).await?;
     let t = Trace::from_json(&json)?;
     if t.image != subject.to_string() {
         return Err(TraceError::Invalid(format!("the published trace is of {}, not of {subject}", t.image)));

@@ -1,0 +1,173 @@
+//! The fetcher without a registry: what must hold whatever the index, the
+//! registry or a leader's task does. Against a real registry: tests/fetcher.rs.
+
+use std::sync::Arc;
+
+use rand::{RngCore, SeedableRng};
+
+use super::*;
+use crate::registry::RegistryConfig;
+use crate::store::{StoreConfig, VerifiedChunk};
+use crate::testing::{Layer, LayerBuilder};
+
+/// A loopback address nothing listens on: every request is refused.
+fn dead_registry() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+fn fetcher(dir: &std::path::Path, registry: &str) -> Fetcher {
+    let client = Client::new(&RegistryConfig { connect_timeout_ms: 500, ..RegistryConfig::default() }, false).unwrap();
+    let store = Store::open(&dir.join("db"), &StoreConfig::default()).unwrap();
+    let _ = registry;
+    let cfg = FetchConfig { attempts: 1, backoff_initial_ms: 1, timeout_ms: 5_000, ..FetchConfig::default() };
+    Fetcher::new(Arc::new(client), Arc::new(store), cfg)
+}
+
+/// A layer holding the same incompressible 300 KiB file twice (and a small
+/// one): its frame table lists the big file's chunks twice.
+fn twice_the_same_file() -> Layer {
+    let mut data = vec![0u8; 300 << 10];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
+    LayerBuilder::new()
+        .dir("d")
+        .file("d/a", 0o644, &data)
+        .file("d/small", 0o644, b"small\n")
+        .file("d/b", 0o644, &data)
+        .convert()
+}
+
+/// Frame pairs (i, j), i < j, with the same chunk id.
+fn same_chunk_pairs(index: &LayerIndex) -> Vec<(usize, usize)> {
+    let t = index.frames();
+    let mut first: HashMap<ChunkId, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for i in 0..t.len() {
+        match first.get(&t.get(i).id) {
+            Some(&f) => out.push((f, i)),
+            None => {
+                first.insert(t.get(i).id, i);
+            }
+        }
+    }
+    out
+}
+
+fn frame_data(layer: &Layer, i: usize) -> Vec<u8> {
+    format::read_frame(&layer.blob[..], &layer.index, i).unwrap()
+}
+
+/// A read listing one chunk several times (identical files in one layer)
+/// is answered, or fails cleanly, and leaves the fetcher working: it used
+/// to index past its list of waits while holding the in-flight lock, and
+/// every later read of the node panicked on the poisoned lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_list_with_the_same_chunk_several_times_is_read() {
+    let layer = twice_the_same_file();
+    let pairs = same_chunk_pairs(&layer.index);
+    assert!(pairs.len() >= 2, "the layer should list its big file's chunks twice: {pairs:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dead_registry();
+    let f = fetcher(dir.path(), &registry);
+    let remote = layer.remote(Repo { registry: registry.clone(), name: "t/dup".into() });
+    // One chunk at two frames; then three times, ending on a repeat; then
+    // each duplicated chunk three times, interleaved with every frame.
+    let (i, j) = pairs[0];
+    let mut frames: Vec<usize> = Vec::new();
+    for &(i, j) in &pairs {
+        frames.extend([i, j, i]);
+    }
+    frames.extend(0..layer.index.frames().len());
+    let lists = [vec![i, j], vec![j, pairs[1].0, i, pairs[1].1], frames.clone()];
+    for round in 0..2 {
+        for list in &lists {
+            for prio in [Priority::Demand, Priority::Prefetch] {
+                let err = f.read_frames(&remote, list, prio).await.unwrap_err();
+                assert!(matches!(err, FetchError::Remote { .. }), "round {round}, {list:?}: {err:?}");
+                f.fetch_into_store(&remote, list, prio).await.unwrap_err();
+            }
+        }
+    }
+    f.settled().await;
+    // Once the chunks are local, the same list is read, every place filled.
+    for i in 0..layer.index.frames().len() {
+        f.store().put(&VerifiedChunk::from_data(&frame_data(&layer, i), 3)).unwrap();
+    }
+    let got = f.read_frames(&remote, &frames, Priority::Demand).await.unwrap();
+    assert_eq!(got.len(), frames.len());
+    for (g, &i) in got.iter().zip(&frames) {
+        assert!(g[..] == frame_data(&layer, i)[..], "frame {i}");
+    }
+    f.fetch_into_store(&remote, &frames, Priority::Prefetch).await.unwrap();
+}
+
+/// An index that gives one chunk id two lengths: the data of the chunk
+/// cannot have both, and a reader (`ReadPlan::assemble`) that trusts the
+/// index's length for the frame would spin or slice past the data. The
+/// fetcher refuses it with an error naming the frame.
+#[tokio::test]
+async fn a_chunk_listed_with_two_lengths_is_refused() {
+    let layer = twice_the_same_file();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fetcher(dir.path(), &dead_registry());
+    let t = layer.index.frames();
+    // The shortest frame's chunk, given as a longer frame's id too.
+    let short = (0..t.len()).min_by_key(|&i| t.get(i).u_len).unwrap();
+    let long = (0..t.len()).max_by_key(|&i| t.get(i).u_len).unwrap();
+    assert!(t.get(short).u_len < t.get(long).u_len);
+    let mut index = (*layer.index).clone();
+    let mut bad = t.get(long);
+    bad.id = t.get(short).id;
+    index.index.frames.set(long, bad);
+    f.store().put(&VerifiedChunk::from_data(&frame_data(&layer, short), 3)).unwrap();
+    let remote = Arc::new(RemoteLayer {
+        repo: Repo { registry: dead_registry(), name: "t/len".into() },
+        blob: layer.digest().clone(),
+        index: Arc::new(index),
+    });
+    for frames in [vec![long], vec![short, long], vec![long, short]] {
+        let err = f.read_frames(&remote, &frames, Priority::Demand).await.unwrap_err();
+        match &err {
+            FetchError::FrameLength { frame, want, .. } => {
+                assert_eq!((*frame, *want), (long, t.get(long).u_len), "{err}")
+            }
+            other => panic!("{frames:?}: {other:?}"),
+        }
+        assert!(err.to_string().contains("different lengths"), "{err}");
+    }
+    // The frame whose length is right still reads.
+    assert_eq!(f.read_frames(&remote, &[short], Priority::Demand).await.unwrap()[0].len(), t.get(short).u_len as usize);
+}
+
+/// A leader's task that dies (a panic, a runtime shutting down) takes its
+/// flights out of the map and answers its waiters with an error: none waits
+/// forever, and the next read of those chunks leads a fetch of its own.
+#[tokio::test]
+async fn a_flight_whose_task_dies_answers_its_waiters_and_leaves_the_map() {
+    let layer = twice_the_same_file();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fetcher(dir.path(), &dead_registry());
+    let remote = layer.remote(Repo { registry: "r.example".into(), name: "t/x".into() });
+    let id = layer.index.frames().get(0).id;
+    let (tx, rx) = watch::channel(None);
+    let host: Arc<str> = Arc::from("r.example");
+    f.inner.inflight.lock().insert(
+        (host.clone(), id),
+        Flight { rx: rx.clone(), prio: Arc::new(AtomicU8::new(0)), blob: remote.blob.clone() },
+    );
+    let inner = f.inner.clone();
+    let r = remote.clone();
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _guard = FlightGuard::new(&inner, &r, host, vec![(0, id, tx)]);
+        panic!("the leader's task dies");
+    }));
+    assert!(died.is_err());
+    assert!(f.inner.inflight.lock().is_empty(), "the dead flight is still in the map");
+    let answer = rx.borrow().clone();
+    match answer {
+        Some(Err(FetchError::Lost { chunk, .. })) => assert_eq!(chunk, id),
+        other => panic!("the waiter was not answered with an error: {other:?}"),
+    }
+}
