@@ -15,7 +15,9 @@
 //! the container of the reading process.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
@@ -100,7 +102,7 @@ impl ContainerWaits {
             return;
         }
         let key = candidates.join("\n");
-        let mut m = self.seconds.lock().unwrap();
+        let mut m = self.seconds.lock();
         if m.len() < MAX_WAITERS || m.contains_key(&key) {
             *m.entry(key).or_default() += waited.as_secs_f64();
         }
@@ -110,7 +112,7 @@ impl ContainerWaits {
     /// its first live candidate); every other entry (a removed container, a
     /// process outside any container) is dropped.
     pub fn live(&self, is_live: impl Fn(&str) -> bool) -> Vec<(String, f64)> {
-        let mut m = self.seconds.lock().unwrap();
+        let mut m = self.seconds.lock();
         m.retain(|key, _| key.split('\n').any(&is_live));
         let mut out: BTreeMap<String, f64> = BTreeMap::new();
         for (key, secs) in m.iter() {
@@ -365,8 +367,8 @@ impl ReadOnlyFs for LayerFs {
 #[cfg(test)]
 mod tests {
     use super::{candidates_from_cgroup, ContainerWaits};
+    use parking_lot::Mutex;
     use std::collections::BTreeMap;
-    use std::sync::Mutex;
 
     #[test]
     fn container_ids_from_cgroups() {
@@ -392,11 +394,11 @@ mod tests {
     #[test]
     fn waits_go_to_the_first_live_candidate() {
         let w = ContainerWaits { seconds: Mutex::new(BTreeMap::new()) };
-        w.seconds.lock().unwrap().insert("init\nweb".into(), 1.5);
-        w.seconds.lock().unwrap().insert("web\ndefault".into(), 0.5);
-        w.seconds.lock().unwrap().insert("gone\nns".into(), 9.0);
+        w.seconds.lock().insert("init\nweb".into(), 1.5);
+        w.seconds.lock().insert("web\ndefault".into(), 0.5);
+        w.seconds.lock().insert("gone\nns".into(), 9.0);
         assert_eq!(w.live(|id| id == "web"), [("web".to_string(), 2.0)]);
         // Entries with no live candidate are forgotten.
-        assert_eq!(w.seconds.lock().unwrap().len(), 2);
+        assert_eq!(w.seconds.lock().len(), 2);
     }
 }

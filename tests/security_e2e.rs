@@ -145,7 +145,10 @@ fn local_users_reach_nothing_and_containers_see_their_image_exactly() {
         run(&mut c)
     };
     let out = in_container("c-suid", &["/opt/suid-probe"]);
-    assert!(out.starts_with("euid=0 ") && out.ends_with(" nnp=0\n"), "a setuid-root binary of the image did not run as root: {out}");
+    assert!(
+        out.starts_with("euid=0 ") && out.ends_with(" nnp=0\n"),
+        "a setuid-root binary of the image did not run as root: {out}"
+    );
     let out = in_container("c-cap", &["/opt/cap-probe"]);
     assert_eq!(out.trim(), "euid=1000 capeff=0000000000000400 nnp=0", "the file capability was not honoured");
     let out = in_container("c-dev", &["sh", "-c", "head -c 4096 /opt/zero | wc -c; stat -c '%a %t:%T %F' /opt/zero"]);
@@ -223,7 +226,8 @@ fn push_claiming(src: &str, tag: &str, diff_id: &str) -> String {
         let m = c.get_manifest(&r.repo, &r.target()).await.unwrap();
         let mut manifest: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
         let config_digest = manifest["config"]["digest"].as_str().unwrap().parse().unwrap();
-        let mut config: serde_json::Value = serde_json::from_slice(&c.get_blob(&r.repo, &config_digest).await.unwrap()).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&c.get_blob(&r.repo, &config_digest).await.unwrap()).unwrap();
         let ids = config["rootfs"]["diff_ids"].as_array_mut().unwrap();
         *ids.last_mut().unwrap() = diff_id.into();
         let config = serde_json::to_vec(&config).unwrap();
@@ -276,6 +280,7 @@ fn an_image_cannot_pass_its_layer_off_as_another_images() {
     // Another tenant pulls the good image: its own files.
     let out = hyperbox_pull(&hb, &ctd, "tenant-b", &good);
     assert!(out.contains("2 lazy, 0 downloaded"), "{out}");
-    let out = run(ctd.ctr_in("tenant-b").args(["run", "--rm", "--snapshotter", "hyperbox", &good, "c1", "cat", "/data/who"]));
+    let out =
+        run(ctd.ctr_in("tenant-b").args(["run", "--rm", "--snapshotter", "hyperbox", &good, "c1", "cat", "/data/who"]));
     assert_eq!(out, "genuine\n");
 }

@@ -21,7 +21,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -146,9 +148,9 @@ impl Prefetcher {
         }
         let hydrate = hydrate || self.cfg.hydrate;
         let job = {
-            let mut jobs = self.jobs.lock().unwrap();
+            let mut jobs = self.jobs.lock();
             if let Some(job) = jobs.get(&image.digest) {
-                let mut layers = job.layers.lock().unwrap();
+                let mut layers = job.layers.lock();
                 if !layers.iter().any(|l| l.blob == layer.blob) {
                     layers.push(layer);
                 }
@@ -173,13 +175,13 @@ impl Prefetcher {
             let started = std::time::Instant::now();
             let trace = this.find_trace(&image).await;
             if trace.is_none() && !job.hydrate.load(Ordering::Relaxed) {
-                this.jobs.lock().unwrap().remove(&image.digest);
+                this.jobs.lock().remove(&image.digest);
                 return;
             }
             this.stats.jobs.fetch_add(1, Ordering::Relaxed);
             let prefetched = this.recorder.as_ref().map(|r| r.prefetching(&image.digest)).unwrap_or_default();
             let (frames, bytes) = this.run(&image, &job, trace, &prefetched).await;
-            this.jobs.lock().unwrap().remove(&image.digest);
+            this.jobs.lock().remove(&image.digest);
             tracing::info!(
                 image = %image.digest, frames, bytes, secs = started.elapsed().as_secs_f64(), "prefetch done"
             );
@@ -200,7 +202,7 @@ impl Prefetcher {
             .split_once('/')
             .map(|(registry, name)| Repo { registry: registry.into(), name: name.into() });
         let asked_lately = {
-            let mut none = self.no_trace.lock().unwrap();
+            let mut none = self.no_trace.lock();
             none.retain(|_, at| at.elapsed() < NO_TRACE_TTL);
             none.contains_key(&image.digest)
         };
@@ -219,7 +221,7 @@ impl Prefetcher {
                     return Some(t);
                 }
                 Ok(None) => {
-                    self.no_trace.lock().unwrap().insert(image.digest.clone(), std::time::Instant::now());
+                    self.no_trace.lock().insert(image.digest.clone(), std::time::Instant::now());
                 }
                 Err(e) => warn(e),
             }
@@ -250,7 +252,7 @@ impl Prefetcher {
         let mut asked: HashSet<(usize, usize)> = HashSet::new();
         let wait = Duration::from_secs(self.cfg.layer_wait_secs);
         'traced: while !pending.is_empty() {
-            let layers = job.layers.lock().unwrap().clone();
+            let layers = job.layers.lock().clone();
             let mut resolver = Resolver::new(&layers);
             // Entries resolved now, in trace order, a batch at a time.
             let mut unresolved = Vec::new();
@@ -306,7 +308,7 @@ impl Prefetcher {
             // Every chunk of every layer; the fetcher skips stored ones.
             let mut done = 0;
             loop {
-                let layers = job.layers.lock().unwrap().clone();
+                let layers = job.layers.lock().clone();
                 for layer in &layers[done..] {
                     let all: Vec<usize> = (0..layer.index.frames().len()).collect();
                     if let Err(e) = self.fetcher.fetch_into_store(layer, &all, Priority::Prefetch).await {

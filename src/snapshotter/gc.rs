@@ -31,14 +31,14 @@ pub(super) struct Preparing<'a> {
 
 impl<'a> Preparing<'a> {
     pub(super) fn new(snap: &'a Snapshotter, blob: &str) -> Self {
-        snap.preparing.lock().unwrap().insert(blob.to_string());
+        snap.preparing.lock().insert(blob.to_string());
         Preparing { snap, blob: blob.to_string() }
     }
 }
 
 impl Drop for Preparing<'_> {
     fn drop(&mut self) {
-        self.snap.preparing.lock().unwrap().remove(&self.blob);
+        self.snap.preparing.lock().remove(&self.blob);
     }
 }
 
@@ -57,14 +57,14 @@ impl Snapshotter {
     /// Layers being prepared keep theirs: their preparation waits for the
     /// gc to end, or the gc sees them.
     pub fn gc(&self) -> Result<GcReport> {
-        let preparing = self.preparing.lock().unwrap();
+        let preparing = self.preparing.lock();
         let before = self.store.stats().bytes;
         let mut wanted: std::collections::HashSet<String> = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             meta.snaps.values().filter_map(|r| r.remote.as_ref().map(|rr| rr.blob.clone())).collect()
         };
         wanted.extend(preparing.iter().cloned());
-        wanted.extend(self.layers.lock().unwrap().values().map(|(_, l)| l.blob.to_string()));
+        wanted.extend(self.layers.lock().values().map(|(_, l)| l.blob.to_string()));
         let mut indexes_removed = 0;
         for layer in self.store.indexed_layers()? {
             if !wanted.contains(&layer.to_string()) {

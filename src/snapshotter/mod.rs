@@ -35,7 +35,9 @@ mod status;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use crate::fetcher::Fetcher;
@@ -142,7 +144,7 @@ impl Snapshotter {
             preparing: Mutex::new(HashSet::new()),
         };
         let remote: Vec<(String, Record)> = {
-            let meta = s.meta.lock().unwrap();
+            let meta = s.meta.lock();
             meta.snaps.iter().filter(|(_, r)| r.remote.is_some()).map(|(n, r)| (n.clone(), r.clone())).collect()
         };
         for (name, rec) in remote {
@@ -150,7 +152,7 @@ impl Snapshotter {
                 // Its fs is an empty dir: it is not handed out until a retry
                 // mounts it (see `ensure_mounted`).
                 tracing::error!(snapshot = %name, error = %e, "cannot mount remote layer again; will retry when it is used");
-                s.broken.lock().unwrap().insert(rec.id);
+                s.broken.lock().insert(rec.id);
             }
         }
         Ok(s)
@@ -179,7 +181,7 @@ impl Snapshotter {
             }
         }
         self.ensure_mounted(parent)?;
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock();
         if meta.snaps.contains_key(key) {
             return Err(SnapshotError::AlreadyExists(key.to_string()));
         }
@@ -224,7 +226,7 @@ impl Snapshotter {
         let chain: Vec<&Record> = meta.chain((!parent.is_empty()).then_some(parent)).map(|(_, r)| r).collect();
         let Some(image) = chain.iter().find_map(|r| r.remote.as_ref().and_then(RemoteRef::image)) else { return };
         let layers: Vec<Arc<RemoteLayer>> = {
-            let mounted = self.layers.lock().unwrap();
+            let mounted = self.layers.lock();
             chain.iter().filter_map(|r| mounted.get(&r.id).map(|(_, l)| l.clone())).collect()
         };
         tracing::debug!(snapshot = key, image = %image.digest, "container start: recording its trace");
@@ -233,7 +235,7 @@ impl Snapshotter {
 
     pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
         let parent = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
             if rec.kind == Kind::Committed {
                 return Err(SnapshotError::FailedPrecondition(format!(
@@ -243,7 +245,7 @@ impl Snapshotter {
             rec.parent.clone().unwrap_or_default()
         };
         self.ensure_mounted(&parent)?;
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock();
         let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         Ok(self.mounts_of(&meta, rec))
     }
@@ -252,7 +254,7 @@ impl Snapshotter {
         if name.is_empty() {
             return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
         }
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock();
         let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         if rec.kind != Kind::Active {
             return Err(SnapshotError::FailedPrecondition(format!(
@@ -273,7 +275,7 @@ impl Snapshotter {
 
     pub fn remove(&self, key: &str) -> Result<()> {
         let rec = {
-            let mut meta = self.meta.lock().unwrap();
+            let mut meta = self.meta.lock();
             let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?.clone();
             if let Some(child) = meta.snaps.iter().find(|(_, r)| r.parent.as_deref() == Some(key)).map(|(n, _)| n) {
                 return Err(SnapshotError::FailedPrecondition(format!(
@@ -287,7 +289,7 @@ impl Snapshotter {
         // After the commit: a failure here leaves only an orphan dir, which
         // Cleanup removes.
         self.unmount_layer(rec.id);
-        self.broken.lock().unwrap().remove(&rec.id);
+        self.broken.lock().remove(&rec.id);
         remove_dir(&self.dir(rec.id));
         if rec.remote.is_some() {
             self.removals.send_modify(|n| *n += 1);
@@ -296,7 +298,7 @@ impl Snapshotter {
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock();
         let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         Ok(info(key, rec))
     }
@@ -305,7 +307,7 @@ impl Snapshotter {
     /// the same. `labels.<key>`: set that label, or remove it if the new
     /// info lacks it.
     pub fn update(&self, new: Info, paths: &[String]) -> Result<Info> {
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock();
         let mut rec = meta.snaps.get(&new.name).ok_or_else(|| SnapshotError::NotFound(new.name.clone()))?.clone();
         if paths.is_empty() {
             rec.labels = new.labels;
@@ -336,7 +338,7 @@ impl Snapshotter {
     /// would take unpacked; its chunks live in the shared store.
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let (usage, id) = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             let rec = meta.snaps.get(key).ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
             (rec.usage, rec.id)
         };
@@ -349,7 +351,7 @@ impl Snapshotter {
 
     pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
         let filters = Filters::parse(filters).map_err(SnapshotError::InvalidArgument)?;
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock();
         let mut out: Vec<Info> = meta.snaps.iter().map(|(n, r)| info(n, r)).filter(|i| filters.matches(i)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -359,9 +361,9 @@ impl Snapshotter {
     /// only under the metadata lock, which this holds throughout, so a dir
     /// it sees unowned belongs to no call in progress.
     pub fn cleanup(&self) -> Result<()> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock();
         let owned: HashSet<u64> = meta.snaps.values().map(|r| r.id).collect();
-        let orphans: Vec<u64> = self.layers.lock().unwrap().keys().copied().filter(|id| !owned.contains(id)).collect();
+        let orphans: Vec<u64> = self.layers.lock().keys().copied().filter(|id| !owned.contains(id)).collect();
         for id in orphans {
             self.unmount_layer(id);
         }
@@ -406,7 +408,7 @@ impl Snapshotter {
         if let Some(r) = &self.recorder {
             r.flush();
         }
-        let ids: Vec<u64> = self.layers.lock().unwrap().keys().copied().collect();
+        let ids: Vec<u64> = self.layers.lock().keys().copied().collect();
         for id in ids {
             self.unmount_layer(id);
         }

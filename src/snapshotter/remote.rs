@@ -29,20 +29,20 @@ impl Snapshotter {
     /// one that failed to mount at start is tried again here, and if it
     /// still fails the call fails rather than hand out an empty layer.
     pub(super) fn ensure_mounted(&self, top: &str) -> Result<()> {
-        if self.broken.lock().unwrap().is_empty() {
+        if self.broken.lock().is_empty() {
             return Ok(());
         }
         let chain: Vec<(String, Record)> = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             meta.chain((!top.is_empty()).then_some(top)).map(|(n, r)| (n.to_string(), r.clone())).collect()
         };
         for (name, rec) in chain {
-            if !self.broken.lock().unwrap().contains(&rec.id) {
+            if !self.broken.lock().contains(&rec.id) {
                 continue;
             }
             self.remount(&rec)
                 .map_err(|e| SnapshotError::FailedPrecondition(format!("remote layer {name} is not available: {e}")))?;
-            self.broken.lock().unwrap().remove(&rec.id);
+            self.broken.lock().remove(&rec.id);
             tracing::info!(snapshot = %name, "remote layer mounted again");
         }
         Ok(())
@@ -56,10 +56,10 @@ impl Snapshotter {
             return Err(SnapshotError::FailedPrecondition("prefetch is off (prefetch.enabled = false)".into()));
         }
         let mounted: HashMap<u64, Arc<RemoteLayer>> =
-            self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+            self.layers.lock().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
         // Its own layers first, then those it shares with images pulled before.
         let mut found: Vec<(bool, Option<ImageKey>, Option<Arc<RemoteLayer>>)> = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             meta.snaps
                 .values()
                 .filter_map(|r| {
@@ -88,7 +88,7 @@ impl Snapshotter {
     }
 
     pub(super) fn unmount_layer(&self, id: u64) {
-        let Some((m, _)) = self.layers.lock().unwrap().remove(&id) else { return };
+        let Some((m, _)) = self.layers.lock().remove(&id) else { return };
         let fs = self.fs_dir(id);
         if let Err(e) = m.unmount() {
             tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
@@ -115,7 +115,7 @@ impl Snapshotter {
             }
         };
         let existing = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
                 return false;
             }
@@ -165,7 +165,7 @@ impl Snapshotter {
     fn reused(&self, target: &str, id: u64, said: &LayerLabels) {
         let Some(image) = image_of(said) else { return };
         let ancestors: Vec<u64> = {
-            let mut meta = self.meta.lock().unwrap();
+            let mut meta = self.meta.lock();
             let notes = noted(&meta, Some(target), &image.digest);
             let ancestors = notes.iter().filter(|(k, _)| k != target).map(|(_, r)| r.id).collect();
             let next = meta.next_id;
@@ -183,7 +183,7 @@ impl Snapshotter {
     /// Hand the mounted layers among snapshot `ids` to the image's prefetch.
     fn prefetch_through(&self, image: &ImageKey, ids: impl IntoIterator<Item = u64>, hydrate: bool) {
         let layers: Vec<Arc<RemoteLayer>> = {
-            let mounted = self.layers.lock().unwrap();
+            let mounted = self.layers.lock();
             ids.into_iter().filter_map(|id| mounted.get(&id).map(|(_, l)| l.clone())).collect()
         };
         for layer in layers {
@@ -202,7 +202,7 @@ impl Snapshotter {
         let hook = self.recorder.as_ref().map(Recorder::hook);
         let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
         let mount = fs.mount(&self.fs_dir(id), &self.fuse).map_err(RemoteError::Mount)?;
-        let mut layers = self.layers.lock().unwrap();
+        let mut layers = self.layers.lock();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             drop(layers);
             let _ = mount.unmount();
@@ -241,7 +241,7 @@ impl Snapshotter {
         // shared store and are not this snapshot's alone.
         let entries = layer.index.entries();
         let usage = Usage { size: entries.iter().map(|e| e.size as i64).sum(), inodes: entries.len() as i64 };
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock();
         // The lock was let go for the fetch: look again.
         if let Some(r) = meta.snaps.get(target) {
             let same_index = stored_location(r).ok().flatten().as_ref() == Some(loc);

@@ -29,9 +29,9 @@ impl Snapshotter {
     /// Every mounted remote layer, with how much of it is local.
     pub fn layers(&self) -> Vec<LayerStatus> {
         let mounted: Vec<(u64, Arc<RemoteLayer>)> =
-            self.layers.lock().unwrap().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+            self.layers.lock().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
         let keys: HashMap<u64, String> = {
-            let meta = self.meta.lock().unwrap();
+            let meta = self.meta.lock();
             meta.snaps.iter().map(|(k, r)| (r.id, k.clone())).collect()
         };
         let mut out: Vec<LayerStatus> = mounted
@@ -66,7 +66,7 @@ impl Snapshotter {
     /// snapshot's key (containerd passes `<namespace>/<n>/<key>`, and `ctr`
     /// and CRI make a container's snapshot key its id).
     pub fn container_ids(&self) -> std::collections::HashSet<String> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock();
         meta.snaps
             .iter()
             .filter(|(_, r)| r.kind == Kind::Active)
@@ -76,6 +76,6 @@ impl Snapshotter {
 
     /// Remote layers mounted now.
     pub fn mounted_layers(&self) -> usize {
-        self.layers.lock().unwrap().len()
+        self.layers.lock().len()
     }
 }

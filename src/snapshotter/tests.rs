@@ -49,7 +49,7 @@ fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 }
 
 fn fs_of(s: &Snapshotter, key: &str) -> PathBuf {
-    let id = s.meta.lock().unwrap().snaps[key].id;
+    let id = s.meta.lock().snaps[key].id;
     s.fs_dir(id)
 }
 
@@ -174,9 +174,9 @@ fn list_filters_update_and_reopen() {
     assert_eq!(all.len(), 2);
     assert_eq!(s.stat("sha256:aa").unwrap().labels, labels(&[("z", "3")]));
     assert_eq!(s.stat("ns/2/b").unwrap().parent, "sha256:aa");
-    let before: Vec<u64> = s.meta.lock().unwrap().snaps.values().map(|r| r.id).collect();
+    let before: Vec<u64> = s.meta.lock().snaps.values().map(|r| r.id).collect();
     s.create(Kind::Active, "new", "", HashMap::new()).unwrap();
-    let id = s.meta.lock().unwrap().snaps["new"].id;
+    let id = s.meta.lock().snaps["new"].id;
     assert!(before.iter().all(|&b| b < id));
 }
 
@@ -251,11 +251,11 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
                 also: Vec::new(),
             }),
         };
-        let mut meta = s.meta.lock().unwrap();
+        let mut meta = s.meta.lock();
         meta.transact(&s.store, vec![("sha256:remote".into(), rec)], vec![], 2).unwrap();
     }
     let s = f.open();
-    assert!(s.broken.lock().unwrap().contains(&1));
+    assert!(s.broken.lock().contains(&1));
     // Still listed (containerd's GC must see it), but no child is built on
     // it and the error says why.
     assert_eq!(s.list(&[]).unwrap().len(), 1);
@@ -269,7 +269,7 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
     // It can still be removed, and nothing of it stays behind.
     s.remove("sha256:remote").unwrap();
     assert!(s.list(&[]).unwrap().is_empty());
-    assert!(s.broken.lock().unwrap().is_empty());
+    assert!(s.broken.lock().is_empty());
 }
 
 #[test]
@@ -314,7 +314,7 @@ fn a_remote_layer_is_reused_only_by_a_prepare_that_names_its_index() {
             also: Vec::new(),
         }),
     };
-    s.meta.lock().unwrap().transact(&s.store, vec![(target.clone(), rec)], vec![], 2).unwrap();
+    s.meta.lock().transact(&s.store, vec![(target.clone(), rec)], vec![], 2).unwrap();
     let prepare = |key: &str, mut labels: HashMap<String, String>| {
         labels.insert(crate::labels::TARGET.into(), target.clone());
         s.create(Kind::Active, key, "", labels)

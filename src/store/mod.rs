@@ -18,9 +18,9 @@
 //! re-hashes: a chunk that fails is logged, counted, deleted and reported as
 //! missing, so the caller fetches it again. Nothing unverified is returned.
 
+use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -289,7 +289,7 @@ impl Store {
         value.extend_from_slice(&chunk.u_len.to_le_bytes());
         value.extend_from_slice(&chunk.compressed);
         {
-            let _w = self.write.lock().unwrap();
+            let _w = self.write.lock();
             if self.db.get_pinned_cf(self.cf(CF_ATIME), chunk.id.0).map_err(|e| self.db_err(e))?.is_some() {
                 self.dedup_puts.fetch_add(1, Ordering::Relaxed);
                 return Ok(false);
@@ -356,7 +356,7 @@ impl Store {
     /// Record an access. Without the WAL: losing a recent access time in a
     /// crash only makes eviction slightly less exact.
     fn touch(&self, id: &ChunkId) -> Result<(), StoreError> {
-        let _w = self.write.lock().unwrap();
+        let _w = self.write.lock();
         let atime = self.cf(CF_ATIME);
         let Some(old) = self.db.get_pinned_cf(atime, id.0).map_err(|e| self.db_err(e))? else {
             return Ok(()); // evicted meanwhile
@@ -369,7 +369,7 @@ impl Store {
 
     /// Delete a chunk (both rows, atomically).
     fn delete(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        let _w = self.write.lock().unwrap();
+        let _w = self.write.lock();
         self.delete_locked(id)
     }
 
@@ -391,7 +391,7 @@ impl Store {
     /// Evict least recently used chunks until the store holds at most
     /// `evict_to` of its budget. Returns the number evicted.
     pub fn evict_to_budget(&self) -> Result<u64, StoreError> {
-        let _w = self.write.lock().unwrap();
+        let _w = self.write.lock();
         if self.bytes.load(Ordering::Relaxed) <= self.cfg.budget_bytes {
             return Ok(0);
         }
@@ -486,7 +486,7 @@ impl Store {
     pub fn gc(&self) -> Result<u64, StoreError> {
         let mut referenced = std::collections::HashSet::new();
         self.for_each_index(|idx| referenced.extend(idx.frames().iter().map(|f| f.id)))?;
-        let _w = self.write.lock().unwrap();
+        let _w = self.write.lock();
         let mut doomed = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_ATIME), IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.db_err(e))?;
