@@ -301,8 +301,12 @@ impl Fetcher {
             let result = match prio {
                 Priority::Demand => {
                     // The reader waits at most `timeout_ms` from its request,
-                    // whoever leads the flights it waits for.
-                    let deadline = requested + Duration::from_millis(self.inner.cfg.timeout_ms);
+                    // whoever leads the flights it waits for. A little grace:
+                    // flights this read leads have the same deadline, and
+                    // their own error (which try timed out, and where) is
+                    // the one to report.
+                    let ms = self.inner.cfg.timeout_ms;
+                    let deadline = requested + Duration::from_millis(ms + (ms / 10).max(50));
                     match tokio::time::timeout_at(deadline, missing).await {
                         Ok(result) => result,
                         Err(_) => Err(FetchError::Waited {
