@@ -228,9 +228,13 @@ pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex
     if z.len() as u64 > MAX_INDEX_COMPRESSED {
         return Err(FormatError::IndexTooLarge { len: z.len() as u64, limit: MAX_INDEX_COMPRESSED });
     }
-    // Decompressing into a buffer of exactly the declared size bounds memory:
-    // zstd fails rather than grow past it.
-    let raw = zstd::bulk::decompress(z, raw_len as usize)
+    // The declared size bounds the output (one byte more is read to tell a
+    // longer index), but is not trusted for the allocation: the buffer
+    // grows with what actually decompresses, so a small frame claiming a
+    // large index costs what it holds, not what it claims.
+    let mut raw = Vec::with_capacity((raw_len as usize).min(z.len().saturating_mul(4)));
+    zstd::stream::read::Decoder::with_buffer(z)
+        .and_then(|d| io::Read::read_to_end(&mut io::Read::take(d, raw_len + 1), &mut raw))
         .map_err(|e| FormatError::Corrupt(format!("index does not decompress: {e}")))?;
     if raw.len() as u64 != raw_len {
         return Err(FormatError::Corrupt(format!("index decompresses to {} bytes, header says {raw_len}", raw.len())));
