@@ -110,6 +110,15 @@ pub async fn find(client: &Client, repo: &Repo, subject: &Digest) -> Result<Opti
         .find(|l| l.media_type().to_string() == MEDIA_TYPE)
         .ok_or_else(|| TraceError::Invalid("the trace artifact holds no trace".into()))?;
     let digest: Digest = layer.digest().as_ref().parse().map_err(|e| TraceError::Invalid(format!("{e}")))?;
+    // The descriptor's size is only a claim (the blob is checked by digest
+    // as it is read), but a claim over the limit is refused unfetched.
+    if layer.size() > super::MAX_TRACE_BYTES as u64 {
+        return Err(TraceError::Invalid(format!(
+            "the trace is {} bytes, over the limit of {}",
+            layer.size(),
+            super::MAX_TRACE_BYTES
+        )));
+    }
     let json = client.get_blob(repo, &digest).await?;
     let t = Trace::from_json(&json)?;
     if t.image != subject.to_string() {
