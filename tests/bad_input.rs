@@ -365,3 +365,12 @@ fn times_out_of_range() {
     });
     assert_eq!(err, "");
 }
+
+/// An xattr name longer than the kernel's XATTR_NAME_MAX.
+#[test]
+fn xattr_name_over_the_limit() {
+    let err = open_error(|i| {
+        i.entries[1].extra_mut().xattrs = vec![format::Xattr { name: vec![b'u'; 256], value: vec![] }]
+    });
+    assert!(err.contains("xattrs"), "{err:?}");
+}

@@ -50,6 +50,8 @@ pub mod limits {
     pub const MAX_PATH_DEPTH: usize = 1024;
     pub const MAX_XATTRS_PER_ENTRY: usize = 1024;
     pub const MAX_XATTR_VALUE: usize = 64 << 10;
+    /// Bytes of an xattr's name: Linux's XATTR_NAME_MAX.
+    pub const MAX_XATTR_NAME: usize = 255;
     pub const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
 }
 
@@ -429,7 +431,7 @@ impl Index {
             if e.kind != EntryKind::File && (e.size != 0 || !e.sparse().is_empty()) {
                 return bad(format!("entry {:?}: a {:?} cannot have data", name(), e.kind));
             }
-            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE) {
+            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE || x.name.len() > MAX_XATTR_NAME) {
                 return bad(format!("entry {:?}: too many or too large xattrs", name()));
             }
             if e.sparse().len() > MAX_SPARSE_SEGMENTS {
