@@ -369,8 +369,7 @@ fn times_out_of_range() {
 /// An xattr name longer than the kernel's XATTR_NAME_MAX.
 #[test]
 fn xattr_name_over_the_limit() {
-    let err = open_error(|i| {
-        i.entries[1].extra_mut().xattrs = vec![format::Xattr { name: vec![b'u'; 256], value: vec![] }]
-    });
+    let err =
+        open_error(|i| i.entries[1].extra_mut().xattrs = vec![format::Xattr { name: vec![b'u'; 256], value: vec![] }]);
     assert!(err.contains("xattrs"), "{err:?}");
 }

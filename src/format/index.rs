@@ -431,7 +431,9 @@ impl Index {
             if e.kind != EntryKind::File && (e.size != 0 || !e.sparse().is_empty()) {
                 return bad(format!("entry {:?}: a {:?} cannot have data", name(), e.kind));
             }
-            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE || x.name.len() > MAX_XATTR_NAME) {
+            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY
+                || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE || x.name.len() > MAX_XATTR_NAME)
+            {
                 return bad(format!("entry {:?}: too many or too large xattrs", name()));
             }
             if e.sparse().len() > MAX_SPARSE_SEGMENTS {
