@@ -340,15 +340,24 @@ impl ReadOnlyFs for LayerFs {
         };
         if plan.frames.is_empty() {
             // End of file, or a hole of a sparse file.
-            reply.data(&plan.assemble(self.tree.index(), &[] as &[&[u8]]));
+            match plan.try_assemble(self.tree.index(), &[] as &[&[u8]]) {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    tracing::error!(layer = %self.remote.blob, inode = ino, offset, error = %e, "read failed: EIO");
+                    reply.error(libc::EIO);
+                }
+            }
             return FUSE_OPS.read.observe(began.elapsed());
         }
         self.record(&plan.frames);
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
         self.rt.spawn(async move {
             let (result, waited) = fetcher.read_frames_waited(&remote, &plan.frames, Priority::Demand).await;
-            match result {
-                Ok(data) => reply.data(&plan.assemble(tree.index(), &data)),
+            // Frame data of another length than this index says (a chunk
+            // another layer's index lists differently) is an error, as is
+            // any fetch error: EIO, and the mount goes on.
+            match result.map_err(|e| e.to_string()).and_then(|d| plan.try_assemble(tree.index(), &d).map_err(|e| e.to_string())) {
+                Ok(data) => reply.data(&data),
                 Err(e) => {
                     tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
                     reply.error(libc::EIO);

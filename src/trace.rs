@@ -19,8 +19,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +37,12 @@ pub const MEDIA_TYPE: &str = "application/vnd.hyperbox.trace.v1+json";
 /// An imported trace may hold at most this many entries (a trace of every
 /// chunk of a very large image; guards memory against a hostile file).
 pub const MAX_ENTRIES: usize = 4 << 20;
+/// An imported trace is at most this many bytes of JSON (about 250 bytes
+/// an entry: room for `MAX_ENTRIES` of short paths).
+pub const MAX_TRACE_BYTES: usize = 1 << 30;
+/// Bytes of a trace's repository name or of an entry's path: a path in an
+/// index is at most this long too.
+pub const MAX_NAME_BYTES: usize = crate::format::index::limits::MAX_PATH;
 
 const KEY_IMAGE: &str = "image/";
 const KEY_REPO: &str = "repo/";
@@ -145,10 +153,34 @@ pub struct Trace {
     /// Unix seconds of the last merge.
     pub updated: u64,
     /// In order of mean first access.
+    #[serde(deserialize_with = "bounded_entries")]
     pub entries: Vec<TraceEntry>,
     /// The latest start that had a prefetch to judge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_start: Option<StartReport>,
+}
+
+/// Entries of a trace from outside, refused as soon as there are more than
+/// [`MAX_ENTRIES`] (not after all of them took memory).
+fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<TraceEntry>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<TraceEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of trace entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(e) = a.next_element()? {
+                if out.len() == MAX_ENTRIES {
+                    return Err(serde::de::Error::custom(format!("more than {MAX_ENTRIES} entries")));
+                }
+                out.push(e);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V)
 }
 
 fn unix_now() -> u64 {
@@ -177,10 +209,14 @@ impl Trace {
         for new in run {
             match at.get(&(new.layer.clone(), new.frame)) {
                 Some(&i) => {
+                    // `seen` and `at_ms` may come from a foreign trace: any
+                    // u32 is taken. The mean is over seen + 1 runs (at least
+                    // 1), and is at most the larger of the two times.
                     let e = &mut self.entries[i];
-                    let total = e.at_ms as u64 * e.seen as u64 + new.at_ms as u64;
-                    e.seen += 1;
-                    e.at_ms = (total / e.seen as u64) as u32;
+                    let runs = u64::from(e.seen) + 1;
+                    let total = u64::from(e.at_ms) * u64::from(e.seen) + u64::from(new.at_ms);
+                    e.at_ms = u32::try_from(total / runs).unwrap_or(u32::MAX);
+                    e.seen = e.seen.saturating_add(1);
                 }
                 None => {
                     at.insert((new.layer.clone(), new.frame), self.entries.len());
@@ -191,7 +227,7 @@ impl Trace {
         // Stable: ties keep their order of first sight.
         self.entries.sort_by_key(|e| e.at_ms);
         self.entries.truncate(max_entries);
-        self.runs += 1;
+        self.runs = self.runs.saturating_add(1);
         self.updated = unix_now();
     }
 
@@ -207,6 +243,9 @@ impl Trace {
     /// Parse and check a trace from outside (a file, a registry): the
     /// version, the image digest, and a bound on its size.
     pub fn from_json(raw: &[u8]) -> Result<Trace, TraceError> {
+        if raw.len() > MAX_TRACE_BYTES {
+            return Err(TraceError::Invalid(format!("{} bytes is over the limit of {MAX_TRACE_BYTES}", raw.len())));
+        }
         #[derive(Deserialize)]
         struct Version {
             version: u32,
@@ -223,8 +262,11 @@ impl Trace {
         if t.entries.len() > MAX_ENTRIES {
             return Err(TraceError::Invalid(format!("{} entries exceeds the limit of {MAX_ENTRIES}", t.entries.len())));
         }
-        if t.repository.is_empty() {
-            return Err(TraceError::Invalid("no repository".into()));
+        if t.repository.is_empty() || t.repository.len() > MAX_NAME_BYTES {
+            return Err(TraceError::Invalid(format!("a repository name of {} bytes", t.repository.len())));
+        }
+        if let Some(e) = t.entries.iter().find(|e| e.path.len() > MAX_NAME_BYTES) {
+            return Err(TraceError::Invalid(format!("an entry's path of {} bytes", e.path.len())));
         }
         Ok(t)
     }
@@ -250,12 +292,12 @@ pub fn latest_for_repository(store: &Store, repository: &str) -> Result<Option<T
 
 /// Serializes every change to the traces family, so a merge (load, merge,
 /// save) never loses a run saved meanwhile.
-static WRITES: Mutex<()> = Mutex::new(());
+static WRITES: Mutex<()> = parking_lot::const_mutex(());
 
 /// Keep `trace` (replacing the image's earlier one) and make it its
 /// repository's latest, in one write.
 pub fn save(store: &Store, trace: &Trace) -> Result<(), TraceError> {
-    let _w = WRITES.lock().unwrap();
+    let _w = WRITES.lock();
     save_locked(store, trace)
 }
 
@@ -272,7 +314,7 @@ fn save_locked(store: &Store, trace: &Trace) -> Result<(), TraceError> {
 
 /// Forget the trace of `image`. True if there was one.
 pub fn delete(store: &Store, image: &str) -> Result<bool, TraceError> {
-    let _w = WRITES.lock().unwrap();
+    let _w = WRITES.lock();
     let Some(t) = load(store, image)? else { return Ok(false) };
     let mut rows = vec![(format!("{KEY_IMAGE}{image}").into_bytes(), None)];
     let repo_key = format!("{KEY_REPO}{}", t.repository).into_bytes();
@@ -344,7 +386,9 @@ impl TraceHook {
     }
 }
 
-/// What the prefetcher fetched for an image, to judge it by.
+/// What the prefetcher fetched for an image, to judge it by. A std mutex
+/// (the prefetcher locks it too); this module locks it with [`lock`],
+/// which takes no poisoning as an error.
 pub type Prefetched = Arc<Mutex<HashSet<ChunkId>>>;
 
 /// Counters for metrics and `hyperbox trace`.
@@ -436,7 +480,7 @@ impl Recorder {
                 tokio::select! {
                     access = rx.recv() => {
                         let Some(a) = access else { break };
-                        let mut sh = shared.lock().unwrap();
+                        let mut sh = shared.lock();
                         for s in sh.sessions.iter_mut().filter(|s| s.layers.contains_key(&a.layer)) {
                             if a.at >= s.started && s.seen.insert((a.layer.clone(), a.frame)) {
                                 s.last = a.at;
@@ -473,7 +517,7 @@ impl Recorder {
         tracing::debug!(image = %image.digest, layers = layers.len(), "recording a trace");
         let now = Instant::now();
         let layers = layers.into_iter().map(|l| (l.blob.clone(), l)).collect();
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = self.shared.lock();
         self.hook.listening.fetch_add(1, Ordering::Relaxed);
         shared.sessions.push(Session {
             image,
@@ -487,7 +531,7 @@ impl Recorder {
 
     /// The prefetcher of `image` records here what it fetched.
     pub fn prefetching(&self, image: &str) -> Prefetched {
-        let mut sh = self.shared.lock().unwrap();
+        let mut sh = self.shared.lock();
         sh.prefetched.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(3600));
         sh.prefetched.entry(image.to_string()).or_insert_with(|| (Instant::now(), Prefetched::default())).1.clone()
     }
@@ -508,7 +552,7 @@ impl Recorder {
 fn take_finished(shared: &Mutex<Shared>, cfg: &TraceConfig, all: bool) -> Vec<(Session, Option<Prefetched>)> {
     let now = Instant::now();
     let (window, idle) = (Duration::from_secs(cfg.window_secs), Duration::from_secs(cfg.idle_secs));
-    let mut sh = shared.lock().unwrap();
+    let mut sh = shared.lock();
     let mut done = Vec::new();
     let mut i = 0;
     while i < sh.sessions.len() {
@@ -540,6 +584,9 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
         .accesses
         .iter()
         .map(|a| {
+            // Accesses were kept only for the session's layers (the
+            // collector filters on `layers`), and their frame numbers come
+            // from this daemon's reads of that layer's index: both in range.
             let layer = &s.layers[&a.layer];
             let map = files.entry(a.layer.clone()).or_insert_with(|| FileMap::new(layer));
             let frame = layer.index.frames().get(a.frame as usize);
@@ -559,7 +606,7 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
         })
         .collect();
     let result = (|| -> Result<Trace, TraceError> {
-        let _w = WRITES.lock().unwrap();
+        let _w = WRITES.lock();
         let mut trace = match load(store, &s.image.digest) {
             Ok(Some(t)) => t,
             Ok(None) => Trace::new(&s.image),
@@ -570,7 +617,7 @@ fn finish(store: &Store, s: Session, prefetched: Option<Prefetched>, max_entries
             Err(e) => return Err(e),
         };
         if let Some(p) = &prefetched {
-            let p = p.lock().unwrap();
+            let p = p.lock();
             if !p.is_empty() {
                 let read: HashSet<ChunkId> = run.iter().map(|e| e.chunk).collect();
                 let hits = read.iter().filter(|c| p.contains(c)).count();

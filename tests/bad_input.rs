@@ -248,3 +248,128 @@ fn cli_errors_name_the_layer() {
     // Without --verify the index alone is fine.
     assert!(hyperbox().arg("inspect").arg(&path).output().unwrap().status.success());
 }
+
+/// The error an edited index gets when opened, as text ("" if it opens).
+fn open_error(edit: impl FnOnce(&mut format::Index)) -> String {
+    let (blob, loc) = converted();
+    let (forged, floc) = reseal(&blob, &loc, edit);
+    format::open_layer(&forged[..], Some(&floc)).err().map(|e| e.to_string()).unwrap_or_default()
+}
+
+/// A copy of entry 0 (a directory) at `path`.
+fn dir_at(i: &format::Index, path: Vec<u8>) -> format::Entry {
+    format::Entry { path, ..i.entries[0].clone() }
+}
+
+/// A few kilobytes of index that would imply tens of millions of
+/// directories (every prefix of deep, distinct paths) are refused at open,
+/// before any tree is built; so are paths deeper than the limit.
+#[test]
+fn deep_paths_cannot_expand_the_tree() {
+    use format::index::limits::{MAX_PATH_DEPTH, MAX_TREE_NODES};
+    // Distinct deep paths: each implies MAX_PATH_DEPTH - 1 new directories.
+    let err = open_error(|i| {
+        let deep = "a/".repeat(MAX_PATH_DEPTH - 2);
+        for n in 0..MAX_TREE_NODES / (MAX_PATH_DEPTH - 1) + 2 {
+            let e = dir_at(i, format!("{n:x}/{deep}f").into_bytes());
+            i.entries.push(e);
+        }
+    });
+    assert!(err.contains("tree nodes"), "{err:?}");
+    // The same few directories replaced by a file and implied again.
+    let err = open_error(|i| {
+        let deep = format!("x/{}f", "a/".repeat(MAX_PATH_DEPTH - 2)).into_bytes();
+        let file = format::Entry::new(b"x".to_vec(), format::EntryKind::Fifo);
+        for _ in 0..MAX_TREE_NODES / (MAX_PATH_DEPTH - 1) + 2 {
+            let e = dir_at(i, deep.clone());
+            i.entries.push(e);
+            i.entries.push(file.clone());
+        }
+    });
+    assert!(err.contains("tree nodes"), "{err:?}");
+    // One path deeper than the limit.
+    let err = open_error(|i| {
+        let e = dir_at(i, "a/".repeat(MAX_PATH_DEPTH + 1).trim_end_matches('/').as_bytes().to_vec());
+        i.entries.push(e)
+    });
+    assert!(err.contains("deeper than"), "{err:?}");
+    // At the limits, an index opens.
+    let err = open_error(|i| {
+        let e = dir_at(i, "a/".repeat(MAX_PATH_DEPTH).trim_end_matches('/').as_bytes().to_vec());
+        i.entries.push(e)
+    });
+    assert_eq!(err, "");
+}
+
+/// Names the kernel could never be given: longer than NAME_MAX, `.` and
+/// `..` (also as what a whiteout `.wh..` or `.wh...` would hide), paths
+/// longer than PATH_MAX.
+#[test]
+fn names_that_are_not_names() {
+    use format::index::limits::{MAX_NAME, MAX_PATH};
+    let long = "n".repeat(MAX_NAME + 1);
+    let at_limit = "n".repeat(MAX_NAME);
+    let too_long_path = format!("{}/x", vec![at_limit.as_str(); MAX_PATH / (MAX_NAME + 1)].join("/"));
+    for bad in [&long as &str, "d/.wh..", "d/.wh...", "d/x/.wh..", &format!("d/.wh.{}", long), &too_long_path] {
+        let err = open_error(|i| {
+            let e = dir_at(i, bad.as_bytes().to_vec());
+            i.entries.push(e)
+        });
+        assert!(err.contains("invalid path") || err.contains("name"), "{bad:?}: {err:?}");
+    }
+    for good in [&at_limit as &str, "d/.wh..wh..opq", "d/.wh.", "d/.wh.x", "d/..x", "d/.x"] {
+        let err = open_error(|i| {
+            let e = dir_at(i, good.as_bytes().to_vec());
+            i.entries.push(e)
+        });
+        assert_eq!(err, "", "{good:?}");
+    }
+}
+
+/// A chunk id is the blake3 of the chunk's bytes: two frames with one id
+/// and different lengths cannot both be right, and the store keeps one
+/// chunk per id. Refused at open.
+#[test]
+fn one_length_per_chunk_id() {
+    let err = open_error(|i| {
+        let a = i.frames.get(0);
+        let k = (1..i.frames.len()).find(|&k| i.frames.get(k).u_len != a.u_len).expect("two frame lengths");
+        let mut b = i.frames.get(k);
+        b.id = a.id;
+        i.frames.set(k, b);
+    });
+    assert!(err.contains("chunk") && err.contains("length"), "{err:?}");
+    // The same id with the same length (duplicate content) is fine.
+    let err = open_error(|i| {
+        let a = i.frames.get(0);
+        let f = format::Frame { c_len: 1, u_len: a.u_len, id: a.id };
+        let mut last = i.frames.get(i.frames.len() - 1);
+        last.c_len -= 1;
+        i.frames.set(i.frames.len() - 1, last);
+        i.frames.push(f);
+        i.tar_size += a.u_len as u64;
+    });
+    assert_eq!(err, "");
+}
+
+/// Times no clock can show: nanoseconds of a second past 999,999,999.
+/// Seconds are kept as they are (tar allows any), and clamped where shown.
+#[test]
+fn times_out_of_range() {
+    let err = open_error(|i| i.entries[1].mtime_nsec = 1_000_000_000);
+    assert!(err.contains("mtime"), "{err:?}");
+    let err = open_error(|i| {
+        i.entries[1].mtime = i64::MAX;
+        i.entries[2].mtime = i64::MIN;
+        i.entries[2].mtime_nsec = 999_999_999;
+    });
+    assert_eq!(err, "");
+}
+
+/// An xattr name longer than the kernel's XATTR_NAME_MAX.
+#[test]
+fn xattr_name_over_the_limit() {
+    let err =
+        open_error(|i| i.entries[1].extra_mut().xattrs = vec![format::Xattr { name: vec![b'u'; 256], value: vec![] }]);
+    assert!(err.contains("xattrs"), "{err:?}");
+}

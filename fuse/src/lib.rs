@@ -16,8 +16,9 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -27,6 +28,19 @@ use fuser::{
 
 /// How long the kernel may cache entries and attributes: layers are immutable.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Most FUSE worker threads one mount gets, whatever it asks for: each
+/// holds a clone of the FUSE fd and a 1 MiB request buffer.
+pub const MAX_THREADS: usize = 64;
+
+/// Run one handler's body. A panic in it (a bug, or input no check
+/// foresaw) answers EIO instead of killing the FUSE worker thread: with
+/// the thread gone the mount would stop answering, and every `stat` or
+/// `df` on the host that touches it would hang. The panic itself is
+/// reported by the process's panic hook.
+fn guarded<T>(body: impl FnOnce() -> Result<T, Errno32>) -> Result<T, Errno32> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(Err(libc::EIO))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -139,12 +153,34 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-fn file_attr(a: &Attr) -> FileAttr {
-    let mtime = if a.mtime >= 0 {
-        UNIX_EPOCH + Duration::new(a.mtime as u64, a.mtime_nsec)
+/// `secs` seconds and `nsec` nanoseconds from the epoch, for any values:
+/// nanoseconds past a second are cut to 999,999,999, and a time the clock
+/// cannot hold becomes the nearest one it can (on Linux every i64 second
+/// fits, so nothing is lost there).
+pub fn system_time(secs: i64, nsec: u32) -> SystemTime {
+    let nsec = Duration::from_nanos(u64::from(nsec.min(999_999_999)));
+    let whole = Duration::from_secs(secs.unsigned_abs());
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(whole).and_then(|t| t.checked_add(nsec))
     } else {
-        UNIX_EPOCH - Duration::from_secs(a.mtime.unsigned_abs()) + Duration::from_nanos(a.mtime_nsec as u64)
+        UNIX_EPOCH.checked_sub(whole).and_then(|t| t.checked_add(nsec))
     };
+    t.unwrap_or_else(|| {
+        // Out of the clock's range: halve toward the epoch until it fits.
+        let mut s = secs / 2;
+        loop {
+            let d = Duration::from_secs(s.unsigned_abs());
+            let t = if s >= 0 { UNIX_EPOCH.checked_add(d) } else { UNIX_EPOCH.checked_sub(d) };
+            match t {
+                Some(t) => return t,
+                None => s /= 2,
+            }
+        }
+    })
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let mtime = system_time(a.mtime, a.mtime_nsec);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -167,7 +203,9 @@ fn file_attr(a: &Attr) -> FileAttr {
 fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno32>) {
     match r {
         Err(e) => reply.error(Errno::from_i32(e)),
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        // A value longer than u32::MAX bytes cannot be answered; the
+        // index bounds xattrs far below that.
+        Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
         Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
         Ok(v) => reply.data(&v),
     }
@@ -186,21 +224,21 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name.as_bytes()) {
+        match guarded(|| self.fs.lookup(parent.0, name.as_bytes())) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        match guarded(|| self.fs.getattr(ino.0)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match guarded(|| self.fs.readlink(ino.0)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
@@ -244,12 +282,16 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.fs.read(ino.0, offset, size, req.pid(), ReadReply(Some(reply)));
+        // A panic drops the ReadReply unsent, which answers EIO.
+        let pid = req.pid();
+        let _ = catch_unwind(AssertUnwindSafe(|| self.fs.read(ino.0, offset, size, pid, ReadReply(Some(reply)))));
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let r = self.fs.readdir(ino.0, offset, &mut |child, next, kind, name| {
-            reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
+        let r = guarded(|| {
+            self.fs.readdir(ino.0, offset, &mut |child, next, kind, name| {
+                reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -258,8 +300,10 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let r = self.fs.readdirplus(ino.0, offset, &mut |a, next, name| {
-            reply.add(INodeNo(a.ino), next, OsStr::from_bytes(name), &TTL, &file_attr(a), Generation(0))
+        let r = guarded(|| {
+            self.fs.readdirplus(ino.0, offset, &mut |a, next, name| {
+                reply.add(INodeNo(a.ino), next, OsStr::from_bytes(name), &TTL, &file_attr(a), Generation(0))
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -268,11 +312,11 @@ impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
+        xattr_reply(reply, size, guarded(|| self.fs.getxattr(ino.0, name.as_bytes())));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.fs.listxattr(ino.0));
+        xattr_reply(reply, size, guarded(|| self.fs.listxattr(ino.0)));
     }
 }
 
@@ -314,7 +358,8 @@ impl Drop for Mount {
 /// How a filesystem is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MountOptions {
-    /// FUSE worker threads.
+    /// FUSE worker threads, 1 to [`MAX_THREADS`] (other values are taken
+    /// to the nearest).
     pub threads: usize,
     /// The mount's read-ahead window in KiB (its backing device's
     /// `read_ahead_kb`); 0 keeps the kernel's default (128 KiB). Each FUSE
@@ -343,7 +388,7 @@ impl Default for MountOptions {
 /// write access to `/sys`) leaves the mount up with the kernel's default,
 /// and the error in [`Mount::read_ahead`] for the caller to report.
 pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountOptions) -> io::Result<Mount> {
-    let threads = opts.threads;
+    let threads = opts.threads.clamp(1, MAX_THREADS);
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::RO,
@@ -354,7 +399,7 @@ pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountO
         MountOption::NoSuid,
     ];
     cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(threads.max(1));
+    cfg.n_threads = Some(threads);
     cfg.clone_fd = threads > 1;
     let session = fuser::spawn_mount(Adapter { fs, no_open: false, no_opendir: false }, mountpoint, &cfg)?;
     let mut mount = Mount { session: Some(session), path: mountpoint.to_path_buf(), read_ahead: Ok(0) };
@@ -558,6 +603,102 @@ mod tests {
             let start = (offset as usize).min(DATA.len());
             reply.data(&DATA[start..(start + size as usize).min(DATA.len())]);
         }
+    }
+
+    /// Any time an index can hold becomes a SystemTime without panicking
+    /// (an mtime near i64::MAX with nanoseconds past a second used to
+    /// overflow in the FUSE worker), and ordinary ones are exact.
+    #[test]
+    fn extreme_times_do_not_panic() {
+        for secs in [i64::MAX, i64::MAX - 1, i64::MIN, i64::MIN + 1, -1, 0, 1] {
+            for nsec in [0, 1, 999_999_999, 1_000_000_000, u32::MAX] {
+                let a = Attr { mtime: secs, mtime_nsec: nsec, ..attr(2) };
+                let _ = file_attr(&a);
+            }
+        }
+        assert_eq!(system_time(1_700_000_000, 5), UNIX_EPOCH + Duration::new(1_700_000_000, 5));
+        assert_eq!(system_time(-2, 500), UNIX_EPOCH - Duration::new(1, 999_999_500));
+        assert_eq!(system_time(3, u32::MAX), UNIX_EPOCH + Duration::new(3, 999_999_999));
+    }
+
+    /// A filesystem that panics where told: a lookup of a name starting
+    /// with `boom`, a read, a listing.
+    struct Fragile;
+
+    impl ReadOnlyFs for Fragile {
+        fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno32> {
+            match (parent, name) {
+                (1, b"f") => Ok(attr(2)),
+                (1, n) if n.starts_with(b"boom") => panic!("a handler that fails internally"),
+                _ => Err(libc::ENOENT),
+            }
+        }
+        fn getattr(&self, ino: u64) -> Result<Attr, Errno32> {
+            Ok(attr(ino))
+        }
+        fn readlink(&self, _ino: u64) -> Result<Vec<u8>, Errno32> {
+            Err(libc::EINVAL)
+        }
+        fn readdir(&self, _: u64, _: u64, _: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool) -> Result<(), Errno32> {
+            panic!("a listing that fails internally")
+        }
+        fn readdirplus(&self, _: u64, _: u64, _: &mut dyn FnMut(&Attr, u64, &[u8]) -> bool) -> Result<(), Errno32> {
+            panic!("a listing that fails internally")
+        }
+        fn getxattr(&self, _ino: u64, _name: &[u8]) -> Result<Vec<u8>, Errno32> {
+            Err(libc::ENODATA)
+        }
+        fn listxattr(&self, _ino: u64) -> Result<Vec<u8>, Errno32> {
+            Ok(Vec::new())
+        }
+        fn read(&self, _ino: u64, _offset: u64, _size: u32, _pid: u32, _reply: ReadReply) {
+            panic!("a read that fails internally")
+        }
+    }
+
+    /// Requests that fail inside the filesystem (here: panic) answer EIO,
+    /// and the mount keeps answering, even with a single FUSE thread.
+    #[test]
+    fn a_mount_keeps_answering_after_a_handler_fails() {
+        use crate::skip::{have, Need};
+        if !have("a_mount_keeps_answering_after_a_handler_fails", &[Need::Root, Need::Path("/dev/fuse")]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let m = mount(Fragile, dir.path(), "hyperbox-test", &MountOptions { threads: 1, read_ahead_kb: 0 }).unwrap();
+        let root = m.path().to_path_buf();
+        // Each step in a thread of its own, so a mount that stopped answering
+        // fails the test instead of hanging it.
+        let step = |what: &'static str, f: Box<dyn FnOnce() -> Option<i32> + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(f()));
+            rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what}: the mount stopped answering"))
+        };
+        let errno = |r: io::Result<()>| r.err().map(|e| e.raw_os_error().unwrap_or(0));
+        for round in 0..3 {
+            let r = root.clone();
+            let boom = format!("boom{round}");
+            assert_eq!(
+                step("lookup", Box::new(move || errno(std::fs::metadata(r.join(boom)).map(drop)))),
+                Some(libc::EIO)
+            );
+            let r = root.clone();
+            assert_eq!(step("read", Box::new(move || errno(std::fs::read(r.join("f")).map(drop)))), Some(libc::EIO));
+            let r = root.clone();
+            assert_eq!(
+                step(
+                    "readdir",
+                    Box::new(move || errno(std::fs::read_dir(r).and_then(|d| d.map(|e| e.map(drop)).collect())))
+                ),
+                Some(libc::EIO)
+            );
+            let r = root.clone();
+            assert_eq!(
+                step("lookup after failures", Box::new(move || errno(std::fs::metadata(r.join("f")).map(drop)))),
+                None
+            );
+        }
+        m.unmount().unwrap();
     }
 
     /// The kernel keeps what a layer cannot change: a second listing, a

@@ -13,12 +13,25 @@ use crate::digest::ChunkId;
 
 /// Hard limits a reader enforces before and while decoding an index, so a
 /// malicious layer cannot make the daemon allocate or loop without bound.
+/// docs/format.md ("Limits") lists them with their reasons; keep both in step.
 pub mod limits {
     /// Compressed index bytes (the skippable frame's payload).
     pub const MAX_INDEX_COMPRESSED: u64 = 64 << 20;
     /// Decoded index bytes.
     pub const MAX_INDEX_RAW: u64 = 128 << 20;
+    /// Memory the decoded index may take (its vectors, strings and boxes),
+    /// whatever its encoded size: at most 8 times the decoded bytes plus
+    /// 16 MiB, and never more than this.
+    pub const MAX_INDEX_MEMORY: usize = 1 << 30;
+    /// Tar entries. The largest layers we know hold about 100k files (a
+    /// Debian python3+numpy+scipy layer holds 40k); a 2M-entry index would
+    /// need paths under 60 bytes to fit `MAX_INDEX_RAW` anyway.
     pub const MAX_ENTRIES: usize = 2_000_000;
+    /// Nodes of the layer's tree: entries plus the directories their paths
+    /// imply (and imply again after a later entry replaced them). Room for
+    /// `MAX_ENTRIES` plus as many implied directories; each node costs the
+    /// tree about 50 bytes.
+    pub const MAX_TREE_NODES: usize = 4 << 20;
     pub const MAX_FRAMES: usize = 4_000_000;
     /// Largest uncompressed frame. The converter's chunks are far smaller;
     /// this bounds the memory one read can need.
@@ -26,9 +39,19 @@ pub mod limits {
     /// Largest compressed frame: zstd's worst case for `MAX_FRAME_LEN`
     /// (ZSTD_COMPRESSBOUND: n + n/256, plus a margin for small inputs).
     pub const MAX_FRAME_COMPRESSED: u32 = MAX_FRAME_LEN + (MAX_FRAME_LEN >> 8) + (128 << 10);
-    pub const MAX_PATH: usize = 16 << 10;
+    /// Bytes of a path or link target: Linux's PATH_MAX. containerd
+    /// unpacks a layer by full paths, and the kernel refuses longer ones
+    /// (and symlink targets longer than this).
+    pub const MAX_PATH: usize = 4096;
+    /// Bytes of one path component: Linux's NAME_MAX.
+    pub const MAX_NAME: usize = 255;
+    /// Components of a path. Deep JRE and node_modules trees stay under
+    /// 100; a 4096-byte path has at most 2048 components.
+    pub const MAX_PATH_DEPTH: usize = 1024;
     pub const MAX_XATTRS_PER_ENTRY: usize = 1024;
     pub const MAX_XATTR_VALUE: usize = 64 << 10;
+    /// Bytes of an xattr's name: Linux's XATTR_NAME_MAX.
+    pub const MAX_XATTR_NAME: usize = 255;
     pub const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
 }
 
@@ -96,6 +119,11 @@ pub(crate) mod budget {
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
                 let elem = std::mem::size_of::<T>();
                 let hint = a.size_hint().unwrap_or(0);
+                // postcard gives no hint when the declared length is more
+                // than the bytes left (tests/index_alloc.rs holds it to
+                // that), so the capacity taken up front is bounded by both
+                // the input and the budget; past it, items are charged as
+                // they arrive.
                 charge::<A::Error>(hint.min(room(elem)) * elem)?;
                 let mut out = Vec::with_capacity(hint.min(room(elem) + 1));
                 while let Some(x) = a.next_element()? {
@@ -337,7 +365,7 @@ impl Index {
         // A real index takes at most about 8 times its encoded size in memory
         // (an 80-byte Entry is at least 10 bytes encoded, plus its path, which
         // costs the same in both); allow that, no more.
-        let budget = raw.len().saturating_mul(8).saturating_add(16 << 20);
+        let budget = raw.len().saturating_mul(8).saturating_add(16 << 20).min(limits::MAX_INDEX_MEMORY);
         let (decoded, exhausted) = budget::with_budget(budget, || postcard::from_bytes::<Index>(raw));
         let index = decoded.map_err(|e| {
             FormatError::Corrupt(if exhausted {
@@ -403,7 +431,9 @@ impl Index {
             if e.kind != EntryKind::File && (e.size != 0 || !e.sparse().is_empty()) {
                 return bad(format!("entry {:?}: a {:?} cannot have data", name(), e.kind));
             }
-            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE) {
+            if e.xattrs().len() > MAX_XATTRS_PER_ENTRY
+                || e.xattrs().iter().any(|x| x.value.len() > MAX_XATTR_VALUE || x.name.len() > MAX_XATTR_NAME)
+            {
                 return bad(format!("entry {:?}: too many or too large xattrs", name()));
             }
             if e.sparse().len() > MAX_SPARSE_SEGMENTS {
@@ -423,10 +453,126 @@ impl Index {
             if end.is_none_or(|end| end > self.tar_size) {
                 return bad(format!("entry {:?}: data outside the tar ({}+{})", name(), e.data_offset, e.data_len()));
             }
+            if e.mtime_nsec >= 1_000_000_000 {
+                return bad(format!("entry {:?}: mtime has {} nanoseconds past the second", name(), e.mtime_nsec));
+            }
         }
+        self.check_chunk_lengths()?;
+        self.check_tree_shape()?;
         Ok((c_offsets, u_offsets))
     }
+
+    /// A chunk id is the blake3 of the chunk's bytes, so every frame with
+    /// one id has one length (the store keeps one chunk per id, and a read
+    /// assembles `u_len` bytes from it). Compressed lengths may differ:
+    /// each frame is checked against its id when read.
+    fn check_chunk_lengths(&self) -> Result<(), FormatError> {
+        let mut by_id: Vec<(&[u8], u32)> =
+            self.frames.ids.chunks_exact(32).zip(self.frames.u_len.iter().copied()).collect();
+        by_id.sort_unstable();
+        match by_id.windows(2).find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1) {
+            Some(w) => Err(FormatError::Corrupt(format!(
+                "chunk {} is listed with two lengths ({} and {} bytes)",
+                hex::encode(w[0].0),
+                w[0].1,
+                w[1].1
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Check every name and count the nodes of the tree a reader builds
+    /// (`fs::LayerTree`): each entry's node, plus each directory its path
+    /// implies where no directory of that name is (which, after a later
+    /// entry replaced a directory by a file, can be once more per entry).
+    /// The walk looks each component up under its parent, so it costs the
+    /// paths' length, never their length times their depth.
+    fn check_tree_shape(&self) -> Result<(), FormatError> {
+        use limits::*;
+        const ROOT: u32 = 0;
+        // (parent, name) -> (node, is a directory)
+        let mut names: std::collections::HashMap<(u32, &[u8]), (u32, bool)> = std::collections::HashMap::new();
+        let mut nodes: usize = 1;
+        let too_many = || {
+            Err(FormatError::Corrupt(format!(
+                "the entries' paths make more than {MAX_TREE_NODES} tree nodes (entries and the directories they imply)"
+            )))
+        };
+        for e in &self.entries {
+            if e.path.is_empty() {
+                continue;
+            }
+            let shown = || String::from_utf8_lossy(&e.path).into_owned();
+            let mut parts = e.path.split(|&b| b == b'/').peekable();
+            let mut dir = ROOT;
+            let mut depth = 0usize;
+            while let Some(part) = parts.next() {
+                depth += 1;
+                if depth > MAX_PATH_DEPTH {
+                    return Err(FormatError::Corrupt(format!(
+                        "entry {:?}: path deeper than {MAX_PATH_DEPTH} components",
+                        shown()
+                    )));
+                }
+                let last = parts.peek().is_none();
+                let name = if last { shown_name(part) } else { part };
+                if part.len() > MAX_NAME || name == b"." || name == b".." {
+                    return Err(FormatError::Corrupt(format!(
+                        "entry {:?}: invalid name {:?}",
+                        shown(),
+                        shown_str(part)
+                    )));
+                }
+                if last {
+                    if part == OPAQUE_MARKER {
+                        break;
+                    }
+                    let is_dir = e.kind == EntryKind::Dir && name.len() == part.len();
+                    match names.get(&(dir, name)) {
+                        Some(&(_, true)) if is_dir => {}
+                        _ => {
+                            // A hard link adds no node; counted as one, the
+                            // bound only gets safer.
+                            nodes += 1;
+                            names.insert((dir, name), (nodes as u32, is_dir));
+                        }
+                    }
+                } else {
+                    dir = match names.get(&(dir, part)) {
+                        Some(&(node, true)) => node,
+                        _ => {
+                            nodes += 1;
+                            names.insert((dir, part), (nodes as u32, true));
+                            nodes as u32
+                        }
+                    };
+                }
+                if nodes > MAX_TREE_NODES {
+                    return too_many();
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The name of a path's last component as a tree shows it: the name a
+/// whiteout `.wh.NAME` hides, else the component itself.
+pub fn shown_name(last: &[u8]) -> &[u8] {
+    match last.strip_prefix(WHITEOUT_PREFIX) {
+        Some(hidden) if !hidden.is_empty() && last != OPAQUE_MARKER => hidden,
+        _ => last,
+    }
+}
+
+fn shown_str(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The prefix of an overlayfs whiteout's name (`.wh.NAME` hides `NAME`).
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// The name of overlayfs' opaque-directory marker.
+pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
 /// A path is normalized if it is empty (the root) or a `/`-joined list of
 /// components none of which is empty, `.` or `..`, and it holds no NUL.

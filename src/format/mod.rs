@@ -135,6 +135,9 @@ fn skippable_header(magic: u32, len: usize) -> [u8; 8] {
     h
 }
 
+// The callers pass slices they cut to the length first (fixed offsets in
+// a footer of FOOTER_LEN bytes, or in an index frame checked to be at least
+// INDEX_HEADER_LEN), so the conversions cannot fail.
 fn le_u32(b: &[u8]) -> u32 {
     u32::from_le_bytes(b[..4].try_into().unwrap())
 }
@@ -178,6 +181,7 @@ pub fn parse_footer(f: &[u8], blob_size: u64) -> Result<IndexLocation, FormatErr
     let loc = IndexLocation {
         offset: le_u64(&p[16..24]),
         length: le_u64(&p[24..32]),
+        // p is FOOTER_PAYLOAD_LEN (64) bytes: checked above.
         digest: Digest::from_bytes(p[32..64].try_into().unwrap()),
         version,
     };
@@ -228,9 +232,13 @@ pub fn parse_index_frame(bytes: &[u8], loc: &IndexLocation) -> Result<LayerIndex
     if z.len() as u64 > MAX_INDEX_COMPRESSED {
         return Err(FormatError::IndexTooLarge { len: z.len() as u64, limit: MAX_INDEX_COMPRESSED });
     }
-    // Decompressing into a buffer of exactly the declared size bounds memory:
-    // zstd fails rather than grow past it.
-    let raw = zstd::bulk::decompress(z, raw_len as usize)
+    // The declared size bounds the output (one byte more is read to tell a
+    // longer index), but is not trusted for the allocation: the buffer
+    // grows with what actually decompresses, so a small frame claiming a
+    // large index costs what it holds, not what it claims.
+    let mut raw = Vec::with_capacity((raw_len as usize).min(z.len().saturating_mul(4)));
+    zstd::stream::read::Decoder::with_buffer(z)
+        .and_then(|d| io::Read::read_to_end(&mut io::Read::take(d, raw_len + 1), &mut raw))
         .map_err(|e| FormatError::Corrupt(format!("index does not decompress: {e}")))?;
     if raw.len() as u64 != raw_len {
         return Err(FormatError::Corrupt(format!("index decompresses to {} bytes, header says {raw_len}", raw.len())));
@@ -364,6 +372,9 @@ fn read_tar_range<S: BlobSource + ?Sized>(
 ) -> Result<(), FormatError> {
     let mut filled = 0usize;
     for i in index.frames_for(tar_offset, buf.len() as u64) {
+        // read_frame returns exactly the frame's u_len bytes (decode_frame
+        // checks it), and frames_for gave frames that hold these offsets:
+        // `from` is inside `data`.
         let data = read_frame(src, index, i)?;
         let (fstart, _) = index.frame_tar_range(i);
         let from = (tar_offset + filled as u64 - fstart) as usize;

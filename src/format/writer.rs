@@ -145,12 +145,14 @@ fn split_tar<R: Read>(input: R, tx: SyncSender<Vec<Vec<u8>>>, opts: &WriteOption
             };
             if chunked {
                 let data_len = parsed.as_ref().map_or(0, |e| e.data_len());
-                s.start_region(data_pos, data_pos + data_len, RegionKind::Chunked);
+                // Sizes come from the tar: saturate, a truncated tar ends
+                // the parse with an error long before.
+                s.start_region(data_pos, data_pos.saturating_add(data_len), RegionKind::Chunked);
             } else if stored >= opts.small_file_max.max(1) {
                 // Data that is not a file's contents (a hard link or directory
                 // with a size, a global PAX header, an unknown entry type):
                 // kept in the stream, cut into plain frames as it arrives.
-                s.start_region(data_pos, data_pos + stored, RegionKind::Plain);
+                s.start_region(data_pos, data_pos.saturating_add(stored), RegionKind::Plain);
             } else {
                 // Small file data (if any) flows into the packed frame.
                 s.flush_packed_if_large();
@@ -257,7 +259,7 @@ fn entry_from_tar<R: Read>(e: &mut tar::Entry<R>, raw_header: &[u8], data_pos: u
                 let (segments, real_size) =
                     gnu_sparse_map(raw_header).ok_or_else(|| format!("{name:?}: bad GNU sparse map"))?;
                 entry.size = real_size;
-                let held: u64 = segments.iter().map(|s| s.len).sum();
+                let held = sum_lengths(&segments).ok_or_else(|| format!("{name:?}: sparse map lengths overflow"))?;
                 let stored = h.entry_size().map_err(|err| ctx("size", err))?;
                 if held != stored {
                     return Err(format!("{name:?}: sparse map holds {held} bytes, the entry stores {stored}"));
@@ -279,8 +281,8 @@ fn entry_from_tar<R: Read>(e: &mut tar::Entry<R>, raw_header: &[u8], data_pos: u
         }
         EntryKind::CharDevice | EntryKind::BlockDevice => {
             let x = entry.extra_mut();
-            x.dev_major = num("device major", 329..337)? as u32;
-            x.dev_minor = num("device minor", 337..345)? as u32;
+            x.dev_major = id("device major", num("device major", 329..337)?)?;
+            x.dev_minor = id("device minor", num("device minor", 337..345)?)?;
         }
         EntryKind::Dir | EntryKind::Fifo => {}
     }
@@ -295,10 +297,12 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
         None => (false, s),
     };
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+    // Digits only: a second sign ("--5") or a '+' is refused, as Go's
+    // reader refuses them, and negating below cannot overflow.
+    if secs.is_empty() || !secs.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
+    let secs: i64 = secs.parse().ok()?;
     let mut nsec: u32 = 0;
     for i in 0..9 {
         nsec = nsec * 10 + frac.as_bytes().get(i).map_or(0, |b| (b - b'0') as u32);
@@ -310,6 +314,11 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     } else {
         (-secs - 1, 1_000_000_000 - nsec)
     })
+}
+
+/// The sum of a sparse map's lengths, or `None` if it overflows.
+fn sum_lengths(segments: &[SparseSegment]) -> Option<u64> {
+    segments.iter().try_fold(0u64, |sum, s| sum.checked_add(s.len))
 }
 
 /// A tar numeric field: octal text, or base-256 when the top bit is set.
@@ -675,5 +684,42 @@ mod tests {
         assert_eq!(tar_number(b"\0\0\0"), Some(0));
         assert_eq!(tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Some(256));
         assert_eq!(tar_number(b"9"), None);
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    /// Signs and sizes a tar from outside may hold: no panic, and what Go's
+    /// reader refuses (a second sign) is refused.
+    #[test]
+    fn pax_times_with_extreme_or_doubled_signs() {
+        assert_eq!(parse_pax_time(b"--9223372036854775808"), None);
+        assert_eq!(parse_pax_time(b"-+5"), None);
+        assert_eq!(parse_pax_time(b"+5"), None);
+        assert_eq!(parse_pax_time(b"-9223372036854775808"), None, "out of range once negated with a fraction");
+        assert_eq!(parse_pax_time(b"-9223372036854775807.5"), Some((i64::MIN, 500_000_000)));
+        assert_eq!(parse_pax_time(b"9223372036854775807.999999999"), Some((i64::MAX, 999_999_999)));
+        assert_eq!(parse_pax_time(b""), None);
+    }
+
+    /// An old-GNU sparse map whose segment lengths sum past u64: refused.
+    #[test]
+    fn sparse_map_lengths_that_overflow() {
+        let mut h = vec![0u8; 512];
+        let big = |slot: &mut [u8]| {
+            // base-256: u64::MAX in the low 8 of 12 bytes.
+            slot[..4].copy_from_slice(&[0x80, 0, 0, 0]);
+            slot[4..].fill(0xff);
+        };
+        for s in 0..2 {
+            h[386 + 24 * s..398 + 24 * s].copy_from_slice(b"00000000000\0");
+            big(&mut h[398 + 24 * s..410 + 24 * s]);
+        }
+        h[483..495].copy_from_slice(b"00000000001\0");
+        let (segs, _) = gnu_sparse_map(&h).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(sum_lengths(&segs), None);
     }
 }

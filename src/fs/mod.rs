@@ -15,11 +15,10 @@
 
 use std::collections::HashMap;
 
+use crate::format::index::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::format::{file_extents, Entry, EntryKind, Extent, LayerIndex};
 
 pub const ROOT: u64 = 1;
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
-const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +45,17 @@ pub enum FsError {
     NotSymlink,
     #[error("no such attribute")]
     NoAttr,
+}
+
+/// Frame data that does not fit the read it was fetched for: a frame of
+/// `got` bytes where the index says `want`. A read that gets it must fail
+/// (EIO): the data is not what the index describes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("frame {frame} has {got} bytes of data, the index says {want}")]
+pub struct FrameMismatch {
+    pub frame: usize,
+    pub got: usize,
+    pub want: u64,
 }
 
 /// What `stat` shows of a node.
@@ -109,6 +119,11 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl LayerTree {
+    /// Build the tree of a validated index. Its size is bounded by the
+    /// validation (`format::Index::check` counts these very nodes against
+    /// `MAX_TREE_NODES`, so inode numbers fit in u32), and building it costs
+    /// the length of the paths: each directory is found by its name under
+    /// its parent, never by hashing whole prefixes.
     pub fn new(index: std::sync::Arc<LayerIndex>) -> LayerTree {
         let mut t = LayerTree { index: index.clone(), nodes: Vec::new(), children: Vec::new(), skipped_links: 0 };
         t.nodes.push(Node {
@@ -132,7 +147,7 @@ impl LayerTree {
                 continue;
             }
             let (parent_path, name) = split(&e.path);
-            let parent = t.ensure_dir(i as u32, parent_path, &mut by_path, &mut dirs);
+            let parent = t.ensure_dir(i as u32, parent_path, &mut dirs);
             if name == OPAQUE_MARKER {
                 t.nodes[(parent - 1) as usize].opaque = true;
                 continue;
@@ -223,30 +238,41 @@ impl LayerTree {
         &self.children[d.first as usize..(d.first + d.count) as usize]
     }
 
-    /// The directory at `path` (a prefix of entry `entry`'s path), created
-    /// (implied) with its parents if absent.
-    fn ensure_dir<'a>(
-        &mut self,
-        entry: u32,
-        path: &'a [u8],
-        by_path: &mut HashMap<&'a [u8], u64>,
-        dirs: &mut Dirs<'a>,
-    ) -> u64 {
-        if let Some(&ino) = by_path.get(path) {
-            if self.node(ino).kind == NodeKind::Dir {
-                return ino;
-            }
+    /// The directory at `path` (a prefix of entry `entry`'s path), walked
+    /// down from the root one name at a time; each component that is not a
+    /// directory there is created (implied), replacing what had its name.
+    fn ensure_dir<'a>(&mut self, entry: u32, path: &'a [u8], dirs: &mut Dirs<'a>) -> u64 {
+        let mut dir = ROOT;
+        if path.is_empty() {
+            return dir;
         }
-        let (pp, name) = split(path);
-        let parent = self.ensure_dir(entry, pp, by_path, dirs);
-        let ino = self.nodes.len() as u64 + 1;
-        self.nodes.push(Node { entry: None, kind: NodeKind::Dir, parent, nlink: 2, opaque: false, first: 0, count: 0 });
-        let child = Child { entry, start: (path.len() - name.len()) as u32, ino: ino as u32 };
-        if let Some(old) = dirs.entry(parent).or_default().insert(name, child) {
-            self.unlink(old.ino as u64);
+        let mut start = 0usize;
+        for name in path.split(|&b| b == b'/') {
+            let existing = dirs.get(&dir).and_then(|d| d.get(name)).map(|c| c.ino as u64);
+            dir = match existing {
+                Some(ino) if self.node(ino).kind == NodeKind::Dir => ino,
+                _ => {
+                    let ino = self.nodes.len() as u64 + 1;
+                    self.nodes.push(Node {
+                        entry: None,
+                        kind: NodeKind::Dir,
+                        parent: dir,
+                        nlink: 2,
+                        opaque: false,
+                        first: 0,
+                        count: 0,
+                    });
+                    // Paths are at most MAX_PATH bytes: `start` fits in u32.
+                    let child = Child { entry, start: start as u32, ino: ino as u32 };
+                    if let Some(old) = dirs.entry(dir).or_default().insert(name, child) {
+                        self.unlink(old.ino as u64);
+                    }
+                    ino
+                }
+            };
+            start += name.len() + 1;
         }
-        by_path.insert(path, ino);
-        ino
+        dir
     }
 
     /// A name for `ino` went away (replaced by a later entry).
@@ -289,7 +315,8 @@ impl LayerTree {
             a.uid = e.uid;
             a.gid = e.gid;
             a.mtime = e.mtime;
-            a.mtime_nsec = e.mtime_nsec;
+            // Validated below a second; kept so for whoever builds a time.
+            a.mtime_nsec = e.mtime_nsec.min(999_999_999);
             a.perm = (e.mode & 0o7777) as u16;
             match n.kind {
                 NodeKind::File => a.size = e.size,
@@ -396,14 +423,26 @@ pub struct ReadPlan {
 
 impl ReadPlan {
     /// The reply: `data[k]` is frame `self.frames[k]`'s data. Holes of a
-    /// sparse file are zeros.
-    pub fn assemble(&self, index: &LayerIndex, data: &[impl AsRef<[u8]>]) -> Vec<u8> {
+    /// sparse file are zeros. An error when a frame's data is missing or its
+    /// length is not the frame's length in the index (which would put other
+    /// bytes at these offsets): frames come from a store shared by layers.
+    pub fn try_assemble(&self, index: &LayerIndex, data: &[impl AsRef<[u8]>]) -> Result<Vec<u8>, FrameMismatch> {
+        for (k, &f) in self.frames.iter().enumerate() {
+            let (start, end) = index.frame_tar_range(f);
+            let got = data.get(k).map_or(0, |d| d.as_ref().len());
+            if got as u64 != end - start {
+                return Err(FrameMismatch { frame: f, got, want: end - start });
+            }
+        }
         let mut out = vec![0u8; self.len];
         for p in &self.pieces {
             let (out_at, len) = (p.out as usize, p.len as usize);
             let mut done = 0usize;
             while done < len {
                 let at = p.tar + done as u64;
+                // The plan's frames cover its pieces (plan_read took them
+                // from frames_for), and each frame's data is its full tar
+                // range (checked above): k is in range, `from` inside `d`.
                 let k = self.frames.partition_point(|&f| index.frame_tar_range(f).1 <= at);
                 let f = self.frames[k];
                 let (fstart, _) = index.frame_tar_range(f);
@@ -414,7 +453,7 @@ impl ReadPlan {
                 done += n;
             }
         }
-        out
+        Ok(out)
     }
 }
 

@@ -269,7 +269,7 @@ impl Prefetcher {
                                 continue;
                             }
                             let frame = layers[li].index.frames().get(f);
-                            prefetched.lock().unwrap().insert(frame.id);
+                            prefetched.lock().insert(frame.id);
                             batch.entry(li).or_default().push(f);
                             batch_size += frame.c_len as u64;
                             spent += frame.c_len as u64;

@@ -130,6 +130,15 @@ async fn find_unbounded(client: &Client, repo: &Repo, subject: &Digest) -> Resul
         .find(|l| l.media_type().to_string() == MEDIA_TYPE)
         .ok_or_else(|| TraceError::Invalid("the trace artifact holds no trace".into()))?;
     let digest: Digest = layer.digest().as_ref().parse().map_err(|e| TraceError::Invalid(format!("{e}")))?;
+    // The descriptor's size is only a claim (the blob is checked by digest
+    // and cut off at the limit as it is read), but a claim over the limit is
+    // refused unfetched.
+    if layer.size() > MAX_TRACE_BYTES {
+        return Err(TraceError::Invalid(format!(
+            "the trace is {} bytes, over the limit of {MAX_TRACE_BYTES}",
+            layer.size()
+        )));
+    }
     let json = client.get_blob_limited(repo, &digest, MAX_TRACE_BYTES).await?;
     let t = Trace::from_json(&json)?;
     if t.image != subject.to_string() {

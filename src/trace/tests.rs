@@ -74,3 +74,39 @@ fn traces_are_kept_by_image_and_found_by_repository() {
     assert!(latest_for_repository(&store, &a.repository).unwrap().is_none());
     assert_eq!(list(&store).unwrap().len(), 1);
 }
+
+/// Counts from a foreign trace at their largest: merging stays in range
+/// (no division by zero, no wrapped mean, no overflow) and takes no panic.
+#[test]
+fn merging_into_a_trace_with_extreme_counts() {
+    let l = Digest::of(b"layer");
+    let mut t = Trace::new(&key());
+    t.runs = u32::MAX;
+    t.entries = vec![
+        TraceEntry { seen: u32::MAX, at_ms: u32::MAX, ..entry(&l, 1, 0) },
+        TraceEntry { seen: u32::MAX, at_ms: 10, ..entry(&l, 2, 0) },
+        TraceEntry { seen: 0, at_ms: 7, ..entry(&l, 3, 0) },
+    ];
+    t.merge_run(vec![entry(&l, 1, u32::MAX), entry(&l, 2, 0), entry(&l, 3, 1)], 10);
+    let got: Vec<(u32, u32, u32)> = t.entries.iter().map(|e| (e.frame, e.at_ms, e.seen)).collect();
+    assert_eq!(got, vec![(3, 1, 1), (2, 9, u32::MAX), (1, u32::MAX, u32::MAX)]);
+    assert_eq!(t.runs, u32::MAX);
+    // The same, read from JSON as an imported trace would be.
+    let mut back = Trace::from_json(&t.to_json()).unwrap();
+    back.merge_run(vec![entry(&l, 2, u32::MAX)], 10);
+    assert!(back.entries.iter().all(|e| e.seen >= 1));
+}
+
+/// An imported trace's strings are bounded like an index's paths.
+#[test]
+fn foreign_traces_with_oversized_fields_are_refused() {
+    let mut t = Trace::new(&key());
+    t.merge_run(vec![entry(&Digest::of(b"l"), 0, 5)], 10);
+    t.entries[0].path = "p/".repeat(5000);
+    let e = Trace::from_json(&t.to_json()).map(drop).unwrap_err().to_string();
+    assert!(e.contains("path"), "{e}");
+    t.entries[0].path = "ok".into();
+    t.repository = "r".repeat(10_000);
+    let e = Trace::from_json(&t.to_json()).map(drop).unwrap_err().to_string();
+    assert!(e.contains("repository"), "{e}");
+}
