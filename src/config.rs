@@ -53,6 +53,13 @@ pub struct DaemonConfig {
     /// (so range requests) in flight, and leaves large page-cache folios
     /// that make cached reads faster (docs/tuning.md).
     pub fuse_read_ahead_kb: u32,
+    /// At most this many remote layers mounted at once; a Prepare of one
+    /// more takes the ordinary path (the layer is downloaded).
+    pub max_layers: usize,
+    /// At most this much memory, MiB, held by mounted layers' trees and
+    /// indexes (an estimate each layer's index gives); a Prepare of a layer
+    /// that would go over takes the ordinary path.
+    pub max_index_memory_mb: usize,
     /// Log filter when RUST_LOG is unset (`info`, `debug`, `hyperbox=debug`).
     pub log_level: String,
     /// Where to serve Prometheus `/metrics` and `/healthz` (HTTP); "" for
@@ -67,6 +74,8 @@ impl Default for DaemonConfig {
             address: PathBuf::from("/run/hyperbox/hyperbox.sock"),
             fuse_threads: 2,
             fuse_read_ahead_kb: 4096,
+            max_layers: 4096,
+            max_index_memory_mb: 2048,
             log_level: "info".into(),
             metrics_address: "127.0.0.1:9464".into(),
         }
@@ -126,6 +135,9 @@ impl Config {
         }
         if !(1..=64).contains(&cfg.daemon.fuse_threads) {
             return Err(err(format!("daemon.fuse_threads = {} must be between 1 and 64", cfg.daemon.fuse_threads)));
+        }
+        if cfg.daemon.max_layers == 0 || cfg.daemon.max_index_memory_mb == 0 {
+            return Err(err("daemon.max_layers and daemon.max_index_memory_mb must be at least 1".into()));
         }
         if cfg.daemon.fuse_read_ahead_kb > 16384 {
             return Err(err(format!(

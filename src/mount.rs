@@ -206,6 +206,11 @@ impl LayerFs {
         LayerFs { tree, remote, fetcher, rt, trace }
     }
 
+    /// About how many bytes the layer's tree and index hold in memory.
+    pub fn memory(&self) -> usize {
+        self.tree.memory()
+    }
+
     pub fn tree(&self) -> &Arc<LayerTree> {
         &self.tree
     }

@@ -3,6 +3,9 @@
 //! clients (containerd's Snapshots API, as containerd sends it, and the
 //! admin API, as `hyperbox` sends it), then shut down by its future.
 
+mod common;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use containerd_client::services::v1::snapshots::{
@@ -100,5 +103,73 @@ fn config_for(dir: &tempfile::TempDir) -> Config {
     let mut config = Config::default();
     config.daemon.root = dir.path().join("root");
     config.daemon.metrics_address = String::new();
+    // Nothing here is fetched: no prefetch or traces going to a registry.
+    config.prefetch.enabled = false;
+    config.trace.enabled = false;
     config
+}
+
+/// A Prepare of a HyperBox layer for `node`: its index is already in the
+/// node's store, so nothing is asked of the (absent) registry.
+fn prepare_remote(
+    node: &Node,
+    key: &str,
+    layer: &common::Layer,
+) -> Result<Vec<hyperbox::snapshotter::MountSpec>, String> {
+    use hyperbox::labels;
+    let loc = &layer.out.location;
+    node.store.put_index(layer.digest(), loc, layer.index_frame()).unwrap();
+    let mut l: HashMap<String, String> = loc.to_annotations();
+    let diff_id = hyperbox::digest::Digest::of(&layer.tar);
+    l.insert(labels::TARGET.into(), diff_id.to_string());
+    l.insert(labels::IMAGE_REF.into(), format!("127.0.0.1:9/caps@{}", hyperbox::digest::Digest::of(b"manifest")));
+    l.insert(labels::LAYER_DIGEST.into(), layer.digest().to_string());
+    l.insert(labels::PULL_TOKEN.into(), node.pull_token.clone());
+    node.snapshotter.create(hyperbox::snapshotter::Kind::Active, key, "", l).map_err(|e| e.to_string())
+}
+
+#[test]
+fn mounted_layers_and_their_memory_are_capped_per_node() {
+    use common::skip::Need;
+    if !common::skip::have(
+        "mounted_layers_and_their_memory_are_capped_per_node",
+        &[Need::Root, Need::Path("/dev/fuse")],
+    ) {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let small =
+        |name: &str| common::LayerBuilder::new().dir("d").file(&format!("d/{name}"), 0o644, name.as_bytes()).convert();
+    let (a, b) = (small("a"), small("b"));
+
+    // One layer at most: the second is not lazy (the ordinary path gives a
+    // bind mount of an empty dir for containerd to unpack into).
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&dir);
+    config.daemon.max_layers = 1;
+    let node = Node::open(config, rt.handle()).unwrap();
+    let err = prepare_remote(&node, "ns/1/extract-a", &a).unwrap_err();
+    assert!(err.contains("already exists"), "the first layer is mounted: {err}");
+    assert_eq!(node.snapshotter.mounted_layers(), 1);
+    let mounts = prepare_remote(&node, "ns/2/extract-b", &b).unwrap();
+    assert_eq!(mounts[0].kind, "bind", "{mounts:?}");
+    assert_eq!(node.snapshotter.mounted_layers(), 1);
+    node.close();
+
+    // 1 MiB of trees and indexes: a layer of 20,000 files is refused, a
+    // small one is not.
+    let big = (0..20_000)
+        .fold(common::LayerBuilder::new().dir("many"), |l, i| l.file(&format!("many/file-{i:05}"), 0o644, b"x"))
+        .convert();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&dir);
+    config.daemon.max_index_memory_mb = 1;
+    let node = Node::open(config, rt.handle()).unwrap();
+    let mounts = prepare_remote(&node, "ns/1/extract-big", &big).unwrap();
+    assert_eq!(mounts[0].kind, "bind", "{mounts:?}");
+    assert_eq!(node.snapshotter.mounted_layers(), 0);
+    let err = prepare_remote(&node, "ns/2/extract-a", &a).unwrap_err();
+    assert!(err.contains("already exists"), "a small layer fits: {err}");
+    assert_eq!(node.snapshotter.mounted_layers(), 1);
+    node.close();
 }

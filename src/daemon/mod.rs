@@ -92,6 +92,8 @@ impl Node {
         let pull_token = new_token();
         let opts = snapshotter::Options {
             pull_token: pull_token.clone(),
+            max_layers: config.daemon.max_layers,
+            max_index_memory: config.daemon.max_index_memory_mb.saturating_mul(1 << 20),
             root: root.clone(),
             fuse: MountOptions { threads: config.daemon.fuse_threads, read_ahead_kb: config.daemon.fuse_read_ahead_kb },
         };

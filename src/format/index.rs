@@ -598,6 +598,33 @@ pub fn normalize_path(p: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl LayerIndex {
+    /// About how many bytes of memory this index holds: its entries, their
+    /// paths and extras, the frame table and the derived offsets. What the
+    /// node-wide cap on index memory (`daemon.max_index_memory_mb`) counts.
+    pub fn memory(&self) -> usize {
+        use std::mem::size_of;
+        let entries: usize = self
+            .index
+            .entries
+            .iter()
+            .map(|e| {
+                let extra = e.extra.as_ref().map_or(0, |x| {
+                    size_of::<EntryExtra>()
+                        + x.link.capacity()
+                        + x.xattrs
+                            .iter()
+                            .map(|a| size_of::<Xattr>() + a.name.capacity() + a.value.capacity())
+                            .sum::<usize>()
+                        + x.sparse.capacity() * size_of::<SparseSegment>()
+                });
+                size_of::<Entry>() + e.path.capacity() + extra
+            })
+            .sum();
+        let frames = self.index.frames.len() * (4 + 4 + 32);
+        let offsets = (self.c_offsets.capacity() + self.u_offsets.capacity()) * size_of::<u64>();
+        size_of::<Self>() + entries + frames + offsets
+    }
+
     pub fn frames(&self) -> &FrameTable {
         &self.index.frames
     }

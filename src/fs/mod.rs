@@ -119,6 +119,13 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl LayerTree {
+    /// About how many bytes this tree and its index hold in memory.
+    pub fn memory(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.children.capacity() * std::mem::size_of::<Child>()
+            + self.index.memory()
+    }
+
     /// Build the tree of a validated index. Its size is bounded by the
     /// validation (`format::Index::check` counts these very nodes against
     /// `MAX_TREE_NODES`, so inode numbers fit in u32), and building it costs

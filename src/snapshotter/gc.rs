@@ -64,7 +64,7 @@ impl Snapshotter {
             meta.snaps.values().filter_map(|r| r.remote.as_ref().map(|rr| rr.blob.clone())).collect()
         };
         wanted.extend(preparing.iter().cloned());
-        wanted.extend(self.layers.lock().values().map(|(_, l)| l.blob.to_string()));
+        wanted.extend(self.layers.lock().values().map(|(_, l, _)| l.blob.to_string()));
         let mut indexes_removed = 0;
         for layer in self.store.indexed_layers()? {
             if !wanted.contains(&layer.to_string()) {

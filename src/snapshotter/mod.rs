@@ -67,6 +67,12 @@ pub struct Options {
     /// The secret `hyperbox pull` puts in its labels to be believed
     /// (`crate::labels::Trust`); empty: no pull is believed.
     pub pull_token: String,
+    /// At most this many remote layers mounted at once, holding at most
+    /// this many bytes of trees and indexes (`daemon.max_layers`,
+    /// `daemon.max_index_memory_mb`): a Prepare past either takes the
+    /// ordinary path.
+    pub max_layers: usize,
+    pub max_index_memory: usize,
 }
 
 /// The node's parts a snapshotter works with; the daemon makes them
@@ -90,9 +96,12 @@ pub struct Snapshotter {
     rt: tokio::runtime::Handle,
     fuse: MountOptions,
     pull_token: String,
+    max_layers: usize,
+    max_index_memory: usize,
     meta: Mutex<Meta>,
-    /// FUSE mounts of remote layers, by snapshot id.
-    layers: Mutex<HashMap<u64, (Mount, Arc<RemoteLayer>)>>,
+    /// FUSE mounts of remote layers, by snapshot id, with the memory their
+    /// tree and index hold (`LayerFs::memory`).
+    layers: Mutex<HashMap<u64, (Mount, Arc<RemoteLayer>, usize)>>,
     recorder: Option<Recorder>,
     prefetcher: Prefetcher,
     /// Remote layers that could not be mounted again at start: tried again
@@ -136,6 +145,8 @@ impl Snapshotter {
             prefetcher,
             fuse: MountOptions { threads: opts.fuse.threads.max(1), ..opts.fuse },
             pull_token: opts.pull_token,
+            max_layers: opts.max_layers,
+            max_index_memory: opts.max_index_memory,
             meta: Mutex::new(meta),
             layers: Mutex::new(HashMap::new()),
             broken: Mutex::new(HashSet::new()),
@@ -227,7 +238,7 @@ impl Snapshotter {
         let Some(image) = chain.iter().find_map(|r| r.remote.as_ref().and_then(RemoteRef::image)) else { return };
         let layers: Vec<Arc<RemoteLayer>> = {
             let mounted = self.layers.lock();
-            chain.iter().filter_map(|r| mounted.get(&r.id).map(|(_, l)| l.clone())).collect()
+            chain.iter().filter_map(|r| mounted.get(&r.id).map(|(_, l, _)| l.clone())).collect()
         };
         tracing::debug!(snapshot = key, image = %image.digest, "container start: recording its trace");
         recorder.begin(image, layers);

@@ -56,7 +56,7 @@ impl Snapshotter {
             return Err(SnapshotError::FailedPrecondition("prefetch is off (prefetch.enabled = false)".into()));
         }
         let mounted: HashMap<u64, Arc<RemoteLayer>> =
-            self.layers.lock().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+            self.layers.lock().iter().map(|(id, (_, l, _))| (*id, l.clone())).collect();
         // Its own layers first, then those it shares with images pulled before.
         let mut found: Vec<(bool, Option<ImageKey>, Option<Arc<RemoteLayer>>)> = {
             let meta = self.meta.lock();
@@ -88,7 +88,7 @@ impl Snapshotter {
     }
 
     pub(super) fn unmount_layer(&self, id: u64) {
-        let Some((m, _)) = self.layers.lock().remove(&id) else { return };
+        let Some((m, _, _)) = self.layers.lock().remove(&id) else { return };
         let fs = self.fs_dir(id);
         if let Err(e) = m.unmount() {
             tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
@@ -184,7 +184,7 @@ impl Snapshotter {
     fn prefetch_through(&self, image: &ImageKey, ids: impl IntoIterator<Item = u64>, hydrate: bool) {
         let layers: Vec<Arc<RemoteLayer>> = {
             let mounted = self.layers.lock();
-            ids.into_iter().filter_map(|id| mounted.get(&id).map(|(_, l)| l.clone())).collect()
+            ids.into_iter().filter_map(|id| mounted.get(&id).map(|(_, l, _)| l.clone())).collect()
         };
         for layer in layers {
             self.prefetcher.layer_ready(image, layer, hydrate);
@@ -198,9 +198,29 @@ impl Snapshotter {
         Ok(Arc::new(RemoteLayer { repo, blob, index: Arc::new(index) }))
     }
 
-    fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>) -> Result<(), RemoteError> {
+    /// Mount `layer` as snapshot `id`'s `fs`. A new layer (`capped`) must
+    /// fit the node's caps on mounted layers and their memory; a layer
+    /// mounted again at start was within them when it was made.
+    fn mount_layer(&self, id: u64, layer: Arc<RemoteLayer>, capped: bool) -> Result<(), RemoteError> {
         let hook = self.recorder.as_ref().map(Recorder::hook);
         let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
+        let memory = fs.memory();
+        if capped {
+            let layers = self.layers.lock();
+            let held: usize = layers.values().map(|(_, _, m)| m).sum();
+            if layers.len() >= self.max_layers {
+                return Err(RemoteError::Cap(format!("{} layers are mounted (daemon.max_layers)", layers.len())));
+            }
+            if held.saturating_add(memory) > self.max_index_memory {
+                return Err(RemoteError::Cap(format!(
+                    "its tree and index take {} KiB, and mounted layers hold {} of the {} MiB \
+                     daemon.max_index_memory_mb allows",
+                    memory >> 10,
+                    held >> 20,
+                    self.max_index_memory >> 20
+                )));
+            }
+        }
         let mount = fs.mount(&self.fs_dir(id), &self.fuse).map_err(RemoteError::Mount)?;
         let mut layers = self.layers.lock();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -208,7 +228,7 @@ impl Snapshotter {
             let _ = mount.unmount();
             return Err(RemoteError::Stopping);
         }
-        layers.insert(id, (mount, layer));
+        layers.insert(id, (mount, layer, memory));
         Ok(())
     }
 
@@ -259,7 +279,7 @@ impl Snapshotter {
         }
         let id = meta.next_id;
         self.make_dirs(id, false)?;
-        if let Err(e) = self.mount_layer(id, layer.clone()) {
+        if let Err(e) = self.mount_layer(id, layer.clone(), true) {
             remove_dir(&self.dir(id));
             return Err(e);
         }
@@ -306,7 +326,7 @@ impl Snapshotter {
         let layer = self.remote_layer(remote, &loc)?;
         std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(RemoteError::Dir)?;
         super::dirs::set_mode(&self.dir(rec.id), super::dirs::PRIVATE)?;
-        self.mount_layer(rec.id, layer)
+        self.mount_layer(rec.id, layer, false)
     }
 }
 
@@ -330,6 +350,8 @@ pub(super) enum RemoteError {
     Dir(#[source] io::Error),
     #[error("hyperboxd is stopping")]
     Stopping,
+    #[error("over the node's cap: {0}")]
+    Cap(String),
     #[error("snapshot {0} appeared meanwhile on another parent or with another index")]
     OtherParent(String),
     #[error("parent {0} was removed meanwhile")]

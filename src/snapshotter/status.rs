@@ -29,7 +29,7 @@ impl Snapshotter {
     /// Every mounted remote layer, with how much of it is local.
     pub fn layers(&self) -> Vec<LayerStatus> {
         let mounted: Vec<(u64, Arc<RemoteLayer>)> =
-            self.layers.lock().iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+            self.layers.lock().iter().map(|(id, (_, l, _))| (*id, l.clone())).collect();
         let keys: HashMap<u64, String> = {
             let meta = self.meta.lock();
             meta.snaps.iter().map(|(k, r)| (r.id, k.clone())).collect()

@@ -39,6 +39,8 @@ impl Fixture {
             root: self.root.clone(),
             fuse: MountOptions { threads: 1, read_ahead_kb: 0 },
             pull_token: PULL_TOKEN.into(),
+            max_layers: 16,
+            max_index_memory: 64 << 20,
         };
         Snapshotter::open(opts, Parts { store, fetcher, recorder, prefetcher, rt }).unwrap()
     }
