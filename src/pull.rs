@@ -49,10 +49,7 @@ pub enum PullError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error(
-        "cannot get the pull token from hyperboxd at {path} (--hyperboxd or HYPERBOX_ADDRESS names its socket): \
-         {problem}"
-    )]
+    #[error("cannot {problem} (hyperboxd at {path}; --hyperboxd or HYPERBOX_ADDRESS names its socket)")]
     Daemon { path: String, problem: String },
 }
 
@@ -245,9 +242,12 @@ fn is_hyperbox(layer: &oci_spec::image::Descriptor) -> bool {
 /// The node's pull token, from hyperboxd's admin API at `socket`.
 async fn pull_token(socket: &std::path::Path) -> Result<String> {
     let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
-    let mut c = crate::admin::connect(socket).await.map_err(|e| failed(format!("{e:?}")))?;
-    let t =
-        c.pull_token(crate::admin::proto::PullTokenRequest {}).await.map_err(|s| failed(s.message().to_string()))?;
+    let mut c =
+        crate::admin::connect(socket).await.map_err(|e| failed(format!("get the pull token: connect: {e:?}")))?;
+    let t = c
+        .pull_token(crate::admin::proto::PullTokenRequest {})
+        .await
+        .map_err(|s| failed(format!("get the pull token: {}", s.message())))?;
     Ok(t.into_inner().token)
 }
 
@@ -349,7 +349,24 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
     let deleted = LeasesClient::new(channel).delete(ctr.req(DeleteLeaseRequest { id: lease_id, sync: false })).await;
     let report = result?;
     deleted.map_err(ctr_err("lease delete"))?;
+    if opts.hydrate && report.remote > 0 {
+        // containerd answers the Prepare of a layer it already holds in
+        // this namespace itself, so hyperboxd never sees that pull's
+        // hydrate label: ask hyperboxd directly (a hydrate under way only
+        // takes note).
+        hydrate(&opts.hyperboxd, &report.manifest).await?;
+        log(&format!("hydrating {} in hyperboxd", report.manifest));
+    }
     Ok(report)
+}
+
+/// Ask hyperboxd at `socket` to fetch every chunk of the image `manifest`.
+async fn hydrate(socket: &std::path::Path, manifest: &str) -> Result<()> {
+    let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
+    let mut c = crate::admin::connect(socket).await.map_err(|e| failed(format!("hydrate: connect: {e:?}")))?;
+    let req = crate::admin::proto::PrefetchRequest { image: manifest.to_string(), hydrate: true };
+    c.prefetch(req).await.map_err(|s| failed(format!("hydrate: {}", s.message())))?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

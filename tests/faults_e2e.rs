@@ -480,7 +480,7 @@ fn registry_lost_during_hydrate() {
     let t0 = Instant::now();
     use rand::RngCore;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let files: Vec<Vec<u8>> = (0..40)
+    let files: Vec<Vec<u8>> = (0..16)
         .map(|_| {
             let mut v = vec![0u8; 1 << 20];
             rng.fill_bytes(&mut v);
@@ -508,9 +508,11 @@ fn registry_lost_during_hydrate() {
     let ctd = Containerd::start(&hb.proxy_plugin());
     let out = hyperbox_pull(&hb, &ctd, "hyperbox-test", &dst);
     assert!(out.contains("2 lazy"), "{out}");
-    run(ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &dst, "h1", "sleep", "600"]));
+    // runc's state is per namespace, not per containerd: a name of its own.
+    let name = format!("lost-{}", std::process::id());
+    run(ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &dst, &name, "sleep", "600"]));
     let exec = |id: &str, cmd: &str| {
-        ctd.ctr().args(["task", "exec", "--exec-id", id, "h1", "sh", "-c", cmd]).output().unwrap()
+        ctd.ctr().args(["task", "exec", "--exec-id", id, &name, "sh", "-c", cmd]).output().unwrap()
     };
     let sum = |i: usize| format!("{}  /data/f{i}\n", &sha256(&files[i])[7..]);
     // Read on demand before anything else: f0 is in the store.
@@ -522,7 +524,16 @@ fn registry_lost_during_hydrate() {
     let gets = proxy.blob_gets();
     let log_before = hb.log().len();
     hyperbox_pull_with(&hb, &ctd, "hyperbox-test", &dst, &["--hydrate"]);
-    wait_until("hydrate under way", Duration::from_secs(60), || proxy.blob_gets() >= gets + 6);
+    let t = Instant::now();
+    while proxy.blob_gets() < gets + 6 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no hydrate: {} blob GETs\n{}",
+            proxy.blob_gets() - gets,
+            &hb.log()[log_before..]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     proxy.set(Fault::Drop, None);
     let cut_at = proxy.blob_gets();
     println!("registry cut after {} hydrate requests", cut_at - gets);
@@ -547,12 +558,15 @@ fn registry_lost_during_hydrate() {
     // hydrate could not.
     proxy.set(Fault::None, None);
     let back = proxy.blob_gets();
-    let out = exec("e2", "for i in $(seq 0 39); do sha256sum /data/f$i; done");
-    let want: String = (0..40).map(sum).collect();
+    let out = exec("e2", "for i in $(seq 0 15); do sha256sum /data/f$i; done");
+    let want: String = (0..16).map(sum).collect();
     assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{out:?}");
     let refetched = proxy.blob_gets() - back;
     println!("after the registry came back, reads fetched in {refetched} requests");
     assert!(refetched > 0, "everything was fetched before the fault: it hit nothing");
-    run(ctd.ctr().args(["task", "kill", "-s", "KILL", "h1"]));
+    run(ctd.ctr().args(["task", "kill", "-s", "KILL", &name]));
+    wait_until("task killed", Duration::from_secs(10), || {
+        ctd.ctr().args(["task", "delete", &name]).output().is_ok_and(|o| o.status.success())
+    });
     println!("{TEST}: {:.1?}", t0.elapsed());
 }
