@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
@@ -98,6 +99,9 @@ pub struct PullReport {
     /// Layers already present.
     pub present: usize,
     pub bytes_downloaded: u64,
+    /// HyperBox layers containerd held already (with `hydrate`): it
+    /// answers their Prepare itself, so hyperboxd never sees the label.
+    pub held_remote: usize,
 }
 
 /// A connection to containerd that tags every request with the namespace
@@ -349,11 +353,11 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
     let deleted = LeasesClient::new(channel).delete(ctr.req(DeleteLeaseRequest { id: lease_id, sync: false })).await;
     let report = result?;
     deleted.map_err(ctr_err("lease delete"))?;
-    if opts.hydrate && report.remote > 0 {
+    if report.held_remote > 0 {
         // containerd answers the Prepare of a layer it already holds in
-        // this namespace itself, so hyperboxd never sees that pull's
-        // hydrate label: ask hyperboxd directly (a hydrate under way only
-        // takes note).
+        // this namespace itself, so hyperboxd never saw this pull's
+        // hydrate label on it: ask hyperboxd directly (a hydrate under way
+        // only takes note).
         hydrate(&opts.hyperboxd, &report.manifest).await?;
         log(&format!("hydrating {} in hyperboxd", report.manifest));
     }
@@ -409,6 +413,12 @@ async fn pull_with_lease(
             labels.insert(labels::PULL_TOKEN.into(), token.to_string());
             if opts.hydrate {
                 labels.insert(labels::HYDRATE.into(), "true".into());
+            }
+        }
+        if opts.hydrate && hyperbox {
+            let stat = StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: chain[i].clone() };
+            if snapshots.stat(ctr.req(stat)).await.is_ok() {
+                report.held_remote += 1;
             }
         }
         let prepared = snapshots
