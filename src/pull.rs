@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
@@ -49,10 +50,7 @@ pub enum PullError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error(
-        "cannot get the pull token from hyperboxd at {path} (--hyperboxd or HYPERBOX_ADDRESS names its socket): \
-         {problem}"
-    )]
+    #[error("cannot {problem} (hyperboxd at {path}; --hyperboxd or HYPERBOX_ADDRESS names its socket)")]
     Daemon { path: String, problem: String },
 }
 
@@ -101,6 +99,9 @@ pub struct PullReport {
     /// Layers already present.
     pub present: usize,
     pub bytes_downloaded: u64,
+    /// HyperBox layers containerd held already (with `hydrate`): it
+    /// answers their Prepare itself, so hyperboxd never sees the label.
+    pub held_remote: usize,
 }
 
 /// A connection to containerd that tags every request with the namespace
@@ -245,9 +246,12 @@ fn is_hyperbox(layer: &oci_spec::image::Descriptor) -> bool {
 /// The node's pull token, from hyperboxd's admin API at `socket`.
 async fn pull_token(socket: &std::path::Path) -> Result<String> {
     let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
-    let mut c = crate::admin::connect(socket).await.map_err(|e| failed(format!("{e:?}")))?;
-    let t =
-        c.pull_token(crate::admin::proto::PullTokenRequest {}).await.map_err(|s| failed(s.message().to_string()))?;
+    let mut c =
+        crate::admin::connect(socket).await.map_err(|e| failed(format!("get the pull token: connect: {e:?}")))?;
+    let t = c
+        .pull_token(crate::admin::proto::PullTokenRequest {})
+        .await
+        .map_err(|s| failed(format!("get the pull token: {}", s.message())))?;
     Ok(t.into_inner().token)
 }
 
@@ -349,7 +353,24 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
     let deleted = LeasesClient::new(channel).delete(ctr.req(DeleteLeaseRequest { id: lease_id, sync: false })).await;
     let report = result?;
     deleted.map_err(ctr_err("lease delete"))?;
+    if report.held_remote > 0 {
+        // containerd answers the Prepare of a layer it already holds in
+        // this namespace itself, so hyperboxd never saw this pull's
+        // hydrate label on it: ask hyperboxd directly (a hydrate under way
+        // only takes note).
+        hydrate(&opts.hyperboxd, &report.manifest).await?;
+        log(&format!("hydrating {} in hyperboxd", report.manifest));
+    }
     Ok(report)
+}
+
+/// Ask hyperboxd at `socket` to fetch every chunk of the image `manifest`.
+async fn hydrate(socket: &std::path::Path, manifest: &str) -> Result<()> {
+    let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
+    let mut c = crate::admin::connect(socket).await.map_err(|e| failed(format!("hydrate: connect: {e:?}")))?;
+    let req = crate::admin::proto::PrefetchRequest { image: manifest.to_string(), hydrate: true };
+    c.prefetch(req).await.map_err(|s| failed(format!("hydrate: {}", s.message())))?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -392,6 +413,12 @@ async fn pull_with_lease(
             labels.insert(labels::PULL_TOKEN.into(), token.to_string());
             if opts.hydrate {
                 labels.insert(labels::HYDRATE.into(), "true".into());
+            }
+        }
+        if opts.hydrate && hyperbox {
+            let stat = StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: chain[i].clone() };
+            if snapshots.stat(ctr.req(stat)).await.is_ok() {
+                report.held_remote += 1;
             }
         }
         let prepared = snapshots
