@@ -278,7 +278,9 @@ fn an_image_cannot_pass_its_layer_off_as_another_images() {
     assert!(!out.status.success(), "a pull of an image whose config lies succeeded: {said}");
     assert!(said.contains("but the image config says its diff_id is"), "{said}");
     assert!(hb.log().contains("makes chain id"), "{}", hb.log());
-    assert_eq!(hb.fuse_mounts().len(), 1, "only the shared busybox layer is lazy");
+    // Only the busybox layer was mounted (it may be gone already: the failed
+    // pull's lease went, and containerd's gc may have removed it).
+    assert_eq!(hb.log().matches("remote layer ready").count(), 1, "{}", hb.log());
 
     // Another tenant pulls the good image: its own files.
     let out = hyperbox_pull(&hb, &ctd, "tenant-b", &good);
