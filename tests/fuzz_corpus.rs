@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 /// Mutations per target, and the wall-clock cap on them (a debug build on a
 /// loaded machine stops early rather than slow `make test` down).
-const MUTATIONS: usize = 3000;
+const MUTATIONS: usize = 10_000;
 const BUDGET: Duration = Duration::from_secs(3);
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
