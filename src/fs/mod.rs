@@ -304,6 +304,21 @@ impl LayerTree {
         &self.index
     }
 
+    /// Nodes in the tree, the root and nodes no name reaches any more
+    /// included: what `format::Index::check` bounds by `MAX_TREE_NODES`.
+    /// For the fuzz targets' invariants (fuzz/src/lib.rs).
+    #[doc(hidden)]
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The index entry with a node's metadata (`None` for the root or a
+    /// directory the tar implies). For the fuzz targets' invariants.
+    #[doc(hidden)]
+    pub fn node_entry(&self, ino: u64) -> Option<&Entry> {
+        self.get(ino).ok().and_then(|n| self.entry(n))
+    }
+
     pub fn attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
         let n = self.get(ino)?;
         let mut a = NodeAttr {
