@@ -20,34 +20,6 @@ use common::*;
 const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "debootstrap", "tar", "busybox"];
 const NUMPY: &str = "import numpy; print(numpy.arange(5).sum())";
 
-fn convert_to(layout: &Path, dst: &str) {
-    run(hyperbox().args(["convert", "-q", "--plain-http"]).arg(format!("oci:{}:v1", layout.display())).arg(dst));
-}
-
-fn snapshot_names(ctd: &Containerd, ns: &str) -> Vec<String> {
-    let out = run(ctd.ctr_in(ns).args(["snapshot", "--snapshotter", "hyperbox", "ls"]));
-    out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
-}
-
-/// Wait until containerd has redialled a restarted hyperboxd: a probe
-/// snapshot is prepared and removed (a call that must reach it).
-fn wait_reconnected(ctd: &Containerd) {
-    let mut n = 0;
-    wait_until("containerd reconnected", Duration::from_secs(30), || {
-        n += 1;
-        let key = format!("probe-{n}");
-        let ok = ctd
-            .ctr_in("hyperbox-probe")
-            .args(["snapshot", "--snapshotter", "hyperbox", "prepare", &key])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            run(ctd.ctr_in("hyperbox-probe").args(["snapshot", "--snapshotter", "hyperbox", "rm", &key]));
-        }
-        ok
-    });
-}
-
 fn trace_runs(hb: &Hyperboxd, reference: &str) -> u64 {
     let out = hyperbox().args(["trace", "--address"]).arg(&hb.socket).args(["show", reference]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -87,10 +87,6 @@ fn mount_rootfs(ctd: &Containerd, top: &str, target: &Path) {
     run(Command::new("sh").arg("-c").arg(mount.trim()));
 }
 
-fn convert(layout: &Path, dst: &str) {
-    run(hyperbox().args(["convert", "-q", "--plain-http"]).arg(format!("oci:{}:v1", layout.display())).arg(dst));
-}
-
 #[test]
 fn local_users_reach_nothing_and_containers_see_their_image_exactly() {
     if !have_tools("local_users_reach_nothing_and_containers_see_their_image_exactly", TOOLS) {
@@ -111,7 +107,7 @@ fn local_users_reach_nothing_and_containers_see_their_image_exactly() {
         .finish();
     write_oci_image(&layout, "v1", &[LayerBuilder::busybox().finish(), special], &["/bin/sh"], &[oci_arch()]);
     let dst = format!("{}/special:v1", reg.addr);
-    convert(&layout, &dst);
+    convert_to(&layout, &dst);
 
     let hb = Hyperboxd::start(tmp.path(), "version = 1\n");
     let ctd = Containerd::start(&hb.proxy_plugin());
@@ -255,8 +251,8 @@ fn an_image_cannot_pass_its_layer_off_as_another_images() {
     image_saying(&good_layout, "genuine\n");
     image_saying(&evil_layout, "evil\n");
     let good = format!("{}/good:v1", reg.addr);
-    convert(&good_layout, &good);
-    convert(&evil_layout, &format!("{}/evil:v1", reg.addr));
+    convert_to(&good_layout, &good);
+    convert_to(&evil_layout, &format!("{}/evil:v1", reg.addr));
     // The evil image's config claims the good image's second layer: its
     // layers' chain ids are the good image's.
     let genuine_tar = LayerBuilder::new().dir("data").file("data/who", 0o644, b"genuine\n").finish();

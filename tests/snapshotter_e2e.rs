@@ -26,36 +26,6 @@ fn random(n: usize) -> Vec<u8> {
     v
 }
 
-fn snapshot_names(ctd: &Containerd, ns: &str) -> Vec<String> {
-    let out = run(ctd.ctr_in(ns).args(["snapshot", "--snapshotter", "hyperbox", "ls"]));
-    out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
-}
-
-/// Wait until containerd has redialled a restarted hyperboxd (it backs off).
-/// A probe snapshot is prepared and removed: a call that must reach it (a
-/// List in a namespace without snapshots never does).
-fn wait_reconnected(ctd: &Containerd) {
-    let mut n = 0;
-    wait_until("containerd reconnected", Duration::from_secs(30), || {
-        n += 1;
-        let key = format!("probe-{n}");
-        let ok = ctd
-            .ctr_in("hyperbox-probe")
-            .args(["snapshot", "--snapshotter", "hyperbox", "prepare", &key])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            run(ctd.ctr_in("hyperbox-probe").args(["snapshot", "--snapshotter", "hyperbox", "rm", &key]));
-        }
-        ok
-    });
-}
-
-/// Convert the OCI layout's `v1` image and push it as `dst`.
-fn convert_to(layout: &Path, dst: &str) {
-    run(hyperbox().args(["convert", "-q", "--plain-http"]).arg(format!("oci:{}:v1", layout.display())).arg(dst));
-}
-
 #[test]
 fn lazy_start_survives_restarts_and_goes_with_gc() {
     if !have_tools("lazy_start_survives_restarts_and_goes_with_gc", TOOLS) {

@@ -362,6 +362,37 @@ pub fn blob_bytes_served(log: &str) -> (u64, usize) {
     (bytes, n)
 }
 
+/// Convert the OCI layout's `v1` image and push it as `dst`.
+pub fn convert_to(layout: &Path, dst: &str) {
+    run(hyperbox().args(["convert", "-q", "--plain-http"]).arg(format!("oci:{}:v1", layout.display())).arg(dst));
+}
+
+/// The names of the hyperbox snapshots containerd lists in namespace `ns`.
+pub fn snapshot_names(ctd: &Containerd, ns: &str) -> Vec<String> {
+    let out = run(ctd.ctr_in(ns).args(["snapshot", "--snapshotter", "hyperbox", "ls"]));
+    out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
+}
+
+/// Wait until containerd has redialled a restarted hyperboxd (it backs off).
+/// A probe snapshot is prepared and removed: a call that must reach it (a
+/// List in a namespace without snapshots never does).
+pub fn wait_reconnected(ctd: &Containerd) {
+    let mut n = 0;
+    wait_until("containerd reconnected", Duration::from_secs(30), || {
+        n += 1;
+        let key = format!("probe-{n}");
+        let ok = ctd
+            .ctr_in("hyperbox-probe")
+            .args(["snapshot", "--snapshotter", "hyperbox", "prepare", &key])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            run(ctd.ctr_in("hyperbox-probe").args(["snapshot", "--snapshotter", "hyperbox", "rm", &key]));
+        }
+        ok
+    });
+}
+
 /// `hyperbox pull` into containerd `ctd`'s namespace `ns`, asking `hb` for
 /// its pull token; returns what it printed.
 pub fn hyperbox_pull(hb: &Hyperboxd, ctd: &Containerd, ns: &str, reference: &str) -> String {
