@@ -10,7 +10,9 @@ pub mod store;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::{stream, StreamExt, TryStreamExt};
@@ -191,7 +193,7 @@ pub async fn convert(src: ImageStore, dst: ImageStore, opts: ConvertOptions) -> 
         c.clone().convert_manifest(&root.bytes, &what).await?
     };
     let digest = c.dst.put_manifest(&bytes, &media_type, true).await?;
-    let mut s = c.summary.lock().unwrap().clone();
+    let mut s = c.summary.lock().clone();
     s.elapsed = start.elapsed();
     s.digest = Some(digest);
     Ok(s)
@@ -263,7 +265,7 @@ impl Converter {
         manifest.set_layers(new_layers);
         manifest.set_media_type(Some(MediaType::ImageManifest));
         let out = manifest.to_string().map_err(|e| image_err(e.to_string()))?.into_bytes();
-        self.summary.lock().unwrap().manifests += 1;
+        self.summary.lock().manifests += 1;
         Ok((out, MediaType::ImageManifest.to_string()))
     }
 
@@ -277,7 +279,7 @@ impl Converter {
         let layer_err = |problem: LayerProblem| ConvertError::Layer { layer: name.to_string(), problem };
         if is_foreign(layer.media_type().as_ref()) {
             // Its blob lives elsewhere (its `urls`); the descriptor is enough.
-            self.summary.lock().unwrap().layers += 1;
+            self.summary.lock().layers += 1;
             return Ok(layer.clone());
         }
         if !is_tar_layer(layer.media_type().as_ref()) || has_hyperbox(layer) {
@@ -287,7 +289,7 @@ impl Converter {
                 self.src.blob_to_file(&digest, layer.size(), &tmp, |_| {}).await?;
                 self.dst.put_blob(&digest, BlobBody::File(&tmp)).await?;
             }
-            let mut s = self.summary.lock().unwrap();
+            let mut s = self.summary.lock();
             s.layers += 1;
             s.layers_kept += has_hyperbox(layer) as usize;
             return Ok(layer.clone());
@@ -334,11 +336,11 @@ impl Converter {
         drop(output);
         bar.finish_with_message("done");
         let dups = {
-            let mut seen = self.seen.lock().unwrap();
+            let mut seen = self.seen.lock();
             converted.index.frames.iter().filter(|f| !seen.insert(f.id)).count()
         };
         {
-            let mut s = self.summary.lock().unwrap();
+            let mut s = self.summary.lock();
             s.layers += 1;
             s.bytes_in += bytes_in;
             s.bytes_out += converted.blob_size;

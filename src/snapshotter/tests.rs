@@ -235,24 +235,7 @@ fn a_remote_layer_that_cannot_be_mounted_again_is_never_handed_out_empty() {
         let s = f.open();
         // A committed remote layer whose index is not in the store and whose
         // registry is gone: what a restart after losing the store row meets.
-        let now = SystemTime::now();
-        let rec = Record {
-            id: 1,
-            kind: Kind::Committed,
-            parent: None,
-            labels: HashMap::new(),
-            created: now,
-            updated: now,
-            usage: None,
-            remote: Some(RemoteRef {
-                registry: "127.0.0.1:9".into(),
-                repository: "gone".into(),
-                blob: Digest::of(b"blob").to_string(),
-                location: loc.to_annotations(),
-                manifest: None,
-                also: Vec::new(),
-            }),
-        };
+        let rec = remote_record(1, "gone", &loc);
         let mut meta = s.meta.lock();
         meta.transact(&s.store, vec![("sha256:remote".into(), rec)], vec![], 2).unwrap();
     }
@@ -298,24 +281,7 @@ fn a_remote_layer_is_reused_only_by_a_prepare_that_names_its_index() {
         IndexLocation { offset: 10, length: 20, digest: Digest::of(b"i"), version: crate::format::FORMAT_VERSION };
     let target = Digest::of(b"chain").to_string();
     let s = f.open();
-    let now = SystemTime::now();
-    let rec = Record {
-        id: 1,
-        kind: Kind::Committed,
-        parent: None,
-        labels: HashMap::new(),
-        created: now,
-        updated: now,
-        usage: None,
-        remote: Some(RemoteRef {
-            registry: "127.0.0.1:9".into(),
-            repository: "first".into(),
-            blob: Digest::of(b"blob").to_string(),
-            location: loc.to_annotations(),
-            manifest: None,
-            also: Vec::new(),
-        }),
-    };
+    let rec = remote_record(1, "first", &loc);
     s.meta.lock().transact(&s.store, vec![(target.clone(), rec)], vec![], 2).unwrap();
     let prepare = |key: &str, mut labels: HashMap<String, String>| {
         labels.insert(crate::labels::TARGET.into(), target.clone());
@@ -340,4 +306,27 @@ fn chain_ids_come_from_containerd_names() {
     assert_eq!(remote::chain_of(&c.to_string()), Some(c.clone()));
     assert_eq!(remote::chain_of(&format!("k8s.io/7/{c}")), Some(c));
     assert_eq!(remote::chain_of("default/7/my-snapshot"), None);
+}
+
+/// A committed remote layer at snapshot id `id`, of repository `repo` on a
+/// registry that is not there, whose index is at `loc`.
+fn remote_record(id: u64, repo: &str, loc: &IndexLocation) -> Record {
+    let now = SystemTime::now();
+    Record {
+        id,
+        kind: Kind::Committed,
+        parent: None,
+        labels: HashMap::new(),
+        created: now,
+        updated: now,
+        usage: None,
+        remote: Some(RemoteRef {
+            registry: "127.0.0.1:9".into(),
+            repository: repo.into(),
+            blob: Digest::of(b"blob").to_string(),
+            location: loc.to_annotations(),
+            manifest: None,
+            also: Vec::new(),
+        }),
+    }
 }
