@@ -3,8 +3,11 @@
 
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
+# The newer containerd versions the containerd tests also run on; deps
+# unpacks them (scripts/deps.sh, which names the Debian suite of each).
+CONTAINERD_VERSIONS ?= 1.7.24 2.1.9
 
-.PHONY: deps build demo test bench fmt clippy deb
+.PHONY: deps build demo test test-containerd bench fmt clippy deb
 
 deps:
 	@bash scripts/deps.sh
@@ -19,8 +22,16 @@ demo: build
 
 # Every test: unit, integration (real docker-registry, containerd, runc) and
 # the benchmarks once each in test mode. Missing prerequisites fail, not skip.
+# Then the containerd end-to-end tests again on each newer containerd
+# (scripts/containerd-matrix.sh); the whole suite runs on the system's 1.6.
 test: deps
+	@echo "=== every test, on the system's containerd: $$(containerd --version)"
 	HYPERBOX_REQUIRE_E2E=1 $(CARGO) test --workspace --all-targets
+	@CARGO="$(CARGO)" bash scripts/containerd-matrix.sh $(CONTAINERD_VERSIONS)
+
+# The containerd tests on one version: make test-containerd CONTAINERD_VERSIONS=2.1.9
+test-containerd: deps
+	@CARGO="$(CARGO)" bash scripts/containerd-matrix.sh $(CONTAINERD_VERSIONS)
 
 # The Debian package from a release build (cargo-deb, installed by deps):
 # $(CARGO_TARGET_DIR)/debian/hyperbox_VERSION_ARCH.deb, stripped, and its

@@ -87,9 +87,26 @@ pub fn overlay() -> Check {
     }
 }
 
+/// The version containerd at socket `containerd` reports (its version API),
+/// e.g. `1.6.20~ds1` or `v2.1.9`; None if it does not answer.
+pub async fn containerd_version(containerd: &Path) -> Option<String> {
+    use containerd_client::services::v1::version_client::VersionClient;
+    let channel = containerd_client::connect(containerd).await.ok()?;
+    let v = VersionClient::new(channel).version(()).await.ok()?.into_inner();
+    Some(v.version)
+}
+
+/// The major version in a containerd version string (`v2.1.9`, `1.7.24~ds1`).
+fn major(version: &str) -> Option<u64> {
+    version.trim_start_matches('v').split('.').next()?.parse().ok()
+}
+
 /// containerd's config: the proxy plugin entry, and the CRI settings that
-/// make Kubernetes pulls lazy.
-pub fn containerd_config(path: &Path, address: &Path) -> Vec<Check> {
+/// make Kubernetes pulls lazy; with the version of the containerd that
+/// reads it (from [`containerd_version`]), whether that containerd reads
+/// this config version as meant, and on containerd 2 (config version 3)
+/// the transfer service's settings.
+pub fn containerd_config(path: &Path, address: &Path, containerd: Option<&str>) -> Vec<Check> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -115,6 +132,55 @@ pub fn containerd_config(path: &Path, address: &Path) -> Vec<Check> {
     };
     let mut out = Vec::new();
     let version = cfg.get("version").and_then(|v| v.as_integer()).unwrap_or(1);
+    let containerd_major = containerd.and_then(major);
+    let v3 = "packaging/containerd/hyperbox-v3.toml";
+    match containerd_major {
+        Some(m) if m >= 2 && version < 3 => {
+            // containerd 2 migrates an older config in memory; its migration
+            // (2.1.9, plugins/cri/images migrateConfig) copies the CRI's
+            // snapshotter settings only from a table that has `runtimes`.
+            let has_runtimes = cfg
+                .get("plugins")
+                .and_then(|p| p.get("io.containerd.grpc.v1.cri"))
+                .and_then(|c| c.get("containerd"))
+                .is_some_and(|c| c.get("runtimes").is_some());
+            out.push(Check::bad(
+                "config version",
+                if has_runtimes { Outcome::Warn } else { Outcome::Fail },
+                if has_runtimes {
+                    format!(
+                        "containerd {} reads this version {version} config by migrating it; `ctr image pull \
+                         --snapshotter hyperbox` fails (its transfer service has no unpack entry for hyperbox)",
+                        containerd.unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "containerd {} migrates this version {version} config and drops the CRI's snapshotter and \
+                         disable_snapshot_annotations (its [plugins.\"io.containerd.grpc.v1.cri\".containerd] table \
+                         has no runtimes): CRI pulls are silently not lazy",
+                        containerd.unwrap_or_default()
+                    )
+                },
+                format!(
+                    "rewrite the config as `version = 3` with HyperBox's entries ({v3}): \
+                     [proxy_plugins.hyperbox], snapshotter and disable_snapshot_annotations = false under \
+                     [plugins.\"io.containerd.cri.v1.images\"], and a hyperbox entry in \
+                     [[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]; then restart containerd"
+                ),
+            ));
+        }
+        Some(m) if m < 2 && version >= 3 => out.push(Check::bad(
+            "config version",
+            Outcome::Fail,
+            format!("containerd {} reads config versions 1 and 2 only, this is {version}", containerd.unwrap_or_default()),
+            "use packaging/containerd/hyperbox-v2.toml's entries in a `version = 2` config, or upgrade containerd to 2.x",
+        )),
+        Some(_) => out.push(Check::ok(
+            "config version",
+            format!("version {version}, read as is by containerd {}", containerd.unwrap_or_default()),
+        )),
+        None => {}
+    }
     let plugin = cfg.get("proxy_plugins").and_then(|p| p.get("hyperbox"));
     let want = address.display().to_string();
     let entry = format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{want}\"");
@@ -183,6 +249,59 @@ pub fn containerd_config(path: &Path, address: &Path) -> Vec<Check> {
             format!("set, under {section}:\n  disable_snapshot_annotations = false"),
         )
     });
+    // containerd 2's transfer service (`ctr image pull`; CRI pulls on 2.1+
+    // when the annotations are not asked for) unpacks only into the
+    // snapshotters its unpack_config lists, and passes image references to
+    // a proxy snapshotter only if it exports enable_remote_snapshot_annotations.
+    if version >= 3 || containerd_major.is_some_and(|m| m >= 2) {
+        let transfer = cfg.get("plugins").and_then(|p| p.get("io.containerd.transfer.v1.local"));
+        let unpack = transfer.and_then(|t| t.get("unpack_config")).and_then(|u| u.as_array());
+        let snapshotters: Vec<&str> = unpack
+            .map(|u| u.iter().filter_map(|e| e.get("snapshotter").and_then(|s| s.as_str())).collect())
+            .unwrap_or_default();
+        let section = "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]";
+        let entry = |s: &str| format!("{section}\n  platform = \"linux/amd64\"\n  snapshotter = \"{s}\"");
+        out.push(if !snapshotters.contains(&"hyperbox") {
+            let mut fix = format!("add (the list replaces containerd's default, so keep overlayfs in it):\n{}", entry("hyperbox"));
+            if !snapshotters.contains(&"overlayfs") {
+                fix = format!("{fix}\n{}", entry("overlayfs"));
+            }
+            Check::bad(
+                "transfer unpack",
+                // CRI pulls on 2.1+ go through it too unless the annotations are on.
+                if annotations == Some(false) { Outcome::Warn } else { Outcome::Fail },
+                "the transfer service has no unpack entry for hyperbox: `ctr image pull --snapshotter hyperbox` \
+                 fails with \"no unpack platforms defined\"",
+                fix,
+            )
+        } else if unpack.is_some() && !snapshotters.contains(&"overlayfs") {
+            Check::bad(
+                "transfer unpack",
+                Outcome::Warn,
+                "unpack_config lists no overlayfs entry: pulls into containerd's default snapshotter fail",
+                format!("the list replaces containerd's default; add:\n{}", entry("overlayfs")),
+            )
+        } else {
+            Check::ok("transfer unpack", format!("the transfer service unpacks into {}", snapshotters.join(", ")))
+        });
+        let exported = plugin
+            .and_then(|p| p.get("exports"))
+            .and_then(|e| e.get("enable_remote_snapshot_annotations"))
+            .and_then(|v| v.as_str());
+        if exported == Some("true") {
+            out.push(Check::ok("transfer labels", "transfer-service pulls pass image references to hyperbox"));
+        } else if annotations != Some(false) {
+            // With disable_snapshot_annotations = false, CRI pulls take the
+            // older path, which passes them anyway.
+            out.push(Check::bad(
+                "transfer labels",
+                Outcome::Warn,
+                "CRI pulls go through the transfer service, which passes a proxy snapshotter no image reference \
+                 unless it exports enable_remote_snapshot_annotations: no layer can be lazy",
+                "add:\n[proxy_plugins.hyperbox.exports]\n  enable_remote_snapshot_annotations = \"true\"",
+            ));
+        }
+    }
     out
 }
 

@@ -177,37 +177,68 @@ fn config_examples_load_and_list_every_field() {
     }
 }
 
-/// The containerd snippets (config versions 2 and 3) and the k3s template
+/// The containerd snippets (config versions 2 and 3) and the k3s templates
 /// pass `hyperbox doctor`'s config checks against hyperboxd's default
-/// socket: the proxy plugin, the CRI snapshotter, and the annotations
-/// without which no CRI pull is lazy. Warnings fail too.
+/// socket, read by the containerd each is for: the config version, the
+/// proxy plugin, the CRI snapshotter, the annotations without which no CRI
+/// pull is lazy, and on containerd 2 the transfer service's unpack entry and
+/// labels. Warnings fail too. A config for the other major version fails.
 #[test]
 fn containerd_configs_pass_doctor() {
     use hyperbox::doctor::{containerd_config, Outcome};
     let dir = tempfile::tempdir().unwrap();
     let read = |p: &str| std::fs::read_to_string(format!("{ROOT}/{p}")).unwrap();
-    // k3s renders its own config (version 2 keys) where the template names
-    // "base"; the rest must be TOML as written.
-    let k3s = read("packaging/k3s/config.toml.tmpl");
+    // k3s renders its own config where the template names "base" (version 2
+    // keys in config.toml.tmpl, version 3 in config-v3.toml.tmpl); the rest
+    // must be TOML as written.
     const BASE: &str = "{{ template \"base\" . }}";
-    assert_eq!(k3s.lines().next(), Some(BASE), "the k3s template does not start from k3s's base template");
-    let k3s = k3s.replacen(BASE, "version = 2", 1);
-    assert!(!k3s.contains("{{"), "the k3s template has other template actions:\n{k3s}");
+    let k3s = |file: &str, version: u32| {
+        let text = read(file);
+        assert_eq!(text.lines().next(), Some(BASE), "{file} does not start from k3s's base template");
+        let text = text.replacen(BASE, &format!("version = {version}"), 1);
+        assert!(!text.contains("{{"), "{file} has other template actions:\n{text}");
+        text
+    };
     let v3 = read("packaging/containerd/hyperbox-v3.toml");
     let version = toml::from_str::<toml::Value>(&v3).unwrap().get("version").and_then(|v| v.as_integer());
     assert_eq!(version, Some(3), "hyperbox-v3.toml must say version = 3, or containerd 2 reads it as version 1");
     let address = hyperbox::config::DaemonConfig::default().address;
-    for (name, text) in
-        [("hyperbox-v2.toml", read("packaging/containerd/hyperbox-v2.toml")), ("hyperbox-v3.toml", v3), ("k3s", k3s)]
-    {
+    let v2 = read("packaging/containerd/hyperbox-v2.toml");
+    let k3s_v2 = k3s("packaging/k3s/config.toml.tmpl", 2);
+    let k3s_v3 = k3s("packaging/k3s/config-v3.toml.tmpl", 3);
+    let check = |name: &str, text: &str, containerd: Option<&str>| {
         let path = dir.path().join(name);
-        std::fs::write(&path, &text).unwrap();
-        let checks = containerd_config(&path, &address);
-        assert_eq!(checks.len(), 3, "{name}: {checks:?}");
+        std::fs::write(&path, text).unwrap();
+        containerd_config(&path, &address, containerd)
+    };
+    // (file, text, the containerd that reads it, how many checks)
+    for (name, text, containerd, n) in [
+        ("hyperbox-v2.toml", &v2, None, 3),
+        ("hyperbox-v2.toml", &v2, Some("1.6.20~ds1"), 4),
+        ("hyperbox-v2.toml", &v2, Some("1.7.24~ds1"), 4),
+        ("hyperbox-v3.toml", &v3, Some("v2.1.9"), 6),
+        ("hyperbox-v3.toml", &v3, None, 5),
+        ("k3s", &k3s_v2, Some("v1.7.27-k3s1"), 4),
+        ("k3s-v3", &k3s_v3, Some("v2.1.5-k3s1"), 6),
+    ] {
+        let checks = check(name, text, containerd);
+        assert_eq!(checks.len(), n, "{name} on {containerd:?}: {checks:?}");
         for c in checks {
-            assert_eq!(c.outcome, Outcome::Ok, "{name}: {} {}\nfix: {}\n{text}", c.name, c.detail, c.fix);
+            assert_eq!(c.outcome, Outcome::Ok, "{name} on {containerd:?}: {} {}\nfix: {}\n{text}", c.name, c.detail, c.fix);
         }
     }
+    // The version 2 snippet on containerd 2: migrated in memory without the
+    // CRI settings (no runtimes table), so CRI pulls are silently not lazy.
+    let checks = check("v2-on-2", &v2, Some("v2.1.9"));
+    let c = checks.iter().find(|c| c.name == "config version").expect("a config version check");
+    assert_eq!(c.outcome, Outcome::Fail, "{checks:?}");
+    assert!(c.detail.contains("silently not lazy") && c.fix.contains("version = 3"), "{c:?}");
+    let c = checks.iter().find(|c| c.name == "transfer unpack").expect("a transfer unpack check");
+    assert_ne!(c.outcome, Outcome::Ok, "{checks:?}");
+    assert!(c.fix.contains("snapshotter = \"hyperbox\"") && c.fix.contains("snapshotter = \"overlayfs\""), "{c:?}");
+    // The version 3 snippet on containerd 1.x, which cannot read it.
+    let checks = check("v3-on-1", &v3, Some("1.7.24~ds1"));
+    assert!(checks.iter().any(|c| c.name == "config version" && c.outcome == Outcome::Fail), "{checks:?}");
 }
 
 /// The Kubernetes manifest: a DaemonSet whose hyperboxd can make FUSE

@@ -224,14 +224,14 @@ fn cri_pull_is_lazy() {
     convert_to(&layout, &dst);
 
     let hb = Hyperboxd::start(tmp.path(), "version = 1\n[trace]\nidle_secs = 1\n");
-    let cri = "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  disable_snapshot_annotations = false\n";
-    let ctd = Containerd::start_with(&format!("{}{cri}", hb.proxy_plugin()), true);
+    // The config we ship for this containerd (packaging/containerd).
+    let ctd = Containerd::start_with(&hb.cri_config(), true);
     let log_start = reg.log().len();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let image_ref =
         rt.block_on(cri::pull(&ctd.socket, &dst)).unwrap_or_else(|e| panic!("PullImage: {e}\n{}", ctd.log()));
     assert!(image_ref.starts_with("sha256:"), "{image_ref}");
-    assert_eq!(hb.fuse_mounts().len(), 2, "both layers lazy:\n{}", hb.log());
+    assert_eq!(hb.fuse_mounts().len(), 2, "{}: both layers lazy:\n{}", ctd.version(), hb.log());
     // Only indexes were read from the layer blobs.
     let ranged = count_requests(&reg.log()[log_start..], &["/blobs/", "\" 206 "]);
     assert_eq!(ranged, 2, "one index request per layer");
@@ -264,6 +264,43 @@ fn cri_pull_is_lazy() {
     assert!(text.contains("has no [proxy_plugins.hyperbox]"), "{text}");
     assert!(text.contains(&format!("address = \"{}\"", hb.socket.display())), "{text}");
     assert!(text.contains("disable_snapshot_annotations = false"), "{text}");
+    // It reads containerd's version, and knows which config version that
+    // containerd reads as meant: on containerd 2 a version 2 config (a node
+    // upgraded from 1.x keeps one) loses the CRI settings in containerd's
+    // migration, and CRI pulls are silently not lazy; containerd 1.x cannot
+    // read a version 3 config.
+    let ver = containerd_version();
+    let out = doctor(&ctd.dir.path().join("config.toml"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let seen = text.lines().find(|l| l.contains("config version")).unwrap_or_default();
+    assert!(
+        seen.contains("read as is by containerd") && seen.contains(ver.version().trim_start_matches('v')),
+        "{}: {text}",
+        ctd.version()
+    );
+    let other = tmp.path().join("other.toml");
+    if ver.major >= 2 {
+        let v2 = format!(
+            "version = 2\n{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  \
+             disable_snapshot_annotations = false\n",
+            format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n", hb.socket.display())
+        );
+        std::fs::write(&other, v2).unwrap();
+        let out = doctor(&other);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{}: {text}", ctd.version());
+        assert!(text.contains("silently not lazy") && text.contains("`version = 3`"), "{}: {text}", ctd.version());
+        assert!(text.contains("no unpack platforms defined"), "{}: {text}", ctd.version());
+    } else {
+        let v3 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/containerd/hyperbox-v3.toml"))
+            .unwrap()
+            .replace("/run/hyperbox/hyperbox.sock", &hb.socket.display().to_string());
+        std::fs::write(&other, v3).unwrap();
+        let out = doctor(&other);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{}: {text}", ctd.version());
+        assert!(text.contains("reads config versions 1 and 2 only"), "{}: {text}", ctd.version());
+    }
 
     // The CRI passes the manifest digest too: the start is traced under it.
     let list = || run(hyperbox().args(["trace", "--address"]).arg(&hb.socket).arg("list"));

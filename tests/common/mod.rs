@@ -130,6 +130,65 @@ impl Registry {
     }
 }
 
+/// The containerd the tests run: its `containerd --version` line, and the
+/// major and minor version read from it. With `HYPERBOX_CONTAINERD_DIR` set
+/// (the matrix in `make test`), containerd, ctr and the runc shim come from
+/// that dir; else from PATH (see `skip::which`).
+pub struct ContainerdVersion {
+    pub line: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ContainerdVersion {
+    /// `1.7.24~ds1`, `2.1.9+unknown`: the version word of the line.
+    pub fn version(&self) -> &str {
+        self.line.split_whitespace().nth(2).unwrap_or(&self.line)
+    }
+}
+
+pub fn containerd_version() -> &'static ContainerdVersion {
+    static VERSION: std::sync::OnceLock<ContainerdVersion> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let bin = which("containerd").expect("containerd");
+        let line = run(Command::new(&bin).arg("--version")).trim().to_string();
+        // containerd github.com/containerd/containerd/v2 2.1.9+unknown <commit>
+        let word = line.split_whitespace().nth(2).unwrap_or("");
+        let mut parts = word.trim_start_matches('v').split(['.', '~', '+', '-']).map(|n| n.parse::<u32>());
+        let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+            panic!("cannot read a version in `{} --version`: {line}", bin.display())
+        };
+        ContainerdVersion { line, major, minor }
+    })
+}
+
+/// The config file's snippet for the proxy snapshotter at `socket`, for the
+/// containerd under test: `packaging/containerd/hyperbox-v2.toml` (1.x) or
+/// `hyperbox-v3.toml` (2.x) as shipped, its `version` line dropped and the
+/// address made `socket`. With `cri`, the CRI image settings too (they make
+/// CRI use hyperbox); without, only the proxy plugin and (2.x) the transfer
+/// service's settings.
+pub fn shipped_containerd_snippet(socket: &Path, cri: bool) -> String {
+    let file = if containerd_version().major >= 2 { "hyperbox-v3.toml" } else { "hyperbox-v2.toml" };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/containerd").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut value: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    value.remove("version");
+    let hb = value
+        .get_mut("proxy_plugins")
+        .and_then(|p| p.get_mut("hyperbox"))
+        .and_then(|h| h.as_table_mut())
+        .unwrap_or_else(|| panic!("{} has no [proxy_plugins.hyperbox]", path.display()));
+    hb.insert("address".into(), socket.display().to_string().into());
+    if !cri {
+        if let Some(plugins) = value.get_mut("plugins").and_then(|p| p.as_table_mut()) {
+            plugins.remove("io.containerd.grpc.v1.cri");
+            plugins.remove("io.containerd.cri.v1.images");
+        }
+    }
+    toml::to_string(&value).unwrap()
+}
+
 /// A containerd with its own root, state and socket in a temp dir.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -138,23 +197,53 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// `extra` is appended to the version 2 config (e.g. a proxy_plugins entry).
+    /// `extra` is appended to the config (e.g. a proxy_plugins entry), whose
+    /// version (2 for containerd 1.x, 3 for 2.x) is [`Containerd::config_version`].
     /// The CRI plugin is disabled.
     pub fn start(extra: &str) -> Containerd {
         Self::start_with(extra, false)
     }
 
+    /// The config version the tests write for the containerd under test.
+    pub fn config_version() -> u32 {
+        if containerd_version().major >= 2 {
+            3
+        } else {
+            2
+        }
+    }
+
     /// With `cri`, the CRI plugin runs (its images in namespace `k8s.io`).
     pub fn start_with(extra: &str, cri: bool) -> Containerd {
+        Self::start_config(Self::config_version(), extra, cri)
+    }
+
+    /// With a config of `version` (2 or 3) whatever the containerd: a
+    /// containerd 2 reads a version 2 config too, as a node upgraded from 1.x
+    /// keeps it.
+    pub fn start_config(version: u32, extra: &str, cri: bool) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let socket = d.join("containerd.sock");
         let config = d.join("config.toml");
-        let disabled = if cri { "" } else { r#""io.containerd.grpc.v1.cri""# };
+        let ver = containerd_version();
+        // containerd 2 runs the CRI as three plugins, and starts NRI, whose
+        // socket (/var/run/nri/nri.sock) is one for the machine.
+        let mut disabled = Vec::new();
+        if !cri {
+            disabled.push("io.containerd.grpc.v1.cri");
+            if ver.major >= 2 {
+                disabled.extend(["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]);
+            }
+        }
+        if ver.major >= 2 {
+            disabled.push("io.containerd.nri.v1.nri");
+        }
+        let disabled = disabled.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ");
         std::fs::write(
             &config,
             format!(
-                r#"version = 2
+                r#"version = {version}
 root = "{root}"
 state = "{state}"
 disabled_plugins = [{disabled}]
@@ -175,32 +264,48 @@ disabled_plugins = [{disabled}]
             ),
         )
         .unwrap();
+        // Shown with the output of a test that fails: which containerd it ran.
+        eprintln!("containerd under test: {} (config version {version})", ver.line);
         let mut c = Containerd { dir, socket, daemon: None };
         c.launch();
         c
     }
 
+    /// The containerd under test, for messages: `containerd 2.1.9+unknown`.
+    pub fn version(&self) -> String {
+        format!("containerd {}", containerd_version().version())
+    }
+
     fn launch(&mut self) {
         let d = self.dir.path();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("containerd.log")).unwrap();
-        let child = Command::new(which("containerd").expect("containerd"))
+        let bin = which("containerd").expect("containerd");
+        // containerd finds its shim (containerd-shim-runc-v2) through PATH:
+        // the one next to this containerd first.
+        let path = format!(
+            "{}:{}",
+            bin.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let child = Command::new(&bin)
             .arg("--config")
             .arg(d.join("config.toml"))
+            .env("PATH", path)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start containerd");
         self.daemon = Some(Daemon { child, name: "containerd" });
-        wait_until("containerd", Duration::from_secs(30), || {
-            self.socket.exists()
-                && self
-                    .ctr()
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-        });
+        let started = Instant::now();
+        while !(self.socket.exists()
+            && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+        {
+            if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|d| d.child.try_wait()) {
+                panic!("{} exited with {status}:\n{}", self.version(), self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{} did not start:\n{}", self.version(), self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stop containerd (SIGTERM) and start it again on the same state.
@@ -324,9 +429,17 @@ impl Hyperboxd {
         hyperbox::mount::stale_mounts(&self.root).unwrap()
     }
 
-    /// The `[proxy_plugins]` entry for containerd's config.
+    /// The `[proxy_plugins]` entry for containerd's config, as we ship it
+    /// for the containerd under test (2.x: with the transfer service's
+    /// settings), without the CRI settings.
     pub fn proxy_plugin(&self) -> String {
-        format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n", self.socket.display())
+        shipped_containerd_snippet(&self.socket, false)
+    }
+
+    /// The proxy plugin and the CRI settings that make CRI pulls lazy, as we
+    /// ship them for the containerd under test.
+    pub fn cri_config(&self) -> String {
+        shipped_containerd_snippet(&self.socket, true)
     }
 }
 

@@ -54,7 +54,10 @@ pub fn have(test: &str, needs: &[Need]) -> bool {
     for need in needs {
         match *need {
             Need::Root if !is_root() => missing.push("root (not running as root)".to_string()),
-            Need::Tool(t) if which(t).is_none() => missing.push(t.to_string()),
+            Need::Tool(t) if which(t).is_none() => missing.push(match std::env::var(CONTAINERD_DIR) {
+                Ok(dir) if CONTAINERD_TOOLS.contains(&t) => format!("{t} (in {CONTAINERD_DIR}={dir})"),
+                _ => t.to_string(),
+            }),
             Need::Path(p) if !Path::new(p).exists() => missing.push(p.to_string()),
             _ => {}
         }
@@ -73,7 +76,23 @@ pub fn have_tools(test: &str, tools: &[&str]) -> bool {
     have(test, &needs)
 }
 
+/// The variable naming the bin dir of the containerd under test (`make
+/// test` runs the containerd tests once per version, unpacked by
+/// scripts/deps.sh); unset: the containerd in PATH.
+pub const CONTAINERD_DIR: &str = "HYPERBOX_CONTAINERD_DIR";
+
+/// The programs that come from [`CONTAINERD_DIR`] when it is set.
+const CONTAINERD_TOOLS: [&str; 3] = ["containerd", "ctr", "containerd-shim-runc-v2"];
+
+/// Where `tool` is: PATH, then /usr/sbin and /sbin. containerd, ctr and the
+/// runc shim come from [`CONTAINERD_DIR`] alone when it is set, so a test
+/// never mixes two containerd versions.
 pub fn which(tool: &str) -> Option<PathBuf> {
+    if CONTAINERD_TOOLS.contains(&tool) {
+        if let Some(dir) = std::env::var_os(CONTAINERD_DIR).filter(|d| !d.is_empty()) {
+            return Some(Path::new(&dir).join(tool)).filter(|p| p.is_file());
+        }
+    }
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')

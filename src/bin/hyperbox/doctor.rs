@@ -27,7 +27,10 @@ pub struct DoctorArgs {
 pub fn run(args: DoctorArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
     let DoctorArgs { address, containerd_address, containerd_config } = args;
     let mut checks = vec![doctor::fuse(), doctor::overlay()];
-    checks.extend(doctor::containerd_config(&containerd_config, &address));
+    // Which containerd reads the config decides what it must say (1.x:
+    // version 2; 2.x: version 3 and the transfer service's settings).
+    let version = rt.block_on(doctor::containerd_version(&containerd_address));
+    checks.extend(doctor::containerd_config(&containerd_config, &address, version.as_deref()));
     checks.push(rt.block_on(doctor::containerd_plugin(&containerd_address)));
     checks.push(rt.block_on(doctor::daemon(&address)));
     let mut failed = 0;
