@@ -262,14 +262,22 @@ pub fn containerd_config(path: &Path, address: &Path, containerd: Option<&str>) 
         let section = "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]";
         let entry = |s: &str| format!("{section}\n  platform = \"linux/amd64\"\n  snapshotter = \"{s}\"");
         out.push(if !snapshotters.contains(&"hyperbox") {
-            let mut fix = format!("add (the list replaces containerd's default, so keep overlayfs in it):\n{}", entry("hyperbox"));
+            let mut fix = format!(
+                "add (the list replaces containerd's default, so keep overlayfs in it):\n{}",
+                entry("hyperbox")
+            );
             if !snapshotters.contains(&"overlayfs") {
                 fix = format!("{fix}\n{}", entry("overlayfs"));
             }
             Check::bad(
                 "transfer unpack",
-                // CRI pulls on 2.1+ go through it too unless the annotations are on.
-                if annotations == Some(false) { Outcome::Warn } else { Outcome::Fail },
+                // CRI pulls into hyperbox on 2.1+ go through it too unless
+                // the annotations are on; `hyperbox pull` never does.
+                if snapshotter == Some("hyperbox") && annotations != Some(false) {
+                    Outcome::Fail
+                } else {
+                    Outcome::Warn
+                },
                 "the transfer service has no unpack entry for hyperbox: `ctr image pull --snapshotter hyperbox` \
                  fails with \"no unpack platforms defined\"",
                 fix,

@@ -224,7 +224,14 @@ fn containerd_configs_pass_doctor() {
         let checks = check(name, text, containerd);
         assert_eq!(checks.len(), n, "{name} on {containerd:?}: {checks:?}");
         for c in checks {
-            assert_eq!(c.outcome, Outcome::Ok, "{name} on {containerd:?}: {} {}\nfix: {}\n{text}", c.name, c.detail, c.fix);
+            assert_eq!(
+                c.outcome,
+                Outcome::Ok,
+                "{name} on {containerd:?}: {} {}\nfix: {}\n{text}",
+                c.name,
+                c.detail,
+                c.fix
+            );
         }
     }
     // The version 2 snippet on containerd 2: migrated in memory without the

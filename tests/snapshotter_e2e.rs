@@ -281,9 +281,10 @@ fn cri_pull_is_lazy() {
     let other = tmp.path().join("other.toml");
     if ver.major >= 2 {
         let v2 = format!(
-            "version = 2\n{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  \
+            "version = 2\n[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  \
              disable_snapshot_annotations = false\n",
-            format!("[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n", hb.socket.display())
+            hb.socket.display()
         );
         std::fs::write(&other, v2).unwrap();
         let out = doctor(&other);
@@ -643,7 +644,6 @@ fn metric(text: &str, series: &str) -> Option<f64> {
     line.split_whitespace().last()?.parse().ok()
 }
 
-
 /// containerd 2 only: which CRI configs give lazy pulls, each on a real
 /// containerd with its own hyperboxd. The version 2 config a node upgraded
 /// from 1.x keeps (no `runtimes` table) pulls into overlayfs, silently, as
@@ -657,7 +657,10 @@ fn containerd_2_cri_configs() {
     }
     let ver = containerd_version();
     if ver.major < 2 {
-        eprintln!("containerd_2_cri_configs: nothing to test on containerd {} (1.x reads config version 2 only)", ver.version());
+        eprintln!(
+            "containerd_2_cri_configs: nothing to test on containerd {} (1.x reads config version 2 only)",
+            ver.version()
+        );
         return;
     }
     let reg = Registry::start();
@@ -687,7 +690,11 @@ fn containerd_2_cri_configs() {
         )
     };
     let (n, log) = lazy_layers("v2", 2, &v2);
-    assert_eq!(n, 0, "{}: a version 2 config without runtimes was lazy; containerd's migration changed:\n{log}", ver.line);
+    assert_eq!(
+        n, 0,
+        "{}: a version 2 config without runtimes was lazy; containerd's migration changed:\n{log}",
+        ver.line
+    );
     // With a runtimes table (k3s's version 2 base has one) the migration keeps them.
     let (n, log) = lazy_layers("v2-runtimes", 2, &|hb: &Hyperboxd| {
         format!(

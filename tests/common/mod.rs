@@ -298,7 +298,13 @@ disabled_plugins = [{disabled}]
         self.daemon = Some(Daemon { child, name: "containerd" });
         let started = Instant::now();
         while !(self.socket.exists()
-            && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+            && self
+                .ctr()
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()))
         {
             if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|d| d.child.try_wait()) {
                 panic!("{} exited with {status}:\n{}", self.version(), self.log());
