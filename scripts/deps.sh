@@ -96,3 +96,5 @@ for entry in "${containerd_matrix[@]}"; do
   mv "$cache/containerd-$version.new" "$cache/containerd-$version"
   "$cache/containerd-$version/bin/containerd" --version
 done
+# The package lists (about 60 MB) are needed only to fetch.
+[ -z "$apt_ready" ] || rm -rf "$apt_dir"
