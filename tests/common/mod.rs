@@ -707,11 +707,13 @@ pub fn debian_rootfs(include: &[&str]) -> PathBuf {
     let scratch = cache.join(format!("{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let mut cmd = Command::new("debootstrap");
-    cmd.args(["--variant=minbase", "bookworm"]);
+    cmd.arg("--variant=minbase");
+    // Options before the suite: debootstrap reads the first word that is
+    // not an option as the suite, and the rest as target, mirror and script.
     if !include.is_empty() {
         cmd.arg(format!("--include={}", include.join(",")));
     }
-    cmd.arg(&scratch).arg("http://deb.debian.org/debian");
+    cmd.arg("bookworm").arg(&scratch).arg("http://deb.debian.org/debian");
     run(&mut cmd);
     // The downloaded .debs are not part of the image.
     for e in std::fs::read_dir(scratch.join("var/cache/apt/archives")).unwrap().flatten() {
