@@ -308,6 +308,83 @@ fn cri_pull_is_lazy() {
     wait_until("the CRI start traced", Duration::from_secs(30), || list().contains(&image_digest(&reg, "cri:v1")));
 }
 
+/// containerd 2 only: which CRI configs give lazy pulls, each on a real
+/// containerd with its own hyperboxd. The version 2 config a node upgraded
+/// from 1.x keeps (no `runtimes` table) pulls into overlayfs, silently, as
+/// `hyperbox doctor` says; a CRI pull through the transfer service (k3s's
+/// base sets disable_snapshot_annotations = true) is lazy with the shipped
+/// `exports`, and not without them.
+#[test]
+fn containerd_2_cri_configs() {
+    if !have_tools("containerd_2_cri_configs", TOOLS) {
+        return;
+    }
+    let ver = containerd_version();
+    if ver.major < 2 {
+        eprintln!(
+            "containerd_2_cri_configs: nothing to test on containerd {} (1.x reads config version 2 only)",
+            ver.version()
+        );
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    make_image(&layout, &random(4 << 20));
+    let dst = format!("{}/cri2:v1", reg.addr);
+    convert_to(&layout, &dst);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Pull `dst` through CRI on a containerd with `config` (of `version`);
+    // how many layers were mounted lazily.
+    let lazy_layers = |name: &str, version: u32, config: &dyn Fn(&Hyperboxd) -> String| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let hb = Hyperboxd::start(&dir, "version = 1\n[trace]\nenabled = false\n");
+        let ctd = Containerd::start_config(version, &config(&hb), true);
+        rt.block_on(cri::pull(&ctd.socket, &dst))
+            .unwrap_or_else(|e| panic!("{}, {name}: PullImage: {e}\n{}", ctd.version(), ctd.log()));
+        (hb.fuse_mounts().len(), ctd.log())
+    };
+    let v2 = |hb: &Hyperboxd| {
+        format!(
+            "[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  \
+             disable_snapshot_annotations = false\n",
+            hb.socket.display()
+        )
+    };
+    let (n, log) = lazy_layers("v2", 2, &v2);
+    assert_eq!(
+        n, 0,
+        "{}: a version 2 config without runtimes was lazy; containerd's migration changed:\n{log}",
+        ver.line
+    );
+    // With a runtimes table (k3s's version 2 base has one) the migration keeps them.
+    let (n, log) = lazy_layers("v2-runtimes", 2, &|hb: &Hyperboxd| {
+        format!(
+            "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n",
+            v2(hb)
+        )
+    });
+    assert_eq!(n, 2, "{}: a version 2 config with runtimes:\n{log}", ver.line);
+    // The shipped entries take the pre-transfer-service path (the
+    // annotations are asked for)...
+    let (n, log) = lazy_layers("shipped", 3, &|hb: &Hyperboxd| hb.cri_config());
+    assert_eq!(n, 2, "{}: the shipped version 3 entries:\n{log}", ver.line);
+    assert!(log.contains("Falling back to local image pull"), "{}:\n{log}", ver.line);
+    // ...and through the transfer service the exports pass the labels.
+    let transfer = |hb: &Hyperboxd| {
+        hb.cri_config().replace("disable_snapshot_annotations = false", "disable_snapshot_annotations = true")
+    };
+    let (n, log) = lazy_layers("transfer", 3, &transfer);
+    assert!(!log.contains("Falling back to local image pull"), "{}: not the transfer service:\n{log}", ver.line);
+    assert_eq!(n, 2, "{}: CRI through the transfer service with exports:\n{log}", ver.line);
+    let (n, log) = lazy_layers("transfer-no-exports", 3, &|hb: &Hyperboxd| {
+        transfer(hb).replace("enable_remote_snapshot_annotations = \"true\"", "")
+    });
+    assert_eq!(n, 0, "{}: CRI through the transfer service without exports:\n{log}", ver.line);
+}
+
 /// The manifest digest a registry holds for `repo:tag`.
 fn image_digest(reg: &Registry, name: &str) -> String {
     let (repo, tag) = name.split_once(':').unwrap();
@@ -642,81 +719,4 @@ fn hydrate_fetches_the_whole_image() {
 fn metric(text: &str, series: &str) -> Option<f64> {
     let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
     line.split_whitespace().last()?.parse().ok()
-}
-
-/// containerd 2 only: which CRI configs give lazy pulls, each on a real
-/// containerd with its own hyperboxd. The version 2 config a node upgraded
-/// from 1.x keeps (no `runtimes` table) pulls into overlayfs, silently, as
-/// `hyperbox doctor` says; a CRI pull through the transfer service (k3s's
-/// base sets disable_snapshot_annotations = true) is lazy with the shipped
-/// `exports`, and not without them.
-#[test]
-fn containerd_2_cri_configs() {
-    if !have_tools("containerd_2_cri_configs", TOOLS) {
-        return;
-    }
-    let ver = containerd_version();
-    if ver.major < 2 {
-        eprintln!(
-            "containerd_2_cri_configs: nothing to test on containerd {} (1.x reads config version 2 only)",
-            ver.version()
-        );
-        return;
-    }
-    let reg = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
-    make_image(&layout, &random(4 << 20));
-    let dst = format!("{}/cri2:v1", reg.addr);
-    convert_to(&layout, &dst);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    // Pull `dst` through CRI on a containerd with `config` (of `version`);
-    // how many layers were mounted lazily.
-    let lazy_layers = |name: &str, version: u32, config: &dyn Fn(&Hyperboxd) -> String| {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        let hb = Hyperboxd::start(&dir, "version = 1\n[trace]\nenabled = false\n");
-        let ctd = Containerd::start_config(version, &config(&hb), true);
-        rt.block_on(cri::pull(&ctd.socket, &dst))
-            .unwrap_or_else(|e| panic!("{}, {name}: PullImage: {e}\n{}", ctd.version(), ctd.log()));
-        (hb.fuse_mounts().len(), ctd.log())
-    };
-    let v2 = |hb: &Hyperboxd| {
-        format!(
-            "[proxy_plugins.hyperbox]\n  type = \"snapshot\"\n  address = \"{}\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  \
-             disable_snapshot_annotations = false\n",
-            hb.socket.display()
-        )
-    };
-    let (n, log) = lazy_layers("v2", 2, &v2);
-    assert_eq!(
-        n, 0,
-        "{}: a version 2 config without runtimes was lazy; containerd's migration changed:\n{log}",
-        ver.line
-    );
-    // With a runtimes table (k3s's version 2 base has one) the migration keeps them.
-    let (n, log) = lazy_layers("v2-runtimes", 2, &|hb: &Hyperboxd| {
-        format!(
-            "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n",
-            v2(hb)
-        )
-    });
-    assert_eq!(n, 2, "{}: a version 2 config with runtimes:\n{log}", ver.line);
-    // The shipped entries take the pre-transfer-service path (the
-    // annotations are asked for)...
-    let (n, log) = lazy_layers("shipped", 3, &|hb: &Hyperboxd| hb.cri_config());
-    assert_eq!(n, 2, "{}: the shipped version 3 entries:\n{log}", ver.line);
-    assert!(log.contains("Falling back to local image pull"), "{}:\n{log}", ver.line);
-    // ...and through the transfer service the exports pass the labels.
-    let transfer = |hb: &Hyperboxd| {
-        hb.cri_config().replace("disable_snapshot_annotations = false", "disable_snapshot_annotations = true")
-    };
-    let (n, log) = lazy_layers("transfer", 3, &transfer);
-    assert!(!log.contains("Falling back to local image pull"), "{}: not the transfer service:\n{log}", ver.line);
-    assert_eq!(n, 2, "{}: CRI through the transfer service with exports:\n{log}", ver.line);
-    let (n, log) = lazy_layers("transfer-no-exports", 3, &|hb: &Hyperboxd| {
-        transfer(hb).replace("enable_remote_snapshot_annotations = \"true\"", "")
-    });
-    assert_eq!(n, 0, "{}: CRI through the transfer service without exports:\n{log}", ver.line);
 }
