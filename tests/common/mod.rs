@@ -4,6 +4,7 @@
 //! test ends, whether it passed or not.
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod faultproxy;
 pub mod skip;
 
@@ -624,4 +625,10 @@ pub fn drop_page_cache(path: &Path) {
     // SAFETY: a plain syscall on an fd this function owns.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(r, 0, "posix_fadvise on {}", path.display());
+}
+
+/// The value of one series (`name` or `name{labels}`) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
+    line.split_whitespace().last()?.parse().ok()
 }
