@@ -143,13 +143,18 @@ impl Keychain {
         let secret = Secret { username: username.to_string(), password: password.to_string(), used: now };
         self.client.set_repo_credentials(repo, username, password);
         let mut kept = self.kept.lock();
-        let same = kept.get(&key).is_some_and(|s| s.username == username && s.password == password);
-        if same && kept.get(&key).is_some_and(|s| now.saturating_sub(s.used) < 3600) {
-            return Ok(());
+        // The same secret again within the hour: nothing to write.
+        if let Some(s) = kept.get(&key) {
+            if s.username == username && s.password == password && now.saturating_sub(s.used) < 3600 {
+                return Ok(());
+            }
         }
         if !kept.contains_key(&key) && kept.len() >= MAX_KEPT {
             if let Some(oldest) = kept.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| k.clone()) {
                 kept.remove(&oldest);
+                if let Some(repo) = repo_of_key(&oldest) {
+                    self.client.forget_repo_credentials(&repo);
+                }
             }
         }
         kept.insert(key, secret);

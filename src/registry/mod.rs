@@ -206,6 +206,13 @@ impl Client {
         self.tokens.lock().retain(|(r, s), _| r != &repo.registry || !s.starts_with(&scope));
     }
 
+    /// Drop what [`Client::set_repo_credentials`] set for `repo`.
+    pub fn forget_repo_credentials(&self, repo: &Repo) {
+        self.creds.lock().remove(&format!("{}/{}", repo.registry, repo.name));
+        let scope = format!("repository:{}:", repo.name);
+        self.tokens.lock().retain(|(r, s), _| r != &repo.registry || !s.starts_with(&scope));
+    }
+
     /// Where to read `repo`'s content from, in order: its mirrors, then
     /// the registry itself. Content is addressed by digest and verified, so
     /// a mirror can only be slow or wrong, never trusted.
@@ -851,6 +858,26 @@ mod tests {
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "registry.example");
         assert_eq!(p["scope"], "repository:a/b:pull");
+    }
+
+    #[test]
+    fn a_repositorys_own_credentials_go_first_and_only_to_it() {
+        use base64::Engine;
+        let c = Client::new(&RegistryConfig::default(), false).unwrap();
+        let repo = |name: &str| Repo { registry: "r.example".into(), name: name.into() };
+        let base = reqwest::Url::parse("https://r.example/v2/").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let basic = |r: &Repo| rt.block_on(c.authorize(r, &base, "Basic realm=\"x\"", "s", "manifest")).ok();
+        let header = |up: &str| Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(up)));
+        assert_eq!(basic(&repo("team/app")), None);
+        c.set_credentials("r.example", "node", "n");
+        c.set_repo_credentials(&repo("team/app"), "pod", "p");
+        assert_eq!(basic(&repo("team/app")), header("pod:p"));
+        assert_eq!(basic(&repo("team/other")), header("node:n"), "another repository gets the registry's");
+        let elsewhere = Repo { registry: "s.example".into(), name: "team/app".into() };
+        assert_eq!(basic(&elsewhere), None, "another registry gets nothing");
+        c.forget_repo_credentials(&repo("team/app"));
+        assert_eq!(basic(&repo("team/app")), header("node:n"));
     }
 
     #[test]
