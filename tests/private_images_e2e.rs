@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "busybox", "htpasswd", "curl"];
@@ -28,12 +26,7 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
         .finish();
     write_oci_image(&layout, "v1", &[LayerBuilder::busybox().finish(), data], &["/bin/sh"], &[oci_arch()]);
     // Converted and pushed by someone who can (docker's config.json).
-    use base64::Engine;
-    let pusher = tmp.path().join("pusher");
-    std::fs::create_dir(&pusher).unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("kubelet:{PASSWORD}"));
-    std::fs::write(pusher.join("config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr))
-        .unwrap();
+    let pusher = docker_config(&tmp.path().join("pusher"), &[(&registry.addr, "kubelet", PASSWORD)]);
     let image = format!("{}/team/private:v1", registry.addr);
     run(hyperbox()
         .env("DOCKER_CONFIG", &pusher)
@@ -44,9 +37,7 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
     // hyperboxd has no credentials of its own; it serves the CRI image
     // service proxy, which forwards to containerd (through a link made
     // once containerd runs, as its socket is only known then).
-    let empty = tmp.path().join("no-docker");
-    std::fs::create_dir(&empty).unwrap();
-    std::fs::write(empty.join("config.json"), r#"{"auths":{}}"#).unwrap();
+    let empty = docker_config(&tmp.path().join("no-docker"), &[]);
     let proxy = tmp.path().join("cri-image.sock");
     let containerd_link = tmp.path().join("containerd.sock");
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -98,8 +89,6 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
     let later = ctr_run("p2", "/data/later");
     assert_eq!(later.len(), 200 << 10);
     assert!(later.bytes().all(|b| b == 9));
-    let text = run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}/metrics")));
-    assert!(metric(&text, "hyperbox_fetch_bytes_total").unwrap() > 0.0, "the restarted daemon fetched: {text}");
-    assert_eq!(metric(&text, "hyperbox_fetch_failures_total"), Some(0.0), "{text}");
+    assert_fetched_since_start(&metrics);
     assert!(!hb.log().contains(PASSWORD), "the password is in hyperboxd's log");
 }

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -33,13 +32,6 @@ fn hyperboxd_config(metrics: &str, docker_config: &Path) -> String {
     )
 }
 
-/// A docker config dir (`DOCKER_CONFIG`) with `user:password` for `registry`.
-fn docker_login(dir: &Path, registry: &str, user: &str, password: &str) {
-    use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    std::fs::write(dir.join("config.json"), format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
-}
-
 /// An unconverted image, and a converted one in a private registry whose
 /// credentials only the pulling user has: each layer's reason is printed,
 /// counted and shown by `hyperbox doctor`, and both images run.
@@ -55,9 +47,7 @@ fn a_pull_names_the_reason_of_every_layer_that_is_not_lazy() {
     let plain = format!("{}/plain:v1", reg.addr);
     push_layout(&layout, &plain);
     let private = Registry::start_with_auth("alice", "s3cret");
-    let user_creds = tmp.path().join("alice-docker");
-    std::fs::create_dir(&user_creds).unwrap();
-    docker_login(&user_creds, &private.addr, "alice", "s3cret");
+    let user_creds = docker_config(&tmp.path().join("alice-docker"), &[(&private.addr, "alice", "s3cret")]);
     let converted = format!("{}/team/app:hb", private.addr);
     run(hyperbox()
         .env("DOCKER_CONFIG", &user_creds)
@@ -67,9 +57,7 @@ fn a_pull_names_the_reason_of_every_layer_that_is_not_lazy() {
 
     // hyperboxd has no credentials for the private registry.
     let metrics = format!("127.0.0.1:{}", free_port());
-    let no_creds = tmp.path().join("daemon-docker");
-    std::fs::create_dir(&no_creds).unwrap();
-    std::fs::write(no_creds.join("config.json"), r#"{"auths":{}}"#).unwrap();
+    let no_creds = docker_config(&tmp.path().join("daemon-docker"), &[]);
     let hb = Hyperboxd::start(tmp.path(), &hyperboxd_config(&metrics, &no_creds.join("config.json")));
     let ctd = Containerd::start(&hb.proxy_plugin());
     // Each image in its own namespace: they share the busybox layer's
@@ -112,7 +100,7 @@ fn a_pull_names_the_reason_of_every_layer_that_is_not_lazy() {
     // Counted by reason: the plain image's two layers, the private image's
     // two; containerd's own unpacks (no chain id label) are not layers
     // hyperboxd was asked to make lazy.
-    let text = run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}/metrics")));
+    let text = scrape(&metrics);
     assert_eq!(metric(&text, "hyperbox_lazy_fallbacks_total{reason=\"not_hyperbox\"}"), Some(2.0), "{text}");
     assert_eq!(metric(&text, "hyperbox_lazy_fallbacks_total{reason=\"registry\"}"), Some(2.0), "{text}");
     assert_eq!(metric(&text, "hyperbox_lazy_fallbacks_total{reason=\"integrity\"}"), Some(0.0), "{text}");
@@ -153,9 +141,7 @@ fn plain_http_reaches_lazy_layers_too_and_survives_a_restart() {
     convert_to(&layout, &image);
 
     let metrics = format!("127.0.0.1:{}", free_port());
-    let no_creds = tmp.path().join("docker");
-    std::fs::create_dir(&no_creds).unwrap();
-    std::fs::write(no_creds.join("config.json"), r#"{"auths":{}}"#).unwrap();
+    let no_creds = docker_config(&tmp.path().join("docker"), &[]);
     let mut hb = Hyperboxd::start(tmp.path(), &hyperboxd_config(&metrics, &no_creds.join("config.json")));
     let ctd = Containerd::start(&hb.proxy_plugin());
 
@@ -176,7 +162,5 @@ fn plain_http_reaches_lazy_layers_too_and_survives_a_restart() {
     let later = ctr_run("f2", "/data/later");
     assert_eq!(later.len(), 300 << 10);
     assert!(later.bytes().all(|b| b == 7));
-    let text = run(Command::new("curl").arg("-fsS").arg(format!("http://{metrics}/metrics")));
-    assert!(metric(&text, "hyperbox_fetch_bytes_total").unwrap() > 0.0, "the restarted daemon fetched: {text}");
-    assert_eq!(metric(&text, "hyperbox_fetch_failures_total"), Some(0.0), "{text}");
+    assert_fetched_since_start(&metrics);
 }
