@@ -33,6 +33,31 @@ pub struct Config {
     pub trace: TraceConfig,
     #[serde(default)]
     pub prefetch: PrefetchConfig,
+    #[serde(default)]
+    pub cri: CriConfig,
+}
+
+/// The `[cri]` section: the CRI image service proxy that brings Kubernetes
+/// pull secrets to hyperboxd (`crate::daemon::cri`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Serve a CRI image service here (mode 0660), for kubelet's
+    /// `--image-service-endpoint`: every call goes on to containerd's CRI,
+    /// and the credentials of each PullImage are kept for its repository so
+    /// that private images are lazy too. "" for off.
+    pub image_service_address: PathBuf,
+    /// containerd's socket, where the calls go on.
+    pub containerd_address: PathBuf,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            image_service_address: PathBuf::new(),
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
 }
 
 /// The `[daemon]` section: where hyperboxd keeps its state and listens.
@@ -92,6 +117,7 @@ impl Default for Config {
             daemon: DaemonConfig::default(),
             trace: TraceConfig::default(),
             prefetch: PrefetchConfig::default(),
+            cri: CriConfig::default(),
         }
     }
 }

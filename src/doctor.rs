@@ -382,3 +382,56 @@ pub async fn containerd_plugin(containerd: &Path) -> Check {
         },
     }
 }
+
+/// The latest layers hyperboxd could not serve lazily: registries it could
+/// not reach are named with their error, other reasons counted.
+pub async fn fallbacks(address: &Path) -> Check {
+    const NAME: &str = "lazy layers";
+    let mut client = match crate::admin::connect(address).await {
+        Ok(c) => c,
+        Err(e) => return Check::bad(NAME, Outcome::Warn, format!("hyperboxd does not answer: {e:?}"), ""),
+    };
+    let req = crate::admin::proto::FallbacksRequest::default();
+    let kept = match client.fallbacks(req).await {
+        Ok(r) => r.into_inner().fallbacks,
+        Err(e) => {
+            return Check::bad(
+                NAME,
+                Outcome::Warn,
+                format!("hyperboxd does not say which layers fell back: {}", e.message()),
+                "hyperboxd is older than this hyperbox",
+            )
+        }
+    };
+    if kept.is_empty() {
+        return Check::ok(NAME, "every HyperBox layer prepared since hyperboxd started was mounted lazily");
+    }
+    // Newest first: the first error seen per registry is its latest.
+    let mut unreachable: Vec<(&str, &str)> = Vec::new();
+    let mut reasons: Vec<(&str, usize)> = Vec::new();
+    for f in &kept {
+        if f.reason == "registry" && !unreachable.iter().any(|(r, _)| *r == f.registry) {
+            unreachable.push((&f.registry, &f.detail));
+        }
+        match reasons.iter_mut().find(|(r, _)| *r == f.reason) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((&f.reason, 1)),
+        }
+    }
+    let mut detail = format!(
+        "{} HyperBox layers were downloaded instead of mounted lazily ({})",
+        kept.len(),
+        reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect::<Vec<_>>().join(", ")
+    );
+    for (registry, error) in &unreachable {
+        let registry = if registry.is_empty() { "(unnamed)" } else { registry };
+        detail.push_str(&format!("\n  cannot reach registry {registry}: {error}"));
+    }
+    let fix = if unreachable.is_empty() {
+        "see `hyperbox pull`'s output or hyperboxd's log for each layer's reason"
+    } else {
+        "check hyperboxd's network, credentials (registry.docker_config) and registry.insecure / mirrors for the \
+         registries named; `hyperbox pull --plain-http` for a plain-http registry"
+    };
+    Check::bad(NAME, Outcome::Warn, detail, fix)
+}

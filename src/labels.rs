@@ -28,12 +28,16 @@ pub const HYDRATE: &str = "containerd.io/snapshot/hyperbox.hydrate";
 /// Image reference and layer digest, as `hyperbox pull` passes them.
 pub const IMAGE_REF: &str = "containerd.io/snapshot/hyperbox.image-ref";
 pub const LAYER_DIGEST: &str = "containerd.io/snapshot/hyperbox.layer-digest";
+/// Set by `hyperbox pull --plain-http`: reach the layer's registry over
+/// plain http (believed only with the pull token: an image's annotations
+/// must not downgrade a registry to http).
+pub const PLAIN_HTTP: &str = "containerd.io/snapshot/hyperbox.plain-http";
 /// The node's pull token (see [`Trust`]): proves the `hyperbox.*` labels
 /// above came from `hyperbox pull`, not from the image's annotations.
 pub const PULL_TOKEN: &str = "containerd.io/snapshot/hyperbox.pull-token";
 /// The labels `hyperbox pull` sets and an image must not: it drops any
 /// annotation of these names before setting its own.
-pub const PULL_SET: [&str; 4] = [IMAGE_REF, LAYER_DIGEST, HYDRATE, PULL_TOKEN];
+pub const PULL_SET: [&str; 5] = [IMAGE_REF, LAYER_DIGEST, HYDRATE, PLAIN_HTTP, PULL_TOKEN];
 
 /// The containerd namespace the CRI plugin pulls into, the only one whose
 /// `cri.*` labels are believed. The CRI plugin overwrites those labels on
@@ -82,6 +86,8 @@ pub struct LayerLabels<'a> {
     pub manifest_digest: Option<&'a str>,
     /// Fetch the whole image in the background (`hyperbox pull` only).
     pub hydrate: bool,
+    /// The registry serves plain http (`hyperbox pull --plain-http` only).
+    pub plain_http: bool,
 }
 
 impl<'a> LayerLabels<'a> {
@@ -99,6 +105,7 @@ impl<'a> LayerLabels<'a> {
                 layer_digest: get(LAYER_DIGEST),
                 manifest_digest: None,
                 hydrate: get(HYDRATE) == Some("true"),
+                plain_http: get(PLAIN_HTTP) == Some("true"),
             };
         }
         if namespace_of(key) == Some(CRI_NAMESPACE) {
@@ -109,6 +116,7 @@ impl<'a> LayerLabels<'a> {
                 layer_digest: get(CRI_LAYER_DIGEST),
                 manifest_digest: get(CRI_MANIFEST_DIGEST),
                 hydrate: false,
+                plain_http: false,
             };
         }
         LayerLabels {
@@ -118,6 +126,7 @@ impl<'a> LayerLabels<'a> {
             layer_digest: None,
             manifest_digest: None,
             hydrate: false,
+            plain_http: false,
         }
     }
 }
@@ -138,10 +147,11 @@ fn same_secret(presented: &str, secret: &str) -> bool {
 
 /// The labels worth keeping on a committed remote layer: all but the CRI's
 /// per-pull ones (`cri.image-layers` can be long), whose image ref, layer
-/// and manifest digests stay, and but the pull token and the hydrate
-/// request, which were for that one pull.
+/// and manifest digests stay, and but the pull token, the hydrate request
+/// and the plain-http flag, which were for that one pull (the layer's
+/// record keeps the last).
 pub fn keep_on_commit(key: &str) -> bool {
-    if key == PULL_TOKEN || key == HYDRATE {
+    if key == PULL_TOKEN || key == HYDRATE || key == PLAIN_HTTP {
         return false;
     }
     !key.starts_with(CRI_PREFIX) || key == CRI_IMAGE_REF || key == CRI_LAYER_DIGEST || key == CRI_MANIFEST_DIGEST
@@ -186,16 +196,19 @@ mod tests {
             (IMAGE_REF, "evil.example/x@sha256:1"),
             (LAYER_DIGEST, "sha256:hb"),
             (HYDRATE, "true"),
+            (PLAIN_HTTP, "true"),
             (CRI_IMAGE_REF, "cri/ref"),
             (CRI_LAYER_DIGEST, "sha256:cri"),
         ]);
-        // Forged by annotations, in a CRI pull: the CRI's labels win and
-        // nothing is hydrated.
+        // Forged by annotations, in a CRI pull: the CRI's labels win,
+        // nothing is hydrated and the registry stays https.
         let r = LayerLabels::read(&l, "k8s.io/3/x", TRUST);
         assert_eq!(
-            (r.source, r.image_ref, r.layer_digest, r.hydrate),
-            (Source::Cri, Some("cri/ref"), Some("sha256:cri"), false)
+            (r.source, r.image_ref, r.layer_digest, r.hydrate, r.plain_http),
+            (Source::Cri, Some("cri/ref"), Some("sha256:cri"), false, false)
         );
+        let r = LayerLabels::read(&l, "default/3/x", TRUST);
+        assert_eq!((r.source, r.hydrate, r.plain_http), (Source::Unknown, false, false));
         // A wrong token, of the right length or not, is no token.
         for bad in ["", "0123456789abcdef0123456789abcdeX", "0123"] {
             l.insert(PULL_TOKEN.into(), bad.into());
@@ -204,8 +217,8 @@ mod tests {
         l.insert(PULL_TOKEN.into(), TOKEN.into());
         let r = LayerLabels::read(&l, "default/3/x", TRUST);
         assert_eq!(
-            (r.source, r.image_ref, r.layer_digest, r.hydrate),
-            (Source::Pull, Some("evil.example/x@sha256:1"), Some("sha256:hb"), true)
+            (r.source, r.image_ref, r.layer_digest, r.hydrate, r.plain_http),
+            (Source::Pull, Some("evil.example/x@sha256:1"), Some("sha256:hb"), true, true)
         );
         // A daemon without a token (none made) believes no token.
         l.insert(PULL_TOKEN.into(), String::new());
@@ -226,6 +239,6 @@ mod tests {
         assert!(keep_on_commit(TARGET) && keep_on_commit(CRI_IMAGE_REF) && keep_on_commit(CRI_MANIFEST_DIGEST));
         assert!(keep_on_commit("containerd.io/snapshot/hyperbox.index-offset"));
         assert!(!keep_on_commit("containerd.io/snapshot/cri.image-layers"));
-        assert!(!keep_on_commit(PULL_TOKEN) && !keep_on_commit(HYDRATE));
+        assert!(!keep_on_commit(PULL_TOKEN) && !keep_on_commit(HYDRATE) && !keep_on_commit(PLAIN_HTTP));
     }
 }

@@ -35,6 +35,9 @@ pub const STORE_VERIFY_FAILURES: &str = "hyperbox_store_verify_failures_total";
 pub const LAYERS_MOUNTED: &str = "hyperbox_layers_mounted";
 pub const SNAPSHOT_OPS: &str = "hyperbox_snapshot_operations_total";
 pub const SNAPSHOT_OP_ERRORS: &str = "hyperbox_snapshot_operation_errors_total";
+/// Layer Prepares that took the ordinary path (downloaded by containerd),
+/// by reason.
+pub const LAZY_FALLBACKS: &str = "hyperbox_lazy_fallbacks_total";
 // Traces and prefetch.
 pub const TRACE_SESSIONS: &str = "hyperbox_trace_sessions_total";
 pub const TRACE_RUNS_MERGED: &str = "hyperbox_trace_runs_merged_total";

@@ -85,6 +85,9 @@ pub struct PullOptions {
     pub hydrate: bool,
     /// hyperboxd's socket, where the pull token comes from.
     pub hyperboxd: PathBuf,
+    /// The registry serves plain http: tell hyperboxd too (with the pull
+    /// token), so that lazy layers are fetched over http as well.
+    pub plain_http: bool,
 }
 
 /// What a pull did, layer by layer.
@@ -102,6 +105,32 @@ pub struct PullReport {
     /// HyperBox layers containerd held already (with `hydrate`): it
     /// answers their Prepare itself, so hyperboxd never sees the label.
     pub held_remote: usize,
+    /// Why each downloaded layer was not lazy, in layer order.
+    pub not_lazy: Vec<NotLazy>,
+}
+
+/// Why a layer was downloaded rather than mounted lazily.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotLazy {
+    /// The layer's blob digest.
+    pub layer: String,
+    /// As `/metrics` labels it (`not_hyperbox`, `registry`, ...; see
+    /// `crate::snapshotter::fallback::Reason`), or `unknown` when
+    /// hyperboxd could not say.
+    pub reason: String,
+    /// What the reason means, then the error itself.
+    pub meaning: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for NotLazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.meaning)?;
+        if !self.detail.is_empty() {
+            write!(f, ": {}", self.detail)?;
+        }
+        Ok(())
+    }
 }
 
 /// A connection to containerd that tags every request with the namespace
@@ -364,6 +393,27 @@ pub async fn pull(registry: &Client, opts: &PullOptions, reference: &str, log: i
     Ok(report)
 }
 
+/// Why hyperboxd did not mount the HyperBox layer `layer` it was asked to
+/// prepare as `key` in `namespace`: it keeps the reason of each fallback.
+async fn why_not_lazy(socket: &std::path::Path, namespace: &str, key: &str, layer: &str) -> NotLazy {
+    let unknown = |detail: String| NotLazy {
+        layer: layer.to_string(),
+        reason: "unknown".into(),
+        meaning: "hyperboxd did not say why".into(),
+        detail,
+    };
+    let mut c = match crate::admin::connect(socket).await {
+        Ok(c) => c,
+        Err(e) => return unknown(format!("cannot ask it at {}: {e:?}", socket.display())),
+    };
+    let req = crate::admin::proto::FallbacksRequest { namespace: namespace.into(), key: key.into(), max: 1 };
+    match c.fallbacks(req).await.map(|r| r.into_inner().fallbacks.into_iter().next()) {
+        Ok(Some(f)) => NotLazy { layer: layer.to_string(), reason: f.reason, meaning: f.meaning, detail: f.detail },
+        Ok(None) => unknown("it kept no reason for this layer".into()),
+        Err(s) => unknown(format!("asking it failed: {}", s.message())),
+    }
+}
+
 /// Ask hyperboxd at `socket` to fetch every chunk of the image `manifest`.
 async fn hydrate(socket: &std::path::Path, manifest: &str) -> Result<()> {
     let failed = |e: String| PullError::Daemon { path: socket.display().to_string(), problem: e };
@@ -414,6 +464,9 @@ async fn pull_with_lease(
             if opts.hydrate {
                 labels.insert(labels::HYDRATE.into(), "true".into());
             }
+            if opts.plain_http {
+                labels.insert(labels::PLAIN_HTTP.into(), "true".into());
+            }
         }
         if opts.hydrate && hyperbox {
             let stat = StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: chain[i].clone() };
@@ -444,7 +497,17 @@ async fn pull_with_lease(
             Err(s) => return Err(ctr_err(format!("prepare of layer {}", layer.digest()))(s)),
             Ok(resp) => resp.into_inner().mounts,
         };
-        // Not lazy: download and unpack it, as a pull would.
+        // Not lazy: say why, then download and unpack it, as a pull would.
+        let why = if hyperbox {
+            why_not_lazy(&opts.hyperboxd, &opts.namespace, &key, layer.digest().as_ref()).await
+        } else {
+            NotLazy {
+                layer: layer.digest().to_string(),
+                reason: "not_hyperbox".into(),
+                meaning: "not a HyperBox layer (convert the image with `hyperbox convert`)".into(),
+                detail: String::new(),
+            }
+        };
         let unpacked = async {
             let digest: Digest = layer.digest().as_ref().parse().map_err(|e| image_err("layer digest", e))?;
             let tmp = tempfile::NamedTempFile::new()?;
@@ -493,7 +556,12 @@ async fn pull_with_lease(
             Ok(bytes) => {
                 report.downloaded += 1;
                 report.bytes_downloaded += bytes;
-                log(&format!("layer {}/{n} {}: downloaded and unpacked ({bytes} bytes)", i + 1, layer.digest()));
+                log(&format!(
+                    "layer {}/{n} {}: downloaded and unpacked ({bytes} bytes); not lazy: {why}",
+                    i + 1,
+                    layer.digest()
+                ));
+                report.not_lazy.push(why);
             }
             Err(e) => {
                 let _ = snapshots

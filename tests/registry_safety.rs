@@ -336,3 +336,55 @@ async fn a_stalled_registry_does_not_hold_up_another_registry() {
         h.abort();
     }
 }
+
+/// A repository's own credentials (as the CRI proxy keeps a pull secret):
+/// a bearer token the registry lets expire is fetched again with them, and
+/// another repository of the same registry asks anonymously.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_are_fetched_again_with_a_repositorys_kept_credentials() {
+    use base64::Engine;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pod = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("pod:p"));
+    // Each token is good for one request: every later request finds its
+    // token expired.
+    let live = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(AtomicU64::new(0));
+    let origin: Arc<Mutex<String>> = Arc::default();
+    let (o2, pod2) = (origin.clone(), pod.clone());
+    let (registry, seen) = serve("127.0.0.1", move |path, auth| {
+        if path.starts_with("/token") {
+            if auth != Some(pod2.as_str()) {
+                return status(401, &[], Body::empty());
+            }
+            let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+            live.store(n, Ordering::SeqCst);
+            return status(200, &[], Body::from(format!("{{\"token\":\"t{n}\"}}")));
+        }
+        let current = live.load(Ordering::SeqCst);
+        if current > 0 && auth == Some(format!("Bearer t{current}").as_str()) {
+            live.store(0, Ordering::SeqCst);
+            return status(206, &[("content-range", "bytes 0-9/100".into())], Body::from(vec![7u8; 10]));
+        }
+        let realm = format!("http://{}/token", o2.lock().unwrap());
+        status(401, &[("www-authenticate", format!("Bearer realm=\"{realm}\",service=\"s\""))], Body::empty())
+    })
+    .await;
+    *origin.lock().unwrap() = registry.clone();
+    let c = client_with(&[], 5_000);
+    let repo = Repo { registry: registry.clone(), name: "team/private".into() };
+    c.set_repo_credentials(&repo, "pod", "p");
+    for _ in 0..3 {
+        assert_eq!(c.get_blob_range(&repo, &digest(), 0, 10).await.unwrap(), vec![7u8; 10]);
+    }
+    let tokens: Vec<Option<String>> =
+        seen.lock().unwrap().iter().filter(|(p, _)| p.starts_with("/token")).map(|(_, a)| a.clone()).collect();
+    assert_eq!(tokens.len(), 3, "one token per expiry: {tokens:?}");
+    assert!(tokens.iter().all(|a| a.as_deref() == Some(pod.as_str())), "{tokens:?}");
+
+    // Another repository: no credentials of its own, none of the registry's.
+    let other = Repo { registry: registry.clone(), name: "team/other".into() };
+    let err = c.get_blob_range(&other, &digest(), 0, 10).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let last = seen.lock().unwrap().iter().rev().find(|(p, _)| p.starts_with("/token")).cloned();
+    assert_eq!(last.and_then(|(_, a)| a), None, "the other repository's token request carried credentials");
+}

@@ -181,36 +181,6 @@ fn debian_image_starts_lazily() {
     assert!(fetched * 10 < layer_bytes, "fetched {fetched} of {layer_bytes} bytes: not lazy");
 }
 
-/// The CRI's PullImage, as kubelet sends it (runtime.v1; only the fields used).
-mod cri {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ImageSpec {
-        #[prost(string, tag = "1")]
-        pub image: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PullImageRequest {
-        #[prost(message, optional, tag = "1")]
-        pub image: Option<ImageSpec>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PullImageResponse {
-        #[prost(string, tag = "1")]
-        pub image_ref: String,
-    }
-
-    pub async fn pull(socket: &std::path::Path, image: &str) -> Result<String, tonic::Status> {
-        let channel = containerd_client::connect(socket).await.expect("connect to containerd");
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.expect("channel ready");
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/PullImage");
-        let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }) };
-        let resp: tonic::Response<PullImageResponse> =
-            grpc.unary(tonic::Request::new(req), path, tonic::codec::ProstCodec::default()).await?;
-        Ok(resp.into_inner().image_ref)
-    }
-}
-
 #[test]
 fn cri_pull_is_lazy() {
     if !have_tools("cri_pull_is_lazy", TOOLS) {
@@ -713,10 +683,4 @@ fn hydrate_fetches_the_whole_image() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pull it with `hyperbox pull`"), "{out:?}");
-}
-
-/// The value of one series (`name` or `name{labels}`) in Prometheus text.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
-    line.split_whitespace().last()?.parse().ok()
 }

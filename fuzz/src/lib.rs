@@ -378,7 +378,7 @@ fn merged(t: &Trace, max: usize, runs: u32) {
 // --------------------------------------------------------------- labels ----
 
 /// Label keys `@0`..`@9` (and `@a`…) in a `labels` input stand for.
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 15] = [
     labels::TARGET,
     labels::PULL_TOKEN,
     labels::IMAGE_REF,
@@ -393,6 +393,7 @@ pub const KEYS: [&str; 14] = [
     format::ANN_INDEX_DIGEST,
     "containerd.io/snapshot/cri.image-layers",
     "containerd.io/snapshot/other",
+    labels::PLAIN_HTTP,
 ];
 
 /// containerd's label protocol and the strings images hand it: lines of
@@ -424,20 +425,22 @@ pub fn labels(data: &[u8]) {
             assert!(!token.is_empty() && get(labels::PULL_TOKEN) == Some(token), "a pull believed without the token");
             assert_eq!((ll.image_ref, ll.layer_digest), (get(labels::IMAGE_REF), get(labels::LAYER_DIGEST)));
             assert_eq!(ll.hydrate, get(labels::HYDRATE) == Some("true"));
+            assert_eq!(ll.plain_http, get(labels::PLAIN_HTTP) == Some("true"));
         }
         Source::Cri => {
             assert!(cri, "CRI labels believed outside the CRI namespace");
             assert!(token.is_empty() || get(labels::PULL_TOKEN) != Some(token));
             assert_eq!((ll.image_ref, ll.layer_digest), (get(labels::CRI_IMAGE_REF), get(labels::CRI_LAYER_DIGEST)));
-            assert!(!ll.hydrate);
+            assert!(!ll.hydrate && !ll.plain_http);
         }
         Source::Unknown => {
             assert!(!cri && (token.is_empty() || get(labels::PULL_TOKEN) != Some(token)));
             assert!(ll.image_ref.is_none() && ll.layer_digest.is_none() && ll.manifest_digest.is_none() && !ll.hydrate);
+            assert!(!ll.plain_http);
         }
     }
     for k in map.keys() {
-        if k == labels::PULL_TOKEN || k == labels::HYDRATE {
+        if k == labels::PULL_TOKEN || k == labels::HYDRATE || k == labels::PLAIN_HTTP {
             assert!(!labels::keep_on_commit(k));
         }
     }

@@ -173,6 +173,32 @@ impl Admin for AdminService {
         Ok(Response::new(proto::PullTokenResponse { token: self.node.pull_token.clone() }))
     }
 
+    async fn fallbacks(
+        &self,
+        req: Request<proto::FallbacksRequest>,
+    ) -> Result<Response<proto::FallbacksResponse>, Status> {
+        let req = req.into_inner();
+        let kept = self.node.snapshotter.fallbacks();
+        let found = if req.key.is_empty() {
+            kept.recent(if req.max == 0 { usize::MAX } else { req.max as usize })
+        } else {
+            kept.find(&req.namespace, &req.key).into_iter().collect()
+        };
+        let fallbacks = found
+            .into_iter()
+            .map(|f| proto::Fallback {
+                key: f.key,
+                target: f.target,
+                registry: f.registry.unwrap_or_default(),
+                reason: f.why.reason.label().to_string(),
+                meaning: f.why.reason.meaning().to_string(),
+                detail: f.why.detail,
+                unix_seconds: f.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+            })
+            .collect();
+        Ok(Response::new(proto::FallbacksResponse { fallbacks }))
+    }
+
     async fn gc(&self, _: Request<proto::GcRequest>) -> Result<Response<proto::GcResponse>, Status> {
         let snap = self.node.snapshotter.clone();
         let r = blocking(move || snap.gc()).await?;

@@ -23,6 +23,14 @@ pub fn listen(address: &Path) -> Result<(tokio::net::UnixListener, Option<PathBu
         let l = tokio::net::UnixListener::from_std(l).map_err(io("the socket systemd passed".into()))?;
         return Ok((l, None));
     }
+    let l = own_socket(address)?;
+    Ok((l, Some(address.to_path_buf())))
+}
+
+/// A unix socket of our own at `address` (mode 0660, [`bind_private`]),
+/// replacing a stale one; an `address` something answers on is in use.
+pub fn own_socket(address: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    let io = DaemonError::io;
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     }
@@ -32,8 +40,7 @@ pub fn listen(address: &Path) -> Result<(tokio::net::UnixListener, Option<PathBu
         }
         std::fs::remove_file(address).map_err(io(format!("remove stale socket {}", address.display())))?;
     }
-    let l = bind_private(address).map_err(io(format!("listen on {}", address.display())))?;
-    Ok((l, Some(address.to_path_buf())))
+    bind_private(address).map_err(io(format!("listen on {}", address.display())))
 }
 
 /// The socket's mode, as containerd's own: root and its group only.

@@ -107,6 +107,14 @@ pub fn text(node: &Node) -> String {
         "call",
         &calls.iter().map(|(c, _, n)| (*c, *n)).collect::<Vec<_>>(),
     );
+    let fallbacks = node.snapshotter.fallbacks().counts();
+    e.counter_by(
+        LAZY_FALLBACKS,
+        "Layer Prepares not served lazily (containerd downloaded the layer), by reason; `hyperbox doctor` shows the \
+         latest.",
+        "reason",
+        &fallbacks.iter().map(|(r, n)| (r.label(), *n)).collect::<Vec<_>>(),
+    );
     if let Some(r) = node.recorder.as_ref() {
         e.counter(TRACE_SESSIONS, "Container starts recorded.", r.stats.sessions.load(Relaxed));
         e.counter(TRACE_RUNS_MERGED, "Recorded starts merged into traces.", r.stats.runs_merged.load(Relaxed));

@@ -11,6 +11,7 @@
 //! on a socket of their own, in process.
 
 pub mod admin;
+pub mod cri;
 pub mod listen;
 pub mod metrics;
 pub mod snapshots;
@@ -69,6 +70,8 @@ pub struct Node {
     /// (`crate::labels::Trust`): random, made at each start, given only
     /// over the admin socket.
     pub pull_token: String,
+    /// Credentials CRI pulls brought through the image service proxy.
+    pub keychain: Arc<cri::Keychain>,
 }
 
 impl Node {
@@ -85,6 +88,8 @@ impl Node {
             .map_err(io(format!("chmod {}", root.display())))?;
         let store = Arc::new(Store::open(&root.join("store"), &config.store)?);
         let client = Arc::new(Client::new(&config.registry, false)?);
+        // Before the layers are mounted again: they may need these to fetch.
+        let keychain = Arc::new(cri::Keychain::open(&root.join("cri-credentials.json"), client.clone()));
         let fetcher = Fetcher::new(client, store.clone(), config.fetch.clone());
         let recorder = config.trace.enabled.then(|| Recorder::start(store.clone(), config.trace.clone(), rt));
         let prefetcher =
@@ -110,7 +115,7 @@ impl Node {
             rt.spawn(snapshotter::auto_gc(Arc::downgrade(&snapshotter), delay));
         }
         tracing::info!(root = %root.display(), layers = snapshotter.mounted_layers(), "snapshots loaded");
-        Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter, pull_token })
+        Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter, pull_token, keychain })
     }
 
     /// Stop serving layers: save the traces being recorded and unmount
@@ -156,6 +161,26 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let node = Arc::new(Node::open(config, rt.handle())?);
     let metrics = metrics_listener(&node.config.daemon.metrics_address)?
         .map(|listener| rt.spawn(metrics::serve(node.clone(), listener, std::future::pending())));
+    let cri = &node.config.cri;
+    let cri_proxy = if cri.image_service_address.as_os_str().is_empty() {
+        None
+    } else {
+        let _entered = rt.enter();
+        let listener = listen::own_socket(&cri.image_service_address)?;
+        tracing::info!(
+            address = %cri.image_service_address.display(),
+            containerd = %cri.containerd_address.display(),
+            "serving the CRI image service proxy"
+        );
+        let served =
+            cri::serve(listener, cri.containerd_address.clone(), node.keychain.clone(), std::future::pending());
+        let proxy = rt.spawn(async move {
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "the CRI image service proxy stopped");
+            }
+        });
+        Some((proxy, cri.image_service_address.clone()))
+    };
     let served = rt.block_on(async {
         let address = &node.config.daemon.address;
         let (listener, owned) = listen::listen(address)?;
@@ -170,6 +195,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     });
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some((proxy, socket)) = cri_proxy {
+        proxy.abort();
+        let _ = std::fs::remove_file(socket);
     }
     node.close();
     rt.shutdown_timeout(Duration::from_secs(5));

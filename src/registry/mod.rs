@@ -105,11 +105,15 @@ impl RegistryError {
 pub struct Client {
     http: reqwest::Client,
     plain_http: bool,
-    insecure: Vec<String>,
+    /// Hosts reached over plain http: `registry.insecure`, mirrors written
+    /// with `http://`, and those a trusted pull named since
+    /// ([`Client::use_plain_http`]).
+    insecure: parking_lot::RwLock<Vec<String>>,
     /// registry → mirrors, in the order to try them.
     mirrors: HashMap<String, Vec<String>>,
     /// registry host → (user, password), from docker's config.json or
-    /// [`Client::set_credentials`].
+    /// [`Client::set_credentials`]; `host/repository` → (user, password)
+    /// from [`Client::set_repo_credentials`], which go before the host's.
     creds: Mutex<HashMap<String, (String, String)>>,
     /// (registry, scope) → bearer token.
     tokens: Mutex<HashMap<(String, String), String>>,
@@ -174,7 +178,7 @@ impl Client {
         Ok(Self {
             http,
             plain_http,
-            insecure,
+            insecure: parking_lot::RwLock::new(insecure),
             mirrors,
             creds: Mutex::new(load_docker_credentials(cfg.docker_config.as_deref())?),
             tokens: Mutex::new(HashMap::new()),
@@ -189,6 +193,26 @@ impl Client {
         self.tokens.lock().retain(|(r, _), _| r != registry);
     }
 
+    /// Credentials for one repository (a Kubernetes pull secret, as the
+    /// CRI passes it with a pull): used for that repository of that
+    /// registry only, before any the registry has as a whole.
+    pub fn set_repo_credentials(&self, repo: &Repo, user: &str, secret: &str) {
+        let key = format!("{}/{}", repo.registry, repo.name);
+        let old = self.creds.lock().insert(key, (user.to_string(), secret.to_string()));
+        if old.as_ref().is_some_and(|(u, p)| u == user && p == secret) {
+            return;
+        }
+        let scope = format!("repository:{}:", repo.name);
+        self.tokens.lock().retain(|(r, s), _| r != &repo.registry || !s.starts_with(&scope));
+    }
+
+    /// Drop what [`Client::set_repo_credentials`] set for `repo`.
+    pub fn forget_repo_credentials(&self, repo: &Repo) {
+        self.creds.lock().remove(&format!("{}/{}", repo.registry, repo.name));
+        let scope = format!("repository:{}:", repo.name);
+        self.tokens.lock().retain(|(r, s), _| r != &repo.registry || !s.starts_with(&scope));
+    }
+
     /// Where to read `repo`'s content from, in order: its mirrors, then
     /// the registry itself. Content is addressed by digest and verified, so
     /// a mirror can only be slow or wrong, never trusted.
@@ -201,11 +225,8 @@ impl Client {
     }
 
     fn base(&self, registry: &str) -> String {
-        let scheme = if self.plain_http || self.insecure.iter().any(|h| h == registry) || is_loopback(registry) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme =
+            if self.plain_http || self.is_plain_http(registry) || is_loopback(registry) { "http" } else { "https" };
         let host = if registry == "docker.io" { "registry-1.docker.io" } else { registry };
         format!("{scheme}://{host}/v2/")
     }
@@ -264,6 +285,24 @@ impl Client {
         })
     }
 
+    /// Reach `registry` over plain http from now on, as if
+    /// `registry.insecure` listed it: `hyperbox pull --plain-http` says so
+    /// for the registry of its lazy layers (with the pull token, which an
+    /// image's annotations cannot carry), and a layer pulled so says so
+    /// again when it is mounted after a restart.
+    pub fn use_plain_http(&self, registry: &str) {
+        let mut hosts = self.insecure.write();
+        if !hosts.iter().any(|h| h == registry) {
+            hosts.push(registry.to_string());
+        }
+    }
+
+    /// Whether `registry` is reached over plain http by name
+    /// (`registry.insecure`, an `http://` mirror, [`Client::use_plain_http`]).
+    pub fn is_plain_http(&self, registry: &str) -> bool {
+        self.insecure.read().iter().any(|h| h == registry)
+    }
+
     /// Whether a registry's basic credentials may go to `realm`: its own
     /// origin, an https token service (as Docker Hub's auth.docker.io), or
     /// a host the config names as plain http (`registry.insecure`, a mirror
@@ -278,7 +317,7 @@ impl Client {
             (Some(h), None) => h.to_string(),
             (None, _) => return false,
         };
-        realm.scheme() == "http" && self.insecure.iter().any(|h| *h == host)
+        realm.scheme() == "http" && self.is_plain_http(&host)
     }
 
     /// Answer a `WWW-Authenticate` challenge with an `Authorization` value.
@@ -291,7 +330,10 @@ impl Client {
         what: &str,
     ) -> Result<String> {
         use base64::Engine;
-        let creds = self.creds.lock().get(&repo.registry).cloned();
+        let creds = {
+            let creds = self.creds.lock();
+            creds.get(&format!("{}/{}", repo.registry, repo.name)).or_else(|| creds.get(&repo.registry)).cloned()
+        };
         let basic = creds
             .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
         let fail = |problem: String| RegistryError::Auth { repo: repo.to_string(), what: what.to_string(), problem };
@@ -816,6 +858,26 @@ mod tests {
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "registry.example");
         assert_eq!(p["scope"], "repository:a/b:pull");
+    }
+
+    #[test]
+    fn a_repositorys_own_credentials_go_first_and_only_to_it() {
+        use base64::Engine;
+        let c = Client::new(&RegistryConfig::default(), false).unwrap();
+        let repo = |name: &str| Repo { registry: "r.example".into(), name: name.into() };
+        let base = reqwest::Url::parse("https://r.example/v2/").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let basic = |r: &Repo| rt.block_on(c.authorize(r, &base, "Basic realm=\"x\"", "s", "manifest")).ok();
+        let header = |up: &str| Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(up)));
+        assert_eq!(basic(&repo("team/app")), None);
+        c.set_credentials("r.example", "node", "n");
+        c.set_repo_credentials(&repo("team/app"), "pod", "p");
+        assert_eq!(basic(&repo("team/app")), header("pod:p"));
+        assert_eq!(basic(&repo("team/other")), header("node:n"), "another repository gets the registry's");
+        let elsewhere = Repo { registry: "s.example".into(), name: "team/app".into() };
+        assert_eq!(basic(&elsewhere), None, "another registry gets nothing");
+        c.forget_repo_credentials(&repo("team/app"));
+        assert_eq!(basic(&repo("team/app")), header("node:n"));
     }
 
     #[test]

@@ -82,6 +82,11 @@ pub(super) struct RemoteRef {
     /// since (images sharing it), for `hyperbox prefetch` of those images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) also: Vec<String>,
+    /// Its registry serves plain http (`hyperbox pull --plain-http`): said
+    /// again to the registry client when the layer is mounted after a
+    /// restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) plain_http: bool,
 }
 
 impl RemoteRef {

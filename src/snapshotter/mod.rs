@@ -15,6 +15,8 @@
 //!   the call answers AlreadyExists, so containerd downloads nothing. Any
 //!   failure falls back to the ordinary path, where containerd unpacks the
 //!   layer. It also hands the image's layers to the prefetcher.
+//! - `fallback`: why a layer's Prepare was not lazy, counted by reason and
+//!   the latest kept, for `hyperbox pull`, `hyperbox doctor` and metrics.
 //! - `gc`: freeing indexes and chunks no snapshot needs.
 //! - `status`: what `hyperbox layers` and the metrics ask.
 //! - `filter`: containerd's List filter language.
@@ -25,6 +27,7 @@
 
 mod dirs;
 mod error;
+pub mod fallback;
 pub mod filter;
 mod gc;
 mod meta;
@@ -115,6 +118,8 @@ pub struct Snapshotter {
     /// their record, and [`Snapshotter::gc`] (which holds this lock
     /// throughout) must keep it.
     preparing: Mutex<HashSet<String>>,
+    /// Prepares that fell back to the ordinary path, and why.
+    fallbacks: fallback::Fallbacks,
 }
 
 impl Snapshotter {
@@ -153,6 +158,7 @@ impl Snapshotter {
             closing: AtomicBool::new(false),
             removals: tokio::sync::watch::channel(0).0,
             preparing: Mutex::new(HashSet::new()),
+            fallbacks: fallback::Fallbacks::default(),
         };
         let remote: Vec<(String, Record)> = {
             let meta = s.meta.lock();

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use super::dirs::remove_dir;
 use super::error::{Result, SnapshotError};
+use super::fallback::{NotLazy, Reason};
 use super::gc::Preparing;
 use super::meta::{Kind, Meta, Record, RemoteRef, Usage};
 use super::Snapshotter;
@@ -98,26 +99,54 @@ impl Snapshotter {
 
     /// Try to make `target` a committed remote layer on `parent`, for the
     /// Prepare of `key`. True if it exists now (made here or before); false
-    /// to take the ordinary path.
+    /// to take the ordinary path, with the reason logged and kept
+    /// (`super::fallback`).
+    pub(super) fn try_remote(&self, key: &str, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
+        let said = LayerLabels::read(labels, key, Trust { pull_token: &self.pull_token });
+        let Err(why) = self.lazy(parent, target, labels, &said) else { return true };
+        let registry = said.image_ref.and_then(|r| r.parse::<Reference>().ok()).map(|r| r.repo.registry);
+        match why.reason {
+            Reason::NotHyperbox => {}
+            Reason::NoImageRef => {
+                tracing::info!(target, source = ?said.source, reason = why.reason.label(), "{}; the layer will be downloaded", why.detail)
+            }
+            _ => tracing::warn!(
+                target,
+                image = said.image_ref.unwrap_or(""),
+                layer = said.layer_digest.unwrap_or(""),
+                reason = why.reason.label(),
+                error = %why.detail,
+                "remote layer failed; the layer will be downloaded"
+            ),
+        }
+        self.fallbacks.record(key, target, registry.as_deref(), why);
+        false
+    }
+
+    /// [`Snapshotter::try_remote`], saying why not.
     ///
     /// A remote layer named `target` serves every later pull that names it,
     /// in any namespace, so it is made only when the layer's index says it
     /// is that chain id, and reused only by a Prepare that names the same
     /// index (whose digest fixes every file it serves). Anything else takes
     /// the ordinary path, where containerd checks what it unpacks.
-    pub(super) fn try_remote(&self, key: &str, parent: &str, target: &str, labels: &HashMap<String, String>) -> bool {
-        let said = LayerLabels::read(labels, key, Trust { pull_token: &self.pull_token });
-        let loc = match IndexLocation::from_annotations(labels) {
-            Ok(loc) => loc,
-            Err(e) => {
-                tracing::warn!(target, error = %e, "bad HyperBox annotations; the layer will be downloaded");
-                return false;
-            }
-        };
+    fn lazy(
+        &self,
+        parent: &str,
+        target: &str,
+        labels: &HashMap<String, String>,
+        said: &LayerLabels,
+    ) -> Result<(), NotLazy> {
+        let loc = IndexLocation::from_annotations(labels)
+            .map_err(|e| NotLazy::new(Reason::BadAnnotations, format!("bad HyperBox annotations: {e}")))?;
         let existing = {
             let meta = self.meta.lock();
             if !meta.snaps.contains_key(target) && !meta.parent_ok(parent) {
-                return false;
+                let why = match loc {
+                    None => NotLazy::new(Reason::NotHyperbox, ""),
+                    Some(_) => NotLazy::new(Reason::Conflict, format!("parent {parent:?} is not a committed snapshot")),
+                };
+                return Err(why);
             }
             meta.snaps.get(target).map(|r| {
                 let same_parent = r.kind == Kind::Committed && r.parent.as_deref().unwrap_or("") == parent;
@@ -126,37 +155,29 @@ impl Snapshotter {
             })
         };
         if let Some((reusable, id)) = existing {
-            if reusable {
-                self.reused(target, id, &said);
-            } else {
-                tracing::warn!(
-                    target,
-                    "a snapshot of this chain id exists with another parent or another layer index; the layer will \
-                     be downloaded"
-                );
+            if !reusable {
+                return Err(match loc {
+                    None => NotLazy::new(Reason::NotHyperbox, ""),
+                    Some(_) => NotLazy::new(
+                        Reason::Conflict,
+                        "a snapshot of this chain id exists with another parent or another layer index",
+                    ),
+                });
             }
-            return reusable;
+            self.reused(target, id, said);
+            return Ok(());
         }
-        let Some(loc) = loc else { return false };
+        let Some(loc) = loc else { return Err(NotLazy::new(Reason::NotHyperbox, "")) };
         let (Some(image), Some(blob)) = (said.image_ref, said.layer_digest) else {
-            tracing::info!(
-                target,
-                source = ?said.source,
+            return Err(NotLazy::new(
+                Reason::NoImageRef,
                 "a HyperBox layer without an image reference and digest from a source the image cannot forge (use \
-                 `hyperbox pull`, or CRI with disable_snapshot_annotations = false); the layer will be downloaded"
-            );
-            return false;
+                 `hyperbox pull`, or CRI with disable_snapshot_annotations = false)",
+            ));
         };
-        match self.mount_remote(parent, target, labels, &said, (image, blob), &loc) {
-            Ok(()) => {
-                tracing::info!(target, image = %image, layer = %blob, "remote layer ready");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(target, image = %image, layer = %blob, error = %e, "remote layer failed; the layer will be downloaded");
-                false
-            }
-        }
+        self.mount_remote(parent, target, labels, said, (image, blob), &loc)?;
+        tracing::info!(target, image = %image, layer = %blob, "remote layer ready");
+        Ok(())
     }
 
     /// Remote layer `target` (snapshot `id`), made before, now serves the
@@ -243,6 +264,9 @@ impl Snapshotter {
     ) -> Result<(), RemoteError> {
         let reference: Reference = image.parse()?;
         let manifest = image_of(said).map(|i| i.digest);
+        if said.plain_http {
+            self.fetcher.client().use_plain_http(&reference.repo.registry);
+        }
         let remote = RemoteRef {
             registry: reference.repo.registry,
             repository: reference.repo.name,
@@ -250,6 +274,7 @@ impl Snapshotter {
             location: loc.to_annotations(),
             manifest,
             also: Vec::new(),
+            plain_http: said.plain_http,
         };
         // Registered before its index is read or stored: a gc from now on
         // keeps the index, and one running now finishes first.
@@ -323,6 +348,9 @@ impl Snapshotter {
     pub(super) fn remount(&self, rec: &Record) -> Result<(), RemoteError> {
         let remote = rec.remote.as_ref().ok_or(RemoteError::NoLocation)?;
         let loc = stored_location(rec)?.ok_or(RemoteError::NoLocation)?;
+        if remote.plain_http {
+            self.fetcher.client().use_plain_http(&remote.registry);
+        }
         let layer = self.remote_layer(remote, &loc)?;
         std::fs::create_dir_all(self.fs_dir(rec.id)).map_err(RemoteError::Dir)?;
         super::dirs::set_mode(&self.dir(rec.id), super::dirs::PRIVATE)?;

@@ -78,4 +78,9 @@ impl Snapshotter {
     pub fn mounted_layers(&self) -> usize {
         self.layers.lock().len()
     }
+
+    /// Prepares that fell back to the ordinary path since start, and why.
+    pub fn fallbacks(&self) -> &super::fallback::Fallbacks {
+        &self.fallbacks
+    }
 }

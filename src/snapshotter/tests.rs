@@ -327,6 +327,7 @@ fn remote_record(id: u64, repo: &str, loc: &IndexLocation) -> Record {
             location: loc.to_annotations(),
             manifest: None,
             also: Vec::new(),
+            plain_http: false,
         }),
     }
 }

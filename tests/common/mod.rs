@@ -4,6 +4,7 @@
 //! test ends, whether it passed or not.
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod faultproxy;
 pub mod skip;
 
@@ -745,4 +746,40 @@ pub fn drop_page_cache(path: &Path) {
     // SAFETY: a plain syscall on an fd this function owns.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(r, 0, "posix_fadvise on {}", path.display());
+}
+
+/// The value of one series (`name` or `name{labels}`) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+/// A docker config dir (for `DOCKER_CONFIG`) in `dir`, with a login for
+/// each `(registry, user, password)`: none makes a config without
+/// credentials.
+pub fn docker_config(dir: &Path, logins: &[(&str, &str, &str)]) -> PathBuf {
+    use base64::Engine;
+    let auths: serde_json::Map<String, serde_json::Value> = logins
+        .iter()
+        .map(|(registry, user, password)| {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            (registry.to_string(), serde_json::json!({ "auth": auth }))
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::json!({ "auths": auths }).to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// `/metrics` of a daemon serving them at `address`.
+pub fn scrape(address: &str) -> String {
+    run(Command::new("curl").arg("-fsS").arg(format!("http://{address}/metrics")))
+}
+
+/// A daemon that restarted has fetched from its registry since, and no
+/// fetch failed (counters start at zero with each process).
+pub fn assert_fetched_since_start(metrics_address: &str) {
+    let text = scrape(metrics_address);
+    assert!(metric(&text, "hyperbox_fetch_bytes_total").unwrap_or(0.0) > 0.0, "nothing fetched since start: {text}");
+    assert_eq!(metric(&text, "hyperbox_fetch_failures_total"), Some(0.0), "{text}");
 }

@@ -32,7 +32,12 @@ pub fn run(args: DoctorArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
     let version = rt.block_on(doctor::containerd_version(&containerd_address));
     checks.extend(doctor::containerd_config(&containerd_config, &address, version.as_deref()));
     checks.push(rt.block_on(doctor::containerd_plugin(&containerd_address)));
-    checks.push(rt.block_on(doctor::daemon(&address)));
+    let daemon = rt.block_on(doctor::daemon(&address));
+    let answers = daemon.outcome == Outcome::Ok;
+    checks.push(daemon);
+    if answers {
+        checks.push(rt.block_on(doctor::fallbacks(&address)));
+    }
     let mut failed = 0;
     for c in &checks {
         let mark = match c.outcome {

@@ -17,8 +17,9 @@ use hyperbox::registry::Client;
 /// Layers that are not HyperBox layers are downloaded and unpacked here.
 #[derive(clap::Args)]
 pub struct PullArgs {
-    /// Use http instead of https for registries (loopback registries
-    /// always use http).
+    /// Use http instead of https for the image's registry, here and in
+    /// hyperboxd for its lazy layers (loopback registries always use
+    /// http).
     #[arg(long)]
     plain_http: bool,
     /// containerd's socket.
@@ -43,7 +44,7 @@ pub struct PullArgs {
 pub fn run(args: PullArgs, config: &Config, rt: &tokio::runtime::Runtime) -> Result<()> {
     let PullArgs { plain_http, address, namespace, snapshotter, hydrate, hyperboxd, reference } = args;
     let client = Client::new(&config.registry, plain_http)?;
-    let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter, hydrate, hyperboxd };
+    let opts = hyperbox::pull::PullOptions { address, namespace, snapshotter, hydrate, hyperboxd, plain_http };
     let started = std::time::Instant::now();
     let report = rt.block_on(hyperbox::pull::pull(&client, &opts, &reference, |line| eprintln!("{line}")))?;
     println!(
@@ -56,5 +57,11 @@ pub fn run(args: PullArgs, config: &Config, rt: &tokio::runtime::Runtime) -> Res
         human(report.bytes_downloaded),
         report.present
     );
+    for (i, why) in report.not_lazy.iter().enumerate() {
+        if i == 0 {
+            println!("not lazy:");
+        }
+        println!("  {} ({}): {why}", why.layer, why.reason);
+    }
     Ok(())
 }
