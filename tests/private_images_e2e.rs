@@ -49,8 +49,8 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
         containerd_link.display()
     );
     let mut hb = Hyperboxd::start(tmp.path(), &config);
-    let cri = "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"hyperbox\"\n  disable_snapshot_annotations = false\n";
-    let ctd = Containerd::start_with(&format!("{}{cri}", hb.proxy_plugin()), true);
+    // The config we ship for this containerd (packaging/containerd).
+    let ctd = Containerd::start_with(&hb.cri_config(), true);
     std::os::unix::fs::symlink(&ctd.socket, &containerd_link).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&proxy).unwrap().permissions().mode() & 0o777, 0o660, "the proxy socket is root's");
@@ -63,7 +63,7 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
         .block_on(cri::pull_with(&proxy, &image, Some(secret)))
         .unwrap_or_else(|e| panic!("PullImage through the proxy: {e}\n{}\n{}", hb.log(), ctd.log()));
     assert!(image_ref.starts_with("sha256:"), "{image_ref}");
-    assert_eq!(hb.fuse_mounts().len(), 2, "both layers lazy:\n{}", hb.log());
+    assert_eq!(hb.fuse_mounts().len(), 2, "{}: both layers lazy:\n{}", ctd.version(), hb.log());
     // Of the layer blobs, only their indexes were read.
     let ranged = count_requests(&registry.log()[log_start..], &["/blobs/", "\" 206 "]);
     assert_eq!(ranged, 2, "one index request per layer");
