@@ -3,9 +3,10 @@
 
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
-# The newer containerd versions the containerd tests also run on; deps
-# unpacks them (scripts/deps.sh, which names the Debian suite of each).
-CONTAINERD_VERSIONS ?= 1.7.24 2.1.9
+# The newer containerd series the containerd tests also run on (1.7: 1.7.24
+# from trixie; 2: 2.1.9 from sid, as of 2026-12); deps unpacks them
+# (scripts/deps.sh, which names the Debian suite of each).
+CONTAINERD_VERSIONS ?= 1.7 2
 
 .PHONY: deps build demo test test-containerd bench fmt clippy deb
 
@@ -29,7 +30,7 @@ test: deps
 	HYPERBOX_REQUIRE_E2E=1 $(CARGO) test --workspace --all-targets
 	@CARGO="$(CARGO)" bash scripts/containerd-matrix.sh $(CONTAINERD_VERSIONS)
 
-# The containerd tests on one version: make test-containerd CONTAINERD_VERSIONS=2.1.9
+# The containerd tests on one version: make test-containerd CONTAINERD_VERSIONS=2
 test-containerd: deps
 	@CARGO="$(CARGO)" bash scripts/containerd-matrix.sh $(CONTAINERD_VERSIONS)
 

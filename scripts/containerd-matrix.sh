@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 cache="${HYPERBOX_CONTAINERD_CACHE:-/var/cache/hyperbox}"
 versions=("$@")
-((${#versions[@]})) || read -ra versions <<<"${CONTAINERD_VERSIONS:-1.7.24 2.1.9}"
+((${#versions[@]})) || read -ra versions <<<"${CONTAINERD_VERSIONS:-1.7 2}"
 # The tests that start containerd and exercise what differs between its
 # versions: ctr pulls and runs, CRI pulls, containerd restarts, gc
 # (snapshotter_e2e), crashes and faults under containerd (faults_e2e), a
@@ -30,7 +30,7 @@ status=0
 for v in "${versions[@]}"; do
   bin="$cache/containerd-$v/bin"
   echo
-  echo "=== containerd $v ($bin): ${tests[*]}"
+  echo "=== containerd $v ($bin, Debian $(cat "$bin/../debian-version" 2>/dev/null || echo '?')): ${tests[*]}"
   if ! "$bin/containerd" --version; then
     echo "containerd $v is missing from $bin: run scripts/deps.sh (make deps)" >&2
     results+=("containerd $v: MISSING")

@@ -43,11 +43,13 @@ fi
 # 1.6 without installing anything: a private apt state (its own sources
 # list, lists and cache) downloads the package and dpkg -x unpacks it. Only
 # containerd, its runc shim and ctr are kept; runc stays bookworm's (sid's
-# needs a newer glibc). Cached in $HYPERBOX_CONTAINERD_CACHE/containerd-VERSION/bin.
-#   suite  upstream version (Debian's revision is whatever the suite has)
+# needs a newer glibc). Cached in $HYPERBOX_CONTAINERD_CACHE/containerd-SERIES/bin.
+#   suite  upstream series: the suite's build of the newest release in it
+#          (trixie has 1.7.24 and sid 2.1.9 as of 2026-12; a suite that
+#          moves on within the series is followed, not a failure)
 containerd_matrix=(
-  "trixie 1.7.24"
-  "sid 2.1.9"
+  "trixie 1.7"
+  "sid 2"
 )
 cache="${HYPERBOX_CONTAINERD_CACHE:-/var/cache/hyperbox}"
 mirror="$(grep -rhoE 'https?://[^ ]*debian[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
@@ -76,11 +78,11 @@ for entry in "${containerd_matrix[@]}"; do
     apt-get "${apt_opts[@]}" update -qq
     apt_ready=1
   fi
-  # The suite's build of that upstream version, e.g. 2.1.9+ds1-5.
+  # The suite's build of a release in that series, e.g. 2.1.9+ds1-5.
   deb_version="$(apt-cache "${apt_opts[@]}" madison containerd \
-    | awk -F' [|] ' -v s=" $suite/" -v v="$version" '$3 ~ s && index($2, v) == 1 { gsub(/ /, "", $2); print $2; exit }')"
+    | awk -F' [|] ' -v s=" $suite/" -v v="$version." '$3 ~ s && index($2, v) == 1 { gsub(/ /, "", $2); print $2; exit }')"
   if [ -z "$deb_version" ]; then
-    echo "deps: Debian $suite has no containerd $version any more; its containerd versions:" >&2
+    echo "deps: Debian $suite has no containerd $version.x any more; its containerd versions:" >&2
     apt-cache "${apt_opts[@]}" madison containerd >&2
     echo "deps: update containerd_matrix in scripts/deps.sh" >&2
     exit 1
