@@ -1,43 +1,55 @@
-//! The FUSE adapter of HyperBox: the only crate that names `fuser`.
+//! The FUSE server of HyperBox: a read-only filesystem behind /dev/fuse.
 //!
 //! A read-only filesystem implements [`ReadOnlyFs`] with plain types (inode
-//! numbers, byte-string names, errno values); [`mount`] serves it through
-//! `fuser`, one call and one reply per operation. Reads get a [`ReadReply`]
-//! they may answer later from another thread, so a read waiting on the
-//! network never holds a FUSE worker: lookups, getattr and local reads keep
-//! flowing. The kernel caches hard, because a layer never changes: entries
-//! and attributes for a day, file pages across opens, directory listings and
-//! symlink targets. Opening a file or a directory costs the daemon nothing:
-//! where the kernel supports it, `open` and `opendir` answer ENOSYS once and
-//! the kernel stops asking (zero-message opens, which imply
-//! `FOPEN_KEEP_CACHE` and `FOPEN_CACHE_DIR`); on older kernels `open`
-//! answers `FOPEN_KEEP_CACHE` itself.
+//! numbers, byte-string names, errno values); [`mount`] serves it, one call
+//! and one reply per operation, and [`adopt`] serves it on a connection
+//! another process set up (a restart: see [`conn`]). Reads get a
+//! [`ReadReply`] they may answer later from another thread, so a read
+//! waiting on the network never holds a FUSE reader: lookups, getattr and
+//! local reads keep flowing. The kernel caches hard, because a layer never
+//! changes: entries and attributes for a day, file pages across opens,
+//! directory listings and symlink targets. Opening a file or a directory
+//! costs the daemon nothing: where the kernel supports it, `open` and
+//! `opendir` answer ENOSYS once and the kernel stops asking (zero-message
+//! opens, which imply `FOPEN_KEEP_CACHE` and `FOPEN_CACHE_DIR`); on older
+//! kernels `open` answers `FOPEN_KEEP_CACHE` itself.
+//!
+//! The protocol is spoken here rather than through a FUSE library because a
+//! restart needs what none offers together: serving a live connection
+//! without a new INIT, asking the kernel to resend lost requests, readers
+//! that stop between two requests, one device file per connection, and no
+//! unmount when a process stops (docs/architecture.md, "Our own FUSE loop").
 
-use std::ffi::OsStr;
+pub mod abi;
+pub mod conn;
+
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
-};
+use abi::Op;
+pub use conn::{resend, ConnState};
+use conn::{Chan, ChanRef, Got, Stop, Wait};
 
-/// How long the kernel may cache entries and attributes: layers are immutable.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the kernel may cache entries and attributes (seconds): layers
+/// are immutable.
+const TTL: u64 = 24 * 3600;
 
-/// Most FUSE worker threads one mount gets, whatever it asks for: each
-/// holds a clone of the FUSE fd and a 1 MiB request buffer.
+/// Most FUSE reader threads one mount gets, whatever it asks for.
 pub const MAX_THREADS: usize = 64;
 
 /// Run one handler's body. A panic in it (a bug, or input no check
-/// foresaw) answers EIO instead of killing the FUSE worker thread: with
-/// the thread gone the mount would stop answering, and every `stat` or
-/// `df` on the host that touches it would hang. The panic itself is
-/// reported by the process's panic hook.
+/// foresaw) answers EIO instead of killing the reader thread: with the
+/// thread gone the mount would stop answering, and every `stat` or `df` on
+/// the host that touches it would hang. The panic itself is reported by
+/// the process's panic hook.
 fn guarded<T>(body: impl FnOnce() -> Result<T, Errno32>) -> Result<T, Errno32> {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(Err(libc::EIO))
 }
@@ -50,6 +62,25 @@ pub enum Kind {
     CharDevice,
     BlockDevice,
     Fifo,
+}
+
+impl Kind {
+    /// The file type bits of `st_mode`.
+    fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::CharDevice => libc::S_IFCHR,
+            Kind::BlockDevice => libc::S_IFBLK,
+            Kind::Fifo => libc::S_IFIFO,
+        }
+    }
+
+    /// The `d_type` of a directory entry.
+    fn dtype(self) -> u32 {
+        self.mode_bits() >> 12
+    }
 }
 
 /// What `stat` shows.
@@ -69,6 +100,27 @@ pub struct Attr {
     pub mtime_nsec: u32,
 }
 
+impl Attr {
+    /// As the kernel reads it. Every time an index can hold goes through
+    /// unchanged (the kernel reads the seconds as signed); nanoseconds past
+    /// a second are cut to 999,999,999.
+    fn wire(&self) -> abi::WireAttr {
+        abi::WireAttr {
+            ino: self.ino,
+            size: self.size,
+            blocks: self.size.div_ceil(512),
+            time: self.mtime,
+            time_nsec: self.mtime_nsec.min(999_999_999),
+            mode: self.kind.mode_bits() | u32::from(self.perm & 0o7777),
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: self.rdev,
+            blksize: 4096,
+        }
+    }
+}
+
 /// An errno value (positive), as `libc` names them.
 pub type Errno32 = i32;
 
@@ -80,7 +132,8 @@ pub trait ReadOnlyFs: Send + Sync + 'static {
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno32>;
     /// Entries of directory `ino` from position `offset` (0 is the start),
     /// including `.` and `..`. `add(ino, next_offset, kind, name)` returns
-    /// true when the reply buffer is full: stop then.
+    /// true when the reply buffer is full (that entry was not added): stop
+    /// then.
     fn readdir(&self, ino: u64, offset: u64, add: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool)
         -> Result<(), Errno32>;
     /// The same with each entry's attributes, which the kernel caches as if
@@ -97,234 +150,156 @@ pub trait ReadOnlyFs: Send + Sync + 'static {
 
 /// The answer to one read; send exactly once (dropping it unanswered
 /// answers EIO, so no reader hangs).
-pub struct ReadReply(Option<ReplyData>);
+pub struct ReadReply {
+    to: Option<(ChanRef, u64)>,
+    /// The most bytes the kernel asked for; a longer answer is cut.
+    size: u32,
+}
 
 impl ReadReply {
+    fn new(chan: ChanRef, unique: u64, size: u32) -> ReadReply {
+        chan.inflight.fetch_add(1, Ordering::SeqCst);
+        ReadReply { to: Some((chan, unique)), size }
+    }
+
     pub fn data(mut self, data: &[u8]) {
-        if let Some(r) = self.0.take() {
-            r.data(data);
+        if let Some((c, unique)) = self.to.take() {
+            c.reply(unique, 0, &[&data[..data.len().min(self.size as usize)]]);
+            c.inflight.fetch_sub(1, Ordering::SeqCst);
         }
     }
+
     pub fn error(mut self, errno: Errno32) {
-        if let Some(r) = self.0.take() {
-            r.error(Errno::from_i32(errno));
+        if let Some((c, unique)) = self.to.take() {
+            c.reply(unique, errno, &[]);
+            c.inflight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
 impl Drop for ReadReply {
     fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
-            r.error(Errno::EIO);
+        if let Some((c, unique)) = self.to.take() {
+            c.reply(unique, libc::EIO, &[]);
+            c.inflight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-struct Adapter<F> {
+/// Answers the kernel's requests with a [`ReadOnlyFs`].
+struct Server<F> {
     fs: F,
-    /// The kernel takes ENOSYS from `open` as "never send OPEN or RELEASE
-    /// again" (`FUSE_NO_OPEN_SUPPORT`, Linux 3.14 and later).
-    no_open: bool,
-    /// The same for OPENDIR and RELEASEDIR (`FUSE_NO_OPENDIR_SUPPORT`, 5.1).
-    no_opendir: bool,
+    chan: ChanRef,
+    state: ConnState,
 }
 
-/// What the adapter asks of the kernel beyond fuser's defaults (async reads,
-/// `max_pages`), each only if the kernel offers it: none is needed to be
-/// correct. Parallel lookups and readdirs in one directory (without it the
-/// kernel serialises them on the directory's lock); symlink targets kept in
-/// the page cache; and listings that carry each entry's attributes when the
-/// kernel sees a listing followed by lookups of its entries (adaptive
-/// readdirplus), so a program that lists a directory and then stats or opens
-/// what it found costs one request instead of one per entry.
-const WANTED: InitFlags = InitFlags::FUSE_PARALLEL_DIROPS
-    .union(InitFlags::FUSE_CACHE_SYMLINKS)
-    .union(InitFlags::FUSE_DO_READDIRPLUS)
-    .union(InitFlags::FUSE_READDIRPLUS_AUTO);
-
-fn file_type(k: Kind) -> FileType {
-    match k {
-        Kind::File => FileType::RegularFile,
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        Kind::CharDevice => FileType::CharDevice,
-        Kind::BlockDevice => FileType::BlockDevice,
-        Kind::Fifo => FileType::NamedPipe,
-    }
-}
-
-/// `secs` seconds and `nsec` nanoseconds from the epoch, for any values:
-/// nanoseconds past a second are cut to 999,999,999, and a time the clock
-/// cannot hold becomes the nearest one it can (on Linux every i64 second
-/// fits, so nothing is lost there).
-pub fn system_time(secs: i64, nsec: u32) -> SystemTime {
-    let nsec = Duration::from_nanos(u64::from(nsec.min(999_999_999)));
-    let whole = Duration::from_secs(secs.unsigned_abs());
-    let t = if secs >= 0 {
-        UNIX_EPOCH.checked_add(whole).and_then(|t| t.checked_add(nsec))
-    } else {
-        UNIX_EPOCH.checked_sub(whole).and_then(|t| t.checked_add(nsec))
-    };
-    t.unwrap_or_else(|| {
-        // Out of the clock's range: halve toward the epoch until it fits.
-        let mut s = secs / 2;
-        loop {
-            let d = Duration::from_secs(s.unsigned_abs());
-            let t = if s >= 0 { UNIX_EPOCH.checked_add(d) } else { UNIX_EPOCH.checked_sub(d) };
-            match t {
-                Some(t) => return t,
-                None => s /= 2,
+impl<F: ReadOnlyFs> Server<F> {
+    /// Handle one request, exactly as `read(2)` returned it.
+    fn handle(&self, buf: &[u8]) {
+        // A request whose header does not parse cannot be answered (its
+        // `unique` is not known); the kernel never sends one.
+        let Ok((h, op)) = abi::parse(buf) else { return };
+        let reply = |errno: i32, parts: &[&[u8]]| self.chan.reply(h.unique, errno, parts);
+        let op = match op {
+            Ok(op) => op,
+            Err(_) => return reply(libc::EIO, &[]),
+        };
+        #[cfg(test)]
+        self.chan.seen(&op);
+        let ino = h.nodeid;
+        match op {
+            Op::Forget | Op::BatchForget => {} // the tree is static: nothing to forget
+            Op::Init { .. } => reply(libc::EIO, &[]),
+            Op::Lookup { name } => match guarded(|| self.fs.lookup(ino, name)) {
+                Ok(a) => {
+                    let mut out = Vec::with_capacity(abi::ENTRY_OUT_LEN);
+                    abi::put_entry(&mut out, &a.wire(), TTL);
+                    reply(0, &[&out]);
+                }
+                Err(e) => reply(e, &[]),
+            },
+            Op::Getattr => match guarded(|| self.fs.getattr(ino)) {
+                Ok(a) => {
+                    let mut out = Vec::with_capacity(abi::ATTR_OUT_LEN);
+                    abi::put_attr_out(&mut out, &a.wire(), TTL);
+                    reply(0, &[&out]);
+                }
+                Err(e) => reply(e, &[]),
+            },
+            Op::Readlink => match guarded(|| self.fs.readlink(ino)) {
+                Ok(t) => reply(0, &[&t]),
+                Err(e) => reply(e, &[]),
+            },
+            Op::Open if self.state.no_open() => reply(libc::ENOSYS, &[]),
+            Op::Open => reply(0, &[&abi::open_out(0, abi::FOPEN_KEEP_CACHE)]),
+            Op::Opendir if self.state.no_opendir() => reply(libc::ENOSYS, &[]),
+            Op::Opendir => reply(0, &[&abi::open_out(0, abi::FOPEN_CACHE_DIR | abi::FOPEN_KEEP_CACHE)]),
+            Op::Release | Op::Releasedir | Op::Destroy => reply(0, &[]),
+            Op::Read { offset, size } => {
+                let r = ReadReply::new(self.chan.clone(), h.unique, size);
+                // A panic drops the ReadReply unsent, which answers EIO.
+                let _ = catch_unwind(AssertUnwindSafe(|| self.fs.read(ino, offset, size, h.pid, r)));
             }
-        }
-    })
-}
-
-fn file_attr(a: &Attr) -> FileAttr {
-    let mtime = system_time(a.mtime, a.mtime_nsec);
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: a.size,
-        blocks: a.size.div_ceil(512),
-        atime: mtime,
-        mtime,
-        ctime: mtime,
-        crtime: mtime,
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno32>) {
-    match r {
-        Err(e) => reply.error(Errno::from_i32(e)),
-        // A value longer than u32::MAX bytes cannot be answered; the
-        // index bounds xattrs far below that.
-        Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
-    }
-}
-
-impl<F: ReadOnlyFs> Filesystem for Adapter<F> {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let offered = config.capabilities();
-        #[cfg(test)]
-        tests::SEEN.offered.store(offered.bits(), std::sync::atomic::Ordering::SeqCst);
-        // Cannot fail: only offered flags are asked for.
-        let _ = config.add_capabilities(WANTED & offered);
-        self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
-        self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match guarded(|| self.fs.lookup(parent.0, name.as_bytes())) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(Errno::from_i32(e)),
+            Op::Readdir { offset, size } => {
+                let max = (size as usize).min(1 << 20);
+                let mut out = Vec::with_capacity(max.min(64 << 10));
+                let r = guarded(|| {
+                    self.fs.readdir(ino, offset, &mut |child, next, kind, name| {
+                        !abi::put_dirent(&mut out, max, child, next, kind.dtype(), name)
+                    })
+                });
+                match r {
+                    Ok(()) => reply(0, &[&out]),
+                    Err(e) => reply(e, &[]),
+                }
+            }
+            Op::Readdirplus { offset, size } => {
+                let max = (size as usize).min(1 << 20);
+                let mut out = Vec::with_capacity(max.min(64 << 10));
+                let r = guarded(|| {
+                    self.fs.readdirplus(ino, offset, &mut |a, next, name| {
+                        !abi::put_direntplus(&mut out, max, &a.wire(), TTL, next, name)
+                    })
+                });
+                match r {
+                    Ok(()) => reply(0, &[&out]),
+                    Err(e) => reply(e, &[]),
+                }
+            }
+            Op::Getxattr { size, name } => self.xattr(&reply, size, guarded(|| self.fs.getxattr(ino, name))),
+            Op::Listxattr { size } => self.xattr(&reply, size, guarded(|| self.fs.listxattr(ino))),
+            Op::Statfs => reply(0, &[&abi::statfs_out()]),
+            // Nothing to flush on a read-only filesystem; ENOSYS tells the
+            // kernel not to ask again. The same for interrupts: no request
+            // of ours can be cut short.
+            Op::Flush | Op::Interrupt | Op::Other(_) => reply(libc::ENOSYS, &[]),
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match guarded(|| self.fs.getattr(ino.0)) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match guarded(|| self.fs.readlink(ino.0)) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
-    }
-
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        #[cfg(test)]
-        tests::SEEN.opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.no_open {
-            reply.error(Errno::ENOSYS);
-        } else {
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
-        }
-    }
-
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        #[cfg(test)]
-        tests::SEEN.opendirs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.no_opendir {
-            reply.error(Errno::ENOSYS);
-        } else {
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE);
-        }
-    }
-
-    /// Nothing to flush on a read-only filesystem; ENOSYS tells the kernel
-    /// not to ask again.
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn read(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        // A panic drops the ReadReply unsent, which answers EIO.
-        let pid = req.pid();
-        let _ = catch_unwind(AssertUnwindSafe(|| self.fs.read(ino.0, offset, size, pid, ReadReply(Some(reply)))));
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let r = guarded(|| {
-            self.fs.readdir(ino.0, offset, &mut |child, next, kind, name| {
-                reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name))
-            })
-        });
+    fn xattr(&self, reply: &dyn Fn(i32, &[&[u8]]), size: u32, r: Result<Vec<u8>, Errno32>) {
         match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
+            Err(e) => reply(e, &[]),
+            // A value longer than u32::MAX bytes cannot be answered; the
+            // index bounds xattrs far below that.
+            Ok(v) if size == 0 => reply(0, &[&abi::getxattr_out(u32::try_from(v.len()).unwrap_or(u32::MAX))]),
+            Ok(v) if v.len() > size as usize => reply(libc::ERANGE, &[]),
+            Ok(v) => reply(0, &[&v]),
         }
-    }
-
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let r = guarded(|| {
-            self.fs.readdirplus(ino.0, offset, &mut |a, next, name| {
-                reply.add(INodeNo(a.ino), next, OsStr::from_bytes(name), &TTL, &file_attr(a), Generation(0))
-            })
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, guarded(|| self.fs.getxattr(ino.0, name.as_bytes())));
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, guarded(|| self.fs.listxattr(ino.0)));
     }
 }
 
-/// A mounted filesystem; unmounted when dropped or by [`Mount::unmount`].
+/// A served filesystem. Dropping it, or [`Mount::unmount`], unmounts;
+/// [`Mount::leave`] stops serving and leaves the mount for another process
+/// to serve.
 pub struct Mount {
-    session: Option<fuser::BackgroundSession>,
     path: PathBuf,
+    chan: ChanRef,
+    state: ConnState,
+    stop: Arc<Stop>,
+    readers: Vec<JoinHandle<()>>,
     read_ahead: io::Result<u32>,
+    /// Whether dropping unmounts (false once left or unmounted).
+    owned: bool,
 }
 
 impl Mount {
@@ -338,28 +313,65 @@ impl Mount {
         self.read_ahead.as_ref().copied()
     }
 
-    /// Unmount and wait for the session's threads to finish.
-    pub fn unmount(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+    /// What INIT fixed: persist it (with [`ConnState::to_bytes`]) to serve
+    /// the connection again after a restart.
+    pub fn state(&self) -> ConnState {
+        self.state
+    }
+
+    /// The connection's /dev/fuse file: a duplicate of it kept elsewhere
+    /// keeps the connection, and the requests read from it, alive.
+    pub fn device(&self) -> BorrowedFd<'_> {
+        self.chan.fd()
+    }
+
+    /// Requests read and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.chan.inflight.load(Ordering::SeqCst)
+    }
+
+    fn stop_readers(&mut self) {
+        self.stop.signal();
+        for t in self.readers.drain(..) {
+            let _ = t.join();
         }
+    }
+
+    /// Unmount and stop serving.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.owned = false;
+        let r = umount(&self.path);
+        self.stop_readers();
+        r
+    }
+
+    /// Stop reading requests, wait up to `grace` for the answers to those
+    /// already read, and leave the mount up: the connection lives on while
+    /// any duplicate of [`Mount::device`] is open, and [`adopt`] serves it
+    /// again. Returns how many requests were still unanswered; on kernels
+    /// that can resend (see [`ConnState::can_resend`]) the next server gets
+    /// them again.
+    pub fn leave(mut self, grace: Duration) -> usize {
+        self.owned = false;
+        self.stop_readers();
+        conn::drain(&self.chan, grace)
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+        if self.owned && umount(&self.path).is_err() {
+            let _ = detach(&self.path);
         }
+        self.stop_readers();
     }
 }
 
 /// How a filesystem is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MountOptions {
-    /// FUSE worker threads, 1 to [`MAX_THREADS`] (other values are taken
-    /// to the nearest).
+    /// Reader threads, 1 to [`MAX_THREADS`] (other values are taken to the
+    /// nearest). All read the connection's one device file.
     pub threads: usize,
     /// The mount's read-ahead window in KiB (its backing device's
     /// `read_ahead_kb`); 0 keeps the kernel's default (128 KiB). Each FUSE
@@ -372,6 +384,10 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions { threads: 4, read_ahead_kb: 0 }
     }
+}
+
+fn cstr(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a mount argument"))
 }
 
 /// Mount `fs` read-only at `mountpoint`. Open to every user (`allow_other`)
@@ -388,25 +404,182 @@ impl Default for MountOptions {
 /// write access to `/sys`) leaves the mount up with the kernel's default,
 /// and the error in [`Mount::read_ahead`] for the caller to report.
 pub fn mount(fs: impl ReadOnlyFs, mountpoint: &Path, fsname: &str, opts: &MountOptions) -> io::Result<Mount> {
-    let threads = opts.threads.clamp(1, MAX_THREADS);
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(fsname.to_string()),
-        MountOption::Subtype("hyperbox".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(threads);
-    cfg.clone_fd = threads > 1;
-    let session = fuser::spawn_mount(Adapter { fs, no_open: false, no_opendir: false }, mountpoint, &cfg)?;
-    let mut mount = Mount { session: Some(session), path: mountpoint.to_path_buf(), read_ahead: Ok(0) };
-    if opts.read_ahead_kb > 0 {
-        mount.read_ahead = set_read_ahead(mountpoint, opts.read_ahead_kb).map(|()| opts.read_ahead_kb);
+    // SAFETY: open(2) of a constant path; the result is checked.
+    let raw = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("open /dev/fuse: {e}")));
     }
-    Ok(mount)
+    // SAFETY: a fresh fd nothing else owns.
+    let dev = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: plain getters.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let data = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        libc::S_IFDIR
+    );
+    let (src, target, data) =
+        (cstr(fsname.as_bytes())?, cstr(mountpoint.as_os_str().as_bytes())?, cstr(data.as_bytes())?);
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let r =
+        unsafe { libc::mount(src.as_ptr(), target.as_ptr(), c"fuse.hyperbox".as_ptr(), flags, data.as_ptr().cast()) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("mount {}: {e}", mountpoint.display())));
+    }
+    let state = match handshake(dev.as_fd()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = detach(mountpoint);
+            return Err(e);
+        }
+    };
+    let mut m = serve(fs, dev, state, mountpoint, opts)?;
+    if opts.read_ahead_kb > 0 {
+        m.read_ahead = set_read_ahead(mountpoint, opts.read_ahead_kb).map(|()| opts.read_ahead_kb);
+    }
+    Ok(m)
+}
+
+/// How long a new mount's INIT may take to arrive.
+const INIT_TIMEOUT_MS: i32 = 10_000;
+
+/// Answer the INIT that every new connection starts with.
+fn handshake(dev: BorrowedFd<'_>) -> io::Result<ConnState> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match conn::wait(dev, None, INIT_TIMEOUT_MS)? {
+            Wait::Readable => {}
+            _ => return Err(io::Error::other("the FUSE connection ended before INIT")),
+        }
+        let n = match conn::read_request(dev, &mut buf)? {
+            Got::Request(n) => n,
+            Got::Nothing => continue,
+            Got::Gone => return Err(io::Error::other("the FUSE connection ended before INIT")),
+        };
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("FUSE handshake: {why}"));
+        let (h, op) = abi::parse(&buf[..n]).map_err(|e| bad(e.0))?;
+        let chan_reply = |error: i32, body: &[u8]| {
+            let len = abi::OUT_HEADER_LEN + body.len();
+            let header = abi::out_header(len, -error, h.unique);
+            // SAFETY: writing from live buffers to an open fd.
+            let iov = [
+                libc::iovec { iov_base: header.as_ptr() as *mut _, iov_len: header.len() },
+                libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() },
+            ];
+            let r = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), 2) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let Ok(Op::Init { major, minor, max_readahead, flags }) = op else {
+            chan_reply(libc::EIO, &[])?;
+            return Err(bad("the first request was not INIT"));
+        };
+        return match conn::negotiate(major, minor, max_readahead, flags) {
+            Ok((state, out)) => {
+                chan_reply(0, &abi::init_out(&out))?;
+                Ok(state)
+            }
+            Err(e) => {
+                let _ = chan_reply(libc::EPROTO, &[]);
+                Err(e)
+            }
+        };
+    }
+}
+
+/// Serve a connection that another process set up and handed over
+/// (`device` is a duplicate of its /dev/fuse file, `state` what its INIT
+/// fixed), mounted at `mountpoint`. Requests the previous server read and
+/// did not answer are asked for again when the kernel can resend them
+/// ([`ConnState::can_resend`]); their callers never see the restart.
+pub fn adopt(
+    fs: impl ReadOnlyFs,
+    device: OwnedFd,
+    state: ConnState,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<Mount> {
+    let mut m = serve(fs, device, state, mountpoint, opts)?;
+    // The mount's read-ahead is the kernel's, set when it was made.
+    m.read_ahead = Ok(opts.read_ahead_kb);
+    if state.can_resend() {
+        resend(m.device())?;
+    }
+    Ok(m)
+}
+
+/// Start the reader threads on `dev`.
+fn serve(
+    fs: impl ReadOnlyFs,
+    dev: OwnedFd,
+    state: ConnState,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<Mount> {
+    conn::set_nonblocking(dev.as_fd())?;
+    let chan = Arc::new(Chan::new(dev));
+    let server = Arc::new(Server { fs, chan: chan.clone(), state });
+    let stop = Arc::new(Stop::new()?);
+    let threads = opts.threads.clamp(1, MAX_THREADS);
+    let mut m = Mount {
+        path: mountpoint.to_path_buf(),
+        chan,
+        state,
+        stop,
+        readers: Vec::with_capacity(threads),
+        read_ahead: Ok(0),
+        owned: true,
+    };
+    for i in 0..threads {
+        let (server, stop) = (server.clone(), m.stop.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("fuse-{i}"))
+            .spawn(move || reader(&server, &stop))
+            .inspect_err(|_| m.stop.signal())?;
+        m.readers.push(t);
+    }
+    Ok(m)
+}
+
+/// One reader: wait, read a request, handle it; until stopped or the
+/// connection ends.
+fn reader<F: ReadOnlyFs>(server: &Server<F>, stop: &Stop) {
+    let mut buf = vec![0u8; server.state.read_buffer()];
+    let fd = server.chan.fd();
+    loop {
+        match conn::wait(fd, Some(stop), -1) {
+            Ok(Wait::Readable) => {}
+            Ok(Wait::Stopped | Wait::Gone) => return,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        }
+        match conn::read_request(fd, &mut buf) {
+            Ok(Got::Request(n)) => server.handle(&buf[..n]),
+            Ok(Got::Nothing) => {}
+            Ok(Got::Gone) => return,
+            // Unexpected (EINVAL would mean a buffer too small for this
+            // connection): do not spin on it.
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// `umount2(path, 0)`.
+fn umount(path: &Path) -> io::Result<()> {
+    let c = cstr(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Set the read-ahead window of the FUSE mount at `mountpoint` through its
@@ -519,17 +692,8 @@ mod tests {
         assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
     }
     use super::*;
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-
-    /// What reached the adapter itself (the crate's one mount test reads it).
-    pub(super) struct Seen {
-        pub(super) offered: AtomicU64,
-        pub(super) opens: AtomicUsize,
-        pub(super) opendirs: AtomicUsize,
-    }
-    pub(super) static SEEN: Seen =
-        Seen { offered: AtomicU64::new(0), opens: AtomicUsize::new(0), opendirs: AtomicUsize::new(0) };
 
     /// A root holding a file `f` and a symlink `l` to it, counting what the
     /// kernel asks for.
@@ -605,20 +769,20 @@ mod tests {
         }
     }
 
-    /// Any time an index can hold becomes a SystemTime without panicking
-    /// (an mtime near i64::MAX with nanoseconds past a second used to
-    /// overflow in the FUSE worker), and ordinary ones are exact.
+    /// Any time an index can hold goes to the kernel as it is, without
+    /// panicking (an mtime near i64::MAX with nanoseconds past a second used
+    /// to overflow in the FUSE worker), nanoseconds cut to a second's.
     #[test]
     fn extreme_times_do_not_panic() {
         for secs in [i64::MAX, i64::MAX - 1, i64::MIN, i64::MIN + 1, -1, 0, 1] {
             for nsec in [0, 1, 999_999_999, 1_000_000_000, u32::MAX] {
-                let a = Attr { mtime: secs, mtime_nsec: nsec, ..attr(2) };
-                let _ = file_attr(&a);
+                let w = Attr { mtime: secs, mtime_nsec: nsec, ..attr(2) }.wire();
+                assert_eq!(w.time, secs);
+                assert_eq!(w.time_nsec, nsec.min(999_999_999));
             }
         }
-        assert_eq!(system_time(1_700_000_000, 5), UNIX_EPOCH + Duration::new(1_700_000_000, 5));
-        assert_eq!(system_time(-2, 500), UNIX_EPOCH - Duration::new(1, 999_999_500));
-        assert_eq!(system_time(3, u32::MAX), UNIX_EPOCH + Duration::new(3, 999_999_999));
+        assert_eq!(attr(2).wire().mode, libc::S_IFREG | 0o644);
+        assert_eq!(Kind::Dir.dtype(), u32::from(libc::DT_DIR));
     }
 
     /// A filesystem that panics where told: a lookup of a name starting
@@ -725,34 +889,225 @@ mod tests {
             assert_eq!(std::fs::read(m.path().join("f")).unwrap(), DATA, "pass {pass}");
             assert_eq!(std::fs::read(m.path().join("l")).unwrap(), DATA, "pass {pass}");
         }
-        let offered = InitFlags::from_bits_truncate(SEEN.offered.load(Ordering::SeqCst));
+        let offered = m.state().offered;
         let count = |c: &AtomicUsize| c.load(Ordering::SeqCst);
         // Each cache is checked where the kernel offers it (all of them on
         // Linux 5.1 and later); the fallbacks must at least read right.
-        let check = |flag: InitFlags, what: &str| {
-            let yes = offered.contains(flag);
+        let check = |flag: u64, what: &str| {
+            let yes = offered & flag != 0;
             if !yes {
-                eprintln!("NOT CHECKED: {what}: the kernel does not offer {flag:?}");
+                eprintln!("NOT CHECKED: {what}: the kernel does not offer flag {flag:#x}");
             }
             yes
         };
         // Six opens of files and three of the directory: zero-message opens
         // leave one of each, the one answered ENOSYS.
-        if check(InitFlags::FUSE_NO_OPEN_SUPPORT, "zero-message opens") {
-            assert_eq!(count(&SEEN.opens), 1, "opens reached the daemon after ENOSYS");
+        if check(abi::flag::NO_OPEN_SUPPORT, "zero-message opens") {
+            assert_eq!(count(&m.chan.opens), 1, "opens reached the daemon after ENOSYS");
         }
-        if check(InitFlags::FUSE_NO_OPENDIR_SUPPORT, "zero-message opendirs") {
-            assert_eq!(count(&SEEN.opendirs), 1, "opendirs reached the daemon after ENOSYS");
+        if check(abi::flag::NO_OPENDIR_SUPPORT, "zero-message opendirs") {
+            assert_eq!(count(&m.chan.opendirs), 1, "opendirs reached the daemon after ENOSYS");
         }
         // One listing: one call for the entries, one more that finds the end.
         assert_eq!(count(&fs.readdirs), 2, "listings reached the daemon again");
         assert_eq!(count(&fs.reads), 1, "file pages were dropped on open");
-        if check(InitFlags::FUSE_CACHE_SYMLINKS, "cached symlinks") {
+        if check(abi::flag::CACHE_SYMLINKS, "cached symlinks") {
             assert_eq!(count(&fs.readlinks), 1, "readlink reached the daemon again");
         }
-        if check(InitFlags::FUSE_DO_READDIRPLUS, "readdirplus") {
+        if check(abi::flag::DO_READDIRPLUS, "readdirplus") {
             assert_eq!(count(&fs.lookups), 0, "entries were looked up after the listing");
         }
+        m.unmount().unwrap();
+    }
+}
+
+/// Serving a live connection after its server died: the kernel keeps the
+/// connection while a duplicate of its device file is open, and a new
+/// server picks it up with the saved INIT state.
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::skip::{have, Need};
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::mpsc;
+
+    const DATA: &[u8] = b"served across a restart\n";
+
+    /// A root with `slow` (ino 2) and `other` (ino 3). With `hold`, the
+    /// first read is never answered: its reply is forgotten, as a server
+    /// that dies with a request in hand forgets it.
+    struct Gate {
+        hold: bool,
+        held: AtomicBool,
+        reads: AtomicUsize,
+    }
+
+    fn gate(hold: bool) -> Gate {
+        Gate { hold, held: AtomicBool::new(false), reads: AtomicUsize::new(0) }
+    }
+
+    fn attr(ino: u64) -> Attr {
+        let (kind, size, perm) = if ino == 1 { (Kind::Dir, 0, 0o755) } else { (Kind::File, DATA.len() as u64, 0o644) };
+        Attr { ino, kind, size, perm, nlink: 1, uid: 0, gid: 0, rdev: 0, mtime: 0, mtime_nsec: 0 }
+    }
+
+    impl ReadOnlyFs for Arc<Gate> {
+        fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno32> {
+            match (parent, name) {
+                (1, b"slow") => Ok(attr(2)),
+                (1, b"other") => Ok(attr(3)),
+                _ => Err(libc::ENOENT),
+            }
+        }
+        fn getattr(&self, ino: u64) -> Result<Attr, Errno32> {
+            Ok(attr(ino))
+        }
+        fn readlink(&self, _: u64) -> Result<Vec<u8>, Errno32> {
+            Err(libc::EINVAL)
+        }
+        fn readdir(&self, _: u64, _: u64, _: &mut dyn FnMut(u64, u64, Kind, &[u8]) -> bool) -> Result<(), Errno32> {
+            Err(libc::ENOSYS)
+        }
+        fn readdirplus(&self, _: u64, _: u64, _: &mut dyn FnMut(&Attr, u64, &[u8]) -> bool) -> Result<(), Errno32> {
+            Err(libc::ENOSYS)
+        }
+        fn getxattr(&self, _: u64, _: &[u8]) -> Result<Vec<u8>, Errno32> {
+            Err(libc::ENODATA)
+        }
+        fn listxattr(&self, _: u64) -> Result<Vec<u8>, Errno32> {
+            Ok(Vec::new())
+        }
+        fn read(&self, _ino: u64, offset: u64, size: u32, _pid: u32, reply: ReadReply) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.hold && !self.held.swap(true, Ordering::SeqCst) {
+                println!("HBCHILD pending");
+                std::mem::forget(reply);
+                return;
+            }
+            let start = (offset as usize).min(DATA.len());
+            reply.data(&DATA[start..(start + size as usize).min(DATA.len())]);
+        }
+    }
+
+    /// The server process of [`a_killed_servers_connection_is_served_again`]:
+    /// runs only when that test starts this binary with `HB_FUSE_CHILD`.
+    #[test]
+    fn restart_child() {
+        let Some(dir) = std::env::var_os("HB_FUSE_CHILD") else { return };
+        let m = mount(Arc::new(gate(true)), Path::new(&dir), "hyperbox-test", &MountOptions::default()).unwrap();
+        let state: String = m.state().to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        println!("HBCHILD fd={} state={state}", m.device().as_raw_fd());
+        std::mem::forget(m);
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+
+    /// Spawn a thread that reads `path` and reports the result.
+    fn read_in_thread(path: PathBuf) -> mpsc::Receiver<io::Result<Vec<u8>>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(std::fs::read(path)));
+        rx
+    }
+
+    /// A server process is SIGKILLed while a read it took is unanswered;
+    /// the reader neither fails nor sees the restart: a new server adopts
+    /// the connection from a kept duplicate of its device file, the kernel
+    /// sends the lost read again, and it gets the right bytes.
+    #[test]
+    fn a_killed_servers_connection_is_served_again() {
+        let name = "a_killed_servers_connection_is_served_again";
+        if !have(name, &[Need::Root, Need::Path("/dev/fuse")]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "restart_tests::restart_child", "--nocapture", "--test-threads=1"])
+            .env("HB_FUSE_CHILD", dir.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut next = |prefix: &str| loop {
+            let l = lines.next().expect("the child server ended").unwrap();
+            // The harness prints the test's name on the same line first.
+            if let Some(at) = l.find(prefix) {
+                return l[at + prefix.len()..].to_string();
+            }
+        };
+        let first = next("HBCHILD fd=");
+        let (fd, state) = first.split_once(" state=").unwrap();
+        let fd: i32 = fd.parse().unwrap();
+        let bytes: Vec<u8> =
+            (0..state.len()).step_by(2).map(|i| u8::from_str_radix(&state[i..i + 2], 16).unwrap()).collect();
+        let state = ConnState::from_bytes(&bytes).unwrap();
+        if !state.can_resend() {
+            let _ = child.kill();
+            let _ = detach(dir.path());
+            println!("SKIPPED {name}: the kernel does not offer FUSE_NOTIFY_RESEND (Linux 6.9 and later)");
+            return;
+        }
+        // Keep a duplicate of the child's device file, as the fd holder
+        // or systemd's fd store does.
+        // SAFETY: plain syscalls; results checked.
+        let dev = unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, child.id() as libc::c_int, 0) as i32;
+            assert!(pidfd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+            let dev = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+            assert!(dev >= 0, "pidfd_getfd: {}", io::Error::last_os_error());
+            libc::close(pidfd);
+            OwnedFd::from_raw_fd(dev)
+        };
+        let slow = read_in_thread(dir.path().join("slow"));
+        next("HBCHILD pending");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The read waits for a server; it does not fail.
+        assert!(
+            matches!(slow.recv_timeout(Duration::from_millis(500)), Err(mpsc::RecvTimeoutError::Timeout)),
+            "the read ended when its server died"
+        );
+        let fs = Arc::new(gate(false));
+        let m = adopt(fs.clone(), dev, state, dir.path(), &MountOptions::default()).unwrap();
+        let got = slow.recv_timeout(Duration::from_secs(20)).expect("the lost read was not served again");
+        assert_eq!(got.unwrap(), DATA);
+        assert_eq!(fs.reads.load(Ordering::SeqCst), 1, "the resent read reached the new server once");
+        // Inodes the kernel knows from the dead server still work, and so
+        // do new lookups.
+        assert_eq!(std::fs::read(dir.path().join("other")).unwrap(), DATA);
+        assert!(std::fs::metadata(dir.path().join("missing")).is_err());
+        m.unmount().unwrap();
+    }
+
+    /// A graceful stop: `leave` answers what it read, leaves the mount up,
+    /// and a new server on a duplicate of the device serves it; nothing is
+    /// resent twice.
+    #[test]
+    fn a_left_mount_stays_up_and_is_served_again() {
+        let name = "a_left_mount_stays_up_and_is_served_again";
+        if !have(name, &[Need::Root, Need::Path("/dev/fuse")]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let first = Arc::new(gate(false));
+        let m =
+            mount(first.clone(), dir.path(), "hyperbox-test", &MountOptions { threads: 2, read_ahead_kb: 0 }).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("slow")).unwrap(), DATA);
+        let state = m.state();
+        let dev = m.device().try_clone_to_owned().unwrap();
+        assert_eq!(m.leave(Duration::from_secs(5)), 0);
+        let still = mountinfo().unwrap().into_iter().any(|i| i.mountpoint == dir.path().canonicalize().unwrap());
+        assert!(still, "leave unmounted");
+        // A request made while nobody serves waits for the next server.
+        let other = read_in_thread(dir.path().join("other"));
+        assert!(matches!(other.recv_timeout(Duration::from_millis(300)), Err(mpsc::RecvTimeoutError::Timeout)));
+        let second = Arc::new(gate(false));
+        let m = adopt(second.clone(), dev, state, dir.path(), &MountOptions::default()).unwrap();
+        assert_eq!(other.recv_timeout(Duration::from_secs(20)).unwrap().unwrap(), DATA);
+        assert_eq!(first.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(second.reads.load(Ordering::SeqCst), 1);
         m.unmount().unwrap();
     }
 }
