@@ -178,8 +178,10 @@ impl LayerTree {
                                 Some(target) => {
                                     t.nodes[(target - 1) as usize].nlink += 1;
                                     let child = Child { entry: i as u32, start: name_at, ino: target as u32 };
+                                    // The name it replaces loses a link, even when
+                                    // that name already was one of the target's.
                                     let old = dirs.entry(parent).or_default().insert(name, child).map(|c| c.ino as u64);
-                                    if let Some(old) = old.filter(|&o| o != target) {
+                                    if let Some(old) = old {
                                         t.unlink(old);
                                     }
                                     by_path.insert(&e.path, target);
