@@ -53,6 +53,136 @@ pub fn fuse() -> Check {
     Check::ok(NAME, "/dev/fuse opens; the kernel has FUSE")
 }
 
+/// The first kernel with `FUSE_NOTIFY_RESEND` (Linux 6.9): a restarted
+/// daemon asks it to send again the requests the dead one had read.
+const RESEND_SINCE: (u32, u32) = (6, 9);
+
+/// (major, minor) of a kernel release string as `uname -r` prints it
+/// (`6.18.44-cloud-amd64`, `5.10.0-28-amd64`, `6.10-rc1`); None if it does
+/// not start with two numbers.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().splitn(3, '.');
+    let (major, minor) = (parts.next()?, parts.next()?);
+    let minor = &minor[..minor.find(|c: char| !c.is_ascii_digit()).unwrap_or(minor.len())];
+    if !major.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The kernel check for a release string (None: none could be read).
+pub fn kernel_check(release: Option<&str>) -> Check {
+    const NAME: &str = "kernel";
+    let release = release.map(str::trim).unwrap_or_default();
+    match kernel_version(release) {
+        Some(v) if v >= RESEND_SINCE => {
+            let mut detail =
+                format!("Linux {release}: FUSE_NOTIFY_RESEND: requests in flight during a daemon crash are sent again");
+            if v == RESEND_SINCE {
+                detail.push_str(
+                    " (a 6.9.y needs the stable fix \"fuse: clear FR_SENT when re-adding requests into pending list\")",
+                );
+            }
+            Check::ok(NAME, detail)
+        }
+        Some(_) => Check::bad(
+            NAME,
+            Outcome::Warn,
+            format!(
+                "Linux {release} has no FUSE_NOTIFY_RESEND (6.9+): if hyperboxd dies, the \
+                 requests it had read but not answered are lost, and the processes that made them hang until \
+                 the layer's connection is aborted"
+            ),
+            "run Linux 6.9 or later (6.10+, or a 6.9.y with the FR_SENT fix) so that a crash of hyperboxd loses \
+             no request",
+        ),
+        None => Check::bad(
+            NAME,
+            Outcome::Warn,
+            format!("cannot tell the kernel's version from {release:?}"),
+            "check `uname -r`: Linux 6.9 or later (FUSE_NOTIFY_RESEND) is needed so that a crash of hyperboxd \
+             loses no request",
+        ),
+    }
+}
+
+/// This kernel: `/proc/sys/kernel/osrelease`, else `uname -r`.
+pub fn kernel() -> Check {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().or_else(|| {
+        let out = std::process::Command::new("uname").arg("-r").output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    kernel_check(release.as_deref())
+}
+
+/// Where the kernel's FUSE request timeouts are (Linux 6.14+).
+const FUSE_SYSCTLS: &str = "/proc/sys/fs/fuse";
+
+/// The request-timeout check for the contents of
+/// `fs/fuse/default_request_timeout` and `max_request_timeout` (None: no
+/// such file, as before Linux 6.14). The kernel fixes a connection's
+/// timeout at its INIT: the server's own (HyperBox sets none), else the
+/// default, capped by the max; then it aborts the whole connection when a
+/// request waits longer than that for its answer.
+pub fn request_timeout_check(default: Option<&str>, max: Option<&str>) -> Check {
+    const NAME: &str = "FUSE timeout";
+    if default.is_none() && max.is_none() {
+        return Check::ok(NAME, "this kernel has no FUSE request timeout (before Linux 6.14)");
+    }
+    let mut values = [0u32; 2];
+    for (i, (file, text)) in
+        [("default_request_timeout", default), ("max_request_timeout", max)].into_iter().enumerate()
+    {
+        let Some(text) = text else { continue };
+        match text.trim().parse() {
+            Ok(v) => values[i] = v,
+            Err(_) => {
+                return Check::bad(
+                    NAME,
+                    Outcome::Warn,
+                    format!("cannot tell the FUSE request timeout: {FUSE_SYSCTLS}/{file} reads {text:?}"),
+                    "check that fs.fuse.default_request_timeout and fs.fuse.max_request_timeout are 0: otherwise \
+                     the kernel aborts a layer's connection while hyperboxd restarts",
+                )
+            }
+        }
+    }
+    let [default, max] = values;
+    let timeout = match (default, max) {
+        (d, 0) => d,
+        (0, m) => m,
+        (d, m) => d.min(m),
+    };
+    if timeout == 0 {
+        return Check::ok(
+            NAME,
+            "fs.fuse.default_request_timeout and max_request_timeout are 0: no FUSE request times out",
+        );
+    }
+    Check::bad(
+        NAME,
+        Outcome::Warn,
+        format!(
+            "fs.fuse.default_request_timeout = {default}, max_request_timeout = {max}: the kernel aborts a layer's \
+             whole FUSE connection when a request has waited more than {timeout} s for its answer, so a hyperboxd \
+             restart that takes longer (or a read waiting that long on the registry) breaks the containers using \
+             the layer (ENOTCONN)"
+        ),
+        "set both to 0: `sysctl -w fs.fuse.default_request_timeout=0 fs.fuse.max_request_timeout=0`, and in a file \
+         in /etc/sysctl.d/ to keep it; layers mounted while a timeout was set keep it until they are mounted again",
+    )
+}
+
+/// This kernel's FUSE request timeouts.
+pub fn request_timeouts() -> Check {
+    let read = |file: &str| match std::fs::read_to_string(format!("{FUSE_SYSCTLS}/{file}")) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("(unreadable: {e})")),
+    };
+    request_timeout_check(read("default_request_timeout").as_deref(), read("max_request_timeout").as_deref())
+}
+
 /// An overlay mount with a lower, upper and work dir works here (a real one,
 /// in a temp dir, unmounted at once).
 pub fn overlay() -> Check {
@@ -434,4 +564,104 @@ pub async fn fallbacks(address: &Path) -> Check {
          registries named; `hyperbox pull --plain-http` for a plain-http registry"
     };
     Check::bad(NAME, Outcome::Warn, detail, fix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        for (release, want) in [
+            ("6.18.44-cloud-amd64", Some((6, 18))),
+            ("6.18.44-fc-v1252\n", Some((6, 18))),
+            ("5.10.0-28-amd64", Some((5, 10))),
+            ("6.9", Some((6, 9))),
+            ("6.10-rc1", Some((6, 10))),
+            ("4.19.0+", Some((4, 19))),
+            ("  6.1.0-18-cloud-amd64 ", Some((6, 1))),
+            ("garbage", None),
+            ("", None),
+            ("6", None),
+            ("6.", None),
+            ("v6.1", None),
+            ("6.x.1", None),
+            ("99999999999.1", None),
+        ] {
+            assert_eq!(kernel_version(release), want, "{release:?}");
+        }
+    }
+
+    #[test]
+    fn kernels_before_6_9_warn() {
+        let ok = kernel_check(Some("6.18.44-cloud-amd64\n"));
+        assert_eq!(ok.outcome, Outcome::Ok, "{ok:?}");
+        assert!(ok.detail.contains("FUSE_NOTIFY_RESEND: requests in flight during a daemon crash are sent again"));
+        assert!(ok.detail.starts_with("Linux 6.18.44-cloud-amd64:"), "{ok:?}");
+        let first = kernel_check(Some("6.9.0"));
+        assert_eq!(first.outcome, Outcome::Ok);
+        assert!(first.detail.contains("FR_SENT"), "{first:?}");
+        assert_eq!(kernel_check(Some("6.10.0")).outcome, Outcome::Ok);
+        for old in ["6.8.12", "5.10.0-28-amd64", "4.19.0"] {
+            let c = kernel_check(Some(old));
+            assert_eq!(c.outcome, Outcome::Warn, "{c:?}");
+            assert!(c.detail.contains("hang until the layer's connection is aborted"), "{c:?}");
+            assert!(c.fix.contains("6.9"), "{c:?}");
+        }
+        for unknown in [Some("garbage"), Some(""), None] {
+            let c = kernel_check(unknown);
+            assert_eq!(c.outcome, Outcome::Warn, "{c:?}");
+            assert!(c.detail.contains("cannot tell"), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn request_timeouts_warn_when_set() {
+        let ok = |d, m| {
+            let c = request_timeout_check(d, m);
+            assert_eq!(c.outcome, Outcome::Ok, "{d:?} {m:?}: {c:?}");
+        };
+        ok(None, None);
+        ok(Some("0\n"), Some("0\n"));
+        ok(Some("0"), None);
+        ok(None, Some("0"));
+        for (d, m, after) in [
+            (Some("30\n"), Some("0\n"), "30 s"),
+            (Some("0"), Some("45"), "45 s"),
+            (Some("120"), Some("60"), "60 s"),
+            (Some("20"), Some("600"), "20 s"),
+            (Some("90"), None, "90 s"),
+        ] {
+            let c = request_timeout_check(d, m);
+            assert_eq!(c.outcome, Outcome::Warn, "{d:?} {m:?}: {c:?}");
+            assert!(c.detail.contains(&format!("waited more than {after} for its answer")), "{c:?}");
+            assert!(c.detail.contains("restart"), "{c:?}");
+            assert!(c.fix.contains("fs.fuse.default_request_timeout=0"), "{c:?}");
+        }
+        for (d, m) in [(Some("soon"), Some("0")), (Some("0"), Some("-1")), (Some("(unreadable: denied)"), None)] {
+            let c = request_timeout_check(d, m);
+            assert_eq!(c.outcome, Outcome::Warn, "{c:?}");
+            assert!(c.detail.starts_with("cannot tell"), "{c:?}");
+        }
+    }
+
+    /// On this machine: the checks read it and agree with the decisions
+    /// above on what they read.
+    #[test]
+    fn this_machine() {
+        let k = kernel();
+        assert_eq!(k.name, "kernel");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok();
+        if release.is_some() {
+            assert_eq!(k.outcome, kernel_check(release.as_deref()).outcome);
+        }
+        let t = request_timeouts();
+        assert_eq!(t.name, "FUSE timeout");
+        let read = |f: &str| std::fs::read_to_string(format!("{FUSE_SYSCTLS}/{f}")).ok();
+        assert_eq!(
+            t.outcome,
+            request_timeout_check(read("default_request_timeout").as_deref(), read("max_request_timeout").as_deref())
+                .outcome
+        );
+    }
 }

@@ -12,11 +12,19 @@
 //!
 //! Reads are planned here ([`LayerTree::plan_read`]: which frames, which
 //! bytes of each) and assembled from frame data fetched elsewhere.
+//!
+//! Inode numbers, readdir cookies and what is synthesized above are a
+//! format: a FUSE connection kept across a daemon restart holds them. A
+//! change to any of them bumps [`TREE_VERSION`] (`numbering.rs`, with the
+//! golden fingerprints that catch it).
 
 use std::collections::HashMap;
 
 use crate::format::index::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::format::{file_extents, Entry, EntryKind, Extent, LayerIndex};
+
+mod numbering;
+pub use numbering::TREE_VERSION;
 
 pub const ROOT: u64 = 1;
 pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
@@ -178,8 +186,10 @@ impl LayerTree {
                                 Some(target) => {
                                     t.nodes[(target - 1) as usize].nlink += 1;
                                     let child = Child { entry: i as u32, start: name_at, ino: target as u32 };
+                                    // The name it replaces loses a link, even when
+                                    // that name already was one of the target's.
                                     let old = dirs.entry(parent).or_default().insert(name, child).map(|c| c.ino as u64);
-                                    if let Some(old) = old.filter(|&o| o != target) {
+                                    if let Some(old) = old {
                                         t.unlink(old);
                                     }
                                     by_path.insert(&e.path, target);

@@ -141,3 +141,14 @@ fn directories_implied_again_after_a_replacement() {
     assert_eq!(t.attr(path(&t, "y/z")).unwrap().kind, NodeKind::Dir);
     assert_eq!(names(&t, path(&t, "y/z")), [".", "..", "w"]);
 }
+
+/// A hard link listed twice under one name is one link, as tar extraction
+/// leaves it (the second `link` replaces the first).
+#[test]
+fn a_hard_link_listed_twice_counts_once() {
+    use tar::EntryType as T;
+    let (_, idx) = layer(&[("a", T::Regular, b"x"), ("b", T::Link, b"a"), ("b", T::Link, b"a"), ("c", T::Link, b"a")]);
+    let t = LayerTree::new(idx);
+    assert_eq!(t.attr(path(&t, "a")).unwrap().nlink, 3);
+    assert_eq!(path(&t, "b"), path(&t, "a"));
+}

@@ -7,8 +7,9 @@ use anyhow::Result;
 
 use hyperbox::doctor::{self, Outcome};
 
-/// Check this node: FUSE, overlayfs, containerd's config and plugin, and
-/// hyperboxd. Each problem comes with its fix; exits 1 if any check fails.
+/// Check this node: FUSE, the kernel (what a hyperboxd restart needs of
+/// it), overlayfs, containerd's config and plugin, and hyperboxd. Each
+/// problem comes with its fix; exits 1 if any check fails.
 #[derive(clap::Args)]
 pub struct DoctorArgs {
     /// hyperboxd's socket.
@@ -26,7 +27,7 @@ pub struct DoctorArgs {
 /// any failed.
 pub fn run(args: DoctorArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
     let DoctorArgs { address, containerd_address, containerd_config } = args;
-    let mut checks = vec![doctor::fuse(), doctor::overlay()];
+    let mut checks = vec![doctor::fuse(), doctor::kernel(), doctor::request_timeouts(), doctor::overlay()];
     // Which containerd reads the config decides what it must say (1.x:
     // version 2; 2.x: version 3 and the transfer service's settings).
     let version = rt.block_on(doctor::containerd_version(&containerd_address));
