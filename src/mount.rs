@@ -28,7 +28,7 @@ use crate::layer::RemoteLayer;
 use crate::metrics::{Histogram, HistogramSnapshot};
 pub use crate::trace::{ChunkAccess, TraceHook};
 
-pub use hyperbox_fuse::{detach, stale_mounts, Mount, MountOptions};
+pub use hyperbox_fuse::{detach, stale_mounts, ConnState, Mount, MountOptions};
 
 /// Latency of the FUSE operations of every layer this process serves.
 pub struct FuseOps {
@@ -171,11 +171,12 @@ pub const MMAP_THRESHOLD: usize = 4 << 20;
 
 /// Fix glibc's mmap threshold at [`MMAP_THRESHOLD`]; call once, before any
 /// thread starts. By default glibc raises the threshold to the size of each
-/// large block freed (up to 32 MiB). Once a daemon has freed one large
-/// buffer, every FUSE worker's 16 MiB request buffer (fuser allocates one
-/// per thread) comes from the heap instead of fresh zero pages, and pages of
-/// it stay resident. `benches/fs.rs` measured 10 mounted layers of 30,000
-/// files at 161 MiB RSS with the default, 85 MiB with this (docs/tuning.md).
+/// large block freed (up to 32 MiB), after which large buffers (fetched
+/// ranges, decoded indexes) come from the heap and pages of them stay
+/// resident once freed. It was needed most when every FUSE worker had a
+/// 16 MiB request buffer (`benches/fs.rs` measured 10 mounted layers of
+/// 30,000 files at 161 MiB RSS with the default, 85 MiB with this;
+/// docs/tuning.md); readers now have 64 KiB each.
 pub fn fix_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
@@ -224,6 +225,19 @@ impl LayerFs {
             tracing::warn!(mount = %mountpoint.display(), kb = opts.read_ahead_kb, "read-ahead not set: {e}");
         }
         Ok(m)
+    }
+
+    /// Serve the live mount at `mountpoint` on its connection `device`,
+    /// which another process set up with `state` (a restart: see
+    /// `crate::snapshotter`'s `keep`).
+    pub fn adopt(
+        self,
+        device: std::os::fd::OwnedFd,
+        state: ConnState,
+        mountpoint: &std::path::Path,
+        opts: &MountOptions,
+    ) -> std::io::Result<Mount> {
+        hyperbox_fuse::adopt(self, device, state, mountpoint, opts)
     }
 
     /// Report the frames a read needs. Every read that reaches FUSE is

@@ -108,6 +108,7 @@ impl Node {
             recorder: recorder.clone(),
             prefetcher: prefetcher.clone(),
             rt: rt.clone(),
+            keep: None,
         };
         let snapshotter = Arc::new(Snapshotter::open(opts, parts)?);
         if config.store.gc_after_remove_secs > 0 {

@@ -18,6 +18,8 @@
 //! - `fallback`: why a layer's Prepare was not lazy, counted by reason and
 //!   the latest kept, for `hyperbox pull`, `hyperbox doctor` and metrics.
 //! - `gc`: freeing indexes and chunks no snapshot needs.
+//! - `keep`: remote layers that outlive the daemon: their FUSE connections
+//!   kept outside the process and served again after a restart.
 //! - `status`: what `hyperbox layers` and the metrics ask.
 //! - `filter`: containerd's List filter language.
 //!
@@ -30,6 +32,7 @@ mod error;
 pub mod fallback;
 pub mod filter;
 mod gc;
+pub mod keep;
 mod meta;
 mod mounts;
 mod remote;
@@ -90,6 +93,10 @@ pub struct Parts {
     pub prefetcher: Prefetcher,
     /// The runtime network work runs on; calls come from outside it.
     pub rt: tokio::runtime::Handle,
+    /// Where layers' FUSE connections are kept across restarts, and what an
+    /// earlier process kept (none: layers are unmounted when the daemon
+    /// stops, and mounted afresh at start).
+    pub keep: Option<keep::Keep>,
 }
 
 pub struct Snapshotter {
@@ -120,26 +127,34 @@ pub struct Snapshotter {
     preparing: Mutex<HashSet<String>>,
     /// Prepares that fell back to the ordinary path, and why.
     fallbacks: fallback::Fallbacks,
+    /// Keeps mounted layers' connections across restarts.
+    keeper: Option<Arc<dyn keep::FdKeeper>>,
+    /// The names mounted layers' connections are kept under, by id.
+    kept_names: Mutex<HashMap<u64, String>>,
 }
 
 impl Snapshotter {
-    /// Load metadata, clear FUSE mounts a previous process left under
-    /// `root`, and mount every committed remote layer again (from the index
-    /// kept in the store; the registry is asked only if it is missing).
-    /// Call from outside the tokio runtime (or within `spawn_blocking`).
+    /// Load metadata, serve again the remote layers a previous process left
+    /// mounted (when their connections were kept: `keep`), mount the other
+    /// committed remote layers afresh (from the index kept in the store; the
+    /// registry is asked only if it is missing), and clear FUSE mounts of
+    /// ours that no layer owns. Call from outside the tokio runtime (or
+    /// within `spawn_blocking`).
     pub fn open(opts: Options, parts: Parts) -> Result<Snapshotter> {
-        let Parts { store, fetcher, recorder, prefetcher, rt } = parts;
+        let Parts { store, fetcher, recorder, prefetcher, rt, keep } = parts;
+        let (keeper, mut kept) = match keep {
+            Some(k) => (Some(k.keeper), k.kept),
+            None => (None, HashMap::new()),
+        };
         let root = opts.root;
         let snapshots = root.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(io_err(format!("create {}", snapshots.display())))?;
         // Also tightens a dir an older version made 0755.
         dirs::set_mode(&snapshots, dirs::PRIVATE)?;
-        for stale in crate::mount::stale_mounts(&root).map_err(io_err("read /proc/self/mountinfo"))? {
-            tracing::info!(path = %stale.display(), "detaching a FUSE mount left by a previous hyperboxd");
-            if let Err(e) = crate::mount::detach(&stale) {
-                tracing::warn!(path = %stale.display(), error = %e, "cannot detach stale mount");
-            }
-        }
+        // mountinfo shows paths with symlinks resolved.
+        let real_root = std::fs::canonicalize(&root).map_err(io_err(format!("resolve {}", root.display())))?;
+        let mut stale: HashSet<PathBuf> =
+            crate::mount::stale_mounts(&real_root).map_err(io_err("read /proc/self/mountinfo"))?.into_iter().collect();
         let meta = Meta::load(&store)?;
         let s = Snapshotter {
             root,
@@ -159,17 +174,52 @@ impl Snapshotter {
             removals: tokio::sync::watch::channel(0).0,
             preparing: Mutex::new(HashSet::new()),
             fallbacks: fallback::Fallbacks::default(),
+            keeper,
+            kept_names: Mutex::new(HashMap::new()),
         };
         let remote: Vec<(String, Record)> = {
             let meta = s.meta.lock();
             meta.snaps.iter().filter(|(_, r)| r.remote.is_some()).map(|(n, r)| (n.clone(), r.clone())).collect()
         };
+        let mut adopted = 0;
         for (name, rec) in remote {
+            let live = real_root.join("snapshots").join(rec.id.to_string()).join("fs");
+            if stale.remove(&live) {
+                match s.adopt(&rec, &mut kept) {
+                    Ok(()) => {
+                        adopted += 1;
+                        continue;
+                    }
+                    Err(why) => {
+                        tracing::warn!(snapshot = %name, path = %live.display(), "{why}: mounting it afresh");
+                        if let Err(e) = crate::mount::detach(&live) {
+                            tracing::warn!(path = %live.display(), error = %e, "cannot detach stale mount");
+                        }
+                    }
+                }
+            }
             if let Err(e) = s.remount(&rec) {
                 // Its fs is an empty dir: it is not handed out until a retry
                 // mounts it (see `ensure_mounted`).
                 tracing::error!(snapshot = %name, error = %e, "cannot mount remote layer again; will retry when it is used");
                 s.broken.lock().insert(rec.id);
+            }
+        }
+        if adopted > 0 {
+            tracing::info!(layers = adopted, "serving again the layers a previous hyperboxd left mounted");
+        }
+        for path in stale {
+            tracing::info!(path = %path.display(), "detaching a FUSE mount left by a previous hyperboxd");
+            if let Err(e) = crate::mount::detach(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot detach stale mount");
+            }
+        }
+        if let Some(keeper) = &s.keeper {
+            for (name, fd) in kept {
+                drop(fd);
+                if let Err(e) = keeper.remove(&name) {
+                    tracing::warn!(name, error = %e, "cannot drop a kept FUSE connection no layer uses");
+                }
             }
         }
         Ok(s)
@@ -419,7 +469,7 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Unmount every remote layer (daemon shutdown).
+    /// Unmount every remote layer.
     pub fn unmount_all(&self) {
         self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(r) = &self.recorder {
@@ -428,6 +478,32 @@ impl Snapshotter {
         let ids: Vec<u64> = self.layers.lock().keys().copied().collect();
         for id in ids {
             self.unmount_layer(id);
+        }
+    }
+
+    /// The daemon is stopping: save the traces being recorded, and leave
+    /// every layer whose connection is kept mounted for the next process
+    /// to serve (after at most `grace` for the reads in progress); unmount
+    /// the others. Without a keeper, unmount all.
+    pub fn stop(&self, grace: std::time::Duration) {
+        if self.keeper.is_none() {
+            return self.unmount_all();
+        }
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(r) = &self.recorder {
+            r.flush();
+        }
+        let ids: Vec<u64> = self.layers.lock().keys().copied().collect();
+        for id in ids {
+            if !self.kept_names.lock().contains_key(&id) {
+                self.unmount_layer(id);
+                continue;
+            }
+            let Some((m, _, _)) = self.layers.lock().remove(&id) else { continue };
+            let unanswered = m.leave(grace);
+            if unanswered > 0 {
+                tracing::warn!(snapshot = id, unanswered, "left a layer with reads unanswered; the next hyperboxd gets them again");
+            }
         }
     }
 }

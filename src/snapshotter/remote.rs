@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -14,6 +15,7 @@ use super::dirs::remove_dir;
 use super::error::{Result, SnapshotError};
 use super::fallback::{NotLazy, Reason};
 use super::gc::Preparing;
+use super::keep::Saved;
 use super::meta::{Kind, Meta, Record, RemoteRef, Usage};
 use super::Snapshotter;
 use crate::digest::{Digest, DigestParseError};
@@ -95,6 +97,85 @@ impl Snapshotter {
             tracing::warn!(path = %fs.display(), error = %e, "unmount failed; detaching");
             let _ = crate::mount::detach(&fs);
         }
+        self.forget_kept(id);
+    }
+
+    /// The layer's connection is no longer kept.
+    fn forget_kept(&self, id: u64) {
+        let Some(name) = self.kept_names.lock().remove(&id) else { return };
+        if let Some(keeper) = &self.keeper {
+            if let Err(e) = keeper.remove(&name) {
+                tracing::warn!(snapshot = id, name, error = %e, "cannot drop a kept FUSE connection");
+            }
+        }
+        let _ = std::fs::remove_file(self.conn_file(id));
+    }
+
+    fn conn_file(&self, id: u64) -> std::path::PathBuf {
+        self.dir(id).join("conn")
+    }
+
+    /// Keep a new mount's connection, so a restarted daemon serves it
+    /// again. A layer whose connection cannot be kept works, but is
+    /// mounted afresh after a restart.
+    fn keep_connection(&self, id: u64, mount: &crate::mount::Mount, tree: &[u8; 32]) {
+        let Some(keeper) = &self.keeper else { return };
+        let saved = Saved::new(id, &mount.state(), tree);
+        let kept = saved.write(&self.conn_file(id)).and_then(|()| keeper.put(&saved.name, mount.device()));
+        match kept {
+            Ok(()) => {
+                self.kept_names.lock().insert(id, saved.name);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.conn_file(id));
+                tracing::warn!(snapshot = id, error = %e, "cannot keep the layer's FUSE connection: a restart of hyperboxd will break containers using it");
+            }
+        }
+    }
+
+    /// Serve snapshot `rec`'s live mount on the connection an earlier
+    /// process kept, if everything agrees (see `keep`); else say why not.
+    pub(super) fn adopt(&self, rec: &Record, kept: &mut HashMap<String, OwnedFd>) -> Result<(), String> {
+        let saved = Saved::read(&self.conn_file(rec.id))
+            .map_err(|e| format!("its saved connection state is unreadable: {e}"))?
+            .ok_or("its connection state was not saved")?;
+        if saved.tree_version != crate::fs::TREE_VERSION {
+            return Err(format!(
+                "it was served with layer tree version {}, this build numbers inodes as version {}",
+                saved.tree_version,
+                crate::fs::TREE_VERSION
+            ));
+        }
+        let state = saved.state().map_err(|e| e.to_string())?;
+        if !kept.contains_key(&saved.name) {
+            return Err("its connection was not kept".into());
+        }
+        let remote = rec.remote.as_ref().ok_or("no remote reference")?;
+        let loc = stored_location(rec).map_err(|e| e.to_string())?.ok_or("no index location")?;
+        if remote.plain_http {
+            self.fetcher.client().use_plain_http(&remote.registry);
+        }
+        let layer = self.remote_layer(remote, &loc).map_err(|e| e.to_string())?;
+        let hook = self.recorder.as_ref().map(Recorder::hook);
+        let fs = LayerFs::new(layer.clone(), self.fetcher.clone(), self.rt.clone(), hook);
+        let memory = fs.memory();
+        if hex::encode(fs.tree().fingerprint()) != saved.tree {
+            return Err("its layer tree is numbered differently now (fingerprint)".into());
+        }
+        // Taken only now: a file left in `kept` is dropped from the keeper.
+        let fd = kept.remove(&saved.name).ok_or("its connection was not kept")?;
+        let mount = match fs.adopt(fd, state, &self.fs_dir(rec.id), &self.fuse) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(keeper) = &self.keeper {
+                    let _ = keeper.remove(&saved.name);
+                }
+                return Err(format!("adopting its connection: {e}"));
+            }
+        };
+        self.layers.lock().insert(rec.id, (mount, layer, memory));
+        self.kept_names.lock().insert(rec.id, saved.name);
+        Ok(())
     }
 
     /// Try to make `target` a committed remote layer on `parent`, for the
@@ -242,11 +323,16 @@ impl Snapshotter {
                 )));
             }
         }
+        let tree = self.keeper.as_ref().map(|_| fs.tree().fingerprint());
         let mount = fs.mount(&self.fs_dir(id), &self.fuse).map_err(RemoteError::Mount)?;
+        if let Some(tree) = tree {
+            self.keep_connection(id, &mount, &tree);
+        }
         let mut layers = self.layers.lock();
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             drop(layers);
             let _ = mount.unmount();
+            self.forget_kept(id);
             return Err(RemoteError::Stopping);
         }
         layers.insert(id, (mount, layer, memory));

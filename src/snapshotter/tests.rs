@@ -42,7 +42,7 @@ impl Fixture {
             max_layers: 16,
             max_index_memory: 64 << 20,
         };
-        Snapshotter::open(opts, Parts { store, fetcher, recorder, prefetcher, rt }).unwrap()
+        Snapshotter::open(opts, Parts { store, fetcher, recorder, prefetcher, rt, keep: None }).unwrap()
     }
 }
 
