@@ -361,6 +361,8 @@ pub struct Hyperboxd {
     pub socket: PathBuf,
     pub config: PathBuf,
     daemon: Option<Daemon>,
+    /// The binary started (another build of it, for an upgrade).
+    binary: PathBuf,
 }
 
 impl Hyperboxd {
@@ -370,14 +372,15 @@ impl Hyperboxd {
         let socket = dir.join("hyperbox.sock");
         let cfg = dir.join("hyperbox.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut h = Hyperboxd { root, socket, config: cfg, daemon: None };
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_hyperboxd"));
+        let mut h = Hyperboxd { root, socket, config: cfg, daemon: None, binary };
         h.launch();
         h
     }
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hyperboxd"))
+        let child = Command::new(&self.binary)
             .arg("--root")
             .arg(&self.root)
             .arg("--address")
@@ -431,6 +434,11 @@ impl Hyperboxd {
         self.launch();
     }
 
+    /// Start `binary` from the next (re)start on: an upgrade.
+    pub fn use_binary(&mut self, binary: &Path) {
+        self.binary = binary.to_path_buf();
+    }
+
     /// FUSE layer mounts under the root, from /proc/self/mountinfo.
     pub fn fuse_mounts(&self) -> Vec<PathBuf> {
         hyperbox::mount::stale_mounts(&self.root).unwrap()
@@ -455,6 +463,22 @@ impl Drop for Hyperboxd {
         self.daemon.take();
         for m in hyperbox::mount::stale_mounts(&self.root).unwrap_or_default() {
             let _ = hyperbox::mount::detach(&m);
+        }
+        kill_fd_holders(&self.root);
+    }
+}
+
+/// Kill the fd holders (`hyperboxd fd-holder`) serving daemons on `root`:
+/// they outlive their daemon on purpose.
+pub fn kill_fd_holders(root: &Path) {
+    let root = root.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("fd-holder") && cmd.contains(&root) {
+            // SAFETY: a plain syscall.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
