@@ -90,6 +90,62 @@ pub struct DaemonConfig {
     /// Where to serve Prometheus `/metrics` and `/healthz` (HTTP); "" for
     /// nowhere. Loopback by default; expose it only to your scraper.
     pub metrics_address: String,
+    /// Where each layer's FUSE fd is kept so that a restarted hyperboxd
+    /// gets it back (`daemon::fdstore`).
+    pub keep_fds: KeepMode,
+    /// The fd holder's socket (mode 0600), when `keep_fds` is `holder`
+    /// (or `auto` without systemd's fd store).
+    pub fd_holder_socket: PathBuf,
+}
+
+/// `daemon.keep_fds`: where the daemon keeps its `/dev/fuse` fds across its
+/// restarts (`daemon::fdstore`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepMode {
+    /// systemd's fd store when hyperboxd runs under systemd with the store
+    /// enabled, else the fd holder.
+    #[default]
+    Auto,
+    /// systemd's fd store (`FileDescriptorStoreMax=` in the unit).
+    Systemd,
+    /// `hyperboxd fd-holder`, started by hyperboxd when none runs.
+    Holder,
+    /// Nowhere: a restart loses the layers of running containers.
+    Off,
+}
+
+impl std::fmt::Display for KeepMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeepMode::Auto => "auto",
+            KeepMode::Systemd => "systemd",
+            KeepMode::Holder => "holder",
+            KeepMode::Off => "off",
+        })
+    }
+}
+
+/// The longest unix socket path (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Why `path` cannot be the fd holder's socket: it must be absolute, and
+/// both it and the path it is first bound at (`<dir>/.hbfd-XXXXXX/s`,
+/// see `daemon::fdstore::bind_seqpacket`) must fit in a socket address.
+pub fn check_holder_socket(path: &Path) -> Result<(), String> {
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(format!("{} is not an absolute path to a file", path.display()));
+    }
+    let dir = path.parent().map_or(0, |d| d.as_os_str().len());
+    let staged = dir + "/.hbfd-XXXXXX/s".len();
+    let longest = path.as_os_str().len().max(staged);
+    if longest > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is too long for a unix socket ({longest} bytes with its staging dir; at most {MAX_SOCKET_PATH})",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 impl Default for DaemonConfig {
@@ -103,6 +159,8 @@ impl Default for DaemonConfig {
             max_index_memory_mb: 2048,
             log_level: "info".into(),
             metrics_address: "127.0.0.1:9464".into(),
+            keep_fds: KeepMode::Auto,
+            fd_holder_socket: PathBuf::from("/run/hyperbox/fdholder.sock"),
         }
     }
 }
@@ -171,6 +229,10 @@ impl Config {
                 cfg.daemon.fuse_read_ahead_kb
             )));
         }
+        if matches!(cfg.daemon.keep_fds, KeepMode::Auto | KeepMode::Holder) {
+            check_holder_socket(&cfg.daemon.fd_holder_socket)
+                .map_err(|e| err(format!("daemon.fd_holder_socket = {:?}: {e}", cfg.daemon.fd_holder_socket)))?;
+        }
         Ok(cfg)
     }
 }
@@ -194,5 +256,36 @@ mod tests {
         assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("fetch.max_prefetch_requests"));
         std::fs::write(&p, "version = 1\n[registry.mirrors]\n\"docker.io\" = [\"http://10.0.0.5:5000\"]\n").unwrap();
         assert_eq!(Config::load(Some(&p)).unwrap().registry.mirrors["docker.io"], vec!["http://10.0.0.5:5000"]);
+    }
+
+    #[test]
+    fn keep_fds_and_the_holder_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&p, format!("version = 1\n[daemon]\n{text}")).unwrap();
+            Config::load(Some(&p))
+        };
+        let d = load("").unwrap().daemon;
+        assert_eq!((d.keep_fds, d.fd_holder_socket.to_str().unwrap()), (KeepMode::Auto, "/run/hyperbox/fdholder.sock"));
+        for (text, mode) in [("auto", KeepMode::Auto), ("systemd", KeepMode::Systemd), ("holder", KeepMode::Holder)] {
+            assert_eq!(load(&format!("keep_fds = \"{text}\"")).unwrap().daemon.keep_fds, mode);
+            assert_eq!(mode.to_string(), text);
+        }
+        assert_eq!(load("keep_fds = \"off\"").unwrap().daemon.keep_fds, KeepMode::Off);
+        let e = load("keep_fds = \"sometimes\"").unwrap_err().to_string();
+        assert!(e.contains("keep_fds") && e.contains("holder"), "{e}");
+        let e = load("fd_holder_socket = \"fdholder.sock\"").unwrap_err().to_string();
+        assert!(e.contains("daemon.fd_holder_socket") && e.contains("absolute"), "{e}");
+        let long = format!("/run/{}/fdholder.sock", "d".repeat(95));
+        let e = load(&format!("fd_holder_socket = \"{long}\"")).unwrap_err().to_string();
+        assert!(e.contains("too long"), "{e}");
+        // Not used, so not checked.
+        load(&format!("keep_fds = \"off\"\nfd_holder_socket = \"{long}\"")).unwrap();
+        load("keep_fds = \"systemd\"\nfd_holder_socket = \"\"").unwrap();
+        // The longest that fits, staging dir included.
+        let dir = format!("/{}", "d".repeat(MAX_SOCKET_PATH - "/.hbfd-XXXXXX/s".len() - 1));
+        check_holder_socket(&Path::new(&dir).join("h.sock")).unwrap();
+        check_holder_socket(&Path::new(&format!("{dir}x")).join("h.sock")).unwrap_err();
     }
 }

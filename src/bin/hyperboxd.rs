@@ -1,10 +1,14 @@
 //! `hyperboxd`: the HyperBox snapshotter daemon. This file reads flags and
 //! the config and sets up logging; the daemon is `hyperbox::daemon::run`.
+//! `hyperboxd fd-holder` (hidden) is the process that keeps the daemon's
+//! FUSE fds where systemd's fd store is not available
+//! (`hyperbox::daemon::fdstore::holder`).
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use hyperbox::config::Config;
+use hyperbox::daemon::fdstore::holder;
 
 #[derive(Parser)]
 #[command(name = "hyperboxd", version, about = "HyperBox remote snapshotter daemon for containerd")]
@@ -22,6 +26,27 @@ struct Args {
     /// Print the default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Keep the daemon's FUSE fds across its restarts (started by
+    /// hyperboxd itself when daemon.keep_fds chooses the holder).
+    #[command(hide = true)]
+    FdHolder {
+        /// Its socket (daemon.fd_holder_socket).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Keep at most this many fds.
+        #[arg(long, default_value_t = holder::DEFAULT_MAX_FDS)]
+        max_fds: usize,
+        /// Fork once listening; the first process exits 0, or 3 when
+        /// another holder serves the socket.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 fn main() {
@@ -31,6 +56,9 @@ fn main() {
     unsafe { libc::umask(0o077) };
     hyperbox::mount::fix_mmap_threshold();
     let args = Args::parse();
+    if let Some(Cmd::FdHolder { socket, max_fds, detach }) = args.command {
+        std::process::exit(fd_holder(holder::HolderOptions { socket, max_fds, detach }));
+    }
     if args.print_default_config {
         print!("{}", toml::to_string_pretty(&Config::default()).expect("config serializes"));
         return;
@@ -62,5 +90,23 @@ fn main() {
         tracing::error!("{e}");
         eprintln!("hyperboxd: {e}");
         std::process::exit(1);
+    }
+}
+
+/// `hyperboxd fd-holder`: its exit status.
+fn fd_holder(opts: holder::HolderOptions) -> i32 {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    match holder::run(&opts) {
+        Ok(()) => 0,
+        Err(e @ holder::HolderError::AlreadyRunning(_)) => {
+            tracing::info!("{e}");
+            holder::EXIT_ALREADY_RUNNING
+        }
+        Err(e) => {
+            tracing::error!("fd holder: {e}");
+            1
+        }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod cri;
+pub mod fdstore;
 pub mod listen;
 pub mod metrics;
 pub mod snapshots;
@@ -22,6 +23,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use fdstore::{KeepMode, Keeper};
 
 use crate::config::Config;
 use crate::fetcher::Fetcher;
