@@ -94,8 +94,21 @@ pub struct DaemonConfig {
     /// gets it back (`daemon::fdstore`).
     pub keep_fds: KeepMode,
     /// The fd holder's socket (mode 0600), when `keep_fds` is `holder`
-    /// (or `auto` without systemd's fd store).
+    /// (or `auto` without systemd's fd store); "" for `<root>/fd-holder.sock`
+    /// (one holder per root: a holder hands every fd it keeps to whoever
+    /// asks, so two daemons must never share one).
     pub fd_holder_socket: PathBuf,
+}
+
+impl DaemonConfig {
+    /// [`DaemonConfig::fd_holder_socket`], with its default resolved.
+    pub fn holder_socket(&self) -> PathBuf {
+        if self.fd_holder_socket.as_os_str().is_empty() {
+            self.root.join("fd-holder.sock")
+        } else {
+            self.fd_holder_socket.clone()
+        }
+    }
 }
 
 /// `daemon.keep_fds`: where the daemon keeps its `/dev/fuse` fds across its
@@ -160,7 +173,7 @@ impl Default for DaemonConfig {
             log_level: "info".into(),
             metrics_address: "127.0.0.1:9464".into(),
             keep_fds: KeepMode::Auto,
-            fd_holder_socket: PathBuf::from("/run/hyperbox/fdholder.sock"),
+            fd_holder_socket: PathBuf::new(),
         }
     }
 }
@@ -229,7 +242,9 @@ impl Config {
                 cfg.daemon.fuse_read_ahead_kb
             )));
         }
-        if matches!(cfg.daemon.keep_fds, KeepMode::Auto | KeepMode::Holder) {
+        if matches!(cfg.daemon.keep_fds, KeepMode::Auto | KeepMode::Holder)
+            && !cfg.daemon.fd_holder_socket.as_os_str().is_empty()
+        {
             check_holder_socket(&cfg.daemon.fd_holder_socket)
                 .map_err(|e| err(format!("daemon.fd_holder_socket = {:?}: {e}", cfg.daemon.fd_holder_socket)))?;
         }
@@ -267,7 +282,7 @@ mod tests {
             Config::load(Some(&p))
         };
         let d = load("").unwrap().daemon;
-        assert_eq!((d.keep_fds, d.fd_holder_socket.to_str().unwrap()), (KeepMode::Auto, "/run/hyperbox/fdholder.sock"));
+        assert_eq!((d.keep_fds, d.fd_holder_socket.to_str().unwrap()), (KeepMode::Auto, ""));
         for (text, mode) in [("auto", KeepMode::Auto), ("systemd", KeepMode::Systemd), ("holder", KeepMode::Holder)] {
             assert_eq!(load(&format!("keep_fds = \"{text}\"")).unwrap().daemon.keep_fds, mode);
             assert_eq!(mode.to_string(), text);

@@ -106,6 +106,9 @@ fn config_for(dir: &tempfile::TempDir) -> Config {
     // Nothing here is fetched: no prefetch or traces going to a registry.
     config.prefetch.enabled = false;
     config.trace.enabled = false;
+    // The fd holder is `hyperboxd fd-holder`, started from the running
+    // binary: a test binary is not one (tests/restart_e2e.rs covers it).
+    config.daemon.keep_fds = hyperbox::config::KeepMode::Off;
     config
 }
 

@@ -89,6 +89,8 @@ impl Node {
         // dirs and the store are below. Also tightens an older root (0711).
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("chmod {}", root.display())))?;
+        // First: the kept connections come back before anything is mounted.
+        let keep = open_keeper(&config);
         let store = Arc::new(Store::open(&root.join("store"), &config.store)?);
         let client = Arc::new(Client::new(&config.registry, false)?);
         // Before the layers are mounted again: they may need these to fetch.
@@ -111,7 +113,7 @@ impl Node {
             recorder: recorder.clone(),
             prefetcher: prefetcher.clone(),
             rt: rt.clone(),
-            keep: None,
+            keep,
         };
         let snapshotter = Arc::new(Snapshotter::open(opts, parts)?);
         if config.store.gc_after_remove_secs > 0 {
@@ -122,11 +124,55 @@ impl Node {
         Ok(Node { config, store, fetcher, recorder, prefetcher, snapshotter, pull_token, keychain })
     }
 
-    /// Stop serving layers: save the traces being recorded and unmount
-    /// every remote layer. Call from outside the runtime.
+    /// Stop serving layers: save the traces being recorded, and leave the
+    /// remote layers whose connections are kept mounted for the next
+    /// hyperboxd (the reads in progress answered first, for at most
+    /// [`STOP_GRACE`]); unmount the others. Call from outside the runtime.
     pub fn close(&self) {
-        tracing::info!(layers = self.snapshotter.mounted_layers(), "stopping: unmounting layers");
-        self.snapshotter.unmount_all();
+        tracing::info!(layers = self.snapshotter.mounted_layers(), "stopping");
+        self.snapshotter.stop(STOP_GRACE);
+    }
+}
+
+/// How long a stop waits for the layers' reads in progress.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl snapshotter::keep::FdKeeper for Keeper {
+    fn put(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        Keeper::put(self, name, fd)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        Keeper::remove(self, name)
+    }
+}
+
+/// Where the layers' FUSE connections are kept across restarts
+/// (`daemon.keep_fds`), with what an earlier hyperboxd kept. A keeper that
+/// cannot be had is logged and the daemon runs without (its layers are
+/// unmounted when it stops, and break if it dies), rather than not at all.
+fn open_keeper(config: &Config) -> Option<snapshotter::keep::Keep> {
+    let socket = config.daemon.holder_socket();
+    let opened = Keeper::open(config.daemon.keep_fds, &socket).and_then(|mut k| {
+        let kept = k.take_kept()?;
+        Ok((k, kept))
+    });
+    match opened {
+        Ok((keeper, kept)) => {
+            if keeper.mode() == KeepMode::Off {
+                return None;
+            }
+            tracing::info!(keeper = %keeper.mode(), kept = kept.len(), "layer connections are kept across restarts");
+            Some(snapshotter::keep::Keep { keeper: Arc::new(keeper), kept: kept.into_iter().collect() })
+        }
+        Err(e) => {
+            tracing::error!(
+                mode = %config.daemon.keep_fds,
+                socket = %socket.display(),
+                error = %e,
+                "cannot keep layer connections: a restart of hyperboxd will break running containers' lazy layers"
+            );
+            None
+        }
     }
 }
 
