@@ -15,12 +15,12 @@ versions=("$@")
 ((${#versions[@]})) || read -ra versions <<<"${CONTAINERD_VERSIONS:-1.7 2}"
 # The tests that start containerd and exercise what differs between its
 # versions: ctr pulls and runs, CRI pulls, containerd restarts, gc
-# (snapshotter_e2e), crashes and faults under containerd (faults_e2e), a
+# (snapshotter_e2e), containers reading through restarts (restart_e2e), crashes and faults under containerd (faults_e2e), a
 # converted image on a vanilla containerd (convert_e2e), what a container
 # sees (security_e2e), a CRI pull with a pull secret through hyperboxd's
 # CRI image service proxy (private_images_e2e), and what `hyperbox pull`
 # reports (pull_report_e2e).
-read -ra tests <<<"${CONTAINERD_TESTS:-snapshotter_e2e faults_e2e convert_e2e security_e2e private_images_e2e pull_report_e2e}"
+read -ra tests <<<"${CONTAINERD_TESTS:-snapshotter_e2e restart_e2e faults_e2e convert_e2e security_e2e private_images_e2e pull_report_e2e}"
 test_args=()
 for t in "${tests[@]}"; do test_args+=(--test "$t"); done
 

@@ -83,7 +83,8 @@ fn start_readers(s: &Setup, lines: &Lines) -> (Vec<String>, Vec<Child>) {
         // runc's state is per namespace, not per containerd: names of its own.
         let name = format!("restart-{}-{c}", std::process::id());
         run(s.ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &s.dst, &name, "sleep", "3600"]));
-        let order: Vec<String> = (0..FILES).map(|i| format!("/data/f{:02}", (i + c * FILES / CONTAINERS) % FILES)).collect();
+        let order: Vec<String> =
+            (0..FILES).map(|i| format!("/data/f{:02}", (i + c * FILES / CONTAINERS) % FILES)).collect();
         let script = format!(
             "while [ ! -e /stop ]; do for f in {}; do sha256sum $f 2>&1 || echo FAIL $f; done; done",
             order.join(" ")
@@ -122,7 +123,11 @@ fn drop_all(mount: &Path) {
 
 /// Reads from the host through the mount, each cold: how long each took,
 /// and whether it was right.
-fn host_reader(mount: PathBuf, files: Vec<Vec<u8>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(Instant, Duration, bool)>> {
+fn host_reader(
+    mount: PathBuf,
+    files: Vec<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, Duration, bool)>> {
     std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut i = 0;

@@ -361,9 +361,13 @@ pub fn open_out(fh: u64, open_flags: u32) -> [u8; OPEN_OUT_LEN] {
 /// (what `df` shows for most FUSE mounts), blocks of 512 bytes, names up
 /// to 255.
 pub fn statfs_out() -> [u8; STATFS_OUT_LEN] {
+    // fuse_kstatfs: blocks, bfree, bavail, files, ffree (u64 each), then
+    // bsize, namelen, frsize (u32 each). overlayfs takes namelen as the
+    // longest name it may look up in a lower layer.
     let mut b = [0u8; STATFS_OUT_LEN];
-    b[48..52].copy_from_slice(&512u32.to_ne_bytes()); // bsize
-    b[52..56].copy_from_slice(&255u32.to_ne_bytes()); // namelen
+    b[40..44].copy_from_slice(&512u32.to_ne_bytes()); // bsize
+    b[44..48].copy_from_slice(&255u32.to_ne_bytes()); // namelen
+    b[48..52].copy_from_slice(&512u32.to_ne_bytes()); // frsize
     b
 }
 

@@ -917,7 +917,19 @@ mod tests {
         if check(abi::flag::DO_READDIRPLUS, "readdirplus") {
             assert_eq!(count(&fs.lookups), 0, "entries were looked up after the listing");
         }
+        // What statfs(2) reports: overlayfs takes the name length as the
+        // longest name it may look up in a lower layer.
+        let st = statfs(m.path());
+        assert_eq!((st.f_namelen, st.f_bsize, st.f_frsize), (255, 512, 512));
         m.unmount().unwrap();
+    }
+
+    fn statfs(p: &Path) -> libc::statfs {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a zeroed statfs is valid; statfs fills it.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+        st
     }
 }
 

@@ -110,7 +110,8 @@ mod tests {
     #[test]
     fn saved_state_round_trips_and_names_differ() {
         let dir = tempfile::tempdir().unwrap();
-        let state = ConnState { minor: 38, offered: 1 << 39, flags: 1, max_readahead: 131072, max_write: 4096, max_pages: 256 };
+        let state =
+            ConnState { minor: 38, offered: 1 << 39, flags: 1, max_readahead: 131072, max_write: 4096, max_pages: 256 };
         let a = Saved::new(7, &state, &[3; 32]);
         let b = Saved::new(7, &state, &[3; 32]);
         assert_ne!(a.name, b.name);

@@ -502,7 +502,11 @@ impl Snapshotter {
             let Some((m, _, _)) = self.layers.lock().remove(&id) else { continue };
             let unanswered = m.leave(grace);
             if unanswered > 0 {
-                tracing::warn!(snapshot = id, unanswered, "left a layer with reads unanswered; the next hyperboxd gets them again");
+                tracing::warn!(
+                    snapshot = id,
+                    unanswered,
+                    "left a layer with reads unanswered; the next hyperboxd gets them again"
+                );
             }
         }
     }
