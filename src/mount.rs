@@ -1,5 +1,5 @@
-//! Serves a layer's tree through FUSE (the `fuse/` crate names `fuser`; this
-//! module only implements its plain trait). Errno values are chosen here,
+//! Serves a layer's tree through FUSE (the `fuse/` crate speaks the
+//! protocol; this module only implements its plain trait). Errno values are chosen here,
 //! in one place.
 //!
 //! Metadata answers come straight from the in-memory tree. A read is planned
