@@ -200,6 +200,14 @@ fn report(reads: &[(Instant, Duration, bool)], downs: &[(Instant, Instant)]) {
         .collect();
     all.sort();
     across.sort();
+    let mut down: Vec<Duration> = downs.iter().map(|(d, u)| *u - *d).collect();
+    down.sort();
+    println!(
+        "hyperboxd down (kill or stop until its socket answers) {} times: p50 {:?} max {:?}",
+        down.len(),
+        percentile(&down, 0.5),
+        down.last().copied().unwrap_or_default()
+    );
     println!(
         "host reads: {} in all, p50 {:?} p99 {:?}; {} spanned a restart: p50 {:?} p99 {:?} max {:?}",
         all.len(),
