@@ -159,3 +159,8 @@ fn trace_corpus_and_mutations() {
 fn labels_corpus_and_mutations() {
     run("labels", targets::labels, 0x1abe);
 }
+
+#[test]
+fn fuse_request_corpus_and_mutations() {
+    run("fuse_request", targets::fuse_request, 0xf05e);
+}

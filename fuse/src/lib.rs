@@ -572,6 +572,43 @@ fn reader<F: ReadOnlyFs>(server: &Server<F>, stop: &Stop) {
     }
 }
 
+/// Handle one request as a mount's reader would, on a connection of its
+/// own, and return every reply written, each as the kernel would read it
+/// (a header and its payload). For the fuzz target and tests only.
+#[doc(hidden)]
+pub fn handle_one(fs: impl ReadOnlyFs, state: ConnState, request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds nothing else owns.
+    let (rd, wr) = unsafe { (std::fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Drained while replies are written: a reply can be larger than a pipe.
+    let drain = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut rd = rd;
+        rd.read_to_end(&mut all).map(|_| all)
+    });
+    {
+        let server = Server { fs, chan: Arc::new(Chan::new(wr)), state };
+        server.handle(request);
+    }
+    let all = drain.join().map_err(|_| io::Error::other("the drain thread panicked"))??;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < all.len() {
+        let len = all.get(at..at + 4).map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")) as usize);
+        if len < abi::OUT_HEADER_LEN || at + len > all.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a reply whose length is not what was written"));
+        }
+        out.push(all[at..at + len].to_vec());
+        at += len;
+    }
+    Ok(out)
+}
+
 /// `umount2(path, 0)`.
 fn umount(path: &Path) -> io::Result<()> {
     let c = cstr(path.as_os_str().as_bytes())?;

@@ -471,3 +471,154 @@ fn strings(s: &str) {
         let _ = r.target();
     }
 }
+
+// ------------------------------------------------------------ fuse_request ----
+
+/// A small read-only tree for the FUSE server: the root (1) holds `f` (2,
+/// 300 bytes) and `d` (3, a directory holding 200 names that resolve to
+/// `f`).
+struct FuzzFs;
+
+const FUZZ_FILE: &[u8] = &[0x5a; 300];
+
+fn fuzz_attr(ino: u64) -> Result<hyperbox_fuse::Attr, i32> {
+    use hyperbox_fuse::{Attr, Kind};
+    let (kind, size) = match ino {
+        1 | 3 => (Kind::Dir, 0),
+        2 => (Kind::File, FUZZ_FILE.len() as u64),
+        _ => return Err(libc_enoent()),
+    };
+    Ok(Attr { ino, kind, size, perm: 0o4755, nlink: 1, uid: 0, gid: 0, rdev: 0, mtime: i64::MAX, mtime_nsec: u32::MAX })
+}
+
+fn libc_enoent() -> i32 {
+    2
+}
+
+impl hyperbox_fuse::ReadOnlyFs for FuzzFs {
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<hyperbox_fuse::Attr, i32> {
+        match (parent, name) {
+            (1, b"f") | (3, _) => fuzz_attr(2),
+            (1, b"d") => fuzz_attr(3),
+            _ => Err(libc_enoent()),
+        }
+    }
+    fn getattr(&self, ino: u64) -> Result<hyperbox_fuse::Attr, i32> {
+        fuzz_attr(ino)
+    }
+    fn readlink(&self, _ino: u64) -> Result<Vec<u8>, i32> {
+        Err(22)
+    }
+    fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        add: &mut dyn FnMut(u64, u64, hyperbox_fuse::Kind, &[u8]) -> bool,
+    ) -> Result<(), i32> {
+        self.readdirplus(ino, offset, &mut |a, next, name| add(a.ino, next, a.kind, name))
+    }
+    fn readdirplus(
+        &self,
+        ino: u64,
+        offset: u64,
+        add: &mut dyn FnMut(&hyperbox_fuse::Attr, u64, &[u8]) -> bool,
+    ) -> Result<(), i32> {
+        let names: Vec<(u64, Vec<u8>)> = match ino {
+            1 => vec![(2, b"f".to_vec()), (3, b"d".to_vec())],
+            3 => (0..200).map(|i| (2, format!("name-{i:0>200}").into_bytes())).collect(),
+            _ => return Err(20),
+        };
+        for (i, (child, name)) in names.iter().enumerate().skip(offset.min(1 << 20) as usize) {
+            if add(&fuzz_attr(*child)?, i as u64 + 1, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+    fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, i32> {
+        match (ino, name) {
+            (3, b"trusted.overlay.opaque") => Ok(b"y".to_vec()),
+            _ => Err(61),
+        }
+    }
+    fn listxattr(&self, ino: u64) -> Result<Vec<u8>, i32> {
+        Ok(if ino == 3 { b"trusted.overlay.opaque\0".to_vec() } else { Vec::new() })
+    }
+    fn read(&self, _ino: u64, offset: u64, size: u32, _pid: u32, reply: hyperbox_fuse::ReadReply) {
+        let start = (offset.min(FUZZ_FILE.len() as u64)) as usize;
+        reply.data(&FUZZ_FILE[start..(start + size as usize).min(FUZZ_FILE.len())]);
+    }
+}
+
+/// One FUSE request, as `read(2)` on /dev/fuse would return it, through the
+/// server's parser and dispatch. Every request with a readable header gets
+/// exactly one well-formed reply (none for FORGET and BATCH_FORGET): its
+/// length is what was written, its `unique` the request's, its error a
+/// negated errno; a READ's data and a listing are never longer than asked,
+/// and a listing's records are well formed. Nothing panics.
+pub fn fuse_request(data: &[u8]) {
+    use hyperbox_fuse::abi::{self, Op};
+    // Make the header's length agree with the input more often than not,
+    // so the fuzzer spends its time past the header.
+    let mut req = data.to_vec();
+    if req.len() >= abi::IN_HEADER_LEN && req[0] & 1 == 0 {
+        let len = (req.len() as u32).to_ne_bytes();
+        req[..4].copy_from_slice(&len);
+    }
+    let state = hyperbox_fuse::ConnState {
+        minor: abi::MINOR,
+        offered: u64::from(data.first().copied().unwrap_or(0)) << 16,
+        flags: 0,
+        max_readahead: 131072,
+        max_write: 4096,
+        max_pages: 256,
+    };
+    let replies = hyperbox_fuse::handle_one(FuzzFs, state, &req).expect("replies read back whole");
+    let Ok((h, op)) = abi::parse(&req) else {
+        assert!(replies.is_empty(), "a request without a header was answered");
+        return;
+    };
+    if matches!(op, Ok(Op::Forget | Op::BatchForget)) {
+        assert!(replies.is_empty(), "a FORGET was answered");
+        return;
+    }
+    assert_eq!(replies.len(), 1, "not exactly one reply to {op:?}");
+    let r = &replies[0];
+    let len = u32::from_ne_bytes(r[0..4].try_into().unwrap()) as usize;
+    let error = i32::from_ne_bytes(r[4..8].try_into().unwrap());
+    let unique = u64::from_ne_bytes(r[8..16].try_into().unwrap());
+    assert_eq!(len, r.len());
+    assert_eq!(unique, h.unique, "the reply's unique");
+    assert!((-4095..=0).contains(&error), "error {error}");
+    let body = &r[abi::OUT_HEADER_LEN..];
+    if error != 0 {
+        assert!(body.is_empty(), "an error with a payload");
+        return;
+    }
+    match op.expect("answered without an error") {
+        Op::Read { size, .. } => assert!(body.len() <= size as usize),
+        Op::Readdir { size, .. } => check_dirents(body, size, false),
+        Op::Readdirplus { size, .. } => check_dirents(body, size, true),
+        Op::Lookup { .. } => assert_eq!(body.len(), abi::ENTRY_OUT_LEN),
+        Op::Getattr => assert_eq!(body.len(), abi::ATTR_OUT_LEN),
+        Op::Statfs => assert_eq!(body.len(), abi::STATFS_OUT_LEN),
+        Op::Getxattr { size, .. } | Op::Listxattr { size } => {
+            assert!(if size == 0 { body.len() == abi::GETXATTR_OUT_LEN } else { body.len() <= size as usize })
+        }
+        _ => {}
+    }
+}
+
+fn check_dirents(mut body: &[u8], size: u32, plus: bool) {
+    use hyperbox_fuse::abi;
+    assert!(body.len() <= size as usize, "a listing longer than asked");
+    let skip = if plus { abi::ENTRY_OUT_LEN } else { 0 };
+    while !body.is_empty() {
+        assert!(body.len() >= skip + abi::DIRENT_LEN, "a truncated record");
+        let namelen = u32::from_ne_bytes(body[skip + 16..skip + 20].try_into().unwrap()) as usize;
+        assert!((1..=255).contains(&namelen), "name length {namelen}");
+        let rec = (skip + abi::DIRENT_LEN + namelen + 7) & !7;
+        assert!(rec <= body.len(), "a record past the listing");
+        body = &body[rec..];
+    }
+}
