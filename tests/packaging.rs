@@ -40,13 +40,7 @@ fn systemd_units_verify() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
-    // systemd before 254 does not know FileDescriptorStorePreserve= and
-    // says so; the unit's comment explains why it is there anyway.
-    let complaints: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("hyperboxd.") && !l.contains("Unknown key 'FileDescriptorStorePreserve'"))
-        .collect();
-    assert!(complaints.is_empty(), "systemd-analyze complains about our units:\n{stderr}");
+    assert!(!stderr.contains("hyperboxd."), "systemd-analyze complains about our units:\n{stderr}");
 }
 
 #[test]
