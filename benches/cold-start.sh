@@ -61,8 +61,10 @@ now() { date +%s.%N; }
 start_registry
 HBSOCK=$WORK/hyperbox.sock
 HBROOT=$WORK/hyperbox
-printf 'version = 1\n[trace]\nidle_secs = 3\n' > "$WORK/hyperbox.toml"
-printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nfuse_read_ahead_kb = 128\n' > "$WORK/hyperbox-ra128.toml"
+# Each start begins on a wiped root: nothing is kept across the restarts
+# between starts (keep_fds = "off": a stop unmounts the layers).
+printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\n' > "$WORK/hyperbox.toml"
+printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\nfuse_read_ahead_kb = 128\n' > "$WORK/hyperbox-ra128.toml"
 start_containerd "$HBSOCK"
 ctr_() { ctr --address "$SOCK" "$@"; }
 wait_ready

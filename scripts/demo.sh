@@ -17,6 +17,9 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # The fd holder hyperboxd started keeps its layers' connections past its
+  # exit, on purpose (docs/operations.md, "What a restart does").
+  pkill -f "fd-holder --socket $WORK" 2>/dev/null || true
   grep -o " $WORK[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$WORK"
 }
