@@ -9,6 +9,7 @@ packages=(
   clang libclang-dev                      # the rocksdb build
   zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
   debootstrap                             # the Debian test image and the cold-start benchmark
+  systemd                                 # systemd_fdstore_e2e runs hyperboxd.service under a systemd --user
   apache2-utils                           # htpasswd, for the registry auth test
   dpkg-dev                                # cargo-deb: dpkg-shlibdeps (Depends), strip (binutils)
   pkg-config ca-certificates curl
