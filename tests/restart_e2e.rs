@@ -76,12 +76,13 @@ type Lines = Arc<Mutex<Vec<(Instant, usize, String)>>>;
 /// Start CONTAINERS containers, each running a loop that checksums every
 /// file of the layer (each from its own starting file) until `/stop`
 /// exists in it. Returns the `ctr task exec` processes.
-fn start_readers(s: &Setup, lines: &Lines) -> (Vec<String>, Vec<Child>) {
+fn start_readers(s: &Setup, tag: &str, lines: &Lines) -> (Vec<String>, Vec<Child>) {
     let mut names = Vec::new();
     let mut execs = Vec::new();
     for c in 0..CONTAINERS {
-        // runc's state is per namespace, not per containerd: names of its own.
-        let name = format!("restart-{}-{c}", std::process::id());
+        // runc's state is per namespace, not per containerd: names of this
+        // test's own (the tests of this file run at once).
+        let name = format!("restart-{tag}-{}-{c}", std::process::id());
         run(s.ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &s.dst, &name, "sleep", "3600"]));
         let order: Vec<String> =
             (0..FILES).map(|i| format!("/data/f{:02}", (i + c * FILES / CONTAINERS) % FILES)).collect();
@@ -232,7 +233,7 @@ fn containers_read_through_sigkills() {
     let mut s = setup();
     s.proxy.set(Fault::Delay(80), None);
     let lines: Lines = Arc::default();
-    let (names, execs) = start_readers(&s, &lines);
+    let (names, execs) = start_readers(&s, "kill", &lines);
     let mount = data_mount(&s.hb);
     let stop = Arc::new(AtomicBool::new(false));
     let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
@@ -283,7 +284,7 @@ fn containers_read_through_upgrades() {
         })
         .collect();
     let lines: Lines = Arc::default();
-    let (names, execs) = start_readers(&s, &lines);
+    let (names, execs) = start_readers(&s, "upgrade", &lines);
     let mount = data_mount(&s.hb);
     let stop = Arc::new(AtomicBool::new(false));
     let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
