@@ -76,14 +76,16 @@ type Lines = Arc<Mutex<Vec<(Instant, usize, String)>>>;
 /// Start CONTAINERS containers, each running a loop that checksums every
 /// file of the layer (each from its own starting file) until `/stop`
 /// exists in it. Returns the `ctr task exec` processes.
-fn start_readers(s: &Setup, tag: &str, lines: &Lines) -> (Vec<String>, Vec<Child>) {
-    let mut names = Vec::new();
+/// The containers' names. runc's state is per namespace, not per
+/// containerd: names of this test's own (the tests of this file run at once).
+fn container_names(tag: &str) -> Vec<String> {
+    (0..CONTAINERS).map(|c| format!("restart-{tag}-{}-{c}", std::process::id())).collect()
+}
+
+fn start_readers(s: &Setup, names: &[String], lines: &Lines) -> Vec<Child> {
     let mut execs = Vec::new();
-    for c in 0..CONTAINERS {
-        // runc's state is per namespace, not per containerd: names of this
-        // test's own (the tests of this file run at once).
-        let name = format!("restart-{tag}-{}-{c}", std::process::id());
-        run(s.ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &s.dst, &name, "sleep", "3600"]));
+    for (c, name) in names.iter().enumerate() {
+        run(s.ctd.ctr().args(["run", "-d", "--snapshotter", "hyperbox", &s.dst, name, "sleep", "3600"]));
         let order: Vec<String> =
             (0..FILES).map(|i| format!("/data/f{:02}", (i + c * FILES / CONTAINERS) % FILES)).collect();
         let script = format!(
@@ -93,7 +95,7 @@ fn start_readers(s: &Setup, tag: &str, lines: &Lines) -> (Vec<String>, Vec<Child
         let mut child = s
             .ctd
             .ctr()
-            .args(["task", "exec", "--exec-id", "reader", &name, "sh", "-c", &script])
+            .args(["task", "exec", "--exec-id", "reader", name, "sh", "-c", &script])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -105,10 +107,9 @@ fn start_readers(s: &Setup, tag: &str, lines: &Lines) -> (Vec<String>, Vec<Child
                 lines.lock().unwrap().push((Instant::now(), c, l));
             }
         });
-        names.push(name);
         execs.push(child);
     }
-    (names, execs)
+    execs
 }
 
 /// The data layer's FUSE mount on the host.
@@ -184,8 +185,21 @@ fn finish(s: &Setup, names: &[String], execs: Vec<Child>, lines: &Lines, last_re
         assert!(per[c] >= FILES, "container {c} read only {} files", per[c]);
         assert!(after[c] > 0, "container {c} read nothing after the last restart");
     }
-    for name in names {
-        let _ = s.ctd.ctr().args(["task", "kill", "-s", "KILL", name]).output();
+}
+
+/// Kills and deletes the test's containers when dropped (also when the
+/// test fails), so no shim or `sleep` outlives it.
+struct Cleanup<'a>(&'a Containerd, Vec<String>);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for name in &self.1 {
+            let _ = self.0.ctr().args(["task", "kill", "-s", "KILL", name]).output();
+        }
+        for name in &self.1 {
+            let _ = self.0.ctr().args(["task", "delete", "-f", name]).output();
+            let _ = self.0.ctr().args(["container", "rm", name]).output();
+        }
     }
 }
 
@@ -233,7 +247,9 @@ fn containers_read_through_sigkills() {
     let mut s = setup();
     s.proxy.set(Fault::Delay(80), None);
     let lines: Lines = Arc::default();
-    let (names, execs) = start_readers(&s, "kill", &lines);
+    let names = container_names("kill");
+    let _cleanup = Cleanup(&s.ctd, names.clone());
+    let execs = start_readers(&s, &names, &lines);
     let mount = data_mount(&s.hb);
     let stop = Arc::new(AtomicBool::new(false));
     let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
@@ -262,7 +278,6 @@ fn containers_read_through_sigkills() {
     assert_eq!(log.matches("serving again the layers a previous hyperboxd left mounted").count(), 20, "{log}");
     assert!(!log.contains("mounting it afresh"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
-    drop(s.tmp);
 }
 
 /// The same with a graceful stop (SIGTERM) and another build of the binary
@@ -284,7 +299,9 @@ fn containers_read_through_upgrades() {
         })
         .collect();
     let lines: Lines = Arc::default();
-    let (names, execs) = start_readers(&s, "upgrade", &lines);
+    let names = container_names("upgrade");
+    let _cleanup = Cleanup(&s.ctd, names.clone());
+    let execs = start_readers(&s, &names, &lines);
     let mount = data_mount(&s.hb);
     let stop = Arc::new(AtomicBool::new(false));
     let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
