@@ -235,6 +235,44 @@ fn report(reads: &[(Instant, Duration, bool)], downs: &[(Instant, Instant)]) {
     );
 }
 
+/// Containers and the host read while `restart` takes hyperboxd down and
+/// up again `times` times (it gets the daemon, the round and the test's
+/// random source); then every read is checked, the stalls reported, and
+/// every restart must have served the live mounts again.
+fn read_through_restarts(s: &mut Setup, tag: &str, times: usize, mut restart: impl FnMut(&mut Hyperboxd, usize)) {
+    s.proxy.set(Fault::Delay(80), None);
+    let lines: Lines = Arc::default();
+    let names = container_names(tag);
+    let _cleanup = Cleanup(&s.ctd, names.clone());
+    let execs = start_readers(s, &names, &lines);
+    let mount = data_mount(&s.hb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
+    let mut rng = rand::thread_rng();
+    let mut downs = Vec::new();
+    let log_before = s.hb.log().len();
+    for i in 0..times {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(150..900)));
+        drop_all(&mount);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+        let down = Instant::now();
+        restart(&mut s.hb, i);
+        downs.push((down, Instant::now()));
+    }
+    let last = downs.last().unwrap().1;
+    std::thread::sleep(Duration::from_secs(2));
+    drop_all(&mount);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let reads = host.join().unwrap();
+    finish(s, &names, execs, &lines, last);
+    report(&reads, &downs);
+    let log = s.hb.log()[log_before..].to_string();
+    assert_eq!(log.matches("serving again the layers a previous hyperboxd left mounted").count(), times, "{log}");
+    assert!(!log.contains("mounting it afresh"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// SIGKILL hyperboxd 20 times at random moments while 4 containers and the
 /// host read files, many for the first time, some while their chunks are
 /// on the way: no read fails, every byte is right, and every restart
@@ -245,39 +283,11 @@ fn containers_read_through_sigkills() {
         return;
     }
     let mut s = setup();
-    s.proxy.set(Fault::Delay(80), None);
-    let lines: Lines = Arc::default();
-    let names = container_names("kill");
-    let _cleanup = Cleanup(&s.ctd, names.clone());
-    let execs = start_readers(&s, &names, &lines);
-    let mount = data_mount(&s.hb);
-    let stop = Arc::new(AtomicBool::new(false));
-    let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
-    let mut rng = rand::thread_rng();
-    let mut downs = Vec::new();
-    let log_before = s.hb.log().len();
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(150..900)));
-        drop_all(&mount);
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
-        let down = Instant::now();
-        s.hb.kill();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
-        s.hb.restart();
-        downs.push((down, Instant::now()));
-    }
-    let last = downs.last().unwrap().1;
-    std::thread::sleep(Duration::from_secs(2));
-    drop_all(&mount);
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let reads = host.join().unwrap();
-    finish(&s, &names, execs, &lines, last);
-    report(&reads, &downs);
-    let log = s.hb.log()[log_before..].to_string();
-    assert_eq!(log.matches("serving again the layers a previous hyperboxd left mounted").count(), 20, "{log}");
-    assert!(!log.contains("mounting it afresh"), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
+    read_through_restarts(&mut s, "kill", 20, |hb, _| {
+        hb.kill();
+        std::thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..300)));
+        hb.restart();
+    });
 }
 
 /// The same with a graceful stop (SIGTERM) and another build of the binary
@@ -289,7 +299,6 @@ fn containers_read_through_upgrades() {
         return;
     }
     let mut s = setup();
-    s.proxy.set(Fault::Delay(80), None);
     // "Builds": copies of the binary at other paths, started in turn.
     let builds: Vec<PathBuf> = (0..2)
         .map(|i| {
@@ -298,35 +307,10 @@ fn containers_read_through_upgrades() {
             p
         })
         .collect();
-    let lines: Lines = Arc::default();
-    let names = container_names("upgrade");
-    let _cleanup = Cleanup(&s.ctd, names.clone());
-    let execs = start_readers(&s, &names, &lines);
-    let mount = data_mount(&s.hb);
-    let stop = Arc::new(AtomicBool::new(false));
-    let host = host_reader(mount.clone(), s.files.clone(), stop.clone());
-    let mut rng = rand::thread_rng();
-    let mut downs = Vec::new();
-    let log_before = s.hb.log().len();
-    for i in 0..8 {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(150..900)));
-        drop_all(&mount);
-        let down = Instant::now();
-        assert!(s.hb.stop().success(), "{}", s.hb.log());
-        assert_eq!(s.hb.fuse_mounts().len(), 2, "a graceful stop unmounted layers");
-        s.hb.use_binary(&builds[i % 2]);
-        s.hb.restart();
-        downs.push((down, Instant::now()));
-    }
-    let last = downs.last().unwrap().1;
-    std::thread::sleep(Duration::from_secs(2));
-    drop_all(&mount);
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let reads = host.join().unwrap();
-    finish(&s, &names, execs, &lines, last);
-    report(&reads, &downs);
-    let log = s.hb.log()[log_before..].to_string();
-    assert_eq!(log.matches("serving again the layers a previous hyperboxd left mounted").count(), 8, "{log}");
-    assert!(!log.contains("mounting it afresh"), "{log}");
+    read_through_restarts(&mut s, "upgrade", 8, |hb, i| {
+        assert!(hb.stop().success(), "{}", hb.log());
+        assert_eq!(hb.fuse_mounts().len(), 2, "a graceful stop unmounted layers");
+        hb.use_binary(&builds[i % 2]);
+        hb.restart();
+    });
 }
