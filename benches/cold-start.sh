@@ -6,28 +6,40 @@
 #   traced     the same with the trace of an earlier start (the store
 #              wiped, the trace exported and imported back: another node)
 # Every run starts cold: images removed, hyperboxd's store wiped, page cache
-# dropped. The image is Debian bookworm with python3, numpy and scipy
-# (debootstrap, cached in $HYPERBOX_BENCH_DIR, default /var/tmp/hb-bench);
-# the workload imports numpy and prints a determinant.
+# dropped. The images are Debian bookworm, built from Debian packages by
+# debootstrap and cached in $HYPERBOX_BENCH_DIR (default /var/tmp/hb-bench):
+#   python   python3, numpy, scipy, pandas   import pandas and numpy
+#   java     openjdk-17-jre-headless         java -version
+#   gcc      gcc, libc6-dev                  compile and run hello.c
+#   busybox  busybox-static alone            echo (the control)
+#   scan     the python image                read every file (find | cat):
+#                                            the whole-image read
 #
 #   bash benches/cold-start.sh [RUNS]        (default 3)
+#   IMAGES="python java gcc busybox scan"
 #   PROFILES="100:20 1000:2"                 link Mbit/s : one-way delay ms
 #   MODES="overlayfs lazy traced"            also: lazy-ra128, the lazy start
 #                                            with the kernel's 128 KiB
 #                                            read-ahead (docs/tuning.md)
-#   OUT=docs/cold-start                      writes OUT.csv and OUT.svg
+#   MEMORY=1                                 then hyperboxd's memory: idle,
+#                                            with python, java and gcc
+#                                            started, and while hydrating them
+#   OUT=docs/cold-start                      writes OUT.csv, OUT.svg, OUT.md
 #   ALT_BIN=DIR                              another build's hyperbox and
 #                                            hyperboxd, for modes lazy@alt and
 #                                            traced@alt: before/after figures
 #                                            side by side in one run
+#   HB_CONFIG=FILE                           extra lines for hyperboxd's config
 #
 # The link is benches/slowlink.py, a user-space proxy between the clients
 # and the registry (this kernel has no netem). Needs root, containerd, runc,
-# docker-registry; `make deps` installs them.
+# docker-registry, debootstrap; `make deps` installs them.
 set -euo pipefail
 RUNS=${1:-3}
+IMAGES=${IMAGES:-"python java gcc busybox scan"}
 PROFILES=${PROFILES:-"100:20 1000:2"}
 MODES=${MODES:-"overlayfs lazy traced"}
+MEMORY=${MEMORY:-1}
 DIR=${HYPERBOX_BENCH_DIR:-/var/tmp/hb-bench}
 OUT=${OUT:-docs/cold-start}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -35,12 +47,51 @@ BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release
 [ -x "$BIN/hyperbox" ] && [ -x "$BIN/hyperboxd" ] || cargo build --release --bins
 [ "$(id -u)" -eq 0 ] || { echo "cold-start: needs root (containerd, FUSE)"; exit 1; }
 
-mkdir -p "$DIR"
-if [ ! -x "$DIR/rootfs/usr/bin/python3" ]; then
-  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
-  debootstrap --variant=minbase --include=python3,python3-numpy,python3-scipy bookworm "$DIR/rootfs" http://deb.debian.org/debian
-fi
-rm -f "$DIR"/rootfs/var/cache/apt/archives/*.deb
+# ---- the images: packages, command, and what the command prints ----
+# image NAME: sets PKGS (debootstrap's --include), CMD (the config's Cmd,
+# JSON), RUN (a command line given to ctr run instead, if any), EXPECT (a
+# regex the output must match) and REPO (the repository it is pushed as).
+image() {
+  REPO=$1; RUN=()
+  case $1 in
+    python)
+      PKGS=python3,python3-numpy,python3-scipy,python3-pandas
+      CMD='["python3","-c","import pandas, numpy; print(round(numpy.linalg.det(numpy.eye(4) * 2)))"]'
+      EXPECT='^16$' ;;
+    java)
+      PKGS=openjdk-17-jre-headless
+      CMD='["/bin/sh","-c","java -version 2>&1 | head -n 1"]'
+      EXPECT='^openjdk version "17' ;;
+    gcc)
+      PKGS=gcc,libc6-dev
+      CMD='["/bin/sh","-c","printf \"#include <stdio.h>\\nint main(void) { puts(\\\"hello\\\"); return 0; }\\n\" > /tmp/h.c && gcc -O2 -o /tmp/h /tmp/h.c && /tmp/h"]'
+      EXPECT='^hello$' ;;
+    busybox)
+      PKGS=
+      CMD='["/bin/busybox","echo","hello"]'
+      EXPECT='^hello$' ;;
+    scan)
+      image python; REPO=python
+      RUN=(/bin/sh -c 'find / -xdev -type f -exec cat {} + > /dev/null && echo read')
+      EXPECT='^read$' ;;
+    *) echo "cold-start: no image '$1'" >&2; exit 1 ;;
+  esac
+}
+
+# The root filesystem of image $1 in $DIR/$1/rootfs, built once.
+build_rootfs() {
+  local root=$DIR/$1/rootfs
+  [ -e "$root/.built" ] && return
+  rm -rf "$root"; mkdir -p "$root"
+  if [ "$1" = busybox ]; then
+    (cd "$DIR/$1" && apt-get download -qq busybox-static && dpkg -x busybox-static_*.deb "$root" && rm -f busybox-static_*.deb)
+  else
+    command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+    debootstrap --variant=minbase --include="$PKGS" bookworm "$root" http://deb.debian.org/debian
+    rm -f "$root"/var/cache/apt/archives/*.deb
+  fi
+  touch "$root/.built"
+}
 
 WORK=$(mktemp -d /tmp/hb-cold.XXXXXX)
 PIDS=(); HBPID=; LINKPID=
@@ -63,8 +114,9 @@ HBSOCK=$WORK/hyperbox.sock
 HBROOT=$WORK/hyperbox
 # Each start begins on a wiped root: nothing is kept across the restarts
 # between starts (keep_fds = "off": a stop unmounts the layers).
-printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\n' > "$WORK/hyperbox.toml"
-printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\nfuse_read_ahead_kb = 128\n' > "$WORK/hyperbox-ra128.toml"
+conf() { printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\n%s\n' "$1"; [ -z "${HB_CONFIG:-}" ] || cat "$HB_CONFIG"; }
+conf "" > "$WORK/hyperbox.toml"
+conf "fuse_read_ahead_kb = 128" > "$WORK/hyperbox-ra128.toml"
 start_containerd "$HBSOCK"
 ctr_() { ctr --address "$SOCK" "$@"; }
 wait_ready
@@ -80,30 +132,37 @@ hb_start() {
   ctr_ -n probe snapshot --snapshotter hyperbox rm "probe-$n" >/dev/null
 }
 hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
+# hyperboxd's peak and current resident memory, MiB.
+hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 }' "/proc/$HBPID/status"; }
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
-# ---- the image: the ordinary gzip one, and its HyperBox conversion ----
+# ---- the images: the ordinary gzip one, and its HyperBox conversion ----
 TAR_FLAGS=(--numeric-owner --xattrs)
-oci_image "$DIR/rootfs" '["python3","-c","import numpy; print(round(numpy.linalg.det(numpy.eye(4) * 2)))"]' \
-  '["PATH=/usr/bin:/bin"]' src
-# The ordinary image, pushed as it is (distribution's two-step upload).
-push_blob() {
+push_blob() { # REPO DIGEST: distribution's two-step upload
   local loc sep
-  loc=$(curl -sSf -X POST -D - -o /dev/null "http://$REG/v2/python/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+  loc=$(curl -sSf -X POST -D - -o /dev/null "http://$REG/v2/$1/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
   case $loc in http*) ;; *) loc="http://$REG$loc" ;; esac
   case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
-  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' -T "$OCI/blobs/sha256/$1" "$loc${sep}digest=sha256:$1" >/dev/null
+  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' -T "$OCI/blobs/sha256/$2" "$loc${sep}digest=sha256:$2" >/dev/null
 }
-push_blob "$LAYER"; push_blob "$CONFIG"
-curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$OCI/blobs/sha256/$MANIFEST" \
-  "http://$REG/v2/python/manifests/gzip" >/dev/null
-"$BIN/hyperbox" convert -q --plain-http "oci:$OCI:src" "$REG/python:hyperbox" | tail -1
-HB_BYTES=$("$BIN/hyperbox" inspect --plain-http --json "$REG/python:hyperbox" | python3 -c 'import json,sys; print(sum(r["blob_size"] for r in json.load(sys.stdin)))')
-echo "image: $(numfmt --to=iec "$TAR_SIZE") tar; gzip layer $(numfmt --to=iec "$LSIZE"); HyperBox layer $(numfmt --to=iec "$HB_BYTES")"
-EXPECT="16"
+declare -A BUILT
+for img in $IMAGES; do
+  image "$img"
+  [ -n "${BUILT[$REPO]:-}" ] && continue
+  BUILT[$REPO]=1
+  build_rootfs "$REPO"
+  oci_image "$DIR/$REPO/rootfs" "$CMD" '["PATH=/usr/local/bin:/usr/bin:/bin"]' src
+  push_blob "$REPO" "$LAYER"; push_blob "$REPO" "$CONFIG"
+  curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$OCI/blobs/sha256/$MANIFEST" \
+    "http://$REG/v2/$REPO/manifests/gzip" >/dev/null
+  "$BIN/hyperbox" convert -q --plain-http "oci:$OCI:src" "$REG/$REPO:hyperbox" | tail -1
+  HB_BYTES=$("$BIN/hyperbox" inspect --plain-http --json "$REG/$REPO:hyperbox" | python3 -c 'import json,sys; print(sum(r["blob_size"] for r in json.load(sys.stdin)))')
+  echo "$REPO: $(numfmt --to=iec "$TAR_SIZE") tar; gzip layer $(numfmt --to=iec "$LSIZE"); HyperBox layer $(numfmt --to=iec "$HB_BYTES")"
+  rm -rf "$OCI"
+done
 
 # ---- runs ----
-echo "profile,mode,run,seconds,bytes,precision,recall" > "$WORK/results.csv"
+echo "image,profile,mode,run,seconds,bytes,precision,recall,rss_peak_mb" > "$WORK/results.csv"
 hb_start
 for prof in $PROFILES; do
   rate=${prof%%:*}; delay=${prof##*:}
@@ -113,52 +172,81 @@ for prof in $PROFILES; do
   VIA=127.0.0.1:$LPORT
   label="${rate} Mbit/s, ${delay} ms"
   for i in $(seq "$RUNS"); do
-    for mode in $MODES; do
-      # MODE@alt: the same start with ALT_BIN's binaries.
-      base=${mode%@alt}; B=$BIN
-      if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
-      ns="b-${mode/@/-}"
-      # Every image of the namespace (a previous link's proxy had another port).
-      ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
-      if [ "$base" != overlayfs ]; then
-        hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
-        if [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
-        [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace.json" >/dev/null
-      fi
-      cold
-      mark=$(loglines); t0=$(now)
-      if [ "$base" = overlayfs ]; then
-        ctr_ -n "$ns" image pull --plain-http "$VIA/python:gzip" >/dev/null
-        out=$(ctr_ -n "$ns" run --rm "$VIA/python:gzip" "c$i")
-      else
-        HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/python:hyperbox" >/dev/null 2>&1
-        out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/python:hyperbox" "c$i")
-      fi
-      t1=$(now)
-      bytes=$(served "$mark")
-      [ "$out" = "$EXPECT" ] || { echo "cold-start: $mode printed '$out', expected '$EXPECT'"; exit 1; }
-      p=; r=
-      if [ "$base" != overlayfs ]; then
-        # Let the start's trace be recorded (idle_secs), then keep it.
-        until "$B/hyperbox" trace --address "$HBSOCK" export "$VIA/python:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
-              python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$base' == 'traced' else 1) else 1)"; do
-          sleep 0.5
-        done
-        # Traced starts (both builds) import this build's latest lazy trace.
-        if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace.json"; fi
-        if [ "$base" = traced ]; then
-          read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
+    for img in $IMAGES; do
+      image "$img"
+      for mode in $MODES; do
+        # MODE@alt: the same start with ALT_BIN's binaries.
+        base=${mode%@alt}; B=$BIN
+        # The whole-image read has nothing to trace ahead of it.
+        [ "$img" = scan ] && [ "$base" = traced ] && continue
+        if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
+        ns="b-${mode/@/-}"
+        # Every image of the namespace (a previous link's proxy had another port).
+        ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
+        if [ "$base" != overlayfs ]; then
+          hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
+          if [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
+          [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace-$img.json" >/dev/null
         fi
-      fi
-      secs=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
-      echo "\"$label\",$mode,$i,$secs,$bytes,$p,$r" >> "$WORK/results.csv"
-      printf '%-18s %-10s run %d: %6ss, %s fetched%s\n' "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
-        "${p:+, precision $p recall $r}"
+        cold
+        mark=$(loglines); t0=$(now)
+        if [ "$base" = overlayfs ]; then
+          ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
+          out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i" "${RUN[@]}")
+        else
+          HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
+          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i" "${RUN[@]}")
+        fi
+        t1=$(now)
+        bytes=$(served "$mark")
+        [[ $out =~ $EXPECT ]] || { echo "cold-start: $img $mode printed '$out', expected /$EXPECT/"; exit 1; }
+        p=; r=; mem=
+        if [ "$base" != overlayfs ]; then
+          read -r mem _ < <(hb_mem)
+          # Let the start's trace be recorded (idle_secs), then keep it.
+          until "$B/hyperbox" trace --address "$HBSOCK" export "$VIA/$REPO:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
+                python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$base' == 'traced' else 1) else 1)"; do
+            sleep 0.5
+          done
+          # Traced starts (both builds) import this build's latest lazy trace.
+          if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace-$img.json"; fi
+          if [ "$base" = traced ]; then
+            read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
+          fi
+        fi
+        secs=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+        echo "$img,\"$label\",$mode,$i,$secs,$bytes,$p,$r,$mem" >> "$WORK/results.csv"
+        printf '%-8s %-18s %-10s run %d: %6ss, %s fetched%s%s\n' "$img" "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
+          "${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}"
+      done
     done
   done
   kill "$LINKPID"; wait "$LINKPID" 2>/dev/null || true; LINKPID=
 done
 
+# ---- memory: idle, three images started, then hydrating them ----
+if [ "$MEMORY" = 1 ]; then
+  hb_stop; rm -rf "$HBROOT"; HBD_BIN=$BIN; hb_start
+  sleep 1; read -r _ idle < <(hb_mem)
+  ns=b-memory
+  for img in python java gcc; do
+    image "$img"
+    HYPERBOX_ADDRESS="$HBSOCK" "$BIN/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$REG/$REPO:hyperbox" >/dev/null 2>&1
+    ctr_ -n "$ns" run --rm --snapshotter hyperbox "$REG/$REPO:hyperbox" "m-$img" >/dev/null
+  done
+  read -r started_peak started < <(hb_mem)
+  hm=$(wc -l < "$WORK/hyperboxd.log")
+  for img in python java gcc; do
+    "$BIN/hyperbox" prefetch --hydrate --plain-http --address "$HBSOCK" "$REG/$img:hyperbox" >/dev/null
+  done
+  until [ "$(tail -n +"$((hm + 1))" "$WORK/hyperboxd.log" | grep -c 'prefetch: hydrated' || true)" -ge 3 ]; do sleep 1; done
+  read -r peak now_rss < <(hb_mem)
+  echo "memory,idle,,,,,,,$idle" >> "$WORK/results.csv"
+  echo "memory,started,,,,,,,$started_peak" >> "$WORK/results.csv"
+  echo "memory,hydrated,,,,,,,$peak" >> "$WORK/results.csv"
+  echo "hyperboxd RSS: idle $idle MiB; three images started: peak $started_peak MiB (now $started); hydrating them: peak $peak MiB (after: $now_rss MiB)"
+fi
+
 mkdir -p "$(dirname "$OUT")"
 cp "$WORK/results.csv" "$OUT.csv"
-python3 "$HERE/cold-start-report.py" "$OUT.csv" "$OUT.svg"
+python3 "$HERE/cold-start-report.py" "$OUT.csv" "$OUT.svg" | tee "$OUT.md"

@@ -20,6 +20,10 @@ pub struct FetchConfig {
     /// Missing frames separated by at most this many bytes of other frames
     /// are fetched in one request (the bytes between come along).
     pub coalesce_gap_bytes: u64,
+    /// The same for prefetch (traces, fetching ahead, hydration): what a
+    /// gap brings along was not asked for, and a prefetch does not wait on
+    /// its round trips, so the default brings nothing along.
+    pub prefetch_coalesce_gap_bytes: u64,
     /// Largest range one request asks for (a single frame larger than this
     /// is still fetched whole). 0 turns coalescing off: one frame a request.
     pub max_request_bytes: u64,
@@ -41,6 +45,53 @@ pub struct FetchConfig {
     /// MiB of decompressed, verified frames kept in memory for reads that
     /// come back to a frame (small files that share one); 0 turns it off.
     pub frame_cache_mb: u64,
+    /// `[fetch.ahead]`: what a read that waited on the registry fetches
+    /// next, in the background, when no trace said so.
+    pub ahead: AheadConfig,
+}
+
+/// `[fetch.ahead]`: fetching ahead of reads on a start no trace covers
+/// (`crate::mount`'s `ahead`). Each fetch is at prefetch priority: demand
+/// reads keep their own request slots and go first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AheadConfig {
+    /// Fetch ahead at all.
+    pub enabled: bool,
+    /// A read of a file that waited brings the rest of the file along when
+    /// the file is stored in at most this many compressed bytes (shared
+    /// objects are read by page faults all over them).
+    pub file_bytes: u64,
+    /// A read of a file that waited brings the small files of its
+    /// directory along (a module's siblings are the next imports), at most
+    /// this many compressed bytes per directory, once per directory.
+    pub dir_bytes: u64,
+    /// Files above this size are not brought along as siblings.
+    pub dir_file_max_bytes: u64,
+    /// After this many reads that waited, one after another and each a
+    /// little further into the layer than the last, the reader is taken to
+    /// sweep the layer (`find | xargs cat`, a virus scan, `pip list`): the
+    /// rest of the layer is streamed in order, on parallel requests.
+    /// 0 turns sweeps off.
+    pub sweep_after: u32,
+    /// Once no read has waited on the registry for this long, fetch every
+    /// remaining chunk of each layer a read waited on, a request at a time,
+    /// pausing whenever a read waits. 0 (the default) leaves the rest of a
+    /// layer remote until something reads it.
+    pub idle_hydrate_ms: u64,
+}
+
+impl Default for AheadConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            file_bytes: 4 << 20,
+            dir_bytes: 1 << 20,
+            dir_file_max_bytes: 256 << 10,
+            sweep_after: 16,
+            idle_hydrate_ms: 0,
+        }
+    }
 }
 
 impl Default for FetchConfig {
@@ -50,12 +101,14 @@ impl Default for FetchConfig {
             max_prefetch_requests: 4,
             max_requests_per_registry: 8,
             coalesce_gap_bytes: 128 << 10,
+            prefetch_coalesce_gap_bytes: 0,
             max_request_bytes: 4 << 20,
             attempts: 4,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             timeout_ms: 60_000,
             frame_cache_mb: 32,
+            ahead: AheadConfig::default(),
         }
     }
 }

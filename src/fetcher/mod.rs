@@ -69,7 +69,7 @@ use retry::RetryPolicy;
 use sched::Scheduler;
 use stats::Counters;
 
-pub use config::FetchConfig;
+pub use config::{AheadConfig, FetchConfig};
 pub use error::{FetchError, TryError};
 pub use stats::FetchStats;
 
@@ -82,6 +82,10 @@ pub enum Priority {
 }
 
 type Answer = Option<Result<Bytes, FetchError>>;
+
+/// Called once when a read finds frames missing, after their requests are
+/// queued ([`Fetcher::read_frames_or_miss`]).
+type OnMiss<'a> = Box<dyn FnOnce() + Send + 'a>;
 
 /// A flight's key: the registry host it is fetched from, and the chunk.
 type FlightKey = (Arc<str>, ChunkId);
@@ -127,6 +131,11 @@ struct Inner {
     /// store's LRU eviction still sees the hottest chunks as hot.
     untouched: Mutex<Vec<ChunkId>>,
     n: Counters,
+    /// When a demand read last waited on the registry (began or ended), in
+    /// ms since `epoch`, plus one (0: never): background work yields while
+    /// it is recent ([`Fetcher::demand_quiet_for`]).
+    demand_at: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 /// Cheap to clone; clones share flights, budget and counters.
@@ -151,6 +160,8 @@ impl Fetcher {
                 frames,
                 untouched: Mutex::new(Vec::new()),
                 n: Counters::default(),
+                demand_at: Default::default(),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -176,6 +187,20 @@ impl Fetcher {
     pub fn request_latency(&self) -> [(&'static str, HistogramSnapshot); 2] {
         let n = &self.inner.n;
         [("demand", n.demand_latency.snapshot()), ("prefetch", n.prefetch_latency.snapshot())]
+    }
+
+    /// How long since a demand read last waited on the registry (one in
+    /// progress counts as now); `None` if none ever has.
+    pub fn demand_quiet_for(&self) -> Option<Duration> {
+        let at = self.inner.demand_at.load(Ordering::Relaxed);
+        let at = Duration::from_millis(at.checked_sub(1)?);
+        let busy = self.inner.n.demand_waiting.load(Ordering::Relaxed) > 0;
+        Some(if busy { Duration::ZERO } else { self.inner.epoch.elapsed().saturating_sub(at) })
+    }
+
+    fn note_demand(&self) {
+        let ms = self.inner.epoch.elapsed().as_millis() as u64 + 1;
+        self.inner.demand_at.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// Seconds reads have spent waiting on the registry (see
@@ -234,7 +259,7 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<Vec<Bytes>, FetchError> {
-        self.fetch(layer, frames, prio, true).await.0
+        self.fetch(layer, frames, prio, true, None).await.0
     }
 
     /// [`Fetcher::read_frames`], with how long the call waited for frames
@@ -246,7 +271,20 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
-        self.fetch(layer, frames, prio, true).await
+        self.fetch(layer, frames, prio, true, None).await
+    }
+
+    /// [`Fetcher::read_frames_waited`], calling `on_miss` once the requests
+    /// for what the store lacks are queued (not at all when nothing is
+    /// missing): whatever it queues in turn goes after them.
+    pub async fn read_frames_or_miss(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+        on_miss: impl FnOnce() + Send,
+    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
+        self.fetch(layer, frames, prio, true, Some(Box::new(on_miss))).await
     }
 
     /// Frames' data (or, without `want_data`, empty placeholders for those
@@ -258,6 +296,7 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
         want_data: bool,
+        on_miss: Option<OnMiss<'_>>,
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
         // A demand read's time runs from now, time queued for a slot included.
         let requested = tokio::time::Instant::now();
@@ -297,9 +336,11 @@ impl Fetcher {
             (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
         } else {
             let waiting = Instant::now();
-            let missing = self.fetch_missing(layer, frames, &ids, out, prio, requested);
+            let missing = self.fetch_missing(layer, frames, &ids, out, prio, requested, on_miss);
             let result = match prio {
                 Priority::Demand => {
+                    self.note_demand();
+                    let _waiting = DemandWaiting::new(&n.demand_waiting);
                     // The reader waits at most `timeout_ms` from its request,
                     // whoever leads the flights it waits for. A little grace:
                     // flights this read leads have the same deadline, and
@@ -320,6 +361,7 @@ impl Fetcher {
             };
             let waited = waiting.elapsed();
             if prio == Priority::Demand {
+                self.note_demand();
                 n.wait_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
             }
             (result, waited)
@@ -351,6 +393,7 @@ impl Fetcher {
         mut out: Vec<Option<Bytes>>,
         prio: Priority,
         requested: tokio::time::Instant,
+        mut on_miss: Option<OnMiss<'_>>,
     ) -> Result<Vec<Bytes>, FetchError> {
         // A flight can end without an answer for us: its task died, or it
         // failed fetching another layer's copy of the chunk. Then we look
@@ -375,6 +418,9 @@ impl Fetcher {
                 }
             }
             let mut waits = self.join_or_lead(layer, missing.into_iter(), prio, requested);
+            if let Some(f) = on_miss.take() {
+                f();
+            }
             for (id, rx, ours) in waits.iter_mut() {
                 let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
                 let data = match answer.as_ref() {
@@ -423,7 +469,7 @@ impl Fetcher {
                 }
                 end += 1;
             }
-            self.fetch(layer, &frames[start..end], prio, false).await.0?;
+            self.fetch(layer, &frames[start..end], prio, false, None).await.0?;
             start = end;
         }
         Ok(())
@@ -494,7 +540,7 @@ impl Fetcher {
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
-            let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
+            let mut planner = Planner::new(Rules::for_priority(&inner.cfg, prio), |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
                 // Every lead was given its place in `waits` above.
                 let Some(slot) = seen.get(&id).and_then(|&w| waits.get_mut(w)) else { continue };
@@ -535,6 +581,22 @@ impl Fetcher {
             tokio::spawn(async move { inner.run_group(layer, host, g, ticket).await });
         }
         waits
+    }
+}
+
+/// Counts a demand read waiting on the registry while it lives.
+struct DemandWaiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> DemandWaiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        DemandWaiting(n)
+    }
+}
+
+impl Drop for DemandWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -57,6 +57,8 @@ pub(super) struct Counters {
     pub(super) prefetch_latency: Histogram,
     /// Time reads spent waiting on fetches, in nanoseconds.
     pub(super) wait_ns: AtomicU64,
+    /// Demand reads waiting on the registry now.
+    pub(super) demand_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Counters {

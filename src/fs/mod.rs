@@ -428,6 +428,34 @@ impl LayerTree {
         self.xattrs(ino)?.into_iter().find(|(k, _)| *k == name).map(|(_, v)| v).ok_or(FsError::NoAttr)
     }
 
+    /// Every frame file `ino` is stored in, sorted (empty for anything but
+    /// a regular file).
+    pub fn file_frames(&self, ino: u64) -> Vec<usize> {
+        let Some(e) = self.get(ino).ok().filter(|n| n.kind == NodeKind::File).and_then(|n| self.entry(n)) else {
+            return Vec::new();
+        };
+        let mut frames: Vec<usize> =
+            file_extents(e, 0, e.size).flat_map(|x| self.index.frames_for(x.tar, x.len)).collect();
+        frames.sort_unstable();
+        frames.dedup();
+        frames
+    }
+
+    /// The regular files in the directory that holds `ino` (`ino` among
+    /// them), with their sizes, in name order.
+    pub fn sibling_files(&self, ino: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let dir = self.get(ino).ok().and_then(|n| self.get(n.parent).ok());
+        dir.map(|d| self.children(d)).unwrap_or(&[]).iter().filter_map(move |c| {
+            let n = self.get(c.ino as u64).ok().filter(|n| n.kind == NodeKind::File)?;
+            Some((c.ino as u64, self.entry(n)?.size))
+        })
+    }
+
+    /// The directory that holds `ino` (the root holds itself).
+    pub fn parent(&self, ino: u64) -> Option<u64> {
+        self.get(ino).ok().map(|n| n.parent)
+    }
+
     /// What a read of `size` bytes at `offset` of file `ino` needs.
     pub fn plan_read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadPlan, FsError> {
         let n = self.get(ino)?;

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
 
+mod ahead;
+
 use crate::fetcher::{Fetcher, Priority};
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
 use crate::layer::RemoteLayer;
@@ -191,6 +193,8 @@ pub struct LayerFs {
     fetcher: Fetcher,
     rt: tokio::runtime::Handle,
     trace: Option<TraceHook>,
+    /// Fetches ahead of reads that waited (`fetch.ahead`).
+    ahead: Option<Arc<ahead::Ahead>>,
 }
 
 impl LayerFs {
@@ -204,7 +208,11 @@ impl LayerFs {
         if tree.skipped_links > 0 {
             tracing::warn!(layer = %remote.blob, links = tree.skipped_links, "hard links to missing targets left out");
         }
-        LayerFs { tree, remote, fetcher, rt, trace }
+        let cfg = &fetcher.config().ahead;
+        let ahead = cfg
+            .enabled
+            .then(|| ahead::Ahead::new(cfg.clone(), fetcher.clone(), remote.clone(), tree.clone(), rt.clone()));
+        LayerFs { tree, remote, fetcher, rt, trace, ahead }
     }
 
     /// About how many bytes the layer's tree and index hold in memory.
@@ -370,8 +378,15 @@ impl ReadOnlyFs for LayerFs {
         }
         self.record(&plan.frames);
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
+        let ahead = self.ahead.clone();
         self.rt.spawn(async move {
-            let (result, waited) = fetcher.read_frames_waited(&remote, &plan.frames, Priority::Demand).await;
+            let frames = &plan.frames;
+            let (result, waited) = match &ahead {
+                // A read that misses hints at what comes next: fetched
+                // ahead, its requests queued behind this read's own.
+                Some(a) => fetcher.read_frames_or_miss(&remote, frames, Priority::Demand, || a.missed(ino, frames)).await,
+                None => fetcher.read_frames_waited(&remote, frames, Priority::Demand).await,
+            };
             // Frame data of another length than this index says (a chunk
             // another layer's index lists differently) is an error, as is
             // any fetch error: EIO, and the mount goes on.

@@ -1,0 +1,337 @@
+//! Fetching ahead of a layer's reads when no trace said what to fetch: the
+//! first start of an image on a node.
+//!
+//! A start reads one file after another, and each read that misses waits a
+//! round trip while the link sits idle. Each read that misses is a hint of
+//! what comes next, so this module fetches, in the background and at
+//! prefetch priority (demand reads keep their own request slots, and go
+//! first):
+//!
+//! - **the rest of the file**, when it is small enough (`file_bytes`):
+//!   shared objects are read by page faults scattered over them, each a
+//!   round trip of its own;
+//! - **the directory's small files** (`dir_bytes`, once per directory): an
+//!   interpreter importing a module imports its siblings next, and a
+//!   package's files sit together in the layer;
+//! - **the rest of the layer, in order, when the reads sweep it**: after
+//!   `sweep_after` reads that waited, each a little further into the layer
+//!   than the one before (`find | xargs cat`, a virus scan), the layer is
+//!   streamed from the reader's place on, on parallel requests, and then
+//!   from its start;
+//! - optionally, **everything, once the link is idle** (`idle_hydrate_ms`):
+//!   a request at a time, pausing whenever a read waits.
+//!
+//! Every frame fetched here is verified and stored like any other; a frame
+//! already stored costs a lookup.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::fetcher::{AheadConfig, Fetcher, Priority};
+use crate::fs::LayerTree;
+use crate::layer::RemoteLayer;
+
+/// How far past the previous read that waited the next one may start and
+/// still count as a sweep's next step, in bytes of the blob: a directory's
+/// other files, fetched ahead, lie between two steps.
+const SWEEP_STEP: u64 = 16 << 20;
+
+pub(crate) struct Ahead {
+    cfg: AheadConfig,
+    fetcher: Fetcher,
+    remote: Arc<RemoteLayer>,
+    tree: Arc<LayerTree>,
+    rt: tokio::runtime::Handle,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Files whose rest was considered, and directories whose files were.
+    files: HashSet<u64>,
+    dirs: HashSet<u64>,
+    /// The end, in the blob, of the last read that waited; and how many
+    /// such reads in a row each began a little past the one before.
+    last_end: Option<u64>,
+    run: u32,
+    /// The layer is being streamed whole (a sweep, or idle hydration).
+    streaming: bool,
+    idle_started: bool,
+}
+
+/// What one read that missed leads to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// Frames to fetch now, sorted.
+    pub frames: Vec<usize>,
+    /// Stream the whole layer, from this frame on, then from its start.
+    pub sweep_from: Option<usize>,
+}
+
+impl Ahead {
+    pub(crate) fn new(
+        cfg: AheadConfig,
+        fetcher: Fetcher,
+        remote: Arc<RemoteLayer>,
+        tree: Arc<LayerTree>,
+        rt: tokio::runtime::Handle,
+    ) -> Arc<Ahead> {
+        Arc::new(Ahead { cfg, fetcher, remote, tree, rt, state: Mutex::new(State::default()) })
+    }
+
+    /// A demand read of `frames` (sorted) of file `ino` missed: fetch what
+    /// it hints at.
+    pub(crate) fn missed(self: &Arc<Self>, ino: u64, frames: &[usize]) {
+        let plan = self.plan(ino, frames);
+        let idle = self.cfg.idle_hydrate_ms > 0 && !std::mem::replace(&mut self.state.lock().idle_started, true);
+        if !plan.frames.is_empty() {
+            let this = self.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = this.fetcher.fetch_into_store(&this.remote, &plan.frames, Priority::Prefetch).await {
+                    tracing::debug!(layer = %this.remote.blob, error = %e, "fetch ahead failed");
+                }
+            });
+        }
+        if let Some(from) = plan.sweep_from {
+            let n = self.remote.index.frames().len();
+            let order: Vec<usize> = (from..n).chain(0..from).collect();
+            tracing::info!(layer = %self.remote.blob, from, frames = n, "reads sweep the layer: streaming it");
+            let this = self.clone();
+            self.rt.spawn(async move {
+                match this.fetcher.fetch_into_store(&this.remote, &order, Priority::Prefetch).await {
+                    Ok(()) => tracing::info!(layer = %this.remote.blob, "layer streamed: every chunk is local"),
+                    Err(e) => {
+                        // Reads fetch what they need themselves; a later
+                        // sweep may stream again.
+                        tracing::warn!(layer = %this.remote.blob, error = %e, "streaming the layer failed");
+                        this.state.lock().streaming = false;
+                    }
+                }
+            });
+        }
+        if idle {
+            self.rt.spawn(hydrate_when_idle(Arc::downgrade(self)));
+        }
+    }
+
+    /// What a read of `frames` of `ino` that missed leads to (no I/O).
+    pub(crate) fn plan(&self, ino: u64, frames: &[usize]) -> Plan {
+        let mut plan = Plan::default();
+        let (Some(&first), Some(&last)) = (frames.first(), frames.last()) else { return plan };
+        let index = &self.remote.index;
+        let table = index.frames();
+        let mut st = self.state.lock();
+        if st.streaming {
+            return plan;
+        }
+        let (start, _) = index.frame_blob_range(first);
+        let (_, end) = index.frame_blob_range(last);
+        st.run = match st.last_end {
+            Some(e) if start >= e && start - e <= SWEEP_STEP => st.run + 1,
+            _ => 0,
+        };
+        st.last_end = Some(end);
+        if self.cfg.sweep_after > 0 && st.run >= self.cfg.sweep_after {
+            st.streaming = true;
+            plan.sweep_from = Some(first);
+            return plan;
+        }
+        let mut want: Vec<usize> = Vec::new();
+        let c_len = |f: usize| table.get(f).c_len as u64;
+        if st.files.insert(ino) && self.cfg.file_bytes > 0 {
+            let rest: Vec<usize> =
+                self.tree.file_frames(ino).into_iter().filter(|f| frames.binary_search(f).is_err()).collect();
+            if !rest.is_empty() && rest.iter().map(|&f| c_len(f)).sum::<u64>() <= self.cfg.file_bytes {
+                want.extend(rest);
+            }
+        }
+        if let Some(dir) = self.tree.parent(ino).filter(|_| self.cfg.dir_bytes > 0) {
+            if st.dirs.insert(dir) {
+                let mut budget = self.cfg.dir_bytes;
+                let mut seen: HashSet<usize> = frames.iter().copied().collect();
+                for (sib, size) in self.tree.sibling_files(ino) {
+                    if sib == ino || size > self.cfg.dir_file_max_bytes {
+                        continue;
+                    }
+                    let fs: Vec<usize> = self.tree.file_frames(sib).into_iter().filter(|&f| seen.insert(f)).collect();
+                    let cost: u64 = fs.iter().map(|&f| c_len(f)).sum();
+                    if cost > budget {
+                        break;
+                    }
+                    budget -= cost;
+                    want.extend(fs);
+                }
+            }
+        }
+        want.sort_unstable();
+        want.dedup();
+        plan.frames = want;
+        plan
+    }
+}
+
+/// Once no demand read has waited for `idle_hydrate_ms`, fetch the layer's
+/// chunks a request's worth at a time, in order, checking before each that
+/// the link is still idle; ends when the layer is unmounted.
+async fn hydrate_when_idle(ahead: Weak<Ahead>) {
+    let Some(a) = ahead.upgrade() else { return };
+    let quiet = Duration::from_millis(a.cfg.idle_hydrate_ms);
+    let step = a.fetcher.config().max_request_bytes.max(1 << 20);
+    let n = a.remote.index.frames().len();
+    drop(a);
+    let mut next = 0;
+    while next < n {
+        let Some(a) = ahead.upgrade() else { return };
+        if a.state.lock().streaming {
+            return;
+        }
+        let quiet_for = a.fetcher.demand_quiet_for().unwrap_or(quiet);
+        if quiet_for < quiet {
+            drop(a);
+            tokio::time::sleep(quiet - quiet_for).await;
+            continue;
+        }
+        let table = a.remote.index.frames();
+        let (mut end, mut bytes) = (next, 0u64);
+        while end < n && (end == next || bytes < step) {
+            bytes += table.get(end).c_len as u64;
+            end += 1;
+        }
+        let frames: Vec<usize> = (next..end).collect();
+        if let Err(e) = a.fetcher.fetch_into_store(&a.remote, &frames, Priority::Prefetch).await {
+            tracing::warn!(layer = %a.remote.blob, error = %e, "idle hydration stopped");
+            return;
+        }
+        next = end;
+    }
+    if let Some(a) = ahead.upgrade() {
+        tracing::info!(layer = %a.remote.blob, "hydrated while idle: every chunk is local");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rand::{RngCore, SeedableRng};
+
+    use super::{Ahead, Plan};
+    use crate::fetcher::{AheadConfig, FetchConfig, Fetcher};
+    use crate::fs::{LayerTree, ROOT};
+    use crate::registry::{Client, RegistryConfig, Repo};
+    use crate::store::{Store, StoreConfig};
+    use crate::testing::{small_chunks, Layer, LayerBuilder};
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut d = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut d);
+        d
+    }
+
+    /// Directories `a` and `b` of five 20 KiB files each, and `a/big`
+    /// (300 KiB); small chunks, so every file spans frames of its own.
+    fn two_dirs() -> Layer {
+        let mut b = LayerBuilder::new().dir("a").dir("b");
+        for d in ["a", "b"] {
+            for i in 0..5 {
+                b = b.file(&format!("{d}/{i}"), 0o644, &noise(i + if d == "a" { 0 } else { 10 }, 20 << 10));
+            }
+        }
+        b.file("a/big", 0o644, &noise(99, 300 << 10)).convert_with(&small_chunks())
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        _rt: tokio::runtime::Runtime,
+        ahead: Arc<Ahead>,
+        tree: Arc<LayerTree>,
+    }
+
+    fn fixture(layer: &Layer, cfg: AheadConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = Client::new(&RegistryConfig::default(), false).unwrap();
+        let store = Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap();
+        let fetcher = Fetcher::new(Arc::new(client), Arc::new(store), FetchConfig::default());
+        let remote = layer.remote(Repo { registry: "127.0.0.1:9".into(), name: "t".into() });
+        let tree = Arc::new(LayerTree::new(layer.index.clone()));
+        let ahead = Ahead::new(cfg, fetcher, remote, tree.clone(), rt.handle().clone());
+        Fixture { _dir: dir, _rt: rt, ahead, tree }
+    }
+
+    fn ino(t: &LayerTree, path: &str) -> u64 {
+        path.split('/').fold(ROOT, |d, n| t.lookup(d, n.as_bytes()).unwrap())
+    }
+
+    fn frames_of(t: &LayerTree, paths: &[&str]) -> Vec<usize> {
+        let mut v: Vec<usize> = paths.iter().flat_map(|p| t.file_frames(ino(t, p))).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    #[test]
+    fn a_read_that_waited_brings_its_directory_and_the_rest_of_its_file() {
+        let layer = two_dirs();
+        let f = fixture(&layer, AheadConfig { sweep_after: 0, ..AheadConfig::default() });
+        let t = &f.tree;
+        let big = t.file_frames(ino(t, "a/big"));
+        assert!(big.len() > 3, "the big file spans frames");
+        // The first frame of a/big waited: the rest of it, and a's small files.
+        let plan = f.ahead.plan(ino(t, "a/big"), &big[..1]);
+        let mut want = frames_of(t, &["a/0", "a/1", "a/2", "a/3", "a/4"]);
+        want.extend(&big[1..]);
+        want.sort_unstable();
+        assert_eq!(plan, Plan { frames: want, sweep_from: None });
+        // Another file of `a`: its directory was done, and it is one frame's
+        // worth of the rest.
+        let a3 = t.file_frames(ino(t, "a/3"));
+        let plan = f.ahead.plan(ino(t, "a/3"), &a3[..1]);
+        assert_eq!(plan.frames, a3[1..].to_vec());
+        // Nothing of `b` came along.
+        let b = frames_of(t, &["b/0", "b/1", "b/2", "b/3", "b/4"]);
+        assert!(f.ahead.plan(ino(t, "a/3"), &a3[..1]).frames.iter().all(|x| !b.contains(x)));
+    }
+
+    #[test]
+    fn budgets_bound_what_comes_along() {
+        let layer = two_dirs();
+        let cfg = AheadConfig { sweep_after: 0, file_bytes: 64 << 10, dir_bytes: 50 << 10, ..AheadConfig::default() };
+        let f = fixture(&layer, cfg);
+        let t = &f.tree;
+        let big = t.file_frames(ino(t, "a/big"));
+        let plan = f.ahead.plan(ino(t, "a/big"), &big[..1]);
+        // The rest of a/big (about 290 KiB) is over file_bytes; two of a's
+        // 20 KiB files fit dir_bytes, the third does not.
+        assert!(plan.frames.iter().all(|x| !big.contains(x)), "{plan:?}");
+        assert_eq!(plan.frames, frames_of(t, &["a/0", "a/1"]));
+        // Files over dir_file_max_bytes never come along as siblings.
+        let cfg = AheadConfig { sweep_after: 0, dir_file_max_bytes: 10 << 10, ..AheadConfig::default() };
+        let f = fixture(&layer, cfg);
+        let t = &f.tree;
+        let a0 = t.file_frames(ino(t, "a/0"));
+        assert_eq!(f.ahead.plan(ino(t, "a/0"), &a0).frames, big[..0].to_vec());
+    }
+
+    #[test]
+    fn reads_that_walk_the_layer_forward_stream_it_and_scattered_ones_do_not() {
+        let layer = two_dirs();
+        let n = layer.index.frames().len();
+        let cfg = AheadConfig { sweep_after: 4, file_bytes: 0, dir_bytes: 0, ..AheadConfig::default() };
+        // Reads of frames 0, 2, 4, ...: a step forward each time.
+        let f = fixture(&layer, cfg.clone());
+        let plans: Vec<Plan> = (0..6).map(|k| f.ahead.plan(ROOT, &[2 * k])).collect();
+        assert!(plans[..4].iter().all(|p| p.sweep_from.is_none()), "{plans:?}");
+        assert_eq!(plans[4].sweep_from, Some(8), "the fifth forward read starts the stream from its place");
+        assert_eq!(plans[5], Plan::default(), "once streaming, nothing more is planned");
+        // Back and forth: never a sweep.
+        let f = fixture(&layer, cfg);
+        for k in 0..n {
+            let frame = if k % 2 == 0 { n - 1 - k / 2 } else { k / 2 };
+            assert_eq!(f.ahead.plan(ROOT, &[frame]).sweep_from, None, "read {k} (frame {frame})");
+        }
+    }
+}
