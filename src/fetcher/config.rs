@@ -45,7 +45,7 @@ pub struct FetchConfig {
     /// MiB of decompressed, verified frames kept in memory for reads that
     /// come back to a frame (small files that share one); 0 turns it off.
     pub frame_cache_mb: u64,
-    /// `[fetch.ahead]`: what a read that waited on the registry fetches
+    /// `[fetch.ahead]`: what a read that misses fetches
     /// next, in the background, when no trace said so.
     pub ahead: AheadConfig,
 }
@@ -58,22 +58,27 @@ pub struct FetchConfig {
 pub struct AheadConfig {
     /// Fetch ahead at all.
     pub enabled: bool,
-    /// A read of a file that waited brings the rest of the file along when
+    /// A read of a file that misses brings the rest of the file along when
     /// the file is stored in at most this many compressed bytes (shared
     /// objects are read by page faults all over them).
     pub file_bytes: u64,
-    /// A read of a file that waited brings the small files of its
+    /// A read of a file that misses brings the small files of its
     /// directory along (a module's siblings are the next imports), at most
     /// this many compressed bytes per directory, once per directory.
     pub dir_bytes: u64,
     /// Files above this size are not brought along as siblings.
     pub dir_file_max_bytes: u64,
-    /// After this many reads that waited, one after another and each a
+    /// After this many reads that missed, one after another and each a
     /// little further into the layer than the last, the reader is taken to
     /// sweep the layer (`find | xargs cat`, a virus scan, `pip list`): the
     /// rest of the layer is streamed in order, on parallel requests.
-    /// 0 turns sweeps off.
+    /// 0 turns this off.
     pub sweep_after: u32,
+    /// Once reads have reached this share of the layer's files (percent),
+    /// the reader is taken to sweep the layer too, whatever the order of
+    /// its reads: the rest of the layer is streamed. An application start
+    /// reads a few percent of its image's files. 0 turns this off.
+    pub sweep_files_percent: u32,
     /// Once no read has waited on the registry for this long, fetch every
     /// remaining chunk of each layer a read waited on, a request at a time,
     /// pausing whenever a read waits. 0 (the default) leaves the rest of a
@@ -89,6 +94,7 @@ impl Default for AheadConfig {
             dir_bytes: 1 << 20,
             dir_file_max_bytes: 256 << 10,
             sweep_after: 16,
+            sweep_files_percent: 10,
             idle_hydrate_ms: 0,
         }
     }

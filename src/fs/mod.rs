@@ -451,6 +451,12 @@ impl LayerTree {
         })
     }
 
+    /// Regular files in the tree (hard links to one file count once per
+    /// name's node: once).
+    pub fn file_count(&self) -> usize {
+        self.nodes.iter().filter(|n| n.kind == NodeKind::File).count()
+    }
+
     /// The directory that holds `ino` (the root holds itself).
     pub fn parent(&self, ino: u64) -> Option<u64> {
         self.get(ino).ok().map(|n| n.parent)

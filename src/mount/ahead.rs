@@ -13,11 +13,13 @@
 //! - **the directory's small files** (`dir_bytes`, once per directory): an
 //!   interpreter importing a module imports its siblings next, and a
 //!   package's files sit together in the layer;
-//! - **the rest of the layer, in order, when the reads sweep it**: after
-//!   `sweep_after` reads that waited, each a little further into the layer
-//!   than the one before (`find | xargs cat`, a virus scan), the layer is
-//!   streamed from the reader's place on, on parallel requests, and then
-//!   from its start;
+//! - **the rest of the layer, in order, when the reads sweep it**
+//!   (`find | xargs cat`, a virus scan, a class-path scan): after
+//!   `sweep_after` misses in a row, each a little further into the layer
+//!   than the one before, or once reads have reached `sweep_files_percent`
+//!   of the layer's files (an application start reads a few percent), the
+//!   layer is streamed from the reader's place on, on parallel requests,
+//!   and then from its start;
 //! - optionally, **everything, once the link is idle** (`idle_hydrate_ms`):
 //!   a request at a time, pausing whenever a read waits.
 //!
@@ -45,6 +47,8 @@ pub(crate) struct Ahead {
     remote: Arc<RemoteLayer>,
     tree: Arc<LayerTree>,
     rt: tokio::runtime::Handle,
+    /// Files read that make a sweep (`sweep_files_percent`); 0: never.
+    sweep_files: usize,
     state: Mutex<State>,
 }
 
@@ -57,6 +61,9 @@ struct State {
     /// such reads in a row each began a little past the one before.
     last_end: Option<u64>,
     run: u32,
+    /// Which inodes have been read (a bit each), and how many.
+    read: Vec<u64>,
+    files_read: usize,
     /// The layer is being streamed whole (a sweep, or idle hydration).
     streaming: bool,
     idle_started: bool,
@@ -79,7 +86,40 @@ impl Ahead {
         tree: Arc<LayerTree>,
         rt: tokio::runtime::Handle,
     ) -> Arc<Ahead> {
-        Arc::new(Ahead { cfg, fetcher, remote, tree, rt, state: Mutex::new(State::default()) })
+        let sweep_files = match cfg.sweep_files_percent {
+            0 => 0,
+            pct => (tree.file_count() * pct.min(100) as usize).div_ceil(100).max(1),
+        };
+        Arc::new(Ahead { cfg, fetcher, remote, tree, rt, sweep_files, state: Mutex::new(State::default()) })
+    }
+
+    /// Any read of file `ino` (the page cache answers the others): once
+    /// reads have reached `sweep_files_percent` of the layer's files, the
+    /// rest of the layer is streamed. Whether this read started that.
+    pub(crate) fn read(self: &Arc<Self>, ino: u64) -> bool {
+        if self.sweep_files == 0 {
+            return false;
+        }
+        let from = {
+            let mut st = self.state.lock();
+            let (word, bit) = ((ino / 64) as usize, 1u64 << (ino % 64));
+            if st.streaming || st.read.get(word).is_some_and(|w| w & bit != 0) {
+                return false;
+            }
+            if st.read.len() <= word {
+                st.read.resize(word + 1, 0);
+            }
+            st.read[word] |= bit;
+            st.files_read += 1;
+            if st.files_read < self.sweep_files {
+                return false;
+            }
+            st.streaming = true;
+            self.tree.file_frames(ino).first().copied().unwrap_or(0)
+        };
+        tracing::info!(layer = %self.remote.blob, files = self.sweep_files, "reads reached {}% of the layer's files", self.cfg.sweep_files_percent);
+        self.stream(from);
+        true
     }
 
     /// A demand read of `frames` (sorted) of file `ino` missed: fetch what
@@ -96,25 +136,33 @@ impl Ahead {
             });
         }
         if let Some(from) = plan.sweep_from {
-            let n = self.remote.index.frames().len();
-            let order: Vec<usize> = (from..n).chain(0..from).collect();
-            tracing::info!(layer = %self.remote.blob, from, frames = n, "reads sweep the layer: streaming it");
-            let this = self.clone();
-            self.rt.spawn(async move {
-                match this.fetcher.fetch_into_store(&this.remote, &order, Priority::Prefetch).await {
-                    Ok(()) => tracing::info!(layer = %this.remote.blob, "layer streamed: every chunk is local"),
-                    Err(e) => {
-                        // Reads fetch what they need themselves; a later
-                        // sweep may stream again.
-                        tracing::warn!(layer = %this.remote.blob, error = %e, "streaming the layer failed");
-                        this.state.lock().streaming = false;
-                    }
-                }
-            });
+            tracing::info!(layer = %self.remote.blob, from, "reads walk the layer forward");
+            self.stream(from);
         }
         if idle {
             self.rt.spawn(hydrate_when_idle(Arc::downgrade(self)));
         }
+    }
+
+    /// Stream the layer, from frame `from` on, then from its start (the
+    /// state says `streaming` already).
+    fn stream(self: &Arc<Self>, from: usize) {
+        let n = self.remote.index.frames().len();
+        let from = from.min(n);
+        let order: Vec<usize> = (from..n).chain(0..from).collect();
+        tracing::info!(layer = %self.remote.blob, from, frames = n, "reads sweep the layer: streaming it");
+        let this = self.clone();
+        self.rt.spawn(async move {
+            match this.fetcher.fetch_into_store(&this.remote, &order, Priority::Prefetch).await {
+                Ok(()) => tracing::info!(layer = %this.remote.blob, "layer streamed: every chunk is local"),
+                Err(e) => {
+                    // Reads fetch what they need themselves; a later sweep
+                    // may stream again.
+                    tracing::warn!(layer = %this.remote.blob, error = %e, "streaming the layer failed");
+                    this.state.lock().streaming = false;
+                }
+            }
+        });
     }
 
     /// What a read of `frames` of `ino` that missed leads to (no I/O).
@@ -314,6 +362,28 @@ mod tests {
         let t = &f.tree;
         let a0 = t.file_frames(ino(t, "a/0"));
         assert_eq!(f.ahead.plan(ino(t, "a/0"), &a0).frames, big[..0].to_vec());
+    }
+
+    #[test]
+    fn reads_of_a_share_of_the_files_stream_the_layer() {
+        let layer = two_dirs();
+        let cfg = AheadConfig { sweep_files_percent: 50, ..AheadConfig::default() };
+        let f = fixture(&layer, cfg);
+        let t = &f.tree;
+        assert_eq!(t.file_count(), 11);
+        // Six of eleven files make 50%; a file read twice counts once.
+        for p in ["a/0", "a/0", "a/1", "a/2", "b/0", "b/1"] {
+            assert!(!f.ahead.read(ino(t, p)), "{p}");
+        }
+        assert!(f.ahead.read(ino(t, "b/2")), "the sixth file starts the stream");
+        assert!(!f.ahead.read(ino(t, "b/3")), "once");
+        let a3 = t.file_frames(ino(t, "a/3"));
+        assert_eq!(f.ahead.plan(ino(t, "a/3"), &a3[..1]), Plan::default(), "nothing more is planned");
+        // Off: never.
+        let f = fixture(&layer, AheadConfig { sweep_files_percent: 0, ..AheadConfig::default() });
+        assert!(["a/0", "a/1", "a/2", "a/3", "a/4", "a/big", "b/0", "b/1", "b/2", "b/3", "b/4"]
+            .iter()
+            .all(|p| !f.ahead.read(ino(&f.tree, p))));
     }
 
     #[test]

@@ -377,6 +377,9 @@ impl ReadOnlyFs for LayerFs {
             return FUSE_OPS.read.observe(began.elapsed());
         }
         self.record(&plan.frames);
+        if let Some(a) = &self.ahead {
+            a.read(ino);
+        }
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
         let ahead = self.ahead.clone();
         self.rt.spawn(async move {
