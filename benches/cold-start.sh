@@ -20,7 +20,10 @@
 #   PROFILES="100:20 1000:2"                 link Mbit/s : one-way delay ms
 #   MODES="overlayfs lazy traced"            also: lazy-ra128, the lazy start
 #                                            with the kernel's 128 KiB
-#                                            read-ahead (docs/tuning.md)
+#                                            read-ahead (docs/tuning.md);
+#                                            unconverted, the ordinary gzip
+#                                            image through --snapshotter
+#                                            hyperbox (unpacked, not lazy)
 #   MEMORY=1                                 then hyperboxd's memory: idle,
 #                                            with python, java and gcc
 #                                            started, and while hydrating them
@@ -137,7 +140,8 @@ hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 }' "/proc/$HBPID/statu
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # ---- the images: the ordinary gzip one, and its HyperBox conversion ----
-TAR_FLAGS=(--numeric-owner --xattrs)
+# Sorted by name, as image builders write layers (BuildKit, Docker).
+TAR_FLAGS=(--numeric-owner --xattrs --sort=name)
 push_blob() { # REPO DIGEST: distribution's two-step upload
   local loc sep
   loc=$(curl -sSf -X POST -D - -o /dev/null "http://$REG/v2/$1/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
@@ -193,6 +197,9 @@ for prof in $PROFILES; do
         if [ "$base" = overlayfs ]; then
           ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
           out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i" "${RUN[@]}")
+        elif [ "$base" = unconverted ]; then
+          ctr_ -n "$ns" image pull --snapshotter hyperbox --plain-http "$VIA/$REPO:gzip" >/dev/null
+          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:gzip" "c$i" "${RUN[@]}")
         else
           HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
           out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i" "${RUN[@]}")
@@ -201,7 +208,9 @@ for prof in $PROFILES; do
         bytes=$(served "$mark")
         [[ $out =~ $EXPECT ]] || { echo "cold-start: $img $mode printed '$out', expected /$EXPECT/"; exit 1; }
         p=; r=; mem=
-        if [ "$base" != overlayfs ]; then
+        if [ "$base" = unconverted ]; then
+          read -r mem _ < <(hb_mem)
+        elif [ "$base" != overlayfs ]; then
           read -r mem _ < <(hb_mem)
           # Let the start's trace be recorded (idle_secs), then keep it.
           until "$B/hyperbox" trace --address "$HBSOCK" export "$VIA/$REPO:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
