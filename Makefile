@@ -16,8 +16,10 @@ deps:
 build: deps
 	$(CARGO) build --release --bins
 
-# Build, start a local registry and containerd, convert a sample image and
-# run it on a vanilla containerd.
+# Build, start a local registry, hyperboxd and containerd, convert a sample
+# image, and start it over an emulated slow link three ways: a full pull on
+# containerd's overlayfs, lazily, and lazily with a trace (DEMO_LINK=none:
+# no emulated link).
 demo: build
 	@bash scripts/demo.sh
 

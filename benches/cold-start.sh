@@ -47,7 +47,7 @@ DIR=${HYPERBOX_BENCH_DIR:-/var/tmp/hb-bench}
 OUT=${OUT:-docs/cold-start}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release
-[ -x "$BIN/hyperbox" ] && [ -x "$BIN/hyperboxd" ] || cargo build --release --bins
+if [ ! -x "$BIN/hyperbox" ] || [ ! -x "$BIN/hyperboxd" ]; then cargo build --release --bins; fi
 [ "$(id -u)" -eq 0 ] || { echo "cold-start: needs root (containerd, FUSE)"; exit 1; }
 
 # ---- the images: packages, command, and what the command prints ----
@@ -99,15 +99,14 @@ build_rootfs() {
 WORK=$(mktemp -d /tmp/hb-cold.XXXXXX)
 PIDS=(); HBPID=; LINKPID=
 cleanup() {
-  [ -n "$HBPID" ] && kill "$HBPID" 2>/dev/null
-  [ -n "$LINKPID" ] && kill "$LINKPID" 2>/dev/null
+  if [ -n "$HBPID" ]; then kill "$HBPID" 2>/dev/null || true; fi
+  if [ -n "$LINKPID" ]; then kill "$LINKPID" 2>/dev/null || true; fi
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  grep -o " $WORK[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  grep -o " ${WORK}[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-now() { date +%s.%N; }
 # shellcheck source=scripts/lab.sh
 . "$HERE/../scripts/lab.sh"
 
@@ -121,20 +120,9 @@ conf() { printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"
 conf "" > "$WORK/hyperbox.toml"
 conf "fuse_read_ahead_kb = 128" > "$WORK/hyperbox-ra128.toml"
 start_containerd "$HBSOCK"
-ctr_() { ctr --address "$SOCK" "$@"; }
 wait_ready
 
-HBD_BIN=$BIN   # whose hyperboxd hb_start runs
-hb_start() {
-  "$HBD_BIN/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &
-  HBPID=$!
-  until [ -S "$HBSOCK" ]; do sleep 0.05; done
-  # containerd redials a restarted proxy with backoff: wait until it answers.
-  local n=0
-  until ctr_ -n probe snapshot --snapshotter hyperbox prepare "probe-$n" >/dev/null 2>&1; do n=$((n + 1)); sleep 0.2; done
-  ctr_ -n probe snapshot --snapshotter hyperbox rm "probe-$n" >/dev/null
-}
-hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
+HBD_BIN=$BIN   # whose hyperboxd hb_start (scripts/lab.sh) runs
 # hyperboxd's peak and current resident memory, MiB.
 hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 }' "/proc/$HBPID/status"; }
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -160,7 +148,7 @@ for img in $IMAGES; do
   curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$OCI/blobs/sha256/$MANIFEST" \
     "http://$REG/v2/$REPO/manifests/gzip" >/dev/null
   "$BIN/hyperbox" convert -q --plain-http "oci:$OCI:src" "$REG/$REPO:hyperbox" | tail -1
-  HB_BYTES=$("$BIN/hyperbox" inspect --plain-http --json "$REG/$REPO:hyperbox" | python3 -c 'import json,sys; print(sum(r["blob_size"] for r in json.load(sys.stdin)))')
+  HB_BYTES=$(hyperbox_layer_bytes "$REG/$REPO:hyperbox")
   echo "$REPO: $(numfmt --to=iec "$TAR_SIZE") tar; gzip layer $(numfmt --to=iec "$LSIZE"); HyperBox layer $(numfmt --to=iec "$HB_BYTES")"
   rm -rf "$OCI"
 done
@@ -170,10 +158,7 @@ echo "image,profile,mode,run,seconds,bytes,precision,recall,rss_peak_mb" > "$WOR
 hb_start
 for prof in $PROFILES; do
   rate=${prof%%:*}; delay=${prof##*:}
-  LPORT=$(free_port)
-  python3 "$HERE/slowlink.py" "$LPORT" "$REG" "$rate" "$delay" > "$WORK/slowlink.log" 2>&1 & LINKPID=$!
-  until curl -fsS "http://127.0.0.1:$LPORT/v2/" >/dev/null 2>&1; do sleep 0.1; done
-  VIA=127.0.0.1:$LPORT
+  start_slowlink "$rate" "$delay"
   label="${rate} Mbit/s, ${delay} ms"
   for i in $(seq "$RUNS"); do
     for img in $IMAGES; do
@@ -213,24 +198,22 @@ for prof in $PROFILES; do
         elif [ "$base" != overlayfs ]; then
           read -r mem _ < <(hb_mem)
           # Let the start's trace be recorded (idle_secs), then keep it.
-          until "$B/hyperbox" trace --address "$HBSOCK" export "$VIA/$REPO:hyperbox" "$WORK/t.json" >/dev/null 2>&1 &&
-                python3 -c "import json,sys; t=json.load(open('$WORK/t.json')); sys.exit(0 if t['runs'] >= (2 if '$base' == 'traced' else 1) else 1)"; do
-            sleep 0.5
-          done
+          want=1; if [ "$base" = traced ]; then want=2; fi
+          wait_trace "$B/hyperbox" "$VIA/$REPO:hyperbox" "$want" "$WORK/t.json"
           # Traced starts (both builds) import this build's latest lazy trace.
           if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace-$img.json"; fi
           if [ "$base" = traced ]; then
             read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
           fi
         fi
-        secs=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+        secs=$(elapsed "$t0" "$t1")
         echo "$img,\"$label\",$mode,$i,$secs,$bytes,$p,$r,$mem" >> "$WORK/results.csv"
         printf '%-8s %-18s %-10s run %d: %6ss, %s fetched%s%s\n' "$img" "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
           "${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}"
       done
     done
   done
-  kill "$LINKPID"; wait "$LINKPID" 2>/dev/null || true; LINKPID=
+  stop_slowlink
 done
 
 # ---- memory: idle, three images started, then hydrating them ----
@@ -250,9 +233,11 @@ if [ "$MEMORY" = 1 ]; then
   done
   until [ "$(tail -n +"$((hm + 1))" "$WORK/hyperboxd.log" | grep -c 'prefetch: hydrated' || true)" -ge 3 ]; do sleep 1; done
   read -r peak now_rss < <(hb_mem)
-  echo "memory,idle,,,,,,,$idle" >> "$WORK/results.csv"
-  echo "memory,started,,,,,,,$started_peak" >> "$WORK/results.csv"
-  echo "memory,hydrated,,,,,,,$peak" >> "$WORK/results.csv"
+  {
+    echo "memory,idle,,,,,,,$idle"
+    echo "memory,started,,,,,,,$started_peak"
+    echo "memory,hydrated,,,,,,,$peak"
+  } >> "$WORK/results.csv"
   echo "hyperboxd RSS: idle $idle MiB; three images started: peak $started_peak MiB (now $started); hydrating them: peak $peak MiB (after: $now_rss MiB)"
 fi
 

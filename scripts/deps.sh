@@ -8,6 +8,7 @@ packages=(
   protobuf-compiler                       # containerd-snapshots' build
   clang libclang-dev                      # the rocksdb build
   zstd busybox-static attr libcap2-bin tar coreutils  # test fixtures and the demo image
+  python3                                 # the demo image's service, the scripts' helpers and the slow link
   debootstrap                             # the Debian test image and the cold-start benchmark
   systemd                                 # systemd_fdstore_e2e runs hyperboxd.service under a systemd --user
   apache2-utils                           # htpasswd, for the registry auth test

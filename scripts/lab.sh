@@ -1,7 +1,16 @@
+# shellcheck shell=bash
 # A registry and a containerd (with hyperboxd as its proxy snapshotter) in a
-# scratch dir, for scripts/demo.sh and benches/cold-start.sh. Source it after
+# scratch dir, for scripts/demo.sh and the benchmark scripts. Source it after
 # setting WORK (the scratch dir) and PIDS (an array: every process started
-# here is added, for the caller's cleanup to kill).
+# here is added, for the caller's cleanup to kill). hyperboxd and the slow
+# link are restarted along the way, so their pids are in HBPID and LINKPID
+# instead (empty when not running): the caller's cleanup kills those too.
+
+LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+now() { date +%s.%N; }
+# Seconds from $1 to $2 (both from `now`), two decimals.
+elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -20,7 +29,8 @@ YML
 }
 
 # Start containerd with its state under $WORK and hyperboxd's socket ($1) as
-# the proxy snapshotter `hyperbox`; CRI off. Sets SOCK (its socket).
+# the proxy snapshotter `hyperbox`; CRI off. Sets SOCK (its socket): ctr_
+# below talks to it.
 start_containerd() {
   SOCK=$WORK/containerd.sock
   cat > "$WORK/containerd.toml" <<TOML
@@ -39,6 +49,8 @@ TOML
   containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
   PIDS+=($!)
 }
+# ctr on that containerd.
+ctr_() { ctr --address "$SOCK" "$@"; }
 
 # Wait until the registry answers (30 s at most).
 wait_registry() {
@@ -56,11 +68,72 @@ wait_ready() {
   local _
   wait_registry || return 1
   for _ in $(seq 300); do
-    ctr --address "$SOCK" version >/dev/null 2>&1 && return 0
+    ctr_ version >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "containerd did not start; see $WORK/containerd.log" >&2
   return 1
+}
+
+# Start hyperboxd ($HBD_BIN/hyperboxd, default $BIN/hyperboxd) with root
+# $HBROOT, socket $HBSOCK and config $1 (default $WORK/hyperbox.toml), its log
+# appended to $WORK/hyperboxd.log; wait until containerd (start_containerd,
+# wait_ready) reaches it. Sets HBPID.
+# shellcheck disable=SC2120  # $1 is optional
+hb_start() {
+  "${HBD_BIN:-$BIN}/hyperboxd" --root "$HBROOT" --address "$HBSOCK" --config "${1:-$WORK/hyperbox.toml}" >> "$WORK/hyperboxd.log" 2>&1 &
+  HBPID=$!
+  until [ -S "$HBSOCK" ]; do hb_alive || return 1; sleep 0.05; done
+  # containerd redials a restarted proxy with backoff: wait until it answers.
+  local n=0
+  until ctr_ -n probe snapshot --snapshotter hyperbox prepare "probe-$n" >/dev/null 2>&1; do
+    hb_alive || return 1; n=$((n + 1)); sleep 0.2
+  done
+  ctr_ -n probe snapshot --snapshotter hyperbox rm "probe-$n" >/dev/null
+}
+hb_alive() {
+  kill -0 "$HBPID" 2>/dev/null && return 0
+  echo "hyperboxd exited; its log: $WORK/hyperboxd.log" >&2; tail -n 20 "$WORK/hyperboxd.log" >&2; return 1
+}
+hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
+
+# Start benches/slowlink.py between the clients and the registry: a link of
+# $1 Mbit/s with $2 ms one-way delay, on a free loopback port, its log in
+# $WORK/slowlink.log; wait until the registry answers through it. Sets VIA
+# (host:port: pull $VIA/REPO:TAG to go over the link) and LINKPID.
+start_slowlink() {
+  local port _
+  port=$(free_port)
+  python3 "$LAB_DIR/../benches/slowlink.py" "$port" "$REG" "$1" "$2" > "$WORK/slowlink.log" 2>&1 &
+  LINKPID=$!
+  VIA=127.0.0.1:$port
+  for _ in $(seq 300); do
+    curl -fsS "http://$VIA/v2/" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "the slow link did not start; see $WORK/slowlink.log" >&2
+  return 1
+}
+stop_slowlink() { kill "$LINKPID"; wait "$LINKPID" 2>/dev/null || true; LINKPID=; }
+
+# Once hyperboxd (socket $HBSOCK) has merged at least $3 runs into the trace
+# of image $2, export it to file $4, with the hyperbox CLI $1. hyperboxd
+# merges a start's run once it has read nothing new for [trace] idle_secs, or
+# after window_secs (60 s by default): this waits 2 minutes at most.
+wait_trace() {
+  local _
+  for _ in $(seq 240); do
+    "$1" trace --address "$HBSOCK" export "$2" "$4" >/dev/null 2>&1 &&
+      python3 -c "import json,sys; sys.exit(0 if json.load(open('$4'))['runs'] >= $3 else 1)" && return 0
+    sleep 0.5
+  done
+  echo "no trace of $2 with $3 run(s) after 2 minutes; see $WORK/hyperboxd.log" >&2
+  return 1
+}
+
+# Bytes of the HyperBox layers of image $1 (their blobs in the registry).
+hyperbox_layer_bytes() {
+  "$BIN/hyperbox" inspect --plain-http --json "$1" | python3 -c 'import json,sys; print(sum(r["blob_size"] for r in json.load(sys.stdin)))'
 }
 
 # Lines in the registry's log so far: a mark for `served`.
@@ -77,6 +150,7 @@ print(sum(int(m.group(2)) for l in sys.stdin if "/blobs/" in l and "\"GET " in l
 # a config with Cmd $2 and Env $3 (JSON arrays), tagged $4. Sets OCI, and
 # for the caller DIFF_ID, TAR_SIZE, LAYER and LSIZE (the gzip blob), CONFIG
 # and MANIFEST (digests, hex).
+# shellcheck disable=SC2034  # DIFF_ID, TAR_SIZE, ...: for the caller
 oci_image() {
   local root=$1 cmd=$2 env=$3 tag=$4 csize msize
   OCI=$WORK/oci; mkdir -p "$OCI/blobs/sha256"
