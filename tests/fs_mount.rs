@@ -475,3 +475,102 @@ fn three_layers_overlaid_equal_containerds_overlayfs_unpack() {
     assert!(checked >= 10, "compared {checked} entries");
     drop(mounts);
 }
+
+/// Reads of `files` (relative to the mount) through FUSE, each checked
+/// against `want`.
+fn read_all(s: &Served, files: &[String], want: &BTreeMap<String, Vec<u8>>) {
+    for f in files {
+        let got = std::fs::read(s.mountpoint.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(got == want[f], "{f} differs");
+    }
+}
+
+#[test]
+fn a_read_that_misses_brings_its_directory_along() {
+    if !common::have_tools("a_read_that_misses_brings_its_directory_along", &["docker-registry", "fusermount3"]) {
+        return;
+    }
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut b = common::LayerBuilder::new();
+    let mut want = BTreeMap::new();
+    // Two packages of ten 60 KiB modules each (incompressible: a frame or
+    // two each), and one large file beside them.
+    for dir in ["pkg", "other"] {
+        b = b.dir(dir);
+        for i in 0..10 {
+            let mut data = vec![0u8; 60 << 10];
+            rng.fill_bytes(&mut data);
+            let name = format!("{dir}/m{i}.py");
+            b = b.file(&name, 0o644, &data);
+            want.insert(name, data);
+        }
+    }
+    let mut big = vec![0u8; 1 << 20];
+    rng.fill_bytes(&mut big);
+    b = b.file("pkg/big.so", 0o644, &big);
+    want.insert("pkg/big.so".to_string(), big);
+    let s = serve(b.finish(), FetchConfig::default(), 30_000);
+    let names = |dir: &str| -> Vec<String> { (0..10).map(|i| format!("{dir}/m{i}.py")).collect() };
+
+    // The first module of `pkg` misses: the others, and not the big file
+    // (over dir_file_max_bytes), come along in the background.
+    read_all(&s, &names("pkg")[..1], &want);
+    s.rt.block_on(s.fetcher.settled());
+    let after_first = s.fetcher.stats();
+    assert_eq!(after_first.demand_requests, 1, "{after_first:?}");
+    assert!(after_first.prefetch_requests >= 1, "the directory was fetched ahead: {after_first:?}");
+    read_all(&s, &names("pkg")[1..], &want);
+    let st = s.fetcher.stats();
+    assert_eq!(st.requests(), after_first.requests(), "pkg's other modules were local: {st:?}");
+    // The big file, and the other package, are fetched when read.
+    read_all(&s, &["pkg/big.so".to_string()], &want);
+    read_all(&s, &names("other")[..1], &want);
+    let st = s.fetcher.stats();
+    assert_eq!(st.demand_requests, 3, "{st:?}");
+}
+
+#[test]
+fn reads_of_most_of_a_layer_stream_the_rest() {
+    if !common::have_tools("reads_of_most_of_a_layer_stream_the_rest", &["docker-registry", "fusermount3"]) {
+        return;
+    }
+    use hyperbox::fetcher::AheadConfig;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    // 200 files of 20 KiB in 20 directories; nothing brought along by
+    // directory, so only the sweep fetches ahead.
+    let mut b = common::LayerBuilder::new();
+    let mut want = BTreeMap::new();
+    for d in 0..20 {
+        b = b.dir(&format!("d{d:02}"));
+        for i in 0..10 {
+            let mut data = vec![0u8; 20 << 10];
+            rng.fill_bytes(&mut data);
+            let name = format!("d{d:02}/f{i}");
+            b = b.file(&name, 0o644, &data);
+            want.insert(name, data);
+        }
+    }
+    let ahead =
+        AheadConfig { dir_bytes: 0, file_bytes: 0, sweep_after: 0, sweep_files_percent: 40, ..AheadConfig::default() };
+    let s = serve(b.finish(), FetchConfig { ahead, ..FetchConfig::default() }, 30_000);
+    // Reads in reverse name order: never a step forward through the blob.
+    let mut order: Vec<String> = want.keys().cloned().collect();
+    order.reverse();
+    let (first, rest) = order.split_at(80);
+    read_all(&s, &first[..79], &want);
+    s.rt.block_on(s.fetcher.settled());
+    assert_eq!(s.fetcher.stats().prefetch_requests, 0, "79 of 200 files is under 40%");
+    // The 80th file is 40% of the layer: the rest is streamed.
+    read_all(&s, &first[79..], &want);
+    s.rt.block_on(s.fetcher.settled());
+    let streamed = s.fetcher.stats();
+    assert!(streamed.prefetch_requests >= 1, "{streamed:?}");
+    // With the registry gone, every other file still reads: it is local.
+    s.proxy.set(Fault::Status500, None);
+    read_all(&s, rest, &want);
+    assert_eq!(s.fetcher.stats().requests(), streamed.requests(), "the rest was local");
+    let log = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    assert!(log.contains("reads sweep the layer"), "the stream is logged");
+}

@@ -198,6 +198,13 @@ impl Fetcher {
         Some(if busy { Duration::ZERO } else { self.inner.epoch.elapsed().saturating_sub(at) })
     }
 
+    /// Count background work (fetching ahead, streaming a layer) as
+    /// running until the guard drops: [`Fetcher::settled`] waits for it.
+    pub fn background(&self) -> Background {
+        self.inner.n.background.fetch_add(1, Ordering::Relaxed);
+        Background(self.inner.clone())
+    }
+
     fn note_demand(&self) {
         let ms = self.inner.epoch.elapsed().as_millis() as u64 + 1;
         self.inner.demand_at.fetch_max(ms, Ordering::Relaxed);
@@ -234,10 +241,11 @@ impl Fetcher {
         self.inner.fetch_index(repo, blob, loc).await
     }
 
-    /// Wait until no fetch is in flight (every fetched chunk is stored).
-    /// Readers are answered before their chunks are written to the store.
+    /// Wait until no fetch is in flight (every fetched chunk is stored) and
+    /// no background work runs ([`Fetcher::background`]). Readers are
+    /// answered before their chunks are written to the store.
     pub async fn settled(&self) {
-        while !self.inner.inflight.lock().is_empty() {
+        while !self.inner.inflight.lock().is_empty() || self.inner.n.background.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -581,6 +589,15 @@ impl Fetcher {
             tokio::spawn(async move { inner.run_group(layer, host, g, ticket).await });
         }
         waits
+    }
+}
+
+/// Background work in progress ([`Fetcher::background`]).
+pub struct Background(Arc<Inner>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.n.background.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

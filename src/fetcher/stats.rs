@@ -59,6 +59,8 @@ pub(super) struct Counters {
     pub(super) wait_ns: AtomicU64,
     /// Demand reads waiting on the registry now.
     pub(super) demand_waiting: std::sync::atomic::AtomicUsize,
+    /// Background tasks running ([`super::Fetcher::background`]).
+    pub(super) background: std::sync::atomic::AtomicUsize,
 }
 
 impl Counters {

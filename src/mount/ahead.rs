@@ -41,6 +41,11 @@ use crate::layer::RemoteLayer;
 /// other files, fetched ahead, lie between two steps.
 const SWEEP_STEP: u64 = 16 << 20;
 
+/// Reads of fewer files than this never make a sweep (unless they are all
+/// the layer's files): a layer of a few large files is not streamed whole
+/// because one of them was read.
+const SWEEP_MIN_FILES: usize = 64;
+
 pub(crate) struct Ahead {
     cfg: AheadConfig,
     fetcher: Fetcher,
@@ -86,9 +91,11 @@ impl Ahead {
         tree: Arc<LayerTree>,
         rt: tokio::runtime::Handle,
     ) -> Arc<Ahead> {
+        // A layer of a few files is not swept by reading some of them.
+        let files = tree.file_count();
         let sweep_files = match cfg.sweep_files_percent {
             0 => 0,
-            pct => (tree.file_count() * pct.min(100) as usize).div_ceil(100).max(1),
+            pct => (files * pct.min(100) as usize).div_ceil(100).max(files.min(SWEEP_MIN_FILES)).max(1),
         };
         Arc::new(Ahead { cfg, fetcher, remote, tree, rt, sweep_files, state: Mutex::new(State::default()) })
     }
@@ -129,7 +136,9 @@ impl Ahead {
         let idle = self.cfg.idle_hydrate_ms > 0 && !std::mem::replace(&mut self.state.lock().idle_started, true);
         if !plan.frames.is_empty() {
             let this = self.clone();
+            let busy = self.fetcher.background();
             self.rt.spawn(async move {
+                let _busy = busy;
                 if let Err(e) = this.fetcher.fetch_into_store(&this.remote, &plan.frames, Priority::Prefetch).await {
                     tracing::debug!(layer = %this.remote.blob, error = %e, "fetch ahead failed");
                 }
@@ -152,7 +161,9 @@ impl Ahead {
         let order: Vec<usize> = (from..n).chain(0..from).collect();
         tracing::info!(layer = %self.remote.blob, from, frames = n, "reads sweep the layer: streaming it");
         let this = self.clone();
+        let busy = self.fetcher.background();
         self.rt.spawn(async move {
+            let _busy = busy;
             match this.fetcher.fetch_into_store(&this.remote, &order, Priority::Prefetch).await {
                 Ok(()) => tracing::info!(layer = %this.remote.blob, "layer streamed: every chunk is local"),
                 Err(e) => {
@@ -371,14 +382,22 @@ mod tests {
         let f = fixture(&layer, cfg);
         let t = &f.tree;
         assert_eq!(t.file_count(), 11);
-        // Six of eleven files make 50%; a file read twice counts once.
-        for p in ["a/0", "a/0", "a/1", "a/2", "b/0", "b/1"] {
+        // Fewer files than SWEEP_MIN_FILES: every one of them must be read
+        // (50% would be six); a file read twice counts once.
+        for p in ["a/0", "a/0", "a/1", "a/2", "a/3", "a/4", "b/0", "b/1", "b/2", "b/3", "b/4"] {
             assert!(!f.ahead.read(ino(t, p)), "{p}");
         }
-        assert!(f.ahead.read(ino(t, "b/2")), "the sixth file starts the stream");
-        assert!(!f.ahead.read(ino(t, "b/3")), "once");
+        assert!(f.ahead.read(ino(t, "a/big")), "the last file starts the stream");
+        assert!(!f.ahead.read(ino(t, "a/big")), "once");
         let a3 = t.file_frames(ino(t, "a/3"));
         assert_eq!(f.ahead.plan(ino(t, "a/3"), &a3[..1]), Plan::default(), "nothing more is planned");
+        // A layer of many files streams at the share.
+        let many =
+            (0..200).fold(LayerBuilder::new().dir("m"), |b, i| b.file(&format!("m/{i:03}"), 0o644, &noise(i, 100)));
+        let f = fixture(&many.convert(), AheadConfig { sweep_files_percent: 40, ..AheadConfig::default() });
+        let t = &f.tree;
+        let started: Vec<bool> = (0..200).map(|i| f.ahead.read(ino(t, &format!("m/{i:03}")))).collect();
+        assert_eq!(started.iter().position(|&s| s), Some(79), "the 80th file of 200 is 40%");
         // Off: never.
         let f = fixture(&layer, AheadConfig { sweep_files_percent: 0, ..AheadConfig::default() });
         assert!(["a/0", "a/1", "a/2", "a/3", "a/4", "a/big", "b/0", "b/1", "b/2", "b/3", "b/4"]
