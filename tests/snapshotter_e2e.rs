@@ -480,8 +480,12 @@ fn traced_start_prefetches_everything_it_reads() {
     let dst = format!("{}/traced:v1", reg.addr);
     convert_to(&layout, &dst);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let config =
-        format!("version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[trace]\nidle_secs = 2\nwindow_secs = 30\n");
+    // No fetching ahead: the first start's requests are its reads' own, and
+    // what it left remote shows (tests/fs_mount.rs tests fetching ahead).
+    let config = format!(
+        "version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[trace]\nidle_secs = 2\nwindow_secs = 30\n\
+         [fetch.ahead]\nenabled = false\n"
+    );
     let mut hb = Hyperboxd::start(tmp.path(), &config);
     let ctd = Containerd::start(&hb.proxy_plugin());
     let socket = hb.socket.clone();
