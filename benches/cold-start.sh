@@ -33,6 +33,10 @@
 #                                            traced@alt: before/after figures
 #                                            side by side in one run
 #   HB_CONFIG=FILE                           extra lines for hyperboxd's config
+#   VARIANTS=DIR                             modes MODE+NAME: MODE with
+#                                            DIR/NAME.toml added to the config
+#                                            (a heuristic on and off, side by
+#                                            side in one run)
 #
 # The link is benches/slowlink.py, a user-space proxy between the clients
 # and the registry (this kernel has no netem). Needs root, containerd, runc,
@@ -165,16 +169,21 @@ for prof in $PROFILES; do
       image "$img"
       for mode in $MODES; do
         # MODE@alt: the same start with ALT_BIN's binaries.
-        base=${mode%@alt}; B=$BIN
+        # MODE+NAME: the same start with $VARIANTS/NAME.toml added to the config.
+        base=${mode%@alt}; B=$BIN; variant=
+        case $base in *+*) variant=${base#*+}; base=${base%%+*} ;; esac
         # The whole-image read has nothing to trace ahead of it.
         [ "$img" = scan ] && [ "$base" = traced ] && continue
         if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
-        ns="b-${mode/@/-}"
+        ns="b-${mode//[@+]/-}"
         # Every image of the namespace (a previous link's proxy had another port).
         ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
         if [ "$base" != overlayfs ]; then
           hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
-          if [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
+          if [ -n "$variant" ]; then
+            cat "$WORK/hyperbox.toml" "${VARIANTS:?"$mode needs VARIANTS"}/$variant.toml" > "$WORK/hyperbox-$variant.toml"
+            hb_start "$WORK/hyperbox-$variant.toml"
+          elif [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
           [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace-$img.json" >/dev/null
         fi
         cold

@@ -9,7 +9,7 @@
 //! ```text layering
 //! daemon                          : the node: owns the parts; Snapshots and admin gRPC, /metrics
 //! snapshotter config              : containerd semantics, remote layers | the config file
-//! mount prefetch                  : a layer tree served through FUSE | predict and warm chunks
+//! mount prefetch                  : a layer tree served through FUSE, fetched ahead of its reads | predict and warm chunks
 //! trace                           : record first reads; traces in the store and the registry
 //! fetcher testing                 : the read path: store, else registry, verified | test layers
 //! layer registry store fs         : a remote layer | OCI distribution | RocksDB | layer trees
