@@ -33,6 +33,7 @@
 #                                            traced@alt: before/after figures
 #                                            side by side in one run
 #   HB_CONFIG=FILE                           extra lines for hyperboxd's config
+#   TRACES=DIR                               keep each image's lazy trace there
 #   VARIANTS=DIR                             modes MODE+NAME: MODE with
 #                                            DIR/NAME.toml added to the config
 #                                            (a heuristic on and off, side by
@@ -128,7 +129,7 @@ wait_ready
 
 HBD_BIN=$BIN   # whose hyperboxd hb_start (scripts/lab.sh) runs
 # hyperboxd's peak and current resident memory, MiB.
-hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 }' "/proc/$HBPID/status"; }
+hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 } END { print "" }' "/proc/$HBPID/status"; }
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 # ---- the images: the ordinary gzip one, and its HyperBox conversion ----
@@ -171,10 +172,10 @@ for prof in $PROFILES; do
         # MODE@alt: the same start with ALT_BIN's binaries.
         # MODE+NAME: the same start with $VARIANTS/NAME.toml added to the config.
         base=${mode%@alt}; B=$BIN; variant=
+        if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
         case $base in *+*) variant=${base#*+}; base=${base%%+*} ;; esac
         # The whole-image read has nothing to trace ahead of it.
         [ "$img" = scan ] && [ "$base" = traced ] && continue
-        if [ "$base" != "$mode" ]; then B=${ALT_BIN:?"$mode needs ALT_BIN"}; fi
         ns="b-${mode//[@+]/-}"
         # Every image of the namespace (a previous link's proxy had another port).
         ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
@@ -210,7 +211,10 @@ for prof in $PROFILES; do
           want=1; if [ "$base" = traced ]; then want=2; fi
           wait_trace "$B/hyperbox" "$VIA/$REPO:hyperbox" "$want" "$WORK/t.json"
           # Traced starts (both builds) import this build's latest lazy trace.
-          if [ "$mode" = lazy ]; then cp "$WORK/t.json" "$WORK/trace-$img.json"; fi
+          if [ "$mode" = lazy ]; then
+            cp "$WORK/t.json" "$WORK/trace-$img.json"
+            if [ -n "${TRACES:-}" ]; then mkdir -p "$TRACES"; cp "$WORK/t.json" "$TRACES/$img.json"; fi
+          fi
           if [ "$base" = traced ]; then
             read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
           fi
