@@ -20,10 +20,6 @@ pub struct FetchConfig {
     /// Missing frames separated by at most this many bytes of other frames
     /// are fetched in one request (the bytes between come along).
     pub coalesce_gap_bytes: u64,
-    /// The same for prefetch (traces, fetching ahead, hydration): what a
-    /// gap brings along was not asked for, and a prefetch does not wait on
-    /// its round trips, so the default brings nothing along.
-    pub prefetch_coalesce_gap_bytes: u64,
     /// Largest range one request asks for (a single frame larger than this
     /// is still fetched whole). 0 turns coalescing off: one frame a request.
     pub max_request_bytes: u64,
@@ -107,7 +103,6 @@ impl Default for FetchConfig {
             max_prefetch_requests: 4,
             max_requests_per_registry: 8,
             coalesce_gap_bytes: 128 << 10,
-            prefetch_coalesce_gap_bytes: 0,
             max_request_bytes: 4 << 20,
             attempts: 4,
             backoff_initial_ms: 100,

@@ -548,7 +548,7 @@ impl Fetcher {
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
-            let mut planner = Planner::new(Rules::for_priority(&inner.cfg, prio), |i| layer.index.frame_blob_range(i));
+            let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
                 // Every lead was given its place in `waits` above.
                 let Some(slot) = seen.get(&id).and_then(|&w| waits.get_mut(w)) else { continue };

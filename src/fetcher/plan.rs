@@ -36,14 +36,6 @@ impl Rules {
     pub(crate) fn new(cfg: &FetchConfig) -> Rules {
         Rules { gap: cfg.coalesce_gap_bytes, max: cfg.max_request_bytes }
     }
-
-    /// The rules for a request of priority `prio`.
-    pub(crate) fn for_priority(cfg: &FetchConfig, prio: super::Priority) -> Rules {
-        match prio {
-            super::Priority::Demand => Rules::new(cfg),
-            super::Priority::Prefetch => Rules { gap: cfg.prefetch_coalesce_gap_bytes, ..Rules::new(cfg) },
-        }
-    }
 }
 
 /// One range request: blob frames `first..=last`, and the bytes from the
