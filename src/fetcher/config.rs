@@ -86,9 +86,9 @@ impl Default for AheadConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            file_bytes: 4 << 20,
-            dir_bytes: 1 << 20,
-            dir_file_max_bytes: 256 << 10,
+            file_bytes: 8 << 20,
+            dir_bytes: 4 << 20,
+            dir_file_max_bytes: 1 << 20,
             sweep_after: 16,
             sweep_files_percent: 10,
             idle_hydrate_ms: 0,
@@ -100,7 +100,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             max_concurrent_requests: 16,
-            max_prefetch_requests: 4,
+            max_prefetch_requests: 8,
             max_requests_per_registry: 8,
             coalesce_gap_bytes: 128 << 10,
             max_request_bytes: 4 << 20,

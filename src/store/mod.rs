@@ -200,17 +200,46 @@ fn make_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The block cache every column family shares.
+const BLOCK_CACHE_BYTES: usize = 8 << 20;
+/// Memtable sizes: chunks (values until a flush), layer indexes (a few MB
+/// each), and the small families.
+const CHUNK_MEMTABLE_BYTES: usize = 16 << 20;
+const INDEX_MEMTABLE_BYTES: usize = 8 << 20;
+const SMALL_MEMTABLE_BYTES: usize = 2 << 20;
+/// All memtables together: past this, the largest is flushed.
+const MEMTABLES_BYTES: usize = 48 << 20;
+
 impl Store {
     /// Open (or create) the store at `path`. Refuses a database written by a
     /// newer schema; rebuilds sizes and the access clock from `atime`.
     pub fn open(path: &Path, cfg: &StoreConfig) -> Result<Store, StoreError> {
         let p = path.display().to_string();
         let db_err = |source| StoreError::Db { path: p.clone(), source };
-        let mut opts = Options::default();
+        // Memory (docs/benchmarks.md, "hyperboxd's memory"): RocksDB's
+        // defaults give each family a 64 MiB memtable (two while one
+        // flushes) and a block cache of its own. Chunk values sit in the
+        // memtable until a flush moves them to blob files, so a start that
+        // fetched 50 MB held them all there. Here: every family shares one
+        // small block cache, memtables are small, and all of them together
+        // are capped; a full memtable flushes sooner, which costs little
+        // since chunk values go to blob files and the keys are small.
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let family = |write_buffer: usize| {
+            let mut o = Options::default();
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(write_buffer);
+            o.set_max_write_buffer_number(2);
+            o
+        };
+        let mut opts = family(SMALL_MEMTABLE_BYTES);
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let mut chunk_opts = Options::default();
+        opts.set_db_write_buffer_size(MEMTABLES_BYTES);
+        let mut chunk_opts = family(CHUNK_MEMTABLE_BYTES);
         // Chunk values are zstd frames already: store them in blob files,
         // uncompressed, and let compaction move only the keys.
         chunk_opts.set_enable_blob_files(true);
@@ -220,11 +249,11 @@ impl Store {
         chunk_opts.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
-            ColumnFamilyDescriptor::new(CF_ATIME, Options::default()),
-            ColumnFamilyDescriptor::new(CF_INDEXES, Options::default()),
-            ColumnFamilyDescriptor::new(CF_TRACES, Options::default()),
-            ColumnFamilyDescriptor::new(CF_SNAPSHOTS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_ATIME, family(SMALL_MEMTABLE_BYTES)),
+            ColumnFamilyDescriptor::new(CF_INDEXES, family(INDEX_MEMTABLE_BYTES)),
+            ColumnFamilyDescriptor::new(CF_TRACES, family(SMALL_MEMTABLE_BYTES)),
+            ColumnFamilyDescriptor::new(CF_SNAPSHOTS, family(SMALL_MEMTABLE_BYTES)),
+            ColumnFamilyDescriptor::new(CF_META, family(SMALL_MEMTABLE_BYTES)),
         ];
         make_private(path).map_err(|source| StoreError::Io { path: p.clone(), source })?;
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)?;
