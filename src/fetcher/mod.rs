@@ -136,6 +136,8 @@ struct Inner {
     /// it is recent ([`Fetcher::demand_quiet_for`]).
     demand_at: std::sync::atomic::AtomicU64,
     epoch: Instant,
+    /// Layers a trace's prefetch covers ([`Fetcher::note_traced`]).
+    traced: Mutex<std::collections::HashSet<Digest>>,
 }
 
 /// Cheap to clone; clones share flights, budget and counters.
@@ -162,6 +164,7 @@ impl Fetcher {
                 n: Counters::default(),
                 demand_at: Default::default(),
                 epoch: Instant::now(),
+                traced: Mutex::default(),
             }),
         }
     }
@@ -196,6 +199,18 @@ impl Fetcher {
         let at = Duration::from_millis(at.checked_sub(1)?);
         let busy = self.inner.n.demand_waiting.load(Ordering::Relaxed) > 0;
         Some(if busy { Duration::ZERO } else { self.inner.epoch.elapsed().saturating_sub(at) })
+    }
+
+    /// Layer `blob` is prefetched by a trace: the trace says what its
+    /// starts read, and nothing is fetched ahead of its reads (fetching
+    /// ahead is for starts no trace covers).
+    pub fn note_traced(&self, blob: &Digest) {
+        self.inner.traced.lock().insert(blob.clone());
+    }
+
+    /// Whether a trace's prefetch has covered layer `blob` in this process.
+    pub fn is_traced(&self, blob: &Digest) -> bool {
+        self.inner.traced.lock().contains(blob)
     }
 
     /// Count background work (fetching ahead, streaming a layer) as

@@ -23,8 +23,10 @@
 //! - optionally, **everything, once the link is idle** (`idle_hydrate_ms`):
 //!   a request at a time, pausing whenever a read waits.
 //!
-//! Every frame fetched here is verified and stored like any other; a frame
-//! already stored costs a lookup.
+//! Layers a trace's prefetch covers are not fetched ahead of (the trace says
+//! what their starts read), though a sweep of them is still streamed. Every
+//! frame fetched here is verified and stored like any other; a frame already
+//! stored costs a lookup.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -179,6 +181,10 @@ impl Ahead {
     /// What a read of `frames` of `ino` that missed leads to (no I/O).
     pub(crate) fn plan(&self, ino: u64, frames: &[usize]) -> Plan {
         let mut plan = Plan::default();
+        // A trace says what this layer's starts read: it is being prefetched.
+        if self.fetcher.is_traced(&self.remote.blob) {
+            return plan;
+        }
         let (Some(&first), Some(&last)) = (frames.first(), frames.last()) else { return plan };
         let index = &self.remote.index;
         let table = index.frames();
@@ -353,6 +359,16 @@ mod tests {
         // Nothing of `b` came along.
         let b = frames_of(t, &["b/0", "b/1", "b/2", "b/3", "b/4"]);
         assert!(f.ahead.plan(ino(t, "a/3"), &a3[..1]).frames.iter().all(|x| !b.contains(x)));
+    }
+
+    #[test]
+    fn nothing_is_fetched_ahead_of_a_layer_a_trace_covers() {
+        let layer = two_dirs();
+        let f = fixture(&layer, AheadConfig { sweep_after: 0, ..AheadConfig::default() });
+        let t = &f.tree;
+        let a0 = t.file_frames(ino(t, "a/0"));
+        f.ahead.fetcher.note_traced(&layer.digest().clone());
+        assert_eq!(f.ahead.plan(ino(t, "a/0"), &a0[..1]), Plan::default());
     }
 
     #[test]

@@ -253,6 +253,9 @@ impl Prefetcher {
         let wait = Duration::from_secs(self.cfg.layer_wait_secs);
         'traced: while !pending.is_empty() {
             let layers = job.layers.lock().clone();
+            for l in &layers {
+                self.fetcher.note_traced(&l.blob);
+            }
             let mut resolver = Resolver::new(&layers);
             // Entries resolved now, in trace order, a batch at a time.
             let mut unresolved = Vec::new();
