@@ -495,7 +495,7 @@ fn a_read_that_misses_brings_its_directory_along() {
     let mut b = common::LayerBuilder::new();
     let mut want = BTreeMap::new();
     // Two packages of ten 60 KiB modules each (incompressible: a frame or
-    // two each), and one large file beside them.
+    // two each), and a file over dir_file_max_bytes (1 MiB) beside them.
     for dir in ["pkg", "other"] {
         b = b.dir(dir);
         for i in 0..10 {
@@ -506,7 +506,7 @@ fn a_read_that_misses_brings_its_directory_along() {
             want.insert(name, data);
         }
     }
-    let mut big = vec![0u8; 1 << 20];
+    let mut big = vec![0u8; 2 << 20];
     rng.fill_bytes(&mut big);
     b = b.file("pkg/big.so", 0o644, &big);
     want.insert("pkg/big.so".to_string(), big);
