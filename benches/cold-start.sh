@@ -191,13 +191,13 @@ for prof in $PROFILES; do
         mark=$(loglines); t0=$(now)
         if [ "$base" = overlayfs ]; then
           ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
-          out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i" "${RUN[@]}")
+          out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i-$$" "${RUN[@]}")
         elif [ "$base" = unconverted ]; then
           ctr_ -n "$ns" image pull --snapshotter hyperbox --plain-http "$VIA/$REPO:gzip" >/dev/null
-          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:gzip" "c$i" "${RUN[@]}")
+          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:gzip" "c$i-$$" "${RUN[@]}")
         else
           HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
-          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i" "${RUN[@]}")
+          out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i-$$" "${RUN[@]}")
         fi
         t1=$(now)
         bytes=$(served "$mark")
@@ -237,7 +237,7 @@ if [ "$MEMORY" = 1 ]; then
   for img in python java gcc; do
     image "$img"
     HYPERBOX_ADDRESS="$HBSOCK" "$BIN/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$REG/$REPO:hyperbox" >/dev/null 2>&1
-    ctr_ -n "$ns" run --rm --snapshotter hyperbox "$REG/$REPO:hyperbox" "m-$img" >/dev/null
+    ctr_ -n "$ns" run --rm --snapshotter hyperbox "$REG/$REPO:hyperbox" "m-$img-$$" >/dev/null
   done
   read -r started_peak started < <(hb_mem)
   hm=$(wc -l < "$WORK/hyperboxd.log")
