@@ -41,9 +41,11 @@ fn a_cri_pull_with_a_pull_secret_is_lazy_and_keeps_its_credentials_safe() {
     let proxy = tmp.path().join("cri-image.sock");
     let containerd_link = tmp.path().join("containerd.sock");
     let metrics = format!("127.0.0.1:{}", free_port());
+    // No fetching ahead: /data/later must still be remote after the restart
+    // (reading /data/small would bring its directory along).
     let config = format!(
         "version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[registry]\ndocker_config = \"{}\"\n[cri]\n\
-         image_service_address = \"{}\"\ncontainerd_address = \"{}\"\n",
+         image_service_address = \"{}\"\ncontainerd_address = \"{}\"\n[fetch.ahead]\nenabled = false\n",
         empty.join("config.json").display(),
         proxy.display(),
         containerd_link.display()
