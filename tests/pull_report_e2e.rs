@@ -25,9 +25,12 @@ fn make_image(layout: &Path) {
     write_oci_image(layout, "v1", &[LayerBuilder::busybox().finish(), data], &["/bin/sh"], &[oci_arch()]);
 }
 
+/// No fetching ahead: a file read after a restart must still be remote
+/// (reading its neighbour would bring it along).
 fn hyperboxd_config(metrics: &str, docker_config: &Path) -> String {
     format!(
-        "version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[registry]\ndocker_config = \"{}\"\n",
+        "version = 1\n[daemon]\nmetrics_address = \"{metrics}\"\n[registry]\ndocker_config = \"{}\"\n\
+         [fetch.ahead]\nenabled = false\n",
         docker_config.display()
     )
 }

@@ -192,7 +192,9 @@ fn python_numpy_image_through_every_path() {
     assert_eq!(ctr_run("lazy"), "10\n");
     let (lazy_bytes, lazy_requests) = blob_bytes_served(&reg.log()[log_start..]);
     println!("lazy start: {lazy_bytes} of {total} bytes in {lazy_requests} requests");
-    assert!(lazy_requests > 0 && lazy_bytes * 3 < total, "not lazy: {lazy_bytes} of {total}");
+    // Fetching ahead (`[fetch.ahead]`) brings a read's directory and the rest
+    // of its file along: 35% of this image with the defaults of issue 18.
+    assert!(lazy_requests > 0 && lazy_bytes * 2 < total, "not lazy: {lazy_bytes} of {total}");
 
     // 2. Traced: the start is recorded; exported; the node wiped; imported.
     wait_until("the trace", Duration::from_secs(60), || trace_runs(&hb, &dst) == 1);

@@ -182,7 +182,9 @@ fn debian_image_starts_lazily() {
         fetched as f64 * 100.0 / layer_bytes as f64
     );
     assert!(requests > 0, "the start fetched nothing: were the blob requests counted?\n{}", reg.log());
-    assert!(fetched * 10 < layer_bytes, "fetched {fetched} of {layer_bytes} bytes: not lazy");
+    // Fetching ahead (`[fetch.ahead]`) brings a read's directory and the rest
+    // of its file along: 19% of this image with the defaults of issue 18.
+    assert!(fetched * 4 < layer_bytes, "fetched {fetched} of {layer_bytes} bytes: not lazy");
 }
 
 #[test]

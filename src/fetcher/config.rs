@@ -90,7 +90,7 @@ impl Default for AheadConfig {
             dir_bytes: 4 << 20,
             dir_file_max_bytes: 1 << 20,
             sweep_after: 16,
-            sweep_files_percent: 10,
+            sweep_files_percent: 50,
             idle_hydrate_ms: 0,
         }
     }

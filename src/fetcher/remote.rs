@@ -302,10 +302,12 @@ async fn verify_frames(
     .await;
     // A panic in verification (a bug in a decoder) fails this response
     // like bad bytes do, rather than the task.
+    // A task cancelled (the runtime shutting down) did not verify anything.
     verified.unwrap_or_else(|e| {
-        Err((
-            first,
-            StoreError::Corrupt { path: "(fetched bytes)".into(), problem: format!("verification panicked: {e}") },
-        ))
+        let problem = match e.is_cancelled() {
+            true => "verification was cancelled: hyperboxd is stopping".to_string(),
+            false => format!("verification panicked: {e}"),
+        };
+        Err((first, StoreError::Corrupt { path: "(fetched bytes)".into(), problem }))
     })
 }
