@@ -73,7 +73,8 @@ pub struct AheadConfig {
     /// Once reads have reached this share of the layer's files (percent),
     /// the reader is taken to sweep the layer too, whatever the order of
     /// its reads: the rest of the layer is streamed. An application start
-    /// reads a few percent of its image's files. 0 turns this off.
+    /// reads a few percent of a large image's files, more of a small one's.
+    /// 0 turns this off.
     pub sweep_files_percent: u32,
     /// Once no read has waited on the registry for this long, fetch every
     /// remaining chunk of each layer a read waited on, a request at a time,

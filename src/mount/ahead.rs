@@ -17,7 +17,7 @@
 //!   (`find | xargs cat`, a virus scan, a class-path scan): after
 //!   `sweep_after` misses in a row, each a little further into the layer
 //!   than the one before, or once reads have reached `sweep_files_percent`
-//!   of the layer's files (an application start reads a few percent), the
+//!   of the layer's files (an application start reads far fewer), the
 //!   layer is streamed from the reader's place on, on parallel requests,
 //!   and then from its start;
 //! - optionally, **everything, once the link is idle** (`idle_hydrate_ms`):
