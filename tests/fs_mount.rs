@@ -576,3 +576,50 @@ fn reads_of_most_of_a_layer_stream_the_rest() {
     let log = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
     assert!(log.contains("reads sweep the layer"), "the stream is logged");
 }
+
+#[test]
+fn an_idle_link_hydrates_the_layers_in_use() {
+    if !common::have_tools("an_idle_link_hydrates_the_layers_in_use", &["docker-registry", "fusermount3"]) {
+        return;
+    }
+    use hyperbox::fetcher::AheadConfig;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let mut b = common::LayerBuilder::new();
+    let mut want = BTreeMap::new();
+    for d in 0..4 {
+        b = b.dir(&format!("d{d}"));
+        for i in 0..4 {
+            let mut data = vec![0u8; 300 << 10];
+            rng.fill_bytes(&mut data);
+            let name = format!("d{d}/f{i}");
+            b = b.file(&name, 0o644, &data);
+            want.insert(name, data);
+        }
+    }
+    // Only idle hydration: nothing else is fetched ahead.
+    let ahead = AheadConfig {
+        dir_bytes: 0,
+        file_bytes: 0,
+        sweep_after: 0,
+        sweep_files_percent: 0,
+        idle_hydrate_ms: 300,
+        ..AheadConfig::default()
+    };
+    let s = serve(b.finish(), FetchConfig { ahead, ..FetchConfig::default() }, 30_000);
+    let names: Vec<String> = want.keys().cloned().collect();
+    read_all(&s, &names[..1], &want);
+    // Once the link has been idle for 300 ms, the rest of the layer comes,
+    // a request at a time.
+    let t = Instant::now();
+    let log = || String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    while !log().contains("hydrated while idle") {
+        assert!(t.elapsed() < Duration::from_secs(30), "not hydrated: {:?}", s.fetcher.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.fetcher.stats().prefetch_requests >= 1, "{:?}", s.fetcher.stats());
+    // With the registry gone, every other file reads from the store.
+    s.rt.block_on(s.fetcher.settled());
+    s.proxy.set(Fault::Status500, None);
+    read_all(&s, &names[1..], &want);
+}
