@@ -53,13 +53,16 @@ TOML
 ctr_() { ctr --address "$SOCK" "$@"; }
 
 # Wait until the registry answers (30 s at most).
-wait_registry() {
+wait_registry() { wait_v2 "$REG" "the registry" "$WORK/registry.log"; }
+
+# Wait until http://$1/v2/ answers (30 s at most); else name $2 and its log $3.
+wait_v2() {
   local _
   for _ in $(seq 300); do
-    curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && return 0
+    curl -fsS "http://$1/v2/" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "the registry did not start; see $WORK/registry.log" >&2
+  echo "$2 did not start; see $3" >&2
   return 1
 }
 
@@ -102,17 +105,12 @@ hb_stop() { kill "$HBPID"; wait "$HBPID" || true; HBPID=; }
 # $WORK/slowlink.log; wait until the registry answers through it. Sets VIA
 # (host:port: pull $VIA/REPO:TAG to go over the link) and LINKPID.
 start_slowlink() {
-  local port _
+  local port
   port=$(free_port)
   python3 "$LAB_DIR/../benches/slowlink.py" "$port" "$REG" "$1" "$2" > "$WORK/slowlink.log" 2>&1 &
   LINKPID=$!
   VIA=127.0.0.1:$port
-  for _ in $(seq 300); do
-    curl -fsS "http://$VIA/v2/" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "the slow link did not start; see $WORK/slowlink.log" >&2
-  return 1
+  wait_v2 "$VIA" "the slow link" "$WORK/slowlink.log"
 }
 stop_slowlink() { kill "$LINKPID"; wait "$LINKPID" 2>/dev/null || true; LINKPID=; }
 
