@@ -64,6 +64,20 @@ pub enum FetchError {
     /// Work handed to a thread of its own panicked (a bug, not the data).
     #[error("{what} panicked: {problem}")]
     Panicked { what: &'static str, problem: String },
+    /// Work handed to a thread of its own was cancelled: the runtime is
+    /// shutting down.
+    #[error("{what} was cancelled: hyperboxd is stopping")]
+    Cancelled { what: &'static str },
+}
+
+impl FetchError {
+    /// The error of a task that did not finish: cancelled or panicked.
+    pub(crate) fn joined(what: &'static str, e: tokio::task::JoinError) -> Self {
+        match e.is_cancelled() {
+            true => FetchError::Cancelled { what },
+            false => FetchError::Panicked { what, problem: e.to_string() },
+        }
+    }
 }
 
 impl From<StoreError> for FetchError {

@@ -513,7 +513,7 @@ impl Fetcher {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| FetchError::Panicked { what: "a store lookup", problem: e.to_string() })?
+        .map_err(|e| FetchError::joined("a store lookup", e))?
         .map_err(FetchError::from)
     }
 

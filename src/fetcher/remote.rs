@@ -94,6 +94,11 @@ impl Inner {
                     Ok(Err(e)) => {
                         tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks")
                     }
+                    // The runtime shutting down cancels the task: the
+                    // chunks are fetched again by whoever reads them next.
+                    Err(e) if e.is_cancelled() => {
+                        tracing::info!(layer = %layer.name(), "storing fetched chunks was cancelled: hyperboxd is stopping")
+                    }
                     Err(e) => tracing::error!(layer = %layer.name(), error = %e, "storing fetched chunks panicked"),
                 }
             }

@@ -18,6 +18,7 @@ pub async fn auto_gc(snap: std::sync::Weak<Snapshotter>, delay: std::time::Durat
         match tokio::task::spawn_blocking(move || s.gc()).await {
             Ok(Ok(_)) => {} // logged by gc
             Ok(Err(e)) => tracing::warn!(error = %e, "gc after removals failed"),
+            Err(e) if e.is_cancelled() => tracing::info!("gc after removals was cancelled: hyperboxd is stopping"),
             Err(e) => tracing::warn!(error = %e, "gc after removals panicked"),
         }
     }
