@@ -52,7 +52,8 @@ DIR=${HYPERBOX_BENCH_DIR:-/var/tmp/hb-bench}
 OUT=${OUT:-docs/cold-start}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${CARGO_TARGET_DIR:-$HERE/../target}/release
-if [ ! -x "$BIN/hyperbox" ] || [ ! -x "$BIN/hyperboxd" ]; then cargo build --release --bins; fi
+# Always: a stale build would be measured as this one (a no-op when fresh).
+cargo build --release --bins
 [ "$(id -u)" -eq 0 ] || { echo "cold-start: needs root (containerd, FUSE)"; exit 1; }
 
 # ---- the images: packages, command, and what the command prints ----

@@ -359,7 +359,7 @@ impl Fetcher {
             (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
         } else {
             let waiting = Instant::now();
-            let missing = self.fetch_missing(layer, frames, &ids, out, prio, requested, on_miss);
+            let missing = self.fetch_missing(layer, frames, &ids, out, prio, want_data, requested, on_miss);
             let result = match prio {
                 Priority::Demand => {
                     self.note_demand();
@@ -415,6 +415,7 @@ impl Fetcher {
         ids: &[ChunkId],
         mut out: Vec<Option<Bytes>>,
         prio: Priority,
+        want_data: bool,
         requested: tokio::time::Instant,
         mut on_miss: Option<OnMiss<'_>>,
     ) -> Result<Vec<Bytes>, FetchError> {
@@ -440,15 +441,19 @@ impl Fetcher {
                     at.entry(id).or_default().push(p);
                 }
             }
-            let mut waits = self.join_or_lead(layer, missing.into_iter(), prio, requested);
+            let waits = self.join_or_lead(layer, missing.into_iter(), prio, requested);
             if let Some(f) = on_miss.take() {
                 f();
             }
-            for (id, rx, ours) in waits.iter_mut() {
+            // Each receiver is dropped once answered, and without
+            // `want_data` nothing of the data is kept: a long list (a layer
+            // streamed) holds no more than the flights still running.
+            for (id, mut rx, ours) in waits {
                 let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
                 let data = match answer.as_ref() {
-                    Some(Ok(data)) => data.clone(),
-                    Some(Err(e)) if *ours => return Err(e.clone()),
+                    Some(Ok(data)) if want_data => data.clone(),
+                    Some(Ok(_)) => Bytes::new(),
+                    Some(Err(e)) if ours => return Err(e.clone()),
                     Some(Err(e)) => {
                         last_err = Some(e.clone());
                         continue;
@@ -456,7 +461,7 @@ impl Fetcher {
                     // wait_for returned: an answer is there.
                     None => continue,
                 };
-                for &p in at.get(id).into_iter().flatten() {
+                for &p in at.get(&id).into_iter().flatten() {
                     if let Some(o) = out.get_mut(p) {
                         *o = Some(data.clone());
                     }
