@@ -81,6 +81,12 @@ pub struct AheadConfig {
     /// pausing whenever a read waits. 0 (the default) leaves the rest of a
     /// layer remote until something reads it.
     pub idle_hydrate_ms: u64,
+    /// At most this many compressed bytes fetched ahead are on the way at
+    /// once, all layers together, in requests of a quarter of it. A read
+    /// that misses waits behind whatever is already queued on the link:
+    /// more in flight fills a slow link no better, and delays every read.
+    /// 0: no bound (requests of `max_request_bytes` on every prefetch slot).
+    pub in_flight_bytes: u64,
 }
 
 impl Default for AheadConfig {
@@ -93,6 +99,7 @@ impl Default for AheadConfig {
             sweep_after: 16,
             sweep_files_percent: 50,
             idle_hydrate_ms: 0,
+            in_flight_bytes: 2 << 20,
         }
     }
 }

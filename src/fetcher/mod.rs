@@ -54,6 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -138,6 +139,8 @@ struct Inner {
     epoch: Instant,
     /// Layers a trace's prefetch covers ([`Fetcher::note_traced`]).
     traced: Mutex<std::collections::HashSet<Digest>>,
+    /// KiB of fetching ahead on the way (`ahead.in_flight_bytes`).
+    ahead_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Cheap to clone; clones share flights, budget and counters.
@@ -151,6 +154,10 @@ impl Fetcher {
         let sched =
             Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests, cfg.max_requests_per_registry);
         let frames = cache::frame_cache(cfg.frame_cache_mb);
+        let ahead_gate = match cfg.ahead.in_flight_bytes >> 10 {
+            0 => None,
+            kib => Some(Arc::new(tokio::sync::Semaphore::new(kib.min(u32::MAX as u64) as usize))),
+        };
         Fetcher {
             inner: Arc::new(Inner {
                 client,
@@ -165,6 +172,7 @@ impl Fetcher {
                 demand_at: Default::default(),
                 epoch: Instant::now(),
                 traced: Mutex::default(),
+                ahead_gate,
             }),
         }
     }
@@ -445,20 +453,35 @@ impl Fetcher {
             if let Some(f) = on_miss.take() {
                 f();
             }
-            // Each receiver is dropped once answered, and without
-            // `want_data` nothing of the data is kept: a long list (a layer
-            // streamed) holds no more than the flights still running.
-            for (id, mut rx, ours) in waits {
-                let Ok(answer) = rx.wait_for(|a| a.is_some()).await else { continue };
-                let data = match answer.as_ref() {
-                    Some(Ok(data)) if want_data => data.clone(),
-                    Some(Ok(_)) => Bytes::new(),
-                    Some(Err(e)) if ours => return Err(e.clone()),
+            // Answers are taken as they come and each receiver dropped once
+            // answered; without `want_data` nothing of the data is kept. So
+            // a long list (a layer streamed) holds no more than the flights
+            // still running, whatever order they end in.
+            let mut answers: FuturesUnordered<_> = waits
+                .into_iter()
+                .map(|(id, mut rx, ours)| async move {
+                    let answer = match rx.wait_for(|a| a.is_some()).await {
+                        Ok(a) => match a.as_ref() {
+                            Some(Ok(data)) if want_data => Some(Ok(data.clone())),
+                            Some(Ok(_)) => Some(Ok(Bytes::new())),
+                            Some(Err(e)) => Some(Err(e.clone())),
+                            // wait_for returned: an answer is there.
+                            None => None,
+                        },
+                        // The flight ended without an answer: look again.
+                        Err(_) => None,
+                    };
+                    (id, ours, answer)
+                })
+                .collect();
+            while let Some((id, ours, answer)) = answers.next().await {
+                let data = match answer {
+                    Some(Ok(data)) => data,
+                    Some(Err(e)) if ours => return Err(e),
                     Some(Err(e)) => {
-                        last_err = Some(e.clone());
+                        last_err = Some(e);
                         continue;
                     }
-                    // wait_for returned: an answer is there.
                     None => continue,
                 };
                 for &p in at.get(&id).into_iter().flatten() {
@@ -501,6 +524,44 @@ impl Fetcher {
             start = end;
         }
         Ok(())
+    }
+
+    /// Fetch `frames` (sorted) into the store ahead of the reads that may
+    /// want them, at prefetch priority, with at most
+    /// `ahead.in_flight_bytes` of all fetching ahead on the way at once: in
+    /// pieces of a quarter of that, each waiting its turn. What reads
+    /// request meanwhile queues behind no more than that on the link.
+    pub async fn fetch_ahead(&self, layer: &Arc<RemoteLayer>, frames: &[usize]) -> Result<(), FetchError> {
+        let Some(gate) = self.inner.ahead_gate.clone() else {
+            return self.fetch_into_store(layer, frames, Priority::Prefetch).await;
+        };
+        let table = layer.index.frames();
+        let c_len = |f: usize| if f < table.len() { table.get(f).c_len as u64 } else { 0 };
+        let budget = self.inner.cfg.ahead.in_flight_bytes;
+        let piece_max = (budget / 4).max(64 << 10);
+        let mut pieces: Vec<(&[usize], u64)> = Vec::new();
+        let mut start = 0;
+        while start < frames.len() {
+            let (mut end, mut bytes) = (start, 0u64);
+            while end < frames.len() && (end == start || bytes + c_len(frames[end]) <= piece_max) {
+                bytes += c_len(frames[end]);
+                end += 1;
+            }
+            pieces.push((&frames[start..end], bytes));
+            start = end;
+        }
+        let fetches = pieces.into_iter().map(|(piece, bytes)| {
+            let gate = gate.clone();
+            async move {
+                // A piece larger than the whole budget waits for all of it.
+                let kib = (bytes.div_ceil(1024)).clamp(1, budget >> 10) as u32;
+                let _on_the_way = gate.acquire_many_owned(kib).await.map_err(|_| FetchError::Cancelled {
+                    what: "fetching ahead",
+                })?;
+                self.fetch_into_store(layer, piece, Priority::Prefetch).await
+            }
+        });
+        futures_util::future::join_all(fetches).await.into_iter().collect()
     }
 
     /// Look the chunks up in the store (verified there), off the runtime.

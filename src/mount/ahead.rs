@@ -141,7 +141,7 @@ impl Ahead {
             let busy = self.fetcher.background();
             self.rt.spawn(async move {
                 let _busy = busy;
-                if let Err(e) = this.fetcher.fetch_into_store(&this.remote, &plan.frames, Priority::Prefetch).await {
+                if let Err(e) = this.fetcher.fetch_ahead(&this.remote, &plan.frames).await {
                     tracing::debug!(layer = %this.remote.blob, error = %e, "fetch ahead failed");
                 }
             });
