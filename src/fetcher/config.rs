@@ -99,7 +99,7 @@ impl Default for AheadConfig {
             sweep_after: 16,
             sweep_files_percent: 50,
             idle_hydrate_ms: 0,
-            in_flight_bytes: 2 << 20,
+            in_flight_bytes: 1 << 20,
         }
     }
 }
