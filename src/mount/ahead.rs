@@ -7,9 +7,10 @@
 //! prefetch priority (demand reads keep their own request slots, and go
 //! first):
 //!
-//! - **the rest of the file**, when it is small enough (`file_bytes`):
-//!   shared objects are read by page faults scattered over them, each a
-//!   round trip of its own;
+//! - **the rest of the file**, when it is small enough (`file_bytes`, or
+//!   `program_bytes` for a file with an execute bit): shared objects are
+//!   read by page faults scattered over them, each a round trip of its own,
+//!   and a program being run faults all over its code;
 //! - **the directory's small files** (`dir_bytes`, once per directory): an
 //!   interpreter importing a module imports its siblings next, and a
 //!   package's files sit together in the layer;
@@ -207,9 +208,14 @@ impl Ahead {
         let mut want: Vec<usize> = Vec::new();
         let c_len = |f: usize| table.get(f).c_len as u64;
         if st.files.insert(ino) && self.cfg.file_bytes > 0 {
+            let program = self.tree.attr(ino).is_ok_and(|a| a.perm & 0o111 != 0);
+            let cap = match program {
+                true => self.cfg.program_bytes.max(self.cfg.file_bytes),
+                false => self.cfg.file_bytes,
+            };
             let rest: Vec<usize> =
                 self.tree.file_frames(ino).into_iter().filter(|f| frames.binary_search(f).is_err()).collect();
-            if !rest.is_empty() && rest.iter().map(|&f| c_len(f)).sum::<u64>() <= self.cfg.file_bytes {
+            if !rest.is_empty() && rest.iter().map(|&f| c_len(f)).sum::<u64>() <= cap {
                 want.extend(rest);
             }
         }
@@ -389,6 +395,33 @@ mod tests {
         let t = &f.tree;
         let a0 = t.file_frames(ino(t, "a/0"));
         assert_eq!(f.ahead.plan(ino(t, "a/0"), &a0).frames, big[..0].to_vec());
+    }
+
+    #[test]
+    fn a_program_comes_along_whole_up_to_its_own_budget() {
+        // Two files of 300 KiB, one a program (an execute bit), one not.
+        let layer = LayerBuilder::new()
+            .dir("bin")
+            .file("bin/cc1", 0o755, &noise(7, 300 << 10))
+            .file("bin/libbig.so", 0o644, &noise(8, 300 << 10))
+            .convert_with(&small_chunks());
+        let cfg = AheadConfig {
+            sweep_after: 0,
+            dir_bytes: 0,
+            file_bytes: 64 << 10,
+            program_bytes: 1 << 20,
+            ..AheadConfig::default()
+        };
+        let f = fixture(&layer, cfg.clone());
+        let t = &f.tree;
+        let prog = t.file_frames(ino(t, "bin/cc1"));
+        let lib = t.file_frames(ino(t, "bin/libbig.so"));
+        assert_eq!(f.ahead.plan(ino(t, "bin/cc1"), &prog[..1]).frames, prog[1..].to_vec());
+        assert_eq!(f.ahead.plan(ino(t, "bin/libbig.so"), &lib[..1]).frames, Vec::<usize>::new());
+        // A program budget below file_bytes does not shrink it.
+        let f = fixture(&layer, AheadConfig { file_bytes: 1 << 20, program_bytes: 0, ..cfg });
+        assert_eq!(f.ahead.plan(ino(t, "bin/cc1"), &prog[..1]).frames, prog[1..].to_vec());
+        assert_eq!(f.ahead.plan(ino(t, "bin/libbig.so"), &lib[..1]).frames, lib[1..].to_vec());
     }
 
     #[test]
