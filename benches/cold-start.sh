@@ -26,7 +26,10 @@
 #                                            hyperbox (unpacked, not lazy)
 #   MEMORY=1                                 then hyperboxd's memory: idle,
 #                                            with python, java and gcc
-#                                            started, and while hydrating them
+#                                            started, and while hydrating them;
+#                                            its parts (hyperbox_memory_bytes)
+#                                            at the peak of that and of each
+#                                            whole-image read go to OUT.md
 #   OUT=docs/cold-start                      writes OUT.csv, OUT.svg, OUT.md
 #   ALT_BIN=DIR                              another build's hyperbox and
 #                                            hyperboxd, for modes lazy@alt and
@@ -122,7 +125,11 @@ HBSOCK=$WORK/hyperbox.sock
 HBROOT=$WORK/hyperbox
 # Each start begins on a wiped root: nothing is kept across the restarts
 # between starts (keep_fds = "off": a stop unmounts the layers).
-conf() { printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\n%s\n' "$1"; [ -z "${HB_CONFIG:-}" ] || cat "$HB_CONFIG"; }
+METRICS=127.0.0.1:$(free_port)
+conf() {
+  printf 'version = 1\n[trace]\nidle_secs = 3\n[daemon]\nkeep_fds = "off"\nmetrics_address = "%s"\n%s\n' "$METRICS" "$1"
+  [ -z "${HB_CONFIG:-}" ] || cat "$HB_CONFIG"
+}
 conf "" > "$WORK/hyperbox.toml"
 conf "fuse_read_ahead_kb = 128" > "$WORK/hyperbox-ra128.toml"
 start_containerd "$HBSOCK"
@@ -132,6 +139,23 @@ HBD_BIN=$BIN   # whose hyperboxd hb_start (scripts/lab.sh) runs
 # hyperboxd's peak and current resident memory, MiB.
 hb_mem() { awk '/^VmHWM|^VmRSS/ { printf "%d ", $2 / 1024 } END { print "" }' "/proc/$HBPID/status"; }
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# Where hyperboxd's memory is (hyperbox_memory_bytes, MiB by part), sampled
+# every 0.2 s between parts_start and parts_stop: parts_stop prints the
+# sample with the largest resident set.
+parts() {
+  curl -sf "http://$METRICS/metrics" |
+    awk -F'"' '/^hyperbox_memory_bytes\{/ { split($3, v, " "); printf "%s %d  ", $2, v[2] / 1048576 }'
+}
+parts_start() {
+  : > "$WORK/parts"
+  ( best=-1; while :; do
+      t=$(parts || true); r=$(awk '{ print $2 }' <<< "$t")
+      if [ -n "$r" ] && [ "$r" -gt "$best" ]; then best=$r; echo "$t" > "$WORK/parts"; fi
+      sleep 0.2
+    done ) & PARTSPID=$!
+  PIDS+=("$PARTSPID")
+}
+parts_stop() { kill "$PARTSPID" 2>/dev/null || true; wait "$PARTSPID" 2>/dev/null || true; cat "$WORK/parts"; }
 
 # ---- the images: the ordinary gzip one, and its HyperBox conversion ----
 # Sorted by name, as image builders write layers (BuildKit, Docker).
@@ -189,6 +213,9 @@ for prof in $PROFILES; do
           [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace-$img.json" >/dev/null
         fi
         cold
+        # Where the memory of a whole-image read is, at its peak.
+        sample=; [ "$img" = scan ] && [ "$base" != overlayfs ] && sample=1
+        [ -z "$sample" ] || parts_start
         mark=$(loglines); t0=$(now)
         if [ "$base" = overlayfs ]; then
           ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
@@ -201,6 +228,7 @@ for prof in $PROFILES; do
           out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i-$$" "${RUN[@]}")
         fi
         t1=$(now)
+        [ -z "$sample" ] || echo "$img, $label, $mode, run $i: at the peak (MiB) $(parts_stop)" >> "$WORK/parts.log"
         bytes=$(served "$mark")
         [[ $out =~ $EXPECT ]] || { echo "cold-start: $img $mode printed '$out', expected /$EXPECT/"; exit 1; }
         p=; r=; mem=
@@ -241,12 +269,15 @@ if [ "$MEMORY" = 1 ]; then
     ctr_ -n "$ns" run --rm --snapshotter hyperbox "$REG/$REPO:hyperbox" "m-$img-$$" >/dev/null
   done
   read -r started_peak started < <(hb_mem)
+  echo "three images started, now (MiB): $(parts)" >> "$WORK/parts.log"
   hm=$(wc -l < "$WORK/hyperboxd.log")
+  parts_start
   for img in python java gcc; do
     "$BIN/hyperbox" prefetch --hydrate --plain-http --address "$HBSOCK" "$REG/$img:hyperbox" >/dev/null
   done
   until [ "$(tail -n +"$((hm + 1))" "$WORK/hyperboxd.log" | grep -c 'prefetch: hydrated' || true)" -ge 3 ]; do sleep 1; done
   read -r peak now_rss < <(hb_mem)
+  echo "hydrating them, at the peak (MiB): $(parts_stop)" >> "$WORK/parts.log"
   {
     echo "memory,idle,,,,,,,$idle"
     echo "memory,started,,,,,,,$started_peak"
@@ -258,3 +289,6 @@ fi
 mkdir -p "$(dirname "$OUT")"
 cp "$WORK/results.csv" "$OUT.csv"
 python3 "$HERE/cold-start-report.py" "$OUT.csv" "$OUT.svg" | tee "$OUT.md"
+if [ -s "$WORK/parts.log" ]; then
+  { echo; echo "hyperboxd's memory by part (hyperbox_memory_bytes):"; echo; sed 's/^/- /' "$WORK/parts.log"; } | tee -a "$OUT.md"
+fi

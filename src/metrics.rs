@@ -33,6 +33,8 @@ pub const STORE_EVICTIONS: &str = "hyperbox_store_evictions_total";
 pub const STORE_VERIFY_FAILURES: &str = "hyperbox_store_verify_failures_total";
 // Snapshotter.
 pub const LAYERS_MOUNTED: &str = "hyperbox_layers_mounted";
+// Memory.
+pub const MEMORY_BYTES: &str = "hyperbox_memory_bytes";
 pub const SNAPSHOT_OPS: &str = "hyperbox_snapshot_operations_total";
 pub const SNAPSHOT_OP_ERRORS: &str = "hyperbox_snapshot_operation_errors_total";
 /// Layer Prepares that took the ordinary path (downloaded by containerd),
@@ -155,6 +157,14 @@ impl Exposition {
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.family(name, "gauge", help);
         let _ = writeln!(self.out, "{name} {value}");
+    }
+
+    /// A gauge with one label, one sample per label value.
+    pub fn gauge_by<V: Display>(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, V)]) {
+        self.family(name, "gauge", help);
+        for (v, n) in samples {
+            let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape_label(v));
+        }
     }
 
     pub fn finish(self) -> String {

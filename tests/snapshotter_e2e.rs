@@ -602,6 +602,13 @@ fn traced_start_prefetches_everything_it_reads() {
     assert_eq!(value("hyperbox_prefetch_judged_read_chunks_total"), judged["read"].as_f64().unwrap(), "{text}");
     assert_eq!(value("hyperbox_prefetch_last_recall"), recall);
     assert_eq!(value("hyperbox_layers_mounted"), 3.0);
+    // Where the memory is: the mounted trees count, and once every fetch
+    // has ended nothing is held by fetches (the count returns to zero).
+    let part = |p: &str| value(&format!("hyperbox_memory_bytes{{part=\"{p}\"}}"));
+    assert!(part("resident") > 1e6, "{text}");
+    assert!(part("layer_trees") > 0.0, "{text}");
+    assert!(part("rocksdb_memtables") > 0.0, "{text}");
+    assert_eq!(part("fetches"), 0.0, "{text}");
     assert!(text.contains("hyperbox_fetch_requests_total{priority=\"prefetch\"}"), "{text}");
 
     // Another node, wiped, with the exported trace of v1 imported.

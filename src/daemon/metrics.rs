@@ -94,6 +94,21 @@ pub fn text(node: &Node) -> String {
     e.counter(STORE_EVICTIONS, "Chunks evicted to stay within the budget.", s.evictions);
     e.counter(STORE_VERIFY_FAILURES, "Stored chunks that failed verification on read.", s.verify_failures);
     e.gauge(LAYERS_MOUNTED, "Remote layers mounted through FUSE.", node.snapshotter.mounted_layers() as f64);
+    let (db, fetch) = (node.store.memory(), node.fetcher.memory());
+    e.gauge_by(
+        MEMORY_BYTES,
+        "Bytes hyperboxd holds, by part (resident: the process's resident set, all parts and the rest).",
+        "part",
+        &[
+            ("resident", resident_bytes()),
+            ("rocksdb_memtables", db.memtables),
+            ("rocksdb_block_cache", db.block_cache),
+            ("rocksdb_table_readers", db.table_readers),
+            ("frame_cache", fetch.frame_cache),
+            ("fetches", fetch.fetches),
+            ("layer_trees", node.snapshotter.layer_memory() as u64),
+        ],
+    );
     let calls = super::snapshots::CALL_COUNTS.snapshot();
     e.counter_by(
         SNAPSHOT_OPS,
@@ -154,4 +169,15 @@ pub fn text(node: &Node) -> String {
     e.counter(PREFETCH_BYTES, "Compressed bytes of traced chunks asked for.", p.bytes.load(Relaxed));
     e.counter(PREFETCH_ERRORS, "Prefetch fetches that failed.", p.errors.load(Relaxed));
     e.finish()
+}
+
+/// This process's resident set, in bytes (0 if /proc says otherwise).
+fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
 }

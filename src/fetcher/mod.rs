@@ -143,6 +143,13 @@ struct Inner {
     ahead_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// [`Fetcher::memory`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FetchMemory {
+    pub frame_cache: u64,
+    pub fetches: u64,
+}
+
 /// Cheap to clone; clones share flights, budget and counters.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -219,6 +226,16 @@ impl Fetcher {
     /// Whether a trace's prefetch has covered layer `blob` in this process.
     pub fn is_traced(&self, blob: &Digest) -> bool {
         self.inner.traced.lock().contains(blob)
+    }
+
+    /// Bytes held in memory now: the frame cache's frames, and what
+    /// fetches in flight hold (compressed ranges asked for, decompressed
+    /// frames not yet stored).
+    pub fn memory(&self) -> FetchMemory {
+        FetchMemory {
+            frame_cache: self.inner.frames.as_ref().map_or(0, |c| c.weight()),
+            fetches: self.inner.n.held_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Count background work (fetching ahead, streaming a layer) as

@@ -67,6 +67,9 @@ impl Inner {
         let (Some(first), Some(last)) = (pending.first().and_then(frame), pending.last().and_then(frame)) else {
             return;
         };
+        // Until the chunks are stored: the range asked for, then the frames.
+        let mut held = super::stats::Held::new(&self.n);
+        held.add(layer.index.frame_blob_range(last).1.saturating_sub(layer.index.frame_blob_range(first).0));
         match self.fetch_verified(&layer, first, last, &prio, requested, ticket).await {
             Ok(chunks) => {
                 for &k in &pending {
@@ -77,6 +80,7 @@ impl Inner {
                     }
                 }
                 self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                held.add(chunks.iter().map(|c| c.1.len() as u64).sum());
                 let store = self.store.clone();
                 let stored = tokio::task::spawn_blocking(move || {
                     // A range may hold one chunk several times: stored once.

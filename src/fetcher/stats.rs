@@ -61,6 +61,33 @@ pub(super) struct Counters {
     pub(super) demand_waiting: std::sync::atomic::AtomicUsize,
     /// Background tasks running ([`super::Fetcher::background`]).
     pub(super) background: std::sync::atomic::AtomicUsize,
+    /// Bytes fetches hold now: the compressed ranges asked for (from the
+    /// request until their chunks are stored) and the decompressed frames
+    /// (from verification until stored) ([`Held`]).
+    pub(super) held_bytes: AtomicU64,
+}
+
+/// Bytes counted in [`Counters::held_bytes`] for as long as this lives.
+pub(super) struct Held<'a> {
+    n: &'a Counters,
+    bytes: u64,
+}
+
+impl<'a> Held<'a> {
+    pub(super) fn new(n: &'a Counters) -> Self {
+        Held { n, bytes: 0 }
+    }
+
+    pub(super) fn add(&mut self, bytes: u64) {
+        self.n.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes += bytes;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.n.held_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Counters {

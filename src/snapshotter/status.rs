@@ -79,6 +79,12 @@ impl Snapshotter {
         self.layers.lock().len()
     }
 
+    /// Bytes the mounted layers' trees and indexes take (what
+    /// `daemon.max_index_memory_mb` caps).
+    pub fn layer_memory(&self) -> usize {
+        self.layers.lock().values().map(|(_, _, m)| m).sum()
+    }
+
     /// Prepares that fell back to the ordinary path since start, and why.
     pub fn fallbacks(&self) -> &super::fallback::Fallbacks {
         &self.fallbacks

@@ -127,6 +127,14 @@ pub struct StoreStats {
     pub dedup_puts: u64,
 }
 
+/// [`Store::memory`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StoreMemory {
+    pub memtables: u64,
+    pub block_cache: u64,
+    pub table_readers: u64,
+}
+
 impl StoreStats {
     pub fn hit_ratio(&self) -> f64 {
         let n = self.hits + self.misses;
@@ -558,6 +566,22 @@ impl Store {
             evictions: l(&self.evictions),
             verify_failures: l(&self.verify_failures),
             dedup_puts: l(&self.dedup_puts),
+        }
+    }
+
+    /// What RocksDB holds in memory now, by part, in bytes: every
+    /// family's memtables, the shared block cache, and the readers of
+    /// open tables (their indexes and filters).
+    pub fn memory(&self) -> StoreMemory {
+        let families = [CF_CHUNKS, CF_ATIME, CF_INDEXES, CF_TRACES, CF_SNAPSHOTS, CF_META];
+        let prop = |cf: &str, name: &str| {
+            self.db.cf_handle(cf).and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten()).unwrap_or(0)
+        };
+        StoreMemory {
+            memtables: families.iter().map(|cf| prop(cf, "rocksdb.cur-size-all-mem-tables")).sum(),
+            // One cache shared by every family.
+            block_cache: prop(CF_CHUNKS, "rocksdb.block-cache-usage"),
+            table_readers: families.iter().map(|cf| prop(cf, "rocksdb.estimate-table-readers-mem")).sum(),
         }
     }
 
