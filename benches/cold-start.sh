@@ -202,8 +202,12 @@ for prof in $PROFILES; do
         # The whole-image read has nothing to trace ahead of it.
         [ "$img" = scan ] && [ "$base" = traced ] && continue
         ns="b-${mode//[@+]/-}"
-        # Every image of the namespace (a previous link's proxy had another port).
-        ctr_ -n "$ns" image ls -q | xargs -r ctr --address "$SOCK" -n "$ns" image rm --sync >/dev/null 2>&1 || true
+        # Every image of every mode's namespace (a previous link's proxy had
+        # another port): containerd shares blobs between namespaces, so the
+        # gzip blob another mode pulled would make this pull fetch nothing.
+        for n in $(ctr_ namespaces ls -q | grep '^b-'); do
+          ctr_ -n "$n" image ls -q | xargs -r ctr --address "$SOCK" -n "$n" image rm --sync >/dev/null 2>&1 || true
+        done
         if [ "$base" != overlayfs ]; then
           hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
           if [ -n "$variant" ]; then
@@ -230,6 +234,9 @@ for prof in $PROFILES; do
         t1=$(now)
         [ -z "$sample" ] || echo "$img, $label, $mode, run $i: at the peak (MiB) $(parts_stop)" >> "$WORK/parts.log"
         bytes=$(served "$mark")
+        if [ "$base" = overlayfs ] || [ "$base" = unconverted ]; then
+          [ "$bytes" -gt 0 ] || { echo "cold-start: $img $mode fetched nothing: not a cold start"; exit 1; }
+        fi
         [[ $out =~ $EXPECT ]] || { echo "cold-start: $img $mode printed '$out', expected /$EXPECT/"; exit 1; }
         p=; r=; mem=
         if [ "$base" = unconverted ]; then
