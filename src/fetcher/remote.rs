@@ -67,10 +67,9 @@ impl Inner {
         let (Some(first), Some(last)) = (pending.first().and_then(frame), pending.last().and_then(frame)) else {
             return;
         };
-        // Until the chunks are stored: the range asked for, then the frames.
+        // Until the chunks are stored: the response, then the frames too.
         let mut held = super::stats::Held::new(&self.n);
-        held.add(layer.index.frame_blob_range(last).1.saturating_sub(layer.index.frame_blob_range(first).0));
-        match self.fetch_verified(&layer, first, last, &prio, requested, ticket).await {
+        match self.fetch_verified(&layer, first, last, &prio, requested, ticket, &mut held).await {
             Ok(chunks) => {
                 for &k in &pending {
                     let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).map(|c| c.1.clone());
@@ -128,6 +127,7 @@ impl Inner {
         prio: &Arc<AtomicU8>,
         requested: tokio::time::Instant,
         ticket: Ticket,
+        held: &mut super::stats::Held<'_>,
     ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
         let mut ticket = Some(ticket);
         let (start, _) = layer.index.frame_blob_range(first);
@@ -200,7 +200,10 @@ impl Inner {
                     cause = Some(e.into());
                     continue;
                 }
-                Ok(Ok(b)) => b,
+                Ok(Ok(b)) => {
+                    held.set(b.len() as u64);
+                    b
+                }
             };
             self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             match verify_frames(layer.clone(), first, last, start, bytes).await {

@@ -61,9 +61,9 @@ pub(super) struct Counters {
     pub(super) demand_waiting: std::sync::atomic::AtomicUsize,
     /// Background tasks running ([`super::Fetcher::background`]).
     pub(super) background: std::sync::atomic::AtomicUsize,
-    /// Bytes fetches hold now: the compressed ranges asked for (from the
-    /// request until their chunks are stored) and the decompressed frames
-    /// (from verification until stored) ([`Held`]).
+    /// Bytes fetches hold now: each response received (from its arrival
+    /// until its chunks are stored: their compressed copies) and the
+    /// decompressed frames (from verification until stored) ([`Held`]).
     pub(super) held_bytes: AtomicU64,
 }
 
@@ -81,6 +81,14 @@ impl<'a> Held<'a> {
     pub(super) fn add(&mut self, bytes: u64) {
         self.n.held_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.bytes += bytes;
+    }
+
+    /// Count `bytes` instead of what was counted (a retry's response
+    /// replaces the failed one's).
+    pub(super) fn set(&mut self, bytes: u64) {
+        self.n.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.n.held_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = bytes;
     }
 }
 
