@@ -168,7 +168,9 @@ push_blob() { # REPO DIGEST: distribution's two-step upload
   curl -sSf -X PUT -H 'Content-Type: application/octet-stream' -T "$OCI/blobs/sha256/$2" "$loc${sep}digest=sha256:$2" >/dev/null
 }
 declare -A BUILT
-for img in $IMAGES; do
+# The memory phase starts python, java and gcc, whatever IMAGES says.
+MEMORY_IMAGES=; [ "$MEMORY" = 1 ] && MEMORY_IMAGES="python java gcc"
+for img in $IMAGES $MEMORY_IMAGES; do
   image "$img"
   [ -n "${BUILT[$REPO]:-}" ] && continue
   BUILT[$REPO]=1

@@ -69,7 +69,9 @@ impl Inner {
         };
         // Until the chunks are stored: the response, then the frames too.
         let mut held = super::stats::Held::new(&self.n);
-        match self.fetch_verified(&layer, first, last, &prio, requested, ticket, &mut held).await {
+        // A prefetch's request slot, kept until its chunks are stored.
+        let mut slot = None;
+        match self.fetch_verified(&layer, first, last, &prio, requested, ticket, &mut held, &mut slot).await {
             Ok(chunks) => {
                 for &k in &pending {
                     let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).map(|c| c.1.clone());
@@ -128,6 +130,7 @@ impl Inner {
         requested: tokio::time::Instant,
         ticket: Ticket,
         held: &mut super::stats::Held<'_>,
+        slot: &mut Option<super::sched::Permit>,
     ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
         let mut ticket = Some(ticket);
         let (start, _) = layer.index.frame_blob_range(first);
@@ -184,7 +187,18 @@ impl Inner {
                 tokio::time::timeout_at(deadline, self.client.get_blob_range(source, &layer.blob, start, end - start))
                     .await;
             latency.observe(sent.elapsed());
-            drop(permit);
+            // A demand read's slot is free for the next read as soon as the
+            // body is here. Prefetch keeps its slot until its chunks are
+            // stored (`slot`): a registry faster than the store would
+            // otherwise pile up verified data waiting for RocksDB (three
+            // images hydrating at once took hyperboxd to 479 MiB).
+            let permit = match prio.load(Ordering::Relaxed) >= Priority::Demand as u8 {
+                true => {
+                    drop(permit);
+                    None
+                }
+                false => Some(permit),
+            };
             let bytes = match answer {
                 Err(_) => {
                     self.n.errors.fetch_add(1, Ordering::Relaxed);
@@ -207,7 +221,10 @@ impl Inner {
             };
             self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             match verify_frames(layer.clone(), first, last, start, bytes).await {
-                Ok(chunks) => return Ok(chunks),
+                Ok(chunks) => {
+                    *slot = permit;
+                    return Ok(chunks);
+                }
                 Err((frame, e)) => {
                     self.n.errors.fetch_add(1, Ordering::Relaxed);
                     self.n.verify_failures.fetch_add(1, Ordering::Relaxed);
