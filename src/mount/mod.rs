@@ -169,7 +169,7 @@ fn candidates_from_cgroup(text: &str) -> Vec<String> {
 
 /// Allocations of this size or more get their own mapping (glibc's
 /// `M_MMAP_THRESHOLD`), for the whole process.
-pub const MMAP_THRESHOLD: usize = 4 << 20;
+pub const MMAP_THRESHOLD: usize = 128 << 10;
 
 /// glibc malloc arenas for the whole process (`M_ARENA_MAX`).
 pub const MALLOC_ARENAS: libc::c_int = 2;
@@ -181,7 +181,11 @@ pub const MALLOC_ARENAS: libc::c_int = 2;
 /// resident once freed. It was needed most when every FUSE worker had a
 /// 16 MiB request buffer (`benches/fs.rs` measured 10 mounted layers of
 /// 30,000 files at 161 MiB RSS with the default, 85 MiB with this;
-/// docs/tuning.md); readers now have 64 KiB each.
+/// docs/tuning.md); readers now have 64 KiB each. Since then it is
+/// 128 KiB: fetched responses and decompressed frames (128 KiB and up)
+/// pass through by the hundred MiB while a layer hydrates, and from the
+/// heap their pages stayed resident (three images hydrating: peak 348 ->
+/// 318 MiB, 310 -> 251 MiB once done; docs/benchmarks.md).
 pub fn fix_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
