@@ -229,8 +229,8 @@ impl Fetcher {
     }
 
     /// Bytes held in memory now: the frame cache's frames, and what
-    /// fetches in flight hold (compressed ranges asked for, decompressed
-    /// frames not yet stored).
+    /// fetches in flight hold (responses received and their decompressed
+    /// frames, until stored).
     pub fn memory(&self) -> FetchMemory {
         FetchMemory {
             frame_cache: self.inner.frames.as_ref().map_or(0, |c| c.weight()),
