@@ -143,6 +143,26 @@ struct Inner {
     ahead_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// `frames` cut in order into pieces of at most `max` compressed bytes (a
+/// piece holds at least one frame, however large), each with its bytes.
+/// Frames past the index count nothing here; fetching them fails.
+fn pieces<'f>(layer: &RemoteLayer, frames: &'f [usize], max: u64) -> Vec<(&'f [usize], u64)> {
+    let table = layer.index.frames();
+    let c_len = |f: usize| if f < table.len() { table.get(f).c_len as u64 } else { 0 };
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < frames.len() {
+        let (mut end, mut bytes) = (start, 0u64);
+        while end < frames.len() && (end == start || bytes + c_len(frames[end]) <= max) {
+            bytes += c_len(frames[end]);
+            end += 1;
+        }
+        out.push((&frames[start..end], bytes));
+        start = end;
+    }
+    out
+}
+
 /// [`Fetcher::memory`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FetchMemory {
@@ -528,17 +548,8 @@ impl Fetcher {
         prio: Priority,
     ) -> Result<(), FetchError> {
         let window = (self.inner.cfg.max_prefetch_requests as u64) * self.inner.cfg.max_request_bytes.max(1 << 20);
-        let mut start = 0;
-        while start < frames.len() {
-            let (mut end, mut bytes) = (start, 0u64);
-            while end < frames.len() && (end == start || bytes < window) {
-                if let Some(&f) = frames.get(end).filter(|&&f| f < layer.index.frames().len()) {
-                    bytes += layer.index.frames().get(f).c_len as u64;
-                }
-                end += 1;
-            }
-            self.fetch(layer, &frames[start..end], prio, false, None).await.0?;
-            start = end;
+        for (piece, _) in pieces(layer, frames, window) {
+            self.fetch(layer, piece, prio, false, None).await.0?;
         }
         Ok(())
     }
@@ -552,29 +563,15 @@ impl Fetcher {
         let Some(gate) = self.inner.ahead_gate.clone() else {
             return self.fetch_into_store(layer, frames, Priority::Prefetch).await;
         };
-        let table = layer.index.frames();
-        let c_len = |f: usize| if f < table.len() { table.get(f).c_len as u64 } else { 0 };
         let budget = self.inner.cfg.ahead.in_flight_bytes;
-        let piece_max = (budget / 4).max(64 << 10);
-        let mut pieces: Vec<(&[usize], u64)> = Vec::new();
-        let mut start = 0;
-        while start < frames.len() {
-            let (mut end, mut bytes) = (start, 0u64);
-            while end < frames.len() && (end == start || bytes + c_len(frames[end]) <= piece_max) {
-                bytes += c_len(frames[end]);
-                end += 1;
-            }
-            pieces.push((&frames[start..end], bytes));
-            start = end;
-        }
+        let pieces = pieces(layer, frames, (budget / 4).max(64 << 10));
         let fetches = pieces.into_iter().map(|(piece, bytes)| {
             let gate = gate.clone();
             async move {
                 // A piece larger than the whole budget waits for all of it.
                 let kib = (bytes.div_ceil(1024)).clamp(1, budget >> 10) as u32;
-                let _on_the_way = gate.acquire_many_owned(kib).await.map_err(|_| FetchError::Cancelled {
-                    what: "fetching ahead",
-                })?;
+                let _on_the_way =
+                    gate.acquire_many_owned(kib).await.map_err(|_| FetchError::Cancelled { what: "fetching ahead" })?;
                 self.fetch_into_store(layer, piece, Priority::Prefetch).await
             }
         });

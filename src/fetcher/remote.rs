@@ -333,10 +333,7 @@ async fn verify_frames(
     // like bad bytes do, rather than the task.
     // A task cancelled (the runtime shutting down) did not verify anything.
     verified.unwrap_or_else(|e| {
-        let problem = match e.is_cancelled() {
-            true => "verification was cancelled: hyperboxd is stopping".to_string(),
-            false => format!("verification panicked: {e}"),
-        };
+        let problem = FetchError::joined("verification", e).to_string();
         Err((first, StoreError::Corrupt { path: "(fetched bytes)".into(), problem }))
     })
 }
