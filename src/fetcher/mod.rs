@@ -11,6 +11,11 @@
 //!   a chunk already on its way waits for that fetch; N readers make one
 //!   request. Fetches run in their own task ([`remote`]), so a reader that
 //!   gives up (an interrupted FUSE read) cancels nothing others wait for.
+//!   A flight keeps the decompressed frames only if a demand read waits on
+//!   it when they are verified, and answers those readers before storing.
+//!   Otherwise (prefetch, hydration, streaming) it holds just the compressed
+//!   chunks, stores them, then answers "stored", and a reader that joined
+//!   late reads the store ([`Got`]).
 //! - **Budget and priority** ([`sched`]): at most `max_concurrent_requests`
 //!   requests at once, at most `max_prefetch_requests` of them prefetch; a
 //!   free slot goes to demand first, and a demand read joining a queued
@@ -82,7 +87,17 @@ pub enum Priority {
     Demand = 1,
 }
 
-type Answer = Option<Result<Bytes, FetchError>>;
+/// What a flight answers: the frame's verified data, or that its chunk is
+/// now stored. A flight keeps the data only when a demand read waits on it
+/// as it is verified: prefetch and hydration need their chunks stored, not
+/// in memory, and a reader that joins later reads the store.
+#[derive(Clone, Debug)]
+enum Got {
+    Data(Bytes),
+    Stored,
+}
+
+type Answer = Option<Result<Got, FetchError>>;
 
 /// Called once when a read finds frames missing, after their requests are
 /// queued ([`Fetcher::read_frames_or_miss`]).
@@ -249,8 +264,8 @@ impl Fetcher {
     }
 
     /// Bytes held in memory now: the frame cache's frames, and what
-    /// fetches in flight hold (responses received and their decompressed
-    /// frames, until stored).
+    /// fetches in flight hold (responses received, then their chunks'
+    /// compressed copies, until stored).
     pub fn memory(&self) -> FetchMemory {
         FetchMemory {
             frame_cache: self.inner.frames.as_ref().map_or(0, |c| c.weight()),
@@ -499,8 +514,10 @@ impl Fetcher {
                 .map(|(id, mut rx, ours)| async move {
                     let answer = match rx.wait_for(|a| a.is_some()).await {
                         Ok(a) => match a.as_ref() {
-                            Some(Ok(data)) if want_data => Some(Ok(data.clone())),
-                            Some(Ok(_)) => Some(Ok(Bytes::new())),
+                            Some(Ok(Got::Data(data))) if want_data => Some(Ok(Some(data.clone()))),
+                            // Stored without its data: read from the store below.
+                            Some(Ok(Got::Stored)) if want_data => Some(Ok(None)),
+                            Some(Ok(_)) => Some(Ok(Some(Bytes::new()))),
                             Some(Err(e)) => Some(Err(e.clone())),
                             // wait_for returned: an answer is there.
                             None => None,
@@ -511,9 +528,14 @@ impl Fetcher {
                     (id, ours, answer)
                 })
                 .collect();
+            let mut stored: Vec<ChunkId> = Vec::new();
             while let Some((id, ours, answer)) = answers.next().await {
                 let data = match answer {
-                    Some(Ok(data)) => data,
+                    Some(Ok(Some(data))) => data,
+                    Some(Ok(None)) => {
+                        stored.push(id);
+                        continue;
+                    }
                     Some(Err(e)) if ours => return Err(e),
                     Some(Err(e)) => {
                         last_err = Some(e);
@@ -521,9 +543,15 @@ impl Fetcher {
                     }
                     None => continue,
                 };
-                for &p in at.get(&id).into_iter().flatten() {
-                    if let Some(o) = out.get_mut(p) {
-                        *o = Some(data.clone());
+                fill(&mut out, &at, id, data);
+            }
+            if !stored.is_empty() {
+                // A chunk the store no longer has (evicted at once, or its
+                // write failed) stays missing: the next round fetches it.
+                let found = self.local(stored.clone(), true).await?;
+                for (id, data) in stored.into_iter().zip(found) {
+                    if let Some(data) = data {
+                        fill(&mut out, &at, id, data);
                     }
                 }
             }
@@ -712,6 +740,15 @@ impl Drop for DemandWaiting<'_> {
     }
 }
 
+/// `data` at every position of `out` that chunk `id` takes (`at`).
+fn fill(out: &mut [Option<Bytes>], at: &HashMap<ChunkId, Vec<usize>>, id: ChunkId, data: Bytes) {
+    for &p in at.get(&id).into_iter().flatten() {
+        if let Some(o) = out.get_mut(p) {
+            *o = Some(data.clone());
+        }
+    }
+}
+
 /// The data of `frames` of `layer`, checked against the lengths the index
 /// gives them.
 fn check_lengths(layer: &RemoteLayer, frames: &[usize], data: Vec<Bytes>) -> Result<Vec<Bytes>, FetchError> {
@@ -762,7 +799,7 @@ impl<'a> FlightGuard<'a> {
     }
 
     /// Answer lead `k`.
-    fn answer(&self, k: usize, answer: Result<Bytes, FetchError>) {
+    fn answer(&self, k: usize, answer: Result<Got, FetchError>) {
         if let Some((_, _, tx)) = self.leads.get(k) {
             let _ = tx.send(Some(answer));
         }

@@ -4,8 +4,9 @@
 //!
 //! A range request runs in a task of its own ([`Inner::run_group`]): it looks
 //! in the store once more, fetches what is still missing in one range,
-//! verifies every frame, answers the flights it leads, then stores the
-//! chunks. Every try holds a slot from the [scheduler](super::sched) while
+//! verifies every frame, and stores the chunks; the flights it leads are
+//! answered with the data before storing if a demand read waits, else with
+//! "stored" after. Every try holds a slot from the [scheduler](super::sched) while
 //! it is on the wire, and the policy's deadline starts when the first slot
 //! is granted.
 
@@ -16,7 +17,7 @@ use bytes::Bytes;
 
 use super::retry::Failure;
 use super::sched::Ticket;
-use super::{FetchError, FlightGuard, Group, Inner, Priority, RemoteLayer, TryError};
+use super::{FetchError, FlightGuard, Got, Group, Inner, Priority, RemoteLayer, TryError};
 use crate::digest::{ChunkId, Digest};
 use crate::format::{self, IndexLocation, LayerIndex};
 use crate::registry::{RegistryError, Repo};
@@ -41,61 +42,63 @@ impl Inner {
         let mut guard = FlightGuard::new(&self, &layer, host, g.leads);
         // A flight that ended between the reader's store lookup and taking
         // the in-flight lock has stored its chunks: look once more.
-        // Frames in a gap were never looked up at all.
+        // Frames in a gap were never looked up at all. A reader that wants
+        // the data of a chunk found here reads it from the store itself.
         let store = self.store.clone();
         let ids: Vec<ChunkId> = guard.leads.iter().map(|l| l.1).collect();
         let n = ids.len();
-        let found: Vec<Option<Vec<u8>>> = tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .map(|id| store.contains(id).ok().filter(|&c| c).and_then(|_| store.get(id).ok().flatten()))
-                .collect()
-        })
-        .await
-        .unwrap_or_else(|_| vec![None; n]);
+        let found: Vec<bool> =
+            tokio::task::spawn_blocking(move || ids.iter().map(|id| store.contains(id).unwrap_or(false)).collect())
+                .await
+                .unwrap_or_else(|_| vec![false; n]);
         // Leads still to fetch, by their place in the guard, in blob order.
         let mut pending: Vec<usize> = Vec::new();
         for (k, found) in found.into_iter().enumerate() {
-            match found {
-                Some(data) => {
-                    self.n.store_hits.fetch_add(1, Ordering::Relaxed);
-                    guard.answer(k, Ok(Bytes::from(data)));
-                }
-                None => pending.push(k),
+            if found {
+                self.n.store_hits.fetch_add(1, Ordering::Relaxed);
+                guard.answer(k, Ok(Got::Stored));
+            } else {
+                pending.push(k);
             }
         }
         let frame = |k: &usize| guard.leads.get(*k).map(|l| l.0);
         let (Some(first), Some(last)) = (pending.first().and_then(frame), pending.last().and_then(frame)) else {
             return;
         };
-        // Until the chunks are stored: the response, then the frames too.
+        // Until the chunks are stored: the response, then the chunks (and
+        // the frames' data while answering).
         let mut held = super::stats::Held::new(&self.n);
         // A prefetch's request slot, kept until its chunks are stored.
         let mut slot = None;
         match self.fetch_verified(&layer, first, last, &prio, requested, ticket, &mut held, &mut slot).await {
             Ok(chunks) => {
-                for &k in &pending {
-                    let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).map(|c| c.1.clone());
-                    // The guard answers a lead left unanswered with an error.
-                    if let Some(data) = data {
-                        guard.answer(k, Ok(data));
+                // The data is kept only if a demand read waited as the frames
+                // were verified (all or none): those are answered at once,
+                // the others once the chunks are stored.
+                let kept = chunks.first().is_some_and(|c| c.1.is_some());
+                if kept {
+                    for &k in &pending {
+                        let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).and_then(|c| c.1.clone());
+                        // The guard answers a lead left unanswered with an error.
+                        if let Some(data) = data {
+                            guard.answer(k, Ok(Got::Data(data)));
+                        }
                     }
                 }
                 self.n.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                held.add(chunks.iter().map(|c| c.1.len() as u64).sum());
+                let chunks: Vec<VerifiedChunk> = chunks.into_iter().map(|c| c.0).collect();
+                held.set(chunks.iter().map(|c| c.compressed_len() as u64).sum());
                 let store = self.store.clone();
                 let stored = tokio::task::spawn_blocking(move || {
                     // A range may hold one chunk several times: stored once.
                     let mut seen = std::collections::HashSet::new();
-                    chunks
-                        .iter()
-                        .filter(|(c, _)| seen.insert(c.id()))
-                        .try_for_each(|(chunk, _)| store.put(chunk).map(|_| ()))
+                    chunks.iter().filter(|c| seen.insert(c.id())).try_for_each(|chunk| store.put(chunk).map(|_| ()))
                 })
                 .await;
                 match stored {
                     Ok(Ok(())) => {}
-                    // The readers have their verified data; the next reader
-                    // of these chunks fetches them again.
+                    // Readers answered with the data have it; a reader told
+                    // "stored" finds the chunk missing and fetches it again.
                     Ok(Err(e)) => {
                         tracing::error!(layer = %layer.name(), error = %e, "could not store fetched chunks")
                     }
@@ -105,6 +108,15 @@ impl Inner {
                         tracing::info!(layer = %layer.name(), "storing fetched chunks was cancelled: hyperboxd is stopping")
                     }
                     Err(e) => tracing::error!(layer = %layer.name(), error = %e, "storing fetched chunks panicked"),
+                }
+                if !kept {
+                    // Out of the in-flight map first, so that a reader that
+                    // finds a chunk missing after all leads a new flight
+                    // rather than joining this one again.
+                    guard.release();
+                    for &k in &pending {
+                        guard.answer(k, Ok(Got::Stored));
+                    }
                 }
             }
             Err(e) => {
@@ -120,7 +132,8 @@ impl Inner {
 
     /// Fetch blob frames `first..=last` in one range request and verify each,
     /// from the sources in turn under the retry policy. Returns each frame's
-    /// chunk and data, in order.
+    /// chunk, in order, with its data if a demand read waits on the group
+    /// when its frames are verified.
     async fn fetch_verified(
         &self,
         layer: &Arc<RemoteLayer>,
@@ -131,7 +144,7 @@ impl Inner {
         ticket: Ticket,
         held: &mut super::stats::Held<'_>,
         slot: &mut Option<super::sched::Permit>,
-    ) -> Result<Vec<(VerifiedChunk, Bytes)>, FetchError> {
+    ) -> Result<Vec<(VerifiedChunk, Option<Bytes>)>, FetchError> {
         let mut ticket = Some(ticket);
         let (start, _) = layer.index.frame_blob_range(first);
         let (_, end) = layer.index.frame_blob_range(last);
@@ -220,7 +233,8 @@ impl Inner {
                 }
             };
             self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            match verify_frames(layer.clone(), first, last, start, bytes).await {
+            let keep = prio.load(Ordering::Relaxed) >= Priority::Demand as u8;
+            match verify_frames(layer.clone(), first, last, start, bytes, keep).await {
                 Ok(chunks) => {
                     *slot = permit;
                     return Ok(chunks);
@@ -298,7 +312,8 @@ impl Inner {
 }
 
 /// Split a response into frames and verify each (decompress and hash), off
-/// the runtime. Any frame failing fails the whole response: the frame, and
+/// the runtime; the decompressed data is kept if `keep`, else dropped frame
+/// by frame. Any frame failing fails the whole response: the frame, and
 /// why.
 async fn verify_frames(
     layer: Arc<RemoteLayer>,
@@ -306,7 +321,8 @@ async fn verify_frames(
     last: usize,
     start: u64,
     bytes: Vec<u8>,
-) -> Result<Vec<(VerifiedChunk, Bytes)>, (usize, StoreError)> {
+    keep: bool,
+) -> Result<Vec<(VerifiedChunk, Option<Bytes>)>, (usize, StoreError)> {
     let verified = tokio::task::spawn_blocking(move || {
         (first..=last)
             .map(|i| {
@@ -323,7 +339,7 @@ async fn verify_frames(
                         (i, StoreError::Verify { id: f.id, problem: got })
                     })?;
                 VerifiedChunk::verify(f.id, f.u_len, piece.to_vec())
-                    .map(|(chunk, data)| (chunk, Bytes::from(data)))
+                    .map(|(chunk, data)| (chunk, keep.then(|| Bytes::from(data))))
                     .map_err(|e| (i, e))
             })
             .collect()

@@ -61,9 +61,10 @@ pub(super) struct Counters {
     pub(super) demand_waiting: std::sync::atomic::AtomicUsize,
     /// Background tasks running ([`super::Fetcher::background`]).
     pub(super) background: std::sync::atomic::AtomicUsize,
-    /// Bytes fetches hold now: each response received (from its arrival
-    /// until its chunks are stored: their compressed copies) and the
-    /// decompressed frames (from verification until stored) ([`Held`]).
+    /// Bytes fetches hold now: each response received, from its arrival
+    /// until its chunks are stored (then the chunks' compressed copies)
+    /// ([`Held`]). Decompressed frames are the readers' (and the frame
+    /// cache's), and only demand reads get them.
     pub(super) held_bytes: AtomicU64,
 }
 
@@ -76,11 +77,6 @@ pub(super) struct Held<'a> {
 impl<'a> Held<'a> {
     pub(super) fn new(n: &'a Counters) -> Self {
         Held { n, bytes: 0 }
-    }
-
-    pub(super) fn add(&mut self, bytes: u64) {
-        self.n.held_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.bytes += bytes;
     }
 
     /// Count `bytes` instead of what was counted (a retry's response

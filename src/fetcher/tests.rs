@@ -171,3 +171,49 @@ async fn a_flight_whose_task_dies_answers_its_waiters_and_leaves_the_map() {
         other => panic!("the waiter was not answered with an error: {other:?}"),
     }
 }
+
+/// A flight fetched for the store alone (prefetch, hydration) answers
+/// "stored" without the data. A reader that joined it reads the chunk from
+/// the store; if the store lacks it after all (evicted at once, a failed
+/// write), the reader fetches it itself rather than failing or waiting.
+#[tokio::test]
+async fn a_reader_told_stored_reads_the_store_or_fetches_again() {
+    let layer = twice_the_same_file();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dead_registry();
+    let f = fetcher(dir.path(), &registry);
+    let remote = layer.remote(Repo { registry: registry.clone(), name: "t/stored".into() });
+    let host: Arc<str> = Arc::from(registry.as_str());
+    let small = (0..layer.index.frames().len()).min_by_key(|&i| layer.index.frames().get(i).u_len).unwrap();
+    let id = layer.index.frames().get(small).id;
+    // Not stored first: a read answered from the store fills the frame cache.
+    for in_store in [false, true] {
+        let (tx, rx) = watch::channel(None);
+        let prio = Arc::new(AtomicU8::new(Priority::Prefetch as u8));
+        f.inner
+            .inflight
+            .lock()
+            .insert((host.clone(), id), Flight { rx, prio: prio.clone(), blob: remote.blob.clone() });
+        let reader = {
+            let (f, remote) = (f.clone(), remote.clone());
+            tokio::spawn(async move { f.read_frames(&remote, &[small], Priority::Demand).await })
+        };
+        // The reader joins the flight, raising it to demand.
+        while prio.load(Ordering::Relaxed) != Priority::Demand as u8 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if in_store {
+            f.store().put(&VerifiedChunk::from_data(&frame_data(&layer, small), 3)).unwrap();
+        }
+        f.inner.inflight.lock().remove(&(host.clone(), id));
+        tx.send(Some(Ok(Got::Stored))).unwrap();
+        let got = reader.await.unwrap();
+        if in_store {
+            assert_eq!(got.unwrap()[0][..], frame_data(&layer, small)[..], "read from the store");
+        } else {
+            // It led a fetch of its own, from a registry that refuses.
+            let err = got.unwrap_err();
+            assert!(matches!(err, FetchError::Remote { .. }), "{err:?}");
+        }
+    }
+}
