@@ -3,12 +3,13 @@
 //! before it asks.
 //!
 //! One job per image, started by the first of its layers to be prepared;
-//! later layers join it as containerd prepares them. The job walks the
-//! trace in order, a batch at a time (about as many bytes as the prefetch
-//! request slots carry at once), resolves each entry to frames of the layers
-//! ready so far ([`Resolver`]: same layer, else same chunk, else same file),
-//! sorts each layer's frames so adjacent ones coalesce into large range
-//! requests, and has the fetcher store them at prefetch priority. The
+//! later layers join it as containerd prepares them. The job resolves each
+//! entry of the trace to frames of the layers ready so far ([`Resolver`]:
+//! same layer, else same chunk, else same file) and has the fetcher store
+//! them at prefetch priority, in trace order: in windows that grow from
+//! `first_window_bytes` to `window_bytes`, each sorted so adjacent frames
+//! coalesce into range requests, with at most `in_flight_bytes` on the way
+//! ([`Prefetcher::stream`]). The
 //! fetcher keeps demand first (its own request slots, served before any
 //! prefetch) and joins a demand read of a chunk being prefetched to that
 //! fetch. A byte budget caps each job; an optional hydrate pass then fetches
@@ -55,6 +56,12 @@ pub struct PrefetchConfig {
     pub registry_traces: bool,
     /// Failing that, use the trace of another image of the same repository.
     pub use_repository_trace: bool,
+    /// Compressed bytes of traced chunks on the way at once.
+    pub in_flight_bytes: u64,
+    /// The trace is fetched in order, in windows: the first this large,
+    /// each next twice the last, up to `window_bytes`.
+    pub first_window_bytes: u64,
+    pub window_bytes: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -66,6 +73,9 @@ impl Default for PrefetchConfig {
             layer_wait_secs: 10,
             registry_traces: true,
             use_repository_trace: true,
+            in_flight_bytes: 8 << 20,
+            first_window_bytes: 256 << 10,
+            window_bytes: 4 << 20,
         }
     }
 }
@@ -74,6 +84,15 @@ impl PrefetchConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.layer_wait_secs == 0 {
             return Err("prefetch.layer_wait_secs must be more than 0".into());
+        }
+        for (name, v) in [
+            ("in_flight_bytes", self.in_flight_bytes),
+            ("first_window_bytes", self.first_window_bytes),
+            ("window_bytes", self.window_bytes),
+        ] {
+            if v < 64 << 10 {
+                return Err(format!("prefetch.{name} must be at least 65536 (64 KiB)"));
+            }
         }
         Ok(())
     }
@@ -245,8 +264,6 @@ impl Prefetcher {
     /// Returns the frames asked for and their compressed bytes.
     async fn run(&self, image: &ImageKey, job: &Job, trace: Option<Trace>, prefetched: &Prefetched) -> (u64, u64) {
         let entries = trace.map(|t| t.entries).unwrap_or_default();
-        let fc = self.fetcher.config();
-        let batch_bytes = (fc.max_prefetch_requests as u64 * fc.max_request_bytes.max(1 << 20)).max(1 << 20);
         let mut pending: Vec<usize> = (0..entries.len()).collect();
         let (mut frames_asked, mut spent) = (0u64, 0u64);
         let mut asked: HashSet<(usize, usize)> = HashSet::new();
@@ -257,11 +274,11 @@ impl Prefetcher {
                 self.fetcher.note_traced(&l.blob);
             }
             let mut resolver = Resolver::new(&layers);
-            // Entries resolved now, in trace order, a batch at a time.
+            // Entries resolved now, their frames in trace order.
             let mut unresolved = Vec::new();
-            let mut batch: HashMap<usize, Vec<usize>> = HashMap::new();
-            let mut batch_size = 0u64;
+            let mut order: Vec<(usize, usize, u64)> = Vec::new();
             let mut progressed = false;
+            let mut full = false;
             for &e in &pending {
                 match resolver.resolve(&entries[e]) {
                     None => unresolved.push(e),
@@ -273,24 +290,22 @@ impl Prefetcher {
                             }
                             let frame = layers[li].index.frames().get(f);
                             prefetched.lock().insert(frame.id);
-                            batch.entry(li).or_default().push(f);
-                            batch_size += frame.c_len as u64;
+                            order.push((li, f, frame.c_len as u64));
                             spent += frame.c_len as u64;
                             frames_asked += 1;
                         }
-                        if batch_size >= batch_bytes {
-                            self.fetch_batch(image, &layers, std::mem::take(&mut batch)).await;
-                            batch_size = 0;
-                        }
                         if spent >= self.cfg.max_bytes_per_image {
-                            self.fetch_batch(image, &layers, batch).await;
-                            tracing::info!(image = %image.digest, bytes = spent, "prefetch budget reached");
-                            break 'traced;
+                            full = true;
+                            break;
                         }
                     }
                 }
             }
-            self.fetch_batch(image, &layers, batch).await;
+            self.stream(image, &layers, &order).await;
+            if full {
+                tracing::info!(image = %image.digest, bytes = spent, "prefetch budget reached");
+                break 'traced;
+            }
             pending = unresolved;
             if pending.is_empty() {
                 break;
@@ -329,19 +344,86 @@ impl Prefetcher {
         (frames_asked, spent)
     }
 
-    /// Fetch each layer's frames of the batch at once (sorted, so they
-    /// coalesce), the layers side by side.
-    async fn fetch_batch(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], batch: HashMap<usize, Vec<usize>>) {
-        let fetches = batch.into_iter().map(|(li, mut frames)| {
-            frames.sort_unstable();
-            let layer = layers[li].clone();
-            async move { (layer.clone(), self.fetcher.fetch_into_store(&layer, &frames, Priority::Prefetch).await) }
+    /// Fetch `order`'s frames (layer, frame, compressed bytes) into the
+    /// store in the order given, so that what a start reads first arrives
+    /// first: cut into windows in that order, small at first and doubling
+    /// to `window_bytes`, each sorted by layer and place to coalesce into
+    /// range requests. Windows go out in order with at most
+    /// `in_flight_bytes` of them on the way at once: a read the trace did
+    /// not foresee, or one that got ahead of the prefetch, then waits
+    /// behind no more than that on the link.
+    async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
+        let budget = self.cfg.in_flight_bytes.max(64 << 10);
+        let gate = Arc::new(tokio::sync::Semaphore::new((budget >> 10) as usize));
+        let windows = windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes);
+        let fetches = windows.into_iter().map(|(window, bytes)| {
+            let gate = gate.clone();
+            async move {
+                let kib = bytes.div_ceil(1024).clamp(1, budget >> 10) as u32;
+                // The gate is never closed: it lives as long as this call.
+                let _on_the_way = gate.acquire_many_owned(kib).await.ok();
+                let mut by_layer: HashMap<usize, Vec<usize>> = HashMap::new();
+                for &(li, f, _) in window {
+                    by_layer.entry(li).or_default().push(f);
+                }
+                let fetches = by_layer.into_iter().filter_map(|(li, mut frames)| {
+                    frames.sort_unstable();
+                    let layer = layers.get(li)?.clone();
+                    Some(async move {
+                        let result = self.fetcher.fetch_into_store(&layer, &frames, Priority::Prefetch).await;
+                        (layer, result)
+                    })
+                });
+                futures_util::future::join_all(fetches).await
+            }
         });
-        for (layer, result) in futures_util::future::join_all(fetches).await {
+        // join_all polls in order: the windows queue at the gate in trace order.
+        for (layer, result) in futures_util::future::join_all(fetches).await.into_iter().flatten() {
             if let Err(e) = result {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(image = %image.digest, layer = %layer.blob, error = %e, "prefetch failed");
             }
         }
+    }
+}
+
+/// `order` cut in order into windows of compressed bytes: the first of
+/// about `first` bytes, each next one twice the last, up to `max` (a
+/// window holds at least one frame). With each window's bytes.
+fn windows(order: &[(usize, usize, u64)], first: u64, max: u64) -> Vec<(&[(usize, usize, u64)], u64)> {
+    let max = max.max(1);
+    let mut size = first.clamp(1, max);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let (mut end, mut bytes) = (start, 0u64);
+        while end < order.len() && (end == start || bytes + order[end].2 <= size) {
+            bytes += order[end].2;
+            end += 1;
+        }
+        out.push((&order[start..end], bytes));
+        start = end;
+        size = size.saturating_mul(2).min(max);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::windows;
+
+    #[test]
+    fn windows_keep_the_order_and_double_up_to_the_most() {
+        let order: Vec<(usize, usize, u64)> = (0..40).map(|i| (i % 2, i, 100)).collect();
+        let w = windows(&order, 200, 800);
+        let sizes: Vec<u64> = w.iter().map(|(_, b)| *b).collect();
+        assert_eq!(sizes, [200, 400, 800, 800, 800, 800, 200]);
+        let flat: Vec<usize> = w.iter().flat_map(|(w, _)| w.iter().map(|e| e.1)).collect();
+        assert_eq!(flat, (0..40).collect::<Vec<_>>(), "every frame once, in order");
+        // A frame larger than a window is a window of its own.
+        let big = [(0, 0, 5000), (0, 1, 10), (0, 2, 10)];
+        let w = windows(&big, 100, 1000);
+        assert_eq!(w.iter().map(|(w, b)| (w.len(), *b)).collect::<Vec<_>>(), [(1, 5000), (2, 20)]);
+        assert!(windows(&[], 1, 1).is_empty());
     }
 }
