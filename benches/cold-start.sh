@@ -14,6 +14,9 @@
 #   busybox  busybox-static alone            echo (the control)
 #   scan     the python image                read every file (find | cat):
 #                                            the whole-image read
+#   layered  the python image in 4 layers    as python (layers pulled in
+#                                            parallel: not in the default
+#                                            IMAGES)
 #
 #   bash benches/cold-start.sh [RUNS]        (default 3)
 #   IMAGES="python java gcc busybox scan"
@@ -64,7 +67,7 @@ cargo build --release --bins
 # JSON), RUN (a command line given to ctr run instead, if any), EXPECT (a
 # regex the output must match) and REPO (the repository it is pushed as).
 image() {
-  REPO=$1; RUN=()
+  REPO=$1; RUN=(); ROOTFS=$1; SPLIT=()
   case $1 in
     python)
       PKGS=python3,python3-numpy,python3-scipy,python3-pandas
@@ -86,6 +89,11 @@ image() {
       image python; REPO=python
       RUN=(/bin/sh -c 'find / -xdev -type f -exec cat {} + > /dev/null && echo read')
       EXPECT='^read$' ;;
+    layered)
+      # The python image in four layers: the system, then the Python
+      # packages, the shared libraries and /usr/share on top.
+      image python; REPO=layered
+      SPLIT=(usr/lib/python3 usr/lib/x86_64-linux-gnu usr/share) ;;
     *) echo "cold-start: no image '$1'" >&2; exit 1 ;;
   esac
 }
@@ -174,14 +182,15 @@ for img in $IMAGES $MEMORY_IMAGES; do
   image "$img"
   [ -n "${BUILT[$REPO]:-}" ] && continue
   BUILT[$REPO]=1
-  build_rootfs "$REPO"
-  oci_image "$DIR/$REPO/rootfs" "$CMD" '["PATH=/usr/local/bin:/usr/bin:/bin"]' src
-  push_blob "$REPO" "$LAYER"; push_blob "$REPO" "$CONFIG"
+  build_rootfs "$ROOTFS"
+  oci_image "$DIR/$ROOTFS/rootfs" "$CMD" '["PATH=/usr/local/bin:/usr/bin:/bin"]' src "${SPLIT[@]}"
+  for l in "${LAYERS[@]}"; do push_blob "$REPO" "$l"; done
+  push_blob "$REPO" "$CONFIG"
   curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$OCI/blobs/sha256/$MANIFEST" \
     "http://$REG/v2/$REPO/manifests/gzip" >/dev/null
   "$BIN/hyperbox" convert -q --plain-http "oci:$OCI:src" "$REG/$REPO:hyperbox" | tail -1
   HB_BYTES=$(hyperbox_layer_bytes "$REG/$REPO:hyperbox")
-  echo "$REPO: $(numfmt --to=iec "$TAR_SIZE") tar; gzip layer $(numfmt --to=iec "$LSIZE"); HyperBox layer $(numfmt --to=iec "$HB_BYTES")"
+  echo "$REPO: $(numfmt --to=iec "$TAR_SIZE") tar; gzip ${#LAYERS[@]} layer(s) $(numfmt --to=iec "$LSIZE"); HyperBox $(numfmt --to=iec "$HB_BYTES")"
   rm -rf "$OCI"
 done
 

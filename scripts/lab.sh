@@ -145,22 +145,37 @@ print(sum(int(m.group(2)) for l in sys.stdin if "/blobs/" in l and "\"GET " in l
 
 # Write an OCI image layout at $WORK/oci: one gzip layer of the tree $1 (the
 # tar's flags in TAR_FLAGS, an array; `gzip -$GZIP_LEVEL`, 6 by default),
-# a config with Cmd $2 and Env $3 (JSON arrays), tagged $4. Sets OCI, and
-# for the caller DIFF_ID, TAR_SIZE, LAYER and LSIZE (the gzip blob), CONFIG
-# and MANIFEST (digests, hex).
+# a config with Cmd $2 and Env $3 (JSON arrays), tagged $4. Paths after
+# that (relative to $1, none inside another) each get a layer of their own,
+# after a first layer of everything else, as a Dockerfile's COPY steps
+# would. Sets OCI, and for the caller LAYERS (the gzip blobs' digests, hex,
+# bottom first), LAYER (the first), TAR_SIZE and LSIZE (all layers
+# together), DIFF_ID (the first layer's), CONFIG and MANIFEST (digests, hex).
 # shellcheck disable=SC2034  # DIFF_ID, TAR_SIZE, ...: for the caller
 oci_image() {
-  local root=$1 cmd=$2 env=$3 tag=$4 csize msize
+  local root=$1 cmd=$2 env=$3 tag=$4 csize msize size diff p
+  shift 4
   OCI=$WORK/oci; mkdir -p "$OCI/blobs/sha256"
-  tar "${TAR_FLAGS[@]}" -C "$root" -cf "$WORK/layer.tar" .
-  DIFF_ID=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); TAR_SIZE=$(stat -c %s "$WORK/layer.tar")
-  gzip "-${GZIP_LEVEL:-6}" -c "$WORK/layer.tar" > "$WORK/layer.gz"; rm "$WORK/layer.tar"
-  LSIZE=$(stat -c %s "$WORK/layer.gz"); LAYER=$(oci_blob "$WORK/layer.gz")
-  printf '{"architecture":"%s","os":"linux","config":{"Cmd":%s,"Env":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-    "$(dpkg --print-architecture)" "$cmd" "$env" "$DIFF_ID" > "$WORK/config.json"
+  local excl=() diff_ids=() descs=()
+  for p in "$@"; do excl+=("--exclude=./$p"); done
+  LAYERS=(); TAR_SIZE=0; LSIZE=0; DIFF_ID=
+  for p in "" "$@"; do
+    if [ -z "$p" ]; then tar "${TAR_FLAGS[@]}" "${excl[@]}" -C "$root" -cf "$WORK/layer.tar" .
+    else tar "${TAR_FLAGS[@]}" -C "$root" -cf "$WORK/layer.tar" "./$p"; fi
+    diff=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); DIFF_ID=${DIFF_ID:-$diff}
+    TAR_SIZE=$((TAR_SIZE + $(stat -c %s "$WORK/layer.tar")))
+    gzip "-${GZIP_LEVEL:-6}" -c "$WORK/layer.tar" > "$WORK/layer.gz"; rm "$WORK/layer.tar"
+    size=$(stat -c %s "$WORK/layer.gz"); LSIZE=$((LSIZE + size))
+    LAYERS+=("$(oci_blob "$WORK/layer.gz")")
+    diff_ids+=("\"sha256:$diff\"")
+    descs+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:${LAYERS[-1]}\",\"size\":$size}")
+  done
+  LAYER=${LAYERS[0]}
+  printf '{"architecture":"%s","os":"linux","config":{"Cmd":%s,"Env":%s},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
+    "$(dpkg --print-architecture)" "$cmd" "$env" "$(IFS=,; echo "${diff_ids[*]}")" > "$WORK/config.json"
   csize=$(stat -c %s "$WORK/config.json"); CONFIG=$(oci_blob "$WORK/config.json")
-  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' \
-    "$CONFIG" "$csize" "$LAYER" "$LSIZE" > "$WORK/manifest.json"
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[%s]}' \
+    "$CONFIG" "$csize" "$(IFS=,; echo "${descs[*]}")" > "$WORK/manifest.json"
   msize=$(stat -c %s "$WORK/manifest.json"); MANIFEST=$(oci_blob "$WORK/manifest.json")
   echo '{"imageLayoutVersion":"1.0.0"}' > "$OCI/oci-layout"
   printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' \
