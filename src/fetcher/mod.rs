@@ -163,16 +163,23 @@ struct Inner {
 /// Frames past the index count nothing here; fetching them fails.
 fn pieces<'f>(layer: &RemoteLayer, frames: &'f [usize], max: u64) -> Vec<(&'f [usize], u64)> {
     let table = layer.index.frames();
-    let c_len = |f: usize| if f < table.len() { table.get(f).c_len as u64 } else { 0 };
+    runs(frames, |&f| if f < table.len() { table.get(f).c_len as u64 } else { 0 }, || max)
+}
+
+/// `items` cut in order into runs of at most `max()` bytes (`max` is asked
+/// once per run; a run holds at least one item, however large), each with
+/// its bytes.
+pub(crate) fn runs<T>(items: &[T], bytes: impl Fn(&T) -> u64, mut max: impl FnMut() -> u64) -> Vec<(&[T], u64)> {
     let mut out = Vec::new();
     let mut start = 0;
-    while start < frames.len() {
-        let (mut end, mut bytes) = (start, 0u64);
-        while end < frames.len() && (end == start || bytes + c_len(frames[end]) <= max) {
-            bytes += c_len(frames[end]);
+    while start < items.len() {
+        let limit = max();
+        let (mut end, mut total) = (start, 0u64);
+        while end < items.len() && (end == start || total + bytes(&items[end]) <= limit) {
+            total += bytes(&items[end]);
             end += 1;
         }
-        out.push((&frames[start..end], bytes));
+        out.push((&items[start..end], total));
         start = end;
     }
     out

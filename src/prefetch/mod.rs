@@ -393,19 +393,15 @@ impl Prefetcher {
 fn windows(order: &[(usize, usize, u64)], first: u64, max: u64) -> Vec<(&[(usize, usize, u64)], u64)> {
     let max = max.max(1);
     let mut size = first.clamp(1, max);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < order.len() {
-        let (mut end, mut bytes) = (start, 0u64);
-        while end < order.len() && (end == start || bytes + order[end].2 <= size) {
-            bytes += order[end].2;
-            end += 1;
-        }
-        out.push((&order[start..end], bytes));
-        start = end;
-        size = size.saturating_mul(2).min(max);
-    }
-    out
+    crate::fetcher::runs(
+        order,
+        |e| e.2,
+        || {
+            let this = size;
+            size = size.saturating_mul(2).min(max);
+            this
+        },
+    )
 }
 
 #[cfg(test)]
