@@ -164,6 +164,22 @@ parts_start() {
   PIDS+=("$PARTSPID")
 }
 parts_stop() { kill "$PARTSPID" 2>/dev/null || true; wait "$PARTSPID" 2>/dev/null || true; cat "$WORK/parts"; }
+# CPU seconds the link and the registry have used so far (both serve every
+# mode: the difference across a start is its share).
+REGPID=$(pgrep -f "docker-registry serve $WORK/" | head -1)
+served_cpu() { cat "/proc/$LINKPID/stat" "/proc/$REGPID/stat" | awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f ", ($14 + $15) / hz }'; }
+# The start's range requests by priority and the seconds reads waited on
+# the registry (hyperboxd's counters; each start has a fresh hyperboxd),
+# read once its trace is saved.
+fetches() {
+  curl -sf "http://$METRICS/metrics" | awk '
+    /^hyperbox_fetch_requests_total\{priority="demand"\}/ { d = $2 }
+    /^hyperbox_fetch_requests_total\{priority="prefetch"\}/ { p = $2 }
+    /^hyperbox_fetch_wait_seconds_total / { w = $2 }
+    END { printf "requests %d demand %d prefetch, reads waited %.2f s", d, p, w }'
+  # utime + stime, in clock ticks
+  awk -v hz="$(getconf CLK_TCK)" '{ printf ", hyperboxd CPU %.2f s", ($14 + $15) / hz }' "/proc/$HBPID/stat"
+}
 
 # ---- the images: the ordinary gzip one, and its HyperBox conversion ----
 # Sorted by name, as image builders write layers (BuildKit, Docker).
@@ -231,7 +247,7 @@ for prof in $PROFILES; do
         # Where the memory of a whole-image read is, at its peak.
         sample=; [ "$img" = scan ] && [ "$base" != overlayfs ] && sample=1
         [ -z "$sample" ] || parts_start
-        mark=$(loglines); t0=$(now)
+        mark=$(loglines); c0=$(served_cpu); t0=$(now)
         if [ "$base" = overlayfs ]; then
           ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
           out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i-$$" "${RUN[@]}")
@@ -242,14 +258,14 @@ for prof in $PROFILES; do
           HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
           out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i-$$" "${RUN[@]}")
         fi
-        t1=$(now)
+        t1=$(now); c1=$(served_cpu)
         [ -z "$sample" ] || echo "$img, $label, $mode, run $i: at the peak (MiB) $(parts_stop)" >> "$WORK/parts.log"
         bytes=$(served "$mark")
         if [ "$base" = overlayfs ] || [ "$base" = unconverted ]; then
           [ "$bytes" -gt 0 ] || { echo "cold-start: $img $mode fetched nothing: not a cold start"; exit 1; }
         fi
         [[ $out =~ $EXPECT ]] || { echo "cold-start: $img $mode printed '$out', expected /$EXPECT/"; exit 1; }
-        p=; r=; mem=
+        p=; r=; mem=; f=
         if [ "$base" = unconverted ]; then
           read -r mem _ < <(hb_mem)
         elif [ "$base" != overlayfs ]; then
@@ -262,14 +278,16 @@ for prof in $PROFILES; do
             cp "$WORK/t.json" "$WORK/trace-$img.json"
             if [ -n "${TRACES:-}" ]; then mkdir -p "$TRACES"; cp "$WORK/t.json" "$TRACES/$img.json"; fi
           fi
+          f=$(fetches || true)
           if [ "$base" = traced ]; then
+            f="$f, prefetch took $(grep 'prefetch done' "$WORK/hyperboxd.log" | tail -1 | grep -o 'secs=[0-9.]*' | cut -c6-10) s"
             read -r p r < <(python3 -c "import json; s=json.load(open('$WORK/t.json'))['last_start']; print(s['precision'], s['recall'])")
           fi
         fi
         secs=$(elapsed "$t0" "$t1")
         echo "$img,\"$label\",$mode,$i,$secs,$bytes,$p,$r,$mem" >> "$WORK/results.csv"
-        printf '%-8s %-18s %-10s run %d: %6ss, %s fetched%s%s\n' "$img" "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
-          "${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}"
+        printf '%-8s %-18s %-10s run %d: %6ss, %s fetched%s%s%s\n' "$img" "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
+          "${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}" "; link and registry CPU $(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x); split(b, y); printf "%.2f and %.2f", y[1] - x[1], y[2] - x[2] }') s${f:+, $f}"
       done
     done
   done

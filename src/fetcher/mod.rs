@@ -70,7 +70,8 @@ use crate::metrics::HistogramSnapshot;
 use crate::registry::{Client, Repo};
 use crate::store::Store;
 use cache::{touch_all, FrameCache};
-use plan::{Planner, Rules};
+use plan::Planner;
+pub(crate) use plan::Rules;
 use retry::RetryPolicy;
 use sched::Scheduler;
 use stats::Counters;
@@ -595,20 +596,33 @@ impl Fetcher {
     /// pieces of a quarter of that, each waiting its turn. What reads
     /// request meanwhile queues behind no more than that on the link.
     pub async fn fetch_ahead(&self, layer: &Arc<RemoteLayer>, frames: &[usize]) -> Result<(), FetchError> {
-        let Some(gate) = self.inner.ahead_gate.clone() else {
+        let Some(gate) = self.inner.ahead_gate.as_ref() else {
             return self.fetch_into_store(layer, frames, Priority::Prefetch).await;
         };
-        let budget = self.inner.cfg.ahead.in_flight_bytes;
+        self.fetch_gated(gate, self.inner.cfg.ahead.in_flight_bytes, layer, frames).await
+    }
+
+    /// Fetch `frames` (sorted) into the store at prefetch priority, with at
+    /// most `budget` bytes on the way at once among all callers sharing
+    /// `gate` (a semaphore of `budget` KiB): in pieces of a quarter of it,
+    /// each holding its bytes' permits until its chunks are stored. Pieces
+    /// queue at the gate in the order they are first polled: the order of
+    /// the calls, then blob order within one.
+    pub async fn fetch_gated(
+        &self,
+        gate: &Arc<tokio::sync::Semaphore>,
+        budget: u64,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+    ) -> Result<(), FetchError> {
+        let budget = budget.max(1 << 10);
         let pieces = pieces(layer, frames, (budget / 4).max(64 << 10));
-        let fetches = pieces.into_iter().map(|(piece, bytes)| {
-            let gate = gate.clone();
-            async move {
-                // A piece larger than the whole budget waits for all of it.
-                let kib = (bytes.div_ceil(1024)).clamp(1, budget >> 10) as u32;
-                let _on_the_way =
-                    gate.acquire_many_owned(kib).await.map_err(|_| FetchError::Cancelled { what: "fetching ahead" })?;
-                self.fetch_into_store(layer, piece, Priority::Prefetch).await
-            }
+        let fetches = pieces.into_iter().map(|(piece, bytes)| async move {
+            // A piece larger than the whole budget waits for all of it.
+            let kib = (bytes.div_ceil(1024)).clamp(1, budget >> 10) as u32;
+            let _on_the_way =
+                gate.acquire_many(kib).await.map_err(|_| FetchError::Cancelled { what: "a gated fetch" })?;
+            self.fetch_into_store(layer, piece, Priority::Prefetch).await
         });
         futures_util::future::join_all(fetches).await.into_iter().collect()
     }

@@ -62,6 +62,10 @@ pub struct PrefetchConfig {
     /// each next twice the last, up to `window_bytes`.
     pub first_window_bytes: u64,
     pub window_bytes: u64,
+    /// A window also takes the traced frames of later windows next to its
+    /// own in the blob (within `fetch.coalesce_gap_bytes`), up to this
+    /// many times its own bytes: they share its range requests. 0: none.
+    pub neighbours: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -76,6 +80,7 @@ impl Default for PrefetchConfig {
             in_flight_bytes: 8 << 20,
             first_window_bytes: 256 << 10,
             window_bytes: 4 << 20,
+            neighbours: 3,
         }
     }
 }
@@ -347,38 +352,40 @@ impl Prefetcher {
     /// Fetch `order`'s frames (layer, frame, compressed bytes) into the
     /// store in the order given, so that what a start reads first arrives
     /// first: cut into windows in that order, small at first and doubling
-    /// to `window_bytes`, each sorted by layer and place to coalesce into
-    /// range requests. Windows go out in order with at most
-    /// `in_flight_bytes` of them on the way at once: a read the trace did
-    /// not foresee, or one that got ahead of the prefetch, then waits
-    /// behind no more than that on the link.
+    /// to `window_bytes`, each with its traced neighbours ([`windows`]) and
+    /// sorted by layer and place to coalesce into range requests. Windows
+    /// go out in order, in pieces, with at most `in_flight_bytes` on the way
+    /// at once: a read the trace did not foresee, or one that got ahead of
+    /// the prefetch, then waits behind no more than that on the link. A
+    /// piece frees its share as soon as it is stored, so the next window
+    /// does not wait for the slowest request of the last.
     async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
         let budget = self.cfg.in_flight_bytes.max(64 << 10);
         let gate = Arc::new(tokio::sync::Semaphore::new((budget >> 10) as usize));
-        let windows = windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes);
-        let fetches = windows.into_iter().map(|(window, bytes)| {
-            let gate = gate.clone();
-            async move {
-                let kib = bytes.div_ceil(1024).clamp(1, budget >> 10) as u32;
-                // The gate is never closed: it lives as long as this call.
-                let _on_the_way = gate.acquire_many_owned(kib).await.ok();
-                let mut by_layer: HashMap<usize, Vec<usize>> = HashMap::new();
-                for &(li, f, _) in window {
-                    by_layer.entry(li).or_default().push(f);
-                }
-                let fetches = by_layer.into_iter().filter_map(|(li, mut frames)| {
-                    frames.sort_unstable();
-                    let layer = layers.get(li)?.clone();
-                    Some(async move {
-                        let result = self.fetcher.fetch_into_store(&layer, &frames, Priority::Prefetch).await;
-                        (layer, result)
-                    })
-                });
-                futures_util::future::join_all(fetches).await
+        let rules = crate::fetcher::Rules::new(self.fetcher.config());
+        let range = |li: usize, f: usize| layers[li].index.frame_blob_range(f);
+        let windows =
+            windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes, self.cfg.neighbours, rules, range);
+        let mut parts: Vec<(Arc<RemoteLayer>, Vec<usize>)> = Vec::new();
+        for (window, _) in windows {
+            let mut by_layer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+            for (li, f) in window {
+                by_layer.entry(li).or_default().push(f);
             }
-        });
-        // join_all polls in order: the windows queue at the gate in trace order.
-        for (layer, result) in futures_util::future::join_all(fetches).await.into_iter().flatten() {
+            for (li, mut frames) in by_layer {
+                frames.sort_unstable();
+                if let Some(layer) = layers.get(li) {
+                    parts.push((layer.clone(), frames));
+                }
+            }
+        }
+        // join_all polls in order: the windows queue at the gate in trace
+        // order, each in pieces that free their share as they are stored.
+        let gate = &gate;
+        let fetches = parts
+            .iter()
+            .map(|(layer, frames)| async move { (layer, self.fetcher.fetch_gated(gate, budget, layer, frames).await) });
+        for (layer, result) in futures_util::future::join_all(fetches).await {
             if let Err(e) = result {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(image = %image.digest, layer = %layer.blob, error = %e, "prefetch failed");
@@ -387,39 +394,148 @@ impl Prefetcher {
     }
 }
 
-/// `order` cut in order into windows of compressed bytes: the first of
-/// about `first` bytes, each next one twice the last, up to `max` (a
-/// window holds at least one frame). With each window's bytes.
-fn windows(order: &[(usize, usize, u64)], first: u64, max: u64) -> Vec<(&[(usize, usize, u64)], u64)> {
-    let max = max.max(1);
-    let mut size = first.clamp(1, max);
-    crate::fetcher::runs(
-        order,
-        |e| e.2,
-        || {
-            let this = size;
-            size = size.saturating_mul(2).min(max);
-            this
-        },
-    )
+/// `order` (layer, frame, compressed bytes; each frame once) cut in order
+/// into windows: the first of about `first` bytes of its own, each next
+/// one twice the last, up to `max` (a window holds at least one frame).
+///
+/// Each window also takes the traced frames of later windows that lie next
+/// to its own in the blob: within `rules.gap` bytes of one of them, or of a
+/// frame taken so, and within `rules.max` bytes of it; up to `neighbours`
+/// times the window's own bytes. The start reads them later anyway, and the
+/// range request that reaches their place brings them for a few bytes more,
+/// rather than another request later. A trace cut in order alone sent 3
+/// times the requests of one sorted by place (python: 154 and 49), and each
+/// costs the registry about as much as megabytes of data.
+///
+/// Returns each window's frames (layer, frame) and compressed bytes.
+fn windows(
+    order: &[(usize, usize, u64)],
+    first: u64,
+    max: u64,
+    neighbours: u64,
+    rules: crate::fetcher::Rules,
+    range: impl Fn(usize, usize) -> (u64, u64),
+) -> Vec<(Vec<(usize, usize)>, u64)> {
+    // Each layer's traced frames in blob order, with their place in `order`.
+    let mut by_layer: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (at, &(li, f, _)) in order.iter().enumerate() {
+        by_layer.entry(li).or_default().push((f, at));
+    }
+    for frames in by_layer.values_mut() {
+        frames.sort_unstable();
+    }
+    let mut taken = vec![false; order.len()];
+    let (max, mut size) = (max.max(1), first.clamp(1, max.max(1)));
+    let mut out = Vec::new();
+    let mut next = 0;
+    while next < order.len() {
+        let (mut own, mut bytes) = (Vec::new(), 0u64);
+        while let Some(&(li, f, len)) = order.get(next) {
+            if !taken[next] {
+                if !own.is_empty() && bytes + len > size {
+                    break;
+                }
+                taken[next] = true;
+                own.push((li, f));
+                bytes += len;
+            }
+            next += 1;
+        }
+        if own.is_empty() {
+            break;
+        }
+        size = size.saturating_mul(2).min(max);
+        let mut budget = bytes.saturating_mul(neighbours);
+        let mut frames = own.clone();
+        own.sort_unstable();
+        for &(li, f) in &own {
+            let Some(list) = by_layer.get(&li) else { continue };
+            let Ok(k) = list.binary_search_by_key(&f, |&(g, _)| g) else { continue };
+            let (start, end) = range(li, f);
+            // Onwards in the blob, then back.
+            for forward in [true, false] {
+                let (mut lo, mut hi) = (start, end);
+                let mut j = k;
+                while budget > 0 {
+                    let step = if forward { j.checked_add(1).filter(|&j| j < list.len()) } else { j.checked_sub(1) };
+                    let Some(step) = step else { break };
+                    j = step;
+                    let (g, at) = list[j];
+                    let (s, e) = range(li, g);
+                    let near = if forward { s.saturating_sub(hi) } else { lo.saturating_sub(e) };
+                    if near > rules.gap || e.max(end).saturating_sub(s.min(start)) > rules.max {
+                        break;
+                    }
+                    (lo, hi) = (lo.min(s), hi.max(e));
+                    if !std::mem::replace(&mut taken[at], true) {
+                        frames.push((li, g));
+                        let len = e.saturating_sub(s);
+                        bytes += len;
+                        budget = budget.saturating_sub(len);
+                    }
+                }
+            }
+        }
+        out.push((frames, bytes));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::windows;
+    use crate::fetcher::Rules;
+
+    /// Frames of `len` bytes laid end to end, every layer alike.
+    fn laid(len: u64) -> impl Fn(usize, usize) -> (u64, u64) {
+        move |_, f| (f as u64 * len, (f as u64 + 1) * len)
+    }
+
+    fn frames(w: &[(Vec<(usize, usize)>, u64)]) -> Vec<Vec<usize>> {
+        w.iter().map(|(w, _)| w.iter().map(|e| e.1).collect()).collect()
+    }
 
     #[test]
     fn windows_keep_the_order_and_double_up_to_the_most() {
+        let rules = Rules { gap: 1 << 20, max: 4 << 20 };
         let order: Vec<(usize, usize, u64)> = (0..40).map(|i| (i % 2, i, 100)).collect();
-        let w = windows(&order, 200, 800);
+        let w = windows(&order, 200, 800, 0, rules, laid(100));
         let sizes: Vec<u64> = w.iter().map(|(_, b)| *b).collect();
         assert_eq!(sizes, [200, 400, 800, 800, 800, 800, 200]);
-        let flat: Vec<usize> = w.iter().flat_map(|(w, _)| w.iter().map(|e| e.1)).collect();
+        let flat: Vec<usize> = frames(&w).concat();
         assert_eq!(flat, (0..40).collect::<Vec<_>>(), "every frame once, in order");
         // A frame larger than a window is a window of its own.
         let big = [(0, 0, 5000), (0, 1, 10), (0, 2, 10)];
-        let w = windows(&big, 100, 1000);
+        let w = windows(&big, 100, 1000, 0, rules, |_, f| [(0, 5000), (5000, 5010), (5010, 5020)][f]);
         assert_eq!(w.iter().map(|(w, b)| (w.len(), *b)).collect::<Vec<_>>(), [(1, 5000), (2, 20)]);
-        assert!(windows(&[], 1, 1).is_empty());
+        assert!(windows(&[], 1, 1, 3, rules, laid(1)).is_empty());
+    }
+
+    #[test]
+    fn a_window_takes_later_traced_frames_next_to_its_own() {
+        // The trace reads frames 0, 10, 20, 30, then 1, 11, 21, 31, ...
+        // (four files read a piece at a time); frames are 100 bytes, end to
+        // end.
+        let order: Vec<(usize, usize, u64)> = (0..10).flat_map(|k| (0..4).map(move |j| (0, j * 10 + k, 100))).collect();
+        let rules = Rules { gap: 50, max: 1000 };
+        // Own bytes 200 at first: frames 0 and 10. Each brings up to 2 x 200
+        // bytes of its neighbours, onwards from frame 0 first.
+        let w = windows(&order, 200, 400, 2, rules, laid(100));
+        assert_eq!(frames(&w)[0], [0, 10, 1, 2, 3, 4], "own frames first, in order, then neighbours");
+        assert_eq!(w[0].1, 600);
+        let mut all: Vec<usize> = frames(&w).concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..40).collect::<Vec<_>>(), "every frame once");
+        // No neighbours past the gap (frames 0, 2, 4, ...: 100 bytes apart),
+        // nor past a request's most bytes.
+        let spaced: Vec<(usize, usize, u64)> = (0..10).map(|f| (0, f * 2, 100)).collect();
+        let w = windows(&spaced, 100, 100, 5, rules, laid(100));
+        assert_eq!(w.len(), 10);
+        let w = windows(&order, 100, 100, 100, Rules { gap: 50, max: 300 }, laid(100));
+        assert_eq!(frames(&w)[0], [0, 1, 2], "frame 3 would make a request of 400 bytes");
+        // Neighbours in another layer are not neighbours.
+        let two = [(0, 0, 100), (1, 5, 100), (1, 1, 100)];
+        let w = windows(&two, 100, 100, 5, rules, laid(100));
+        assert_eq!(frames(&w), [vec![0], vec![5], vec![1]]);
     }
 }
