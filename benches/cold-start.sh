@@ -45,6 +45,11 @@
 #                                            (a heuristic on and off, side by
 #                                            side in one run)
 #
+# Each start's line also gives its range requests by priority, the seconds
+# its reads waited on the registry, how long a traced prefetch took, and the
+# CPU seconds hyperboxd, the link and the registry spent (all three share
+# this machine's cores with the workload).
+#
 # The link is benches/slowlink.py, a user-space proxy between the clients
 # and the registry (this kernel has no netem). Needs root, containerd, runc,
 # docker-registry, debootstrap; `make deps` installs them.

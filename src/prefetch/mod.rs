@@ -63,9 +63,12 @@ pub struct PrefetchConfig {
     pub first_window_bytes: u64,
     pub window_bytes: u64,
     /// A window also takes the traced frames of later windows next to its
-    /// own in the blob (within `fetch.coalesce_gap_bytes`), up to this
-    /// many times its own bytes: they share its range requests. 0: none.
+    /// own in the blob, up to this many times its own bytes: they share
+    /// its range requests. 0: none.
     pub neighbours: u64,
+    /// Next to: at most this many bytes apart (the bytes between come
+    /// along too).
+    pub neighbour_gap_bytes: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -81,6 +84,7 @@ impl Default for PrefetchConfig {
             first_window_bytes: 256 << 10,
             window_bytes: 4 << 20,
             neighbours: 3,
+            neighbour_gap_bytes: 128 << 10,
         }
     }
 }
@@ -362,7 +366,10 @@ impl Prefetcher {
     async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
         let budget = self.cfg.in_flight_bytes.max(64 << 10);
         let gate = Arc::new(tokio::sync::Semaphore::new((budget >> 10) as usize));
-        let rules = crate::fetcher::Rules::new(self.fetcher.config());
+        let rules = crate::fetcher::Rules {
+            gap: self.cfg.neighbour_gap_bytes,
+            max: self.fetcher.config().max_request_bytes,
+        };
         let range = |li: usize, f: usize| layers[li].index.frame_blob_range(f);
         let windows =
             windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes, self.cfg.neighbours, rules, range);
@@ -404,8 +411,8 @@ impl Prefetcher {
 /// times the window's own bytes. The start reads them later anyway, and the
 /// range request that reaches their place brings them for a few bytes more,
 /// rather than another request later. A trace cut in order alone sent 3
-/// times the requests of one sorted by place (python: 154 and 49), and each
-/// costs the registry about as much as megabytes of data.
+/// times the requests of one sorted by place (python: 154 and 49), and a
+/// request costs the registry about as much as megabytes of data.
 ///
 /// Returns each window's frames (layer, frame) and compressed bytes.
 fn windows(
