@@ -7,9 +7,10 @@
 //! entry of the trace to frames of the layers ready so far ([`Resolver`]:
 //! same layer, else same chunk, else same file) and has the fetcher store
 //! them at prefetch priority, in trace order: in windows that grow from
-//! `first_window_bytes` to `window_bytes`, each sorted so adjacent frames
-//! coalesce into range requests, with at most `in_flight_bytes` on the way
-//! ([`Prefetcher::stream`]). The
+//! `first_window_bytes` to `window_bytes`, each with the later traced
+//! frames next to its own in the blob (`neighbours`) and sorted so adjacent
+//! frames coalesce into range requests, with at most `in_flight_bytes` on
+//! the way ([`Prefetcher::stream`]). The
 //! fetcher keeps demand first (its own request slots, served before any
 //! prefetch) and joins a demand read of a chunk being prefetched to that
 //! fetch. A byte budget caps each job; an optional hydrate pass then fetches
@@ -366,10 +367,8 @@ impl Prefetcher {
     async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
         let budget = self.cfg.in_flight_bytes.max(64 << 10);
         let gate = Arc::new(tokio::sync::Semaphore::new((budget >> 10) as usize));
-        let rules = crate::fetcher::Rules {
-            gap: self.cfg.neighbour_gap_bytes,
-            max: self.fetcher.config().max_request_bytes,
-        };
+        let rules =
+            crate::fetcher::Rules { gap: self.cfg.neighbour_gap_bytes, max: self.fetcher.config().max_request_bytes };
         let range = |li: usize, f: usize| layers[li].index.frame_blob_range(f);
         let windows =
             windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes, self.cfg.neighbours, rules, range);
