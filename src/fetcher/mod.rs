@@ -819,6 +819,22 @@ impl<'a> FlightGuard<'a> {
         }
     }
 
+    /// Take the flights of leads `ks` alone out of the in-flight map, to
+    /// answer them before the rest: a reader answered, who then finds the
+    /// chunk gone from the store, leads a new flight rather than joining
+    /// this one again. A flight someone starts meanwhile for the same chunk
+    /// is theirs: the guard's later release leaves it alone.
+    fn release_leads(&mut self, ks: &[usize]) {
+        let mut inflight = self.inner.inflight.lock();
+        for &k in ks {
+            let Some(&(_, id, _)) = self.leads.get(k) else { continue };
+            if let Some(p) = self.ids.iter().position(|&i| i == id) {
+                self.ids.swap_remove(p);
+                inflight.remove(&(self.host.clone(), id));
+            }
+        }
+    }
+
     /// Answer lead `k`.
     fn answer(&self, k: usize, answer: Result<Got, FetchError>) {
         if let Some((_, _, tx)) = self.leads.get(k) {

@@ -52,14 +52,17 @@ impl Inner {
                 .await
                 .unwrap_or_else(|_| vec![false; n]);
         // Leads still to fetch, by their place in the guard, in blob order.
-        let mut pending: Vec<usize> = Vec::new();
+        let (mut pending, mut stored): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
         for (k, found) in found.into_iter().enumerate() {
-            if found {
-                self.n.store_hits.fetch_add(1, Ordering::Relaxed);
-                guard.answer(k, Ok(Got::Stored));
-            } else {
-                pending.push(k);
-            }
+            if found { &mut stored } else { &mut pending }.push(k);
+        }
+        // Out of the in-flight map before the answer: the store may evict a
+        // chunk before its reader gets to it, and that reader must then
+        // fetch it, not join this flight again for the same answer.
+        guard.release_leads(&stored);
+        for &k in &stored {
+            self.n.store_hits.fetch_add(1, Ordering::Relaxed);
+            guard.answer(k, Ok(Got::Stored));
         }
         let frame = |k: &usize| guard.leads.get(*k).map(|l| l.0);
         let (Some(first), Some(last)) = (pending.first().and_then(frame), pending.last().and_then(frame)) else {

@@ -217,3 +217,37 @@ async fn a_reader_told_stored_reads_the_store_or_fetches_again() {
         }
     }
 }
+
+/// Leads answered before the rest of their group (found in the store) leave
+/// the in-flight map first: a reader who then misses the chunk (evicted at
+/// once) leads a new flight instead of joining this one for the same answer
+/// until it fails. The group's own release later leaves that new flight be.
+#[test]
+fn leads_answered_early_leave_the_map_first() {
+    let layer = twice_the_same_file();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fetcher(dir.path(), &dead_registry());
+    let remote = layer.remote(Repo { registry: "r.example".into(), name: "t/early".into() });
+    let host: Arc<str> = Arc::from("r.example");
+    let table = layer.index.frames();
+    let (a, b) =
+        (table.get(0).id, (1..table.len()).map(|i| table.get(i).id).find(|&id| id != table.get(0).id).unwrap());
+    let flight = |rx| Flight { rx, prio: Arc::new(AtomicU8::new(0)), blob: remote.blob.clone() };
+    let (tx_a, rx_a) = watch::channel(None);
+    let (tx_b, rx_b) = watch::channel(None);
+    f.inner.inflight.lock().insert((host.clone(), a), flight(rx_a.clone()));
+    f.inner.inflight.lock().insert((host.clone(), b), flight(rx_b));
+    let mut guard = FlightGuard::new(&f.inner, &remote, host.clone(), vec![(0, a, tx_a), (1, b, tx_b)]);
+    guard.release_leads(&[0]);
+    guard.answer(0, Ok(Got::Stored));
+    assert!(!f.inner.inflight.lock().contains_key(&(host.clone(), a)), "answered, and still joinable");
+    assert!(f.inner.inflight.lock().contains_key(&(host.clone(), b)), "the rest stay until fetched");
+    // Another reader misses chunk a and leads a flight of its own.
+    let (_tx_new, rx_new) = watch::channel(None);
+    f.inner.inflight.lock().insert((host.clone(), a), flight(rx_new));
+    drop(guard);
+    let map = f.inner.inflight.lock();
+    assert!(map.contains_key(&(host.clone(), a)), "the group removed another reader's flight");
+    assert!(!map.contains_key(&(host, b)), "the group's own flight outlived it");
+    assert!(matches!(*rx_a.borrow(), Some(Ok(Got::Stored))));
+}
