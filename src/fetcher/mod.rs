@@ -156,7 +156,7 @@ struct Inner {
     /// Layers a trace's prefetch covers ([`Fetcher::note_traced`]).
     traced: Mutex<std::collections::HashSet<Digest>>,
     /// KiB of fetching ahead on the way (`ahead.in_flight_bytes`).
-    ahead_gate: Option<Arc<tokio::sync::Semaphore>>,
+    ahead_gate: Option<tokio::sync::Semaphore>,
 }
 
 /// `frames` cut in order into pieces of at most `max` compressed bytes (a
@@ -164,23 +164,16 @@ struct Inner {
 /// Frames past the index count nothing here; fetching them fails.
 fn pieces<'f>(layer: &RemoteLayer, frames: &'f [usize], max: u64) -> Vec<(&'f [usize], u64)> {
     let table = layer.index.frames();
-    runs(frames, |&f| if f < table.len() { table.get(f).c_len as u64 } else { 0 }, || max)
-}
-
-/// `items` cut in order into runs of at most `max()` bytes (`max` is asked
-/// once per run; a run holds at least one item, however large), each with
-/// its bytes.
-pub(crate) fn runs<T>(items: &[T], bytes: impl Fn(&T) -> u64, mut max: impl FnMut() -> u64) -> Vec<(&[T], u64)> {
+    let c_len = |f: usize| if f < table.len() { table.get(f).c_len as u64 } else { 0 };
     let mut out = Vec::new();
     let mut start = 0;
-    while start < items.len() {
-        let limit = max();
-        let (mut end, mut total) = (start, 0u64);
-        while end < items.len() && (end == start || total + bytes(&items[end]) <= limit) {
-            total += bytes(&items[end]);
+    while start < frames.len() {
+        let (mut end, mut bytes) = (start, 0u64);
+        while end < frames.len() && (end == start || bytes + c_len(frames[end]) <= max) {
+            bytes += c_len(frames[end]);
             end += 1;
         }
-        out.push((&items[start..end], total));
+        out.push((&frames[start..end], bytes));
         start = end;
     }
     out
@@ -206,7 +199,7 @@ impl Fetcher {
         let frames = cache::frame_cache(cfg.frame_cache_mb);
         let ahead_gate = match cfg.ahead.in_flight_bytes >> 10 {
             0 => None,
-            kib => Some(Arc::new(tokio::sync::Semaphore::new(kib.min(u32::MAX as u64) as usize))),
+            kib => Some(tokio::sync::Semaphore::new(kib.min(u32::MAX as u64) as usize)),
         };
         Fetcher {
             inner: Arc::new(Inner {
@@ -610,7 +603,7 @@ impl Fetcher {
     /// the calls, then blob order within one.
     pub async fn fetch_gated(
         &self,
-        gate: &Arc<tokio::sync::Semaphore>,
+        gate: &tokio::sync::Semaphore,
         budget: u64,
         layer: &Arc<RemoteLayer>,
         frames: &[usize],
@@ -799,23 +792,27 @@ struct FlightGuard<'a> {
     inner: &'a Inner,
     layer: String,
     host: Arc<str>,
-    ids: Vec<ChunkId>,
     leads: Vec<Lead>,
+    /// Whether lead k's flight is still in the in-flight map (ours to remove).
+    in_map: Vec<bool>,
 }
 
 impl<'a> FlightGuard<'a> {
     fn new(inner: &'a Inner, layer: &RemoteLayer, host: Arc<str>, leads: Vec<Lead>) -> Self {
-        FlightGuard { inner, layer: layer.name(), host, ids: leads.iter().map(|l| l.1).collect(), leads }
+        let in_map = vec![true; leads.len()];
+        FlightGuard { inner, layer: layer.name(), host, leads, in_map }
     }
 
     /// Take the flights out of the in-flight map (once).
     fn release(&mut self) {
-        if self.ids.is_empty() {
+        if !self.in_map.contains(&true) {
             return;
         }
         let mut inflight = self.inner.inflight.lock();
-        for id in self.ids.drain(..) {
-            inflight.remove(&(self.host.clone(), id));
+        for (in_map, &(_, id, _)) in self.in_map.iter_mut().zip(&self.leads) {
+            if std::mem::take(in_map) {
+                inflight.remove(&(self.host.clone(), id));
+            }
         }
     }
 
@@ -825,12 +822,15 @@ impl<'a> FlightGuard<'a> {
     /// this one again. A flight someone starts meanwhile for the same chunk
     /// is theirs: the guard's later release leaves it alone.
     fn release_leads(&mut self, ks: &[usize]) {
+        if !ks.iter().any(|&k| self.in_map.get(k) == Some(&true)) {
+            return;
+        }
         let mut inflight = self.inner.inflight.lock();
         for &k in ks {
-            let Some(&(_, id, _)) = self.leads.get(k) else { continue };
-            if let Some(p) = self.ids.iter().position(|&i| i == id) {
-                self.ids.swap_remove(p);
-                inflight.remove(&(self.host.clone(), id));
+            if let (Some(in_map), Some(&(_, id, _))) = (self.in_map.get_mut(k), self.leads.get(k)) {
+                if std::mem::take(in_map) {
+                    inflight.remove(&(self.host.clone(), id));
+                }
             }
         }
     }

@@ -366,7 +366,7 @@ impl Prefetcher {
     /// does not wait for the slowest request of the last.
     async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
         let budget = self.cfg.in_flight_bytes.max(64 << 10);
-        let gate = Arc::new(tokio::sync::Semaphore::new((budget >> 10) as usize));
+        let gate = tokio::sync::Semaphore::new((budget >> 10) as usize);
         let rules =
             crate::fetcher::Rules { gap: self.cfg.neighbour_gap_bytes, max: self.fetcher.config().max_request_bytes };
         let range = |li: usize, f: usize| layers[li].index.frame_blob_range(f);
