@@ -68,7 +68,10 @@ def main(path, svg_path):
 def write_svg(path, groups, med):
     width, height = max(760, 95 * len(groups) + 90), 380
     left, right, top, bottom = 70, 20, 40, 90
-    top_secs = max(x["secs"] for (g, m), x in med.items() if m in dict(MODES)) * 1.15
+    shown = [x["secs"] for (g, m), x in med.items() if m in dict(MODES)]
+    if not shown:
+        return  # none of the plotted modes ran (the table has the others)
+    top_secs = max(shown) * 1.15
     plot_h = height - top - bottom
     group_w = (width - left - right) / len(groups)
     bar_w = group_w / (len(MODES) + 1.5)

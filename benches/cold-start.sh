@@ -24,6 +24,12 @@
 #   MODES="overlayfs lazy traced"            also: lazy-ra128, the lazy start
 #                                            with the kernel's 128 KiB
 #                                            read-ahead (docs/tuning.md);
+#                                            pulled and hydrated, the floors:
+#                                            only the run is timed, its image
+#                                            already pulled into overlayfs
+#                                            (pulled) or every chunk already
+#                                            in hyperboxd's store (hydrated),
+#                                            page cache dropped;
 #                                            unconverted, the ordinary gzip
 #                                            image through --snapshotter
 #                                            hyperbox (unpacked, not lazy)
@@ -40,6 +46,9 @@
 #                                            side by side in one run
 #   HB_CONFIG=FILE                           extra lines for hyperboxd's config
 #   TRACES=DIR                               keep each image's lazy trace there
+#   PERF=DIR                                 hyperboxd's profile of each
+#                                            HyperBox start there (perf
+#                                            record -g; perf report -i FILE)
 #   VARIANTS=DIR                             modes MODE+NAME: MODE with
 #                                            DIR/NAME.toml added to the config
 #                                            (a heuristic on and off, side by
@@ -176,12 +185,27 @@ served_cpu() { cat "/proc/$LINKPID/stat" "/proc/$REGPID/stat" | awk -v hz="$(get
 # The start's range requests by priority and the seconds reads waited on
 # the registry (hyperboxd's counters; each start has a fresh hyperboxd),
 # read once its trace is saved.
+# Wait until every mounted layer is wholly in the store (hyperbox layers).
+wait_hydrated() {
+  local _
+  for _ in $(seq 1200); do
+    "$1" layers --address "$HBSOCK" | awk 'NR > 1 && /^sha256:/ { n++; if ($NF != "100.0%") short = 1 }
+      END { exit !(n > 0 && !short) }' && return
+    sleep 0.5
+  done
+  echo "cold-start: hydrating $REPO did not finish in 10 minutes"; exit 1
+}
 fetches() {
   curl -sf "http://$METRICS/metrics" | awk '
     /^hyperbox_fetch_requests_total\{priority="demand"\}/ { d = $2 }
     /^hyperbox_fetch_requests_total\{priority="prefetch"\}/ { p = $2 }
     /^hyperbox_fetch_wait_seconds_total / { w = $2 }
     END { printf "requests %d demand %d prefetch, reads waited %.2f s", d, p, w }'
+  # FUSE operations served during the start: count and seconds, by operation
+  curl -sf "http://$METRICS/metrics" | awk '
+    /^hyperbox_fuse_op_seconds_count\{/ { split($1, k, "\""); n[k[2]] = $2 }
+    /^hyperbox_fuse_op_seconds_sum\{/ { split($1, k, "\""); s[k[2]] = $2 }
+    END { printf ", FUSE"; for (o in n) if (n[o] > 0) printf " %s %d (%.2f s)", o, n[o], s[o] }'
   # utime + stime, in clock ticks
   awk -v hz="$(getconf CLK_TCK)" '{ printf ", hyperboxd CPU %.2f s", ($14 + $15) / hz }' "/proc/$HBPID/stat"
 }
@@ -240,7 +264,9 @@ for prof in $PROFILES; do
         for n in $(ctr_ namespaces ls -q | grep '^b-'); do
           ctr_ -n "$n" image ls -q | xargs -r ctr --address "$SOCK" -n "$n" image rm --sync >/dev/null 2>&1 || true
         done
-        if [ "$base" != overlayfs ]; then
+        # Modes that start through containerd's own snapshotter.
+        plain=; case $base in overlayfs|pulled) plain=1 ;; esac
+        if [ -z "$plain" ]; then
           hb_stop; rm -rf "$HBROOT"; HBD_BIN=$B
           if [ -n "$variant" ]; then
             cat "$WORK/hyperbox.toml" "${VARIANTS:?"$mode needs VARIANTS"}/$variant.toml" > "$WORK/hyperbox-$variant.toml"
@@ -248,22 +274,41 @@ for prof in $PROFILES; do
           elif [ "$base" = lazy-ra128 ]; then hb_start "$WORK/hyperbox-ra128.toml"; else hb_start; fi
           [ "$base" = traced ] && "$B/hyperbox" trace --address "$HBSOCK" import "$WORK/trace-$img.json" >/dev/null
         fi
+        # The floors: the image is local before the clock starts.
+        if [ "$base" = pulled ]; then
+          ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
+        elif [ "$base" = hydrated ]; then
+          HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --hydrate --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
+          wait_hydrated "$B/hyperbox"
+        fi
         cold
         # Where the memory of a whole-image read is, at its peak.
-        sample=; [ "$img" = scan ] && [ "$base" != overlayfs ] && sample=1
+        sample=; [ "$img" = scan ] && [ -z "$plain" ] && sample=1
         [ -z "$sample" ] || parts_start
-        mark=$(loglines); c0=$(served_cpu); t0=$(now)
-        if [ "$base" = overlayfs ]; then
-          ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
+        mark=$(loglines); c0=$(served_cpu); pulled_at=
+        # PERF=DIR: hyperboxd's profile of each start (perf record -g).
+        perfpid=
+        if [ -n "${PERF:-}" ] && [ -z "$plain" ]; then
+          mkdir -p "$PERF"
+          perf record -q -g -F 1999 -p "$HBPID" -o "$PERF/$img-$rate-$mode-$i.data" 2>/dev/null & perfpid=$!
+          sleep 0.5
+        fi
+        t0=$(now)
+        if [ "$base" = overlayfs ] || [ "$base" = pulled ]; then
+          [ "$base" = pulled ] || ctr_ -n "$ns" image pull --plain-http "$VIA/$REPO:gzip" >/dev/null
           out=$(ctr_ -n "$ns" run --rm "$VIA/$REPO:gzip" "c$i-$$" "${RUN[@]}")
         elif [ "$base" = unconverted ]; then
           ctr_ -n "$ns" image pull --snapshotter hyperbox --plain-http "$VIA/$REPO:gzip" >/dev/null
           out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:gzip" "c$i-$$" "${RUN[@]}")
         else
-          HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
+          if [ "$base" != hydrated ]; then
+            HYPERBOX_ADDRESS="$HBSOCK" "$B/hyperbox" pull --plain-http --address "$SOCK" --namespace "$ns" "$VIA/$REPO:hyperbox" >/dev/null 2>&1
+            pulled_at=$(now)
+          fi
           out=$(ctr_ -n "$ns" run --rm --snapshotter hyperbox "$VIA/$REPO:hyperbox" "c$i-$$" "${RUN[@]}")
         fi
         t1=$(now); c1=$(served_cpu)
+        [ -z "$perfpid" ] || { kill -INT "$perfpid"; wait "$perfpid" || true; }
         [ -z "$sample" ] || echo "$img, $label, $mode, run $i: at the peak (MiB) $(parts_stop)" >> "$WORK/parts.log"
         bytes=$(served "$mark")
         if [ "$base" = overlayfs ] || [ "$base" = unconverted ]; then
@@ -273,7 +318,7 @@ for prof in $PROFILES; do
         p=; r=; mem=; f=
         if [ "$base" = unconverted ]; then
           read -r mem _ < <(hb_mem)
-        elif [ "$base" != overlayfs ]; then
+        elif [ -z "$plain" ]; then
           read -r mem _ < <(hb_mem)
           # Let the start's trace be recorded (idle_secs), then keep it.
           want=1; if [ "$base" = traced ]; then want=2; fi
@@ -292,7 +337,7 @@ for prof in $PROFILES; do
         secs=$(elapsed "$t0" "$t1")
         echo "$img,\"$label\",$mode,$i,$secs,$bytes,$p,$r,$mem" >> "$WORK/results.csv"
         printf '%-8s %-18s %-10s run %d: %6ss, %s fetched%s%s%s\n' "$img" "$label" "$mode" "$i" "$secs" "$(numfmt --to=iec "$bytes")" \
-          "${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}" "; link and registry CPU $(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x); split(b, y); printf "%.2f and %.2f", y[1] - x[1], y[2] - x[2] }') s${f:+, $f}"
+          "${pulled_at:+ (pull $(elapsed "$t0" "$pulled_at") s)}${p:+, precision $p recall $r}" "${mem:+, hyperboxd peak ${mem} MiB}" "; link and registry CPU $(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x); split(b, y); printf "%.2f and %.2f", y[1] - x[1], y[2] - x[2] }') s${f:+, $f}"
       done
     done
   done

@@ -48,7 +48,8 @@ pub(super) fn frame_cache(mb: u64) -> Option<FrameCache> {
 impl Fetcher {
     /// Remember chunks read from the frame cache; once there are
     /// [`TOUCH_BATCH`] of them, refresh their access times in the store off
-    /// the runtime. (A store lookup refreshes any pending ones sooner.)
+    /// the runtime's workers. (A store lookup refreshes any pending ones
+    /// sooner.)
     pub(super) fn note_cache_hits(&self, ids: impl Iterator<Item = ChunkId>) {
         let batch = {
             let mut pending = self.inner.untouched.lock();
@@ -58,7 +59,13 @@ impl Fetcher {
             }
             std::mem::take(&mut *pending)
         };
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || touch_all(&store, &batch));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let store = self.inner.store.clone();
+                rt.spawn_blocking(move || touch_all(&store, &batch));
+            }
+            // A thread that may block (a FUSE reader answering from memory).
+            Err(_) => touch_all(&self.inner.store, &batch),
+        }
     }
 }

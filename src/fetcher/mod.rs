@@ -101,7 +101,7 @@ enum Got {
 type Answer = Option<Result<Got, FetchError>>;
 
 /// Called once when a read finds frames missing, after their requests are
-/// queued ([`Fetcher::read_frames_or_miss`]).
+/// queued ([`Fetcher::read_rest`]).
 type OnMiss<'a> = Box<dyn FnOnce() + Send + 'a>;
 
 /// A flight's key: the registry host it is fetched from, and the chunk.
@@ -177,6 +177,21 @@ fn pieces<'f>(layer: &RemoteLayer, frames: &'f [usize], max: u64) -> Vec<(&'f [u
         start = end;
     }
     out
+}
+
+/// What a read found in the frame cache and the store: each frame's
+/// verified data, or `None` where it must be fetched.
+pub struct Found {
+    ids: Vec<ChunkId>,
+    out: Vec<Option<Bytes>>,
+    /// Which of `out` came from the frame cache (the rest go in).
+    cached: Vec<bool>,
+}
+
+impl Found {
+    fn complete(&self) -> bool {
+        self.out.iter().all(Option::is_some)
+    }
 }
 
 /// [`Fetcher::memory`].
@@ -287,7 +302,7 @@ impl Fetcher {
     }
 
     /// Seconds reads have spent waiting on the registry (see
-    /// [`Fetcher::read_frames_waited`]).
+    /// [`Fetcher::read_rest`]).
     pub fn wait_seconds(&self) -> f64 {
         self.inner.n.wait_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
@@ -346,31 +361,6 @@ impl Fetcher {
         self.fetch(layer, frames, prio, true, None).await.0
     }
 
-    /// [`Fetcher::read_frames`], with how long the call waited for frames
-    /// the store lacked, failed or not (zero when all were local). A
-    /// demand read's wait is counted in [`Fetcher::wait_seconds`] too.
-    pub async fn read_frames_waited(
-        &self,
-        layer: &Arc<RemoteLayer>,
-        frames: &[usize],
-        prio: Priority,
-    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
-        self.fetch(layer, frames, prio, true, None).await
-    }
-
-    /// [`Fetcher::read_frames_waited`], calling `on_miss` once the requests
-    /// for what the store lacks are queued (not at all when nothing is
-    /// missing): whatever it queues in turn goes after them.
-    pub async fn read_frames_or_miss(
-        &self,
-        layer: &Arc<RemoteLayer>,
-        frames: &[usize],
-        prio: Priority,
-        on_miss: impl FnOnce() + Send,
-    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
-        self.fetch(layer, frames, prio, true, Some(Box::new(on_miss))).await
-    }
-
     /// Frames' data (or, without `want_data`, empty placeholders for those
     /// already stored) from the store, fetching what it lacks; and how long
     /// it waited for the fetches.
@@ -384,38 +374,120 @@ impl Fetcher {
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
         // A demand read's time runs from now, time queued for a slot included.
         let requested = tokio::time::Instant::now();
+        let mut found = match self.from_cache(layer, frames, want_data) {
+            Ok(found) => found,
+            Err(e) => return (Err(e), Duration::ZERO),
+        };
+        if !found.complete() {
+            let this = self.clone();
+            let looked = tokio::task::spawn_blocking(move || {
+                let mut found = found;
+                this.from_store(&mut found, want_data).map(|()| found)
+            });
+            found = match looked.await.map_err(|e| FetchError::joined("a store lookup", e)) {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) | Err(e) => return (Err(e), Duration::ZERO),
+            };
+        }
+        self.finish(layer, frames, found, prio, want_data, requested, on_miss).await
+    }
+
+    /// A demand read answered on the calling thread, without the runtime,
+    /// when the frame cache and the store hold every frame: `Ok` with the
+    /// answer. It blocks on the store, so it is for threads that may block
+    /// (the FUSE readers), and it saves a read the hand-offs to the
+    /// runtime and back. `Err` with what was found when something must be
+    /// fetched: pass it to [`Fetcher::read_rest`].
+    pub fn read_local(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+    ) -> Result<Result<Vec<Bytes>, FetchError>, Found> {
+        let mut found = match self.from_cache(layer, frames, true) {
+            Ok(found) => found,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !found.complete() {
+            if let Err(e) = self.from_store(&mut found, true) {
+                return Ok(Err(e));
+            }
+            if !found.complete() {
+                return Err(found);
+            }
+        }
+        Ok(check_lengths(layer, frames, found.out.into_iter().flatten().collect()).inspect(|data| {
+            self.cache_new(&found.ids, &found.cached, data);
+        }))
+    }
+
+    /// The rest of a demand read [`Fetcher::read_local`] could not answer:
+    /// fetch what is missing, calling `on_miss` once the requests for it
+    /// are queued (whatever it queues in turn goes after them); with how
+    /// long it waited for them. The wait is counted in
+    /// [`Fetcher::wait_seconds`] too.
+    pub async fn read_rest(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        found: Found,
+        on_miss: impl FnOnce() + Send,
+    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
+        let requested = tokio::time::Instant::now();
+        self.finish(layer, frames, found, Priority::Demand, true, requested, Some(Box::new(on_miss))).await
+    }
+
+    /// The first look of a read: which frames the frame cache holds (only
+    /// reads look there: prefetch and hydration only need frames stored,
+    /// and do not fill it).
+    fn from_cache(&self, layer: &RemoteLayer, frames: &[usize], want_data: bool) -> Result<Found, FetchError> {
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {
-            let e = FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() };
-            return (Err(e), Duration::ZERO);
+            return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let n = &self.inner.n;
-        // Reads look in the frame cache first (prefetch and hydration only
-        // need frames stored, and do not fill it).
-        let cache = self.inner.frames.as_ref().filter(|_| want_data);
-        let mut out: Vec<Option<Bytes>> = match cache {
+        let out: Vec<Option<Bytes>> = match self.inner.frames.as_ref().filter(|_| want_data) {
             Some(c) => ids.iter().map(|id| c.get(id)).collect(),
             None => vec![None; ids.len()],
         };
         let cached: Vec<bool> = out.iter().map(Option::is_some).collect();
         let hits = cached.iter().filter(|&&c| c).count();
         if hits > 0 {
+            let n = &self.inner.n;
             n.cache_hits.fetch_add(hits as u64, Ordering::Relaxed);
             n.store_hits.fetch_add(hits as u64, Ordering::Relaxed);
             self.note_cache_hits(ids.iter().zip(&cached).filter(|(_, &c)| c).map(|(id, _)| *id));
         }
-        if hits < ids.len() {
-            let rest: Vec<ChunkId> = ids.iter().zip(&cached).filter(|(_, &c)| !c).map(|(id, _)| *id).collect();
-            let found = match self.local(rest, want_data).await {
-                Ok(found) => found,
-                Err(e) => return (Err(e), Duration::ZERO),
-            };
-            n.store_hits.fetch_add(found.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
-            for (o, f) in out.iter_mut().filter(|o| o.is_none()).zip(found) {
-                *o = f;
-            }
+        Ok(Found { ids, out, cached })
+    }
+
+    /// The second look: the store, for what the frame cache lacked
+    /// (verified there). Blocks: off the runtime's workers.
+    fn from_store(&self, found: &mut Found, want_data: bool) -> Result<(), FetchError> {
+        let rest: Vec<ChunkId> =
+            found.ids.iter().zip(&found.out).filter(|(_, o)| o.is_none()).map(|(id, _)| *id).collect();
+        let local = self.local(&rest, want_data)?;
+        self.inner.n.store_hits.fetch_add(local.iter().filter(|o| o.is_some()).count() as u64, Ordering::Relaxed);
+        for (o, f) in found.out.iter_mut().filter(|o| o.is_none()).zip(local) {
+            *o = f;
         }
+        Ok(())
+    }
+
+    /// Fetch what `found` lacks, and put what the frame cache did not
+    /// hold in it; with how long the read waited.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        found: Found,
+        prio: Priority,
+        want_data: bool,
+        requested: tokio::time::Instant,
+        on_miss: Option<OnMiss<'_>>,
+    ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
+        let n = &self.inner.n;
+        let Found { ids, out, cached } = found;
         let (result, waited) = if out.iter().all(Option::is_some) {
             (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
         } else {
@@ -458,13 +530,20 @@ impl Fetcher {
             (true, Ok(data)) => check_lengths(layer, frames, data),
             (_, result) => result,
         };
-        // What the cache did not hold, from the store or the registry, goes in.
-        if let (Some(c), Ok(data)) = (cache, &result) {
-            for ((id, data), _) in ids.iter().zip(data).zip(&cached).filter(|(_, &c)| !c) {
+        if let (true, Ok(data)) = (want_data, &result) {
+            self.cache_new(&ids, &cached, data);
+        }
+        (result, waited)
+    }
+
+    /// What the frame cache did not hold, from the store or the registry,
+    /// goes in.
+    fn cache_new(&self, ids: &[ChunkId], cached: &[bool], data: &[Bytes]) {
+        if let Some(c) = &self.inner.frames {
+            for ((id, data), _) in ids.iter().zip(data).zip(cached).filter(|(_, &c)| !c) {
                 c.insert(*id, data.clone());
             }
         }
-        (result, waited)
     }
 
     /// The rest of [`Fetcher::fetch`]: lead or join the fetches of the
@@ -549,7 +628,12 @@ impl Fetcher {
             if !stored.is_empty() {
                 // A chunk the store no longer has (evicted at once, or its
                 // write failed) stays missing: the next round fetches it.
-                let found = self.local(stored.clone(), true).await?;
+                let this = self.clone();
+                let looked = tokio::task::spawn_blocking(move || {
+                    let found = this.local(&stored, true);
+                    found.map(|found| (stored, found))
+                });
+                let (stored, found) = looked.await.map_err(|e| FetchError::joined("a store lookup", e))??;
                 for (id, data) in stored.into_iter().zip(found) {
                     if let Some(data) = data {
                         fill(&mut out, &at, id, data);
@@ -620,23 +704,19 @@ impl Fetcher {
         futures_util::future::join_all(fetches).await.into_iter().collect()
     }
 
-    /// Look the chunks up in the store (verified there), off the runtime.
-    /// Without `want_data`, only whether each is there.
-    async fn local(&self, ids: Vec<ChunkId>, want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
-        let store = self.inner.store.clone();
+    /// Look the chunks up in the store (verified there); blocks. Without
+    /// `want_data`, only whether each is there.
+    fn local(&self, ids: &[ChunkId], want_data: bool) -> Result<Vec<Option<Bytes>>, FetchError> {
+        let store = &self.inner.store;
         let pending = std::mem::take(&mut *self.inner.untouched.lock());
-        tokio::task::spawn_blocking(move || {
-            touch_all(&store, &pending);
-            ids.iter()
-                .map(|id| match want_data {
-                    true => store.get(id).map(|o| o.map(Bytes::from)),
-                    false => store.contains(id).map(|c| c.then(Bytes::new)),
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| FetchError::joined("a store lookup", e))?
-        .map_err(FetchError::from)
+        touch_all(store, &pending);
+        ids.iter()
+            .map(|id| match want_data {
+                true => store.get(id).map(|o| o.map(Bytes::from)),
+                false => store.contains(id).map(|c| c.then(Bytes::new)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FetchError::from)
     }
 
     /// For each missing chunk, join its flight or start one. Returns what to

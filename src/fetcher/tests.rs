@@ -251,3 +251,47 @@ fn leads_answered_early_leave_the_map_first() {
     assert!(!map.contains_key(&(host, b)), "the group's own flight outlived it");
     assert!(matches!(*rx_a.borrow(), Some(Ok(Got::Stored))));
 }
+
+/// A FUSE reader answers what the store and the frame cache hold on its
+/// own thread, with no runtime: `read_local`. A read missing a frame gets
+/// back what was found, and `read_rest` finishes it on the runtime.
+#[test]
+fn a_read_the_store_holds_is_answered_without_the_runtime() {
+    let layer = twice_the_same_file();
+    let n = layer.index.frames().len();
+    assert!(n >= 3, "the layer should have a few frames: {n}");
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dead_registry();
+    let f = fetcher(dir.path(), &registry);
+    let remote = layer.remote(Repo { registry: registry.clone(), name: "t/local".into() });
+    let all: Vec<usize> = (0..n).collect();
+    let last = n - 1;
+    for i in 0..last {
+        f.store().put(&VerifiedChunk::from_data(&frame_data(&layer, i), 3)).unwrap();
+    }
+    let want: Vec<Vec<u8>> = all.iter().map(|&i| frame_data(&layer, i)).collect();
+
+    // From the store, then (the same frames again) from the frame cache.
+    for round in 0..2 {
+        let got = f.read_local(&remote, &all[..last]).ok().expect("every frame is stored").unwrap();
+        assert_eq!(got.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), want[..last], "round {round}");
+    }
+    let s = f.stats();
+    assert!(s.cache_hits >= last as u64, "the second round came from the frame cache: {s:?}");
+
+    // One frame missing: nothing is fetched here; the finder keeps the rest.
+    let found = f.read_local(&remote, &all).err().expect("the last frame is not stored");
+    assert_eq!(f.stats().demand_requests, 0);
+    // Stored meanwhile (another reader's fetch): the rest finds it.
+    f.store().put(&VerifiedChunk::from_data(&frame_data(&layer, last), 3)).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (got, _) = rt.block_on(f.read_rest(&remote, &all, found, || ()));
+    assert_eq!(got.unwrap().iter().map(|b| b.to_vec()).collect::<Vec<_>>(), want);
+
+    // A frame past the index is an error, not a miss.
+    match f.read_local(&remote, &[n]) {
+        Ok(Err(FetchError::NoSuchFrame { .. })) => {}
+        Ok(other) => panic!("expected NoSuchFrame, got {:?}", other.map(|d| d.len())),
+        Err(_) => panic!("expected NoSuchFrame, got a miss"),
+    }
+}

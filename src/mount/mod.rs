@@ -3,9 +3,11 @@
 //! in one place.
 //!
 //! Metadata answers come straight from the in-memory tree. A read is planned
-//! on the FUSE thread (which frames, which bytes), then handed to the tokio
-//! runtime: the fetcher answers from the store or the registry, and the reply
-//! is sent from there. A read waiting on the network holds no FUSE thread.
+//! on the FUSE thread (which frames, which bytes) and answered there when
+//! the frame cache and the store hold its frames. Otherwise it is handed to
+//! the tokio runtime with what was found: the fetcher fetches the rest from
+//! the registry, and the reply is sent from there. A read waiting on the
+//! network holds no FUSE thread.
 //!
 //! The frames each read needs are reported on a bounded channel (the trace
 //! hook); when it is full the report is dropped and counted, never waited on.
@@ -24,7 +26,7 @@ use hyperbox_fuse::{Attr, Kind, ReadOnlyFs, ReadReply};
 
 mod ahead;
 
-use crate::fetcher::{Fetcher, Priority};
+use crate::fetcher::Fetcher;
 use crate::fs::{FsError, LayerTree, NodeAttr, NodeKind};
 use crate::layer::RemoteLayer;
 use crate::metrics::{Histogram, HistogramSnapshot};
@@ -391,26 +393,30 @@ impl ReadOnlyFs for LayerFs {
         if let Some(a) = &self.ahead {
             a.read(ino);
         }
+        // What the frame cache and the store hold is answered here, on this
+        // FUSE thread: only a read that must wait on the registry goes to
+        // the runtime (thread hand-offs that a local read would pay twice).
+        let found = match self.fetcher.read_local(&self.remote, &plan.frames) {
+            Ok(result) => {
+                answer(&self.remote, ino, offset, &self.tree, &plan, result, reply);
+                return FUSE_OPS.read.observe(began.elapsed());
+            }
+            Err(found) => found,
+        };
         let (fetcher, remote, tree) = (self.fetcher.clone(), self.remote.clone(), self.tree.clone());
         let ahead = self.ahead.clone();
         self.rt.spawn(async move {
             let frames = &plan.frames;
-            let (result, waited) = match &ahead {
-                // A read that misses hints at what comes next: fetched
-                // ahead, its requests queued behind this read's own.
-                Some(a) => fetcher.read_frames_or_miss(&remote, frames, Priority::Demand, || a.missed(ino, frames)).await,
-                None => fetcher.read_frames_waited(&remote, frames, Priority::Demand).await,
-            };
-            // Frame data of another length than this index says (a chunk
-            // another layer's index lists differently) is an error, as is
-            // any fetch error: EIO, and the mount goes on.
-            match result.map_err(|e| e.to_string()).and_then(|d| plan.try_assemble(tree.index(), &d).map_err(|e| e.to_string())) {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
-                    reply.error(libc::EIO);
-                }
-            }
+            // A read that misses hints at what comes next: fetched ahead,
+            // its requests queued behind this read's own.
+            let (result, waited) = fetcher
+                .read_rest(&remote, frames, found, || {
+                    if let Some(a) = &ahead {
+                        a.missed(ino, frames)
+                    }
+                })
+                .await;
+            answer(&remote, ino, offset, &tree, &plan, result, reply);
             FUSE_OPS.read.observe(began.elapsed());
             if !waited.is_zero() {
                 // Reading /proc/<pid>/cgroup may block on the kernel's
@@ -418,6 +424,29 @@ impl ReadOnlyFs for LayerFs {
                 tokio::task::spawn_blocking(move || CONTAINER_WAITS.add(pid, waited));
             }
         });
+    }
+}
+
+/// Reply to a read with its frames' data cut to the bytes asked for.
+/// Frame data of another length than this index says (a chunk another
+/// layer's index lists differently) is an error, as is any fetch error:
+/// EIO, and the mount goes on.
+fn answer(
+    remote: &RemoteLayer,
+    ino: u64,
+    offset: u64,
+    tree: &LayerTree,
+    plan: &crate::fs::ReadPlan,
+    result: Result<Vec<bytes::Bytes>, crate::fetcher::FetchError>,
+    reply: ReadReply,
+) {
+    match result.map_err(|e| e.to_string()).and_then(|d| plan.try_assemble(tree.index(), &d).map_err(|e| e.to_string()))
+    {
+        Ok(data) => reply.data(&data),
+        Err(e) => {
+            tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
+            reply.error(libc::EIO);
+        }
     }
 }
 
