@@ -22,16 +22,19 @@ const TOOLS: &[&str] = &["containerd", "ctr", "runc", "docker-registry", "busybo
 const FILES: usize = 48;
 const CONTAINERS: usize = 4;
 
+/// Fields drop in order: containerd, then hyperboxd (its mounts detached),
+/// and the temp dir last. Removed while the layers were still mounted in
+/// it, the dir was left behind with a 400 MB copy of the binary each run.
 struct Setup {
+    ctd: Containerd,
+    hb: Hyperboxd,
     _reg: Registry,
     proxy: FaultProxy,
-    tmp: tempfile::TempDir,
-    hb: Hyperboxd,
-    ctd: Containerd,
     dst: String,
     /// `sha256sum`'s line for each file.
     sums: Vec<String>,
     files: Vec<Vec<u8>>,
+    tmp: tempfile::TempDir,
 }
 
 /// busybox and a layer of FILES random files of 160 KiB, converted into a
