@@ -36,7 +36,7 @@ pub fn verify_frame(id: ChunkId, u_len: u32, compressed: &[u8]) -> Result<Vec<u8
     if u_len > MAX_FRAME_LEN {
         return Err(FrameError::TooLong { u_len });
     }
-    let data = zstd::bulk::decompress(compressed, u_len as usize).map_err(|e| FrameError::Decompress(Arc::new(e)))?;
+    let data = decompress(compressed, u_len as usize).map_err(|e| FrameError::Decompress(Arc::new(e)))?;
     if data.len() != u_len as usize {
         return Err(FrameError::Length { got: data.len(), want: u_len });
     }
@@ -45,6 +45,30 @@ pub fn verify_frame(id: ChunkId, u_len: u32, compressed: &[u8]) -> Result<Vec<u8
         return Err(FrameError::Hash { actual });
     }
     Ok(data)
+}
+
+/// Decompression contexts kept for the next frame: making one maps and
+/// unmaps about 160 KiB each time (hyperboxd sets glibc's mmap threshold
+/// at 128 KiB), page faults that were a tenth of a read's CPU. A pool, not
+/// one per thread: FUSE threads are many and mostly idle.
+static DECOMPRESSORS: parking_lot::Mutex<Vec<zstd::bulk::Decompressor<'static>>> = parking_lot::Mutex::new(Vec::new());
+
+/// Contexts the pool keeps at most (about the frames decompressed at once).
+const KEPT_DECOMPRESSORS: usize = 8;
+
+/// `zstd::bulk::decompress` with a pooled context.
+fn decompress(compressed: &[u8], capacity: usize) -> io::Result<Vec<u8>> {
+    let popped = DECOMPRESSORS.lock().pop();
+    let mut d = match popped {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let data = d.decompress(compressed, capacity);
+    let mut pool = DECOMPRESSORS.lock();
+    if pool.len() < KEPT_DECOMPRESSORS {
+        pool.push(d);
+    }
+    data
 }
 
 /// Decompress frame `i` of a layer from its compressed bytes and verify it

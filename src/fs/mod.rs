@@ -493,6 +493,17 @@ impl ReadPlan {
     /// length is not the frame's length in the index (which would put other
     /// bytes at these offsets): frames come from a store shared by layers.
     pub fn try_assemble(&self, index: &LayerIndex, data: &[impl AsRef<[u8]>]) -> Result<Vec<u8>, FrameMismatch> {
+        Ok(self.try_slices(index, data)?.concat())
+    }
+
+    /// The reply as slices of the frames' data, in order, to be written as
+    /// they are (no copy); holes of a sparse file are slices of zeros. The
+    /// same checks as [`ReadPlan::try_assemble`].
+    pub fn try_slices<'d>(
+        &self,
+        index: &LayerIndex,
+        data: &'d [impl AsRef<[u8]>],
+    ) -> Result<Vec<&'d [u8]>, FrameMismatch> {
         for (k, &f) in self.frames.iter().enumerate() {
             let (start, end) = index.frame_tar_range(f);
             let got = data.get(k).map_or(0, |d| d.as_ref().len());
@@ -500,9 +511,18 @@ impl ReadPlan {
                 return Err(FrameMismatch { frame: f, got, want: end - start });
             }
         }
-        let mut out = vec![0u8; self.len];
+        let mut out: Vec<&'d [u8]> = Vec::with_capacity(self.frames.len() + 1);
+        let zeros = |out: &mut Vec<&'d [u8]>, mut n: usize| {
+            while n > 0 {
+                let z = n.min(ZEROS.len());
+                out.push(&ZEROS[..z]);
+                n -= z;
+            }
+        };
+        let mut written = 0usize;
         for p in &self.pieces {
             let (out_at, len) = (p.out as usize, p.len as usize);
+            zeros(&mut out, out_at.saturating_sub(written));
             let mut done = 0usize;
             while done < len {
                 let at = p.tar + done as u64;
@@ -515,13 +535,18 @@ impl ReadPlan {
                 let d = data[k].as_ref();
                 let from = (at - fstart) as usize;
                 let n = (d.len() - from).min(len - done);
-                out[out_at + done..out_at + done + n].copy_from_slice(&d[from..from + n]);
+                out.push(&d[from..from + n]);
                 done += n;
             }
+            written = out_at + len;
         }
+        zeros(&mut out, self.len.saturating_sub(written));
         Ok(out)
     }
 }
+
+/// What holes of sparse files are answered with.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 #[cfg(test)]
 mod tests;

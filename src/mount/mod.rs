@@ -427,7 +427,8 @@ impl ReadOnlyFs for LayerFs {
     }
 }
 
-/// Reply to a read with its frames' data cut to the bytes asked for.
+/// Reply to a read with its frames' data cut to the bytes asked for,
+/// written from the frames as they are.
 /// Frame data of another length than this index says (a chunk another
 /// layer's index lists differently) is an error, as is any fetch error:
 /// EIO, and the mount goes on.
@@ -440,14 +441,19 @@ fn answer(
     result: Result<Vec<bytes::Bytes>, crate::fetcher::FetchError>,
     reply: ReadReply,
 ) {
-    match result.map_err(|e| e.to_string()).and_then(|d| plan.try_assemble(tree.index(), &d).map_err(|e| e.to_string()))
-    {
-        Ok(data) => reply.data(&data),
-        Err(e) => {
-            tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
-            reply.error(libc::EIO);
-        }
+    let data = match result {
+        Ok(data) => data,
+        Err(e) => return fail(remote, ino, offset, &e.to_string(), reply),
+    };
+    match plan.try_slices(tree.index(), &data) {
+        Ok(parts) => reply.data_parts(&parts),
+        Err(e) => fail(remote, ino, offset, &e.to_string(), reply),
     }
+}
+
+fn fail(remote: &RemoteLayer, ino: u64, offset: u64, e: &str, reply: ReadReply) {
+    tracing::error!(layer = %remote.blob, repo = %remote.repo, inode = ino, offset, error = %e, "read failed: EIO");
+    reply.error(libc::EIO);
 }
 
 #[cfg(test)]
