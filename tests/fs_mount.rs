@@ -43,9 +43,10 @@ fn logs() -> &'static Mutex<Vec<u8>> {
     })
 }
 
+/// The temp dir drops last, after the mount in it: removed while mounted,
+/// it was left behind.
 struct Served {
     rt: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
     _registry: common::Registry,
     proxy: FaultProxy,
     mount: Option<Mount>,
@@ -53,6 +54,7 @@ struct Served {
     fetcher: Fetcher,
     blob: hyperbox::digest::Digest,
     trace: tokio::sync::mpsc::Receiver<hyperbox::mount::ChunkAccess>,
+    _dir: tempfile::TempDir,
 }
 
 /// Convert `tar`, push it to a registry behind a fault proxy, and mount it

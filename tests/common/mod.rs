@@ -73,10 +73,14 @@ impl Drop for Daemon {
 }
 
 /// A `docker-registry` (CNCF distribution) on 127.0.0.1, storing in a temp dir.
+/// Fields drop in order: the daemon stops before its dirs are removed.
 pub struct Registry {
     pub addr: String,
-    pub dir: tempfile::TempDir,
     _daemon: Daemon,
+    pub dir: tempfile::TempDir,
+    /// The htpasswd file's dir ([`Registry::start_with_auth`]), removed
+    /// once the registry has stopped.
+    _auth: Option<tempfile::TempDir>,
 }
 
 impl Registry {
@@ -90,9 +94,9 @@ impl Registry {
         let file = dir.path().join("htpasswd");
         let out = run(Command::new("htpasswd").args(["-Bbn", user, password]));
         std::fs::write(&file, out).unwrap();
-        let reg =
+        let mut reg =
             Self::start_with(&format!("auth:\n  htpasswd:\n    realm: hyperbox-test\n    path: {}\n", file.display()));
-        std::mem::forget(dir); // the htpasswd file must outlive the registry; it is tiny
+        reg._auth = Some(dir);
         reg
     }
 
@@ -119,7 +123,7 @@ impl Registry {
             .expect("start docker-registry");
         let daemon = Daemon { child, name: "docker-registry" };
         wait_until("docker-registry", Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok());
-        Registry { addr, dir, _daemon: daemon }
+        Registry { addr, _daemon: daemon, dir, _auth: None }
     }
 
     /// The registry's log: one access-log line per request, with status and
