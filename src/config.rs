@@ -70,8 +70,9 @@ pub struct DaemonConfig {
     /// The unix socket containerd's `proxy_plugins` entry names (mode 0660).
     /// Under systemd socket activation the socket unit's fd is used instead.
     pub address: PathBuf,
-    /// FUSE threads per mounted layer. Reads waiting on the network hold no
-    /// thread, so a few suffice.
+    /// FUSE threads per mounted layer. A read the store can answer is
+    /// answered on its thread; reads waiting on the network hold none, so a
+    /// few suffice.
     pub fuse_threads: usize,
     /// Read-ahead window of each layer mount, KiB (0: the kernel's 128).
     /// A large window lets a sequential reader keep several 1 MiB FUSE reads
