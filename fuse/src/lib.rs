@@ -162,11 +162,8 @@ impl ReadReply {
         ReadReply { to: Some((chan, unique)), size }
     }
 
-    pub fn data(mut self, data: &[u8]) {
-        if let Some((c, unique)) = self.to.take() {
-            c.reply(unique, 0, &[&data[..data.len().min(self.size as usize)]]);
-            c.inflight.fetch_sub(1, Ordering::SeqCst);
-        }
+    pub fn data(self, data: &[u8]) {
+        self.data_parts(&[data]);
     }
 
     /// Answer with `parts` one after the other, written as they are (one

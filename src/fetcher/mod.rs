@@ -885,15 +885,7 @@ impl<'a> FlightGuard<'a> {
 
     /// Take the flights out of the in-flight map (once).
     fn release(&mut self) {
-        if !self.in_map.contains(&true) {
-            return;
-        }
-        let mut inflight = self.inner.inflight.lock();
-        for (in_map, &(_, id, _)) in self.in_map.iter_mut().zip(&self.leads) {
-            if std::mem::take(in_map) {
-                inflight.remove(&(self.host.clone(), id));
-            }
-        }
+        self.take_out(0..self.leads.len());
     }
 
     /// Take the flights of leads `ks` alone out of the in-flight map, to
@@ -902,11 +894,17 @@ impl<'a> FlightGuard<'a> {
     /// this one again. A flight someone starts meanwhile for the same chunk
     /// is theirs: the guard's later release leaves it alone.
     fn release_leads(&mut self, ks: &[usize]) {
-        if !ks.iter().any(|&k| self.in_map.get(k) == Some(&true)) {
+        self.take_out(ks.iter().copied());
+    }
+
+    /// Remove the flights of leads `ks` still in the in-flight map (taking
+    /// the lock only if one is).
+    fn take_out(&mut self, ks: impl Iterator<Item = usize> + Clone) {
+        if !ks.clone().any(|k| self.in_map.get(k) == Some(&true)) {
             return;
         }
         let mut inflight = self.inner.inflight.lock();
-        for &k in ks {
+        for k in ks {
             if let (Some(in_map), Some(&(_, id, _))) = (self.in_map.get_mut(k), self.leads.get(k)) {
                 if std::mem::take(in_map) {
                     inflight.remove(&(self.host.clone(), id));
