@@ -17,6 +17,7 @@ pub const FETCH_FAILURES: &str = "hyperbox_fetch_failures_total";
 pub const FETCH_VERIFY_FAILURES: &str = "hyperbox_fetch_verify_failures_total";
 pub const FETCH_JOINED: &str = "hyperbox_fetch_joined_total";
 pub const FRAME_CACHE_HITS: &str = "hyperbox_frame_cache_hits_total";
+pub const READY_FRAME_HITS: &str = "hyperbox_ready_frame_hits_total";
 /// Seconds from sending a range request to holding its whole body.
 pub const FETCH_REQUEST_SECONDS: &str = "hyperbox_fetch_request_seconds";
 /// Seconds FUSE reads spent waiting on the registry, all and per container.

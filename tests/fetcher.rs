@@ -3,7 +3,8 @@
 //! counts, every fault met without an unverified byte coming back, retries
 //! that succeed once a fault stops, mirrors, token refresh, a store under a
 //! small budget that refetches what it evicted, and a frame cache that
-//! answers reads coming back to a frame without the store.
+//! answers reads coming back to a frame without the store, as do the frames
+//! a trace's prefetch keeps for the reads it predicts.
 
 mod common;
 
@@ -569,6 +570,54 @@ async fn the_frame_cache_answers_reads_that_come_back() {
             _ => {
                 assert!(f.cache_hits < n as u64, "a 1 MiB cache held all {n} frames: {f:?}");
                 assert_eq!(st.hits - store_hits + f.cache_hits, n as u64, "{f:?} {st:?}");
+            }
+        }
+        drop(s.registry);
+    }
+}
+
+/// Frames a trace says the start reads wait in memory, verified as the
+/// prefetch fetched them, and their reads take them without the store;
+/// what the trace did not name, or what does not fit in `ready_mb`, is read
+/// from the store; nothing stays once read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_a_trace_expects_wait_for_their_reads() {
+    if !common::have_tools("frames_a_trace_expects_wait_for_their_reads", TOOLS) {
+        return;
+    }
+    for mb in [64, 1, 0] {
+        let s = setup(FetchConfig { ready_mb: mb, ..test_config() }, StoreConfig::default()).await;
+        let n = s.layer.frames.len();
+        let expected = n / 2;
+        let table = s.layer.index.frames();
+        s.fetcher.expect_reads((0..expected).map(|f| table.get(f).id));
+        let all: Vec<usize> = (0..n).collect();
+        s.fetcher.fetch_into_store(&s.remote, &all, Priority::Prefetch).await.unwrap();
+        s.fetcher.settled().await;
+        let kept = s.fetcher.memory().ready;
+        assert!(kept <= mb << 20, "{mb} MiB: {kept} bytes kept");
+        let (requests, store_hits) = (s.fetcher.stats().requests(), s.fetcher.store().stats().hits);
+        for f in 0..n {
+            let got = s.fetcher.read(&s.remote, f..f + 1, Priority::Demand).await.unwrap();
+            check_frames(&got, &s.layer.frames, f);
+        }
+        let (fs, st) = (s.fetcher.stats(), s.fetcher.store().stats());
+        assert_eq!(fs.requests(), requests, "{mb} MiB: a stored frame was fetched again");
+        assert_eq!(s.fetcher.memory().ready, 0, "{mb} MiB: frames stayed after their reads");
+        let want_bytes: u64 = (0..expected).map(|f| s.layer.frames[f].len() as u64).sum();
+        match mb {
+            64 => {
+                assert_eq!(kept, want_bytes, "every expected frame was kept, and only those");
+                assert_eq!(fs.ready_hits, expected as u64, "{fs:?}");
+                assert_eq!(st.hits - store_hits, (n - expected) as u64, "the store was asked for kept frames: {st:?}");
+            }
+            0 => {
+                assert_eq!((kept, fs.ready_hits), (0, 0), "{fs:?}");
+                assert_eq!(st.hits - store_hits, n as u64, "{st:?}");
+            }
+            _ => {
+                assert!(fs.ready_hits > 0 && fs.ready_hits < expected as u64, "1 MiB held some, not all: {fs:?}");
+                assert_eq!(st.hits - store_hits + fs.ready_hits, n as u64, "{fs:?} {st:?}");
             }
         }
         drop(s.registry);

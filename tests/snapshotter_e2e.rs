@@ -577,6 +577,11 @@ fn traced_start_prefetches_everything_it_reads() {
     let t2_wait = metric(&text, "hyperbox_container_fetch_wait_seconds_total{container=\"t2\"}").unwrap_or(0.0);
     println!("traced start waited {t2_wait:.3} s on the registry (untraced: {t1_wait:.3} s)");
     assert!(t2_wait < t1_wait, "{text}");
+    // Its reads took frames the prefetch kept for them (verified as they
+    // arrived), rather than decompressing them from the store again.
+    let ready = metric(&text, "hyperbox_ready_frame_hits_total").unwrap();
+    println!("traced start: {ready} frames read as the prefetch kept them");
+    assert!(ready > 0.0, "{text}");
     run(ctd.ctr().args(["container", "rm", "t2"]));
     let (bytes, requests) = blob_bytes_served(&reg.log()[log_start..]);
     println!(
@@ -609,6 +614,7 @@ fn traced_start_prefetches_everything_it_reads() {
     assert!(part("layer_trees") > 0.0, "{text}");
     assert!(part("rocksdb_memtables") > 0.0, "{text}");
     assert_eq!(part("fetches"), 0.0, "{text}");
+    assert!(part("ready_frames") >= 0.0, "{text}");
     assert!(text.contains("hyperbox_fetch_requests_total{priority=\"prefetch\"}"), "{text}");
 
     // Another node, wiped, with the exported trace of v1 imported.

@@ -129,6 +129,7 @@ impl Admin for AdminService {
             prefetch_errors: p.errors.load(Relaxed),
             trace_sessions: node.recorder.as_ref().map_or(0, |r| r.stats.sessions.load(Relaxed)),
             frame_cache_hits: f.cache_hits,
+            ready_frame_hits: f.ready_hits,
         }))
     }
 

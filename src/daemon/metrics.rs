@@ -65,6 +65,11 @@ pub fn text(node: &Node) -> String {
     e.counter(FETCH_VERIFY_FAILURES, "Fetched chunks that failed verification.", f.verify_failures);
     e.counter(FETCH_JOINED, "Reads that joined a fetch already in flight.", f.joined);
     e.counter(FRAME_CACHE_HITS, "Frames reads found in the frame cache, decompressed and verified.", f.cache_hits);
+    e.counter(
+        READY_FRAME_HITS,
+        "Frames reads found waiting in memory, verified as a traced prefetch fetched them.",
+        f.ready_hits,
+    );
     e.histogram_by(
         FETCH_REQUEST_SECONDS,
         "Range request latency, sending to holding the whole body (failed tries included).",
@@ -105,6 +110,7 @@ pub fn text(node: &Node) -> String {
             ("rocksdb_block_cache", db.block_cache),
             ("rocksdb_table_readers", db.table_readers),
             ("frame_cache", fetch.frame_cache),
+            ("ready_frames", fetch.ready),
             ("fetches", fetch.fetches),
             ("layer_trees", node.snapshotter.layer_memory() as u64),
         ],

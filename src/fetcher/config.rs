@@ -41,6 +41,14 @@ pub struct FetchConfig {
     /// MiB of decompressed, verified frames kept in memory for reads that
     /// come back to a frame (small files that share one); 0 turns it off.
     pub frame_cache_mb: u64,
+    /// MiB of decompressed, verified frames a traced prefetch fetched, kept
+    /// in memory until the start reads them (each is verified as it
+    /// arrives; the read then needs no second decompress and hash from the
+    /// store); 0 turns it off.
+    pub ready_mb: u64,
+    /// Seconds such a frame waits for its read before it is dropped (the
+    /// store still has it).
+    pub ready_secs: u64,
     /// `[fetch.ahead]`: what a read that misses fetches
     /// next, in the background, when no trace said so.
     pub ahead: AheadConfig,
@@ -124,6 +132,8 @@ impl Default for FetchConfig {
             backoff_max_ms: 5_000,
             timeout_ms: 60_000,
             frame_cache_mb: 32,
+            ready_mb: 64,
+            ready_secs: 30,
             ahead: AheadConfig::default(),
         }
     }
@@ -149,6 +159,9 @@ impl FetchConfig {
         }
         if self.frame_cache_mb > 16 << 10 {
             return Err("fetch.frame_cache_mb must be at most 16384".into());
+        }
+        if self.ready_mb > 16 << 10 {
+            return Err("fetch.ready_mb must be at most 16384".into());
         }
         Ok(())
     }

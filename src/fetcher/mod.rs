@@ -48,6 +48,7 @@ mod cache;
 mod config;
 mod error;
 mod plan;
+mod ready;
 mod remote;
 mod retry;
 mod sched;
@@ -143,6 +144,8 @@ struct Inner {
     inflight: Mutex<HashMap<FlightKey, Flight>>,
     /// Verified frames reads were answered with (`frame_cache_mb`).
     frames: Option<FrameCache>,
+    /// Verified frames a traced prefetch fetched, until read (`ready_mb`).
+    ready: Option<Arc<ready::Ready>>,
     /// Chunks read from the frame cache whose access time the store has not
     /// been told of yet: told in batches, off the runtime, so that the
     /// store's LRU eviction still sees the hottest chunks as hot.
@@ -198,6 +201,8 @@ impl Found {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FetchMemory {
     pub frame_cache: u64,
+    /// Frames a traced prefetch fetched, waiting for their reads.
+    pub ready: u64,
     pub fetches: u64,
 }
 
@@ -212,6 +217,7 @@ impl Fetcher {
         let sched =
             Scheduler::new(cfg.max_concurrent_requests, cfg.max_prefetch_requests, cfg.max_requests_per_registry);
         let frames = cache::frame_cache(cfg.frame_cache_mb);
+        let ready = ready::Ready::new(cfg.ready_mb, cfg.ready_secs);
         let ahead_gate = match cfg.ahead.in_flight_bytes >> 10 {
             0 => None,
             kib => Some(tokio::sync::Semaphore::new(kib.min(u32::MAX as u64) as usize)),
@@ -225,6 +231,7 @@ impl Fetcher {
                 sched,
                 inflight: Mutex::new(HashMap::new()),
                 frames,
+                ready,
                 untouched: Mutex::new(Vec::new()),
                 n: Counters::default(),
                 demand_at: Default::default(),
@@ -274,6 +281,14 @@ impl Fetcher {
         self.inner.traced.lock().insert(blob.clone());
     }
 
+    /// The start will read these chunks (a trace says so): frames of them
+    /// fetched from now on are kept, verified, for that read (`ready_mb`).
+    pub fn expect_reads(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        if let Some(r) = &self.inner.ready {
+            r.expect(ids);
+        }
+    }
+
     /// Whether a trace's prefetch has covered layer `blob` in this process.
     pub fn is_traced(&self, blob: &Digest) -> bool {
         self.inner.traced.lock().contains(blob)
@@ -285,6 +300,7 @@ impl Fetcher {
     pub fn memory(&self) -> FetchMemory {
         FetchMemory {
             frame_cache: self.inner.frames.as_ref().map_or(0, |c| c.weight()),
+            ready: self.inner.ready.as_ref().map_or(0, |r| r.bytes()),
             fetches: self.inner.n.held_bytes.load(Ordering::Relaxed),
         }
     }
@@ -445,17 +461,27 @@ impl Fetcher {
             return Err(FetchError::NoSuchFrame { layer: layer.name(), frame: bad, frames: table.len() });
         }
         let ids: Vec<ChunkId> = frames.iter().map(|&i| table.get(i).id).collect();
-        let out: Vec<Option<Bytes>> = match self.inner.frames.as_ref().filter(|_| want_data) {
+        let mut out: Vec<Option<Bytes>> = match self.inner.frames.as_ref().filter(|_| want_data) {
             Some(c) => ids.iter().map(|id| c.get(id)).collect(),
             None => vec![None; ids.len()],
         };
         let cached: Vec<bool> = out.iter().map(Option::is_some).collect();
         let hits = cached.iter().filter(|&&c| c).count();
+        let n = &self.inner.n;
         if hits > 0 {
-            let n = &self.inner.n;
             n.cache_hits.fetch_add(hits as u64, Ordering::Relaxed);
             n.store_hits.fetch_add(hits as u64, Ordering::Relaxed);
             self.note_cache_hits(ids.iter().zip(&cached).filter(|(_, &c)| c).map(|(id, _)| *id));
+        }
+        // Then frames a traced prefetch kept for this read. They go in the
+        // frame cache after (not `cached`), like frames from the store.
+        if let Some(r) = self.inner.ready.as_ref().filter(|r| want_data && hits < ids.len() && !r.is_idle()) {
+            let taken = out.iter_mut().zip(&ids).filter(|(o, _)| o.is_none()).fold(0, |k, (o, id)| {
+                *o = r.take(id);
+                k + o.is_some() as u64
+            });
+            n.ready_hits.fetch_add(taken, Ordering::Relaxed);
+            n.store_hits.fetch_add(taken, Ordering::Relaxed);
         }
         Ok(Found { ids, out, cached })
     }

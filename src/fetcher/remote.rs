@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::ready::Ready;
 use super::retry::Failure;
 use super::sched::Ticket;
 use super::{FetchError, FlightGuard, Got, Group, Inner, Priority, RemoteLayer, TryError};
@@ -74,17 +75,23 @@ impl Inner {
         // A prefetch's request slot, kept until its chunks are stored.
         let mut slot = None;
         match self.fetch_verified(&layer, first, last, &prio, requested, ticket, &mut held, &mut slot).await {
-            Ok(chunks) => {
-                // The data is kept only if a demand read waited as the frames
-                // were verified (all or none): those are answered at once,
-                // the others once the chunks are stored.
-                let kept = chunks.first().is_some_and(|c| c.1.is_some());
+            Ok((mut chunks, kept)) => {
+                // The data is kept for readers only if a demand read waited
+                // as the frames were verified (all or none): those are
+                // answered at once, the others once the chunks are stored.
+                // Else what a trace's prefetch kept waits for its read.
                 if kept {
                     for &k in &pending {
                         let data = frame(&k).and_then(|f| chunks.get(f.checked_sub(first)?)).and_then(|c| c.1.clone());
                         // The guard answers a lead left unanswered with an error.
                         if let Some(data) = data {
                             guard.answer(k, Ok(Got::Data(data)));
+                        }
+                    }
+                } else if let Some(ready) = &self.ready {
+                    for (chunk, data) in &mut chunks {
+                        if let Some(data) = data.take() {
+                            ready.put(chunk.id(), data);
                         }
                     }
                 }
@@ -136,7 +143,8 @@ impl Inner {
     /// Fetch blob frames `first..=last` in one range request and verify each,
     /// from the sources in turn under the retry policy. Returns each frame's
     /// chunk, in order, with its data if a demand read waits on the group
-    /// when its frames are verified.
+    /// when its frames are verified (then with `true`), or if a trace's
+    /// prefetch keeps it for a read to come ([`super::ready`]).
     async fn fetch_verified(
         &self,
         layer: &Arc<RemoteLayer>,
@@ -147,7 +155,7 @@ impl Inner {
         ticket: Ticket,
         held: &mut super::stats::Held<'_>,
         slot: &mut Option<super::sched::Permit>,
-    ) -> Result<Vec<(VerifiedChunk, Option<Bytes>)>, FetchError> {
+    ) -> Result<(Vec<(VerifiedChunk, Option<Bytes>)>, bool), FetchError> {
         let mut ticket = Some(ticket);
         let (start, _) = layer.index.frame_blob_range(first);
         let (_, end) = layer.index.frame_blob_range(last);
@@ -237,10 +245,11 @@ impl Inner {
             };
             self.n.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             let keep = prio.load(Ordering::Relaxed) >= Priority::Demand as u8;
-            match verify_frames(layer.clone(), first, last, start, bytes, keep).await {
+            let ready = self.ready.clone().filter(|_| !keep);
+            match verify_frames(layer.clone(), first, last, start, bytes, keep, ready).await {
                 Ok(chunks) => {
                     *slot = permit;
-                    return Ok(chunks);
+                    return Ok((chunks, keep));
                 }
                 Err((frame, e)) => {
                     self.n.errors.fetch_add(1, Ordering::Relaxed);
@@ -315,9 +324,9 @@ impl Inner {
 }
 
 /// Split a response into frames and verify each (decompress and hash), off
-/// the runtime; the decompressed data is kept if `keep`, else dropped frame
-/// by frame. Any frame failing fails the whole response: the frame, and
-/// why.
+/// the runtime; the decompressed data is kept if `keep`, or for the frames
+/// `ready` wants, else dropped frame by frame. Any frame failing fails the
+/// whole response: the frame, and why.
 async fn verify_frames(
     layer: Arc<RemoteLayer>,
     first: usize,
@@ -325,6 +334,7 @@ async fn verify_frames(
     start: u64,
     bytes: Vec<u8>,
     keep: bool,
+    ready: Option<Arc<Ready>>,
 ) -> Result<Vec<(VerifiedChunk, Option<Bytes>)>, (usize, StoreError)> {
     let verified = tokio::task::spawn_blocking(move || {
         (first..=last)
@@ -341,6 +351,7 @@ async fn verify_frames(
                         let got = format::FrameError::CompressedLength { got: bytes.len(), want: f.c_len };
                         (i, StoreError::Verify { id: f.id, problem: got })
                     })?;
+                let keep = keep || ready.as_ref().is_some_and(|r| r.wants(&f.id, f.u_len as u64));
                 VerifiedChunk::verify(f.id, f.u_len, piece.to_vec())
                     .map(|(chunk, data)| (chunk, keep.then(|| Bytes::from(data))))
                     .map_err(|e| (i, e))

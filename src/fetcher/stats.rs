@@ -26,10 +26,13 @@ pub struct FetchStats {
     pub verify_failures: u64,
     /// Reads of a chunk that waited for a fetch already in flight.
     pub joined: u64,
-    /// Frames answered from the store (or the frame cache).
+    /// Frames answered locally: from the store, the frame cache, or kept
+    /// by a traced prefetch for the read.
     pub store_hits: u64,
     /// Of those, frames answered from the frame cache.
     pub cache_hits: u64,
+    /// And frames answered with what a traced prefetch kept for the read.
+    pub ready_hits: u64,
     /// Fetches that gave up.
     pub failures: u64,
 }
@@ -52,6 +55,7 @@ pub(super) struct Counters {
     pub(super) joined: AtomicU64,
     pub(super) store_hits: AtomicU64,
     pub(super) cache_hits: AtomicU64,
+    pub(super) ready_hits: AtomicU64,
     pub(super) failures: AtomicU64,
     pub(super) demand_latency: Histogram,
     pub(super) prefetch_latency: Histogram,
@@ -108,6 +112,7 @@ impl Counters {
             joined: g(&self.joined),
             store_hits: g(&self.store_hits),
             cache_hits: g(&self.cache_hits),
+            ready_hits: g(&self.ready_hits),
             failures: g(&self.failures),
         }
     }

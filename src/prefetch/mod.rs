@@ -311,6 +311,9 @@ impl Prefetcher {
                     }
                 }
             }
+            // The start reads these: what is fetched of them waits for it,
+            // verified, in memory (`fetch.ready_mb`).
+            self.fetcher.expect_reads(order.iter().map(|&(li, f, _)| layers[li].index.frames().get(f).id));
             self.stream(image, &layers, &order).await;
             if full {
                 tracing::info!(image = %image.digest, bytes = spent, "prefetch budget reached");
