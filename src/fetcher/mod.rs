@@ -37,12 +37,17 @@
 //!   the store again. Hits refresh the chunks' access times in the store, in
 //!   batches.
 //!
+//! - **Ready frames** ([`ready`]): the frames a traced prefetch fetches
+//!   for a start ([`Fetcher::expect_reads`]) are kept as they were verified,
+//!   up to `ready_mb`, until the start reads them, so that read does not
+//!   decompress and hash them from the store a second time.
+//!
 //! Nothing leaves this module unverified: every frame is decompressed and
 //! hashed before anyone sees it
 //! ([`VerifiedChunk::verify`](crate::store::VerifiedChunk::verify)), store
-//! hits are verified by the store on read, and the frame cache holds only
-//! frames that passed one of those checks (memory is trusted, as the page
-//! cache is).
+//! hits are verified by the store on read, and the frame cache and the
+//! ready frames hold only frames that passed one of those checks (memory
+//! is trusted, as the page cache is).
 
 mod cache;
 mod config;
@@ -452,9 +457,9 @@ impl Fetcher {
         self.finish(layer, frames, found, Priority::Demand, true, requested, Some(Box::new(on_miss))).await
     }
 
-    /// The first look of a read: which frames the frame cache holds (only
-    /// reads look there: prefetch and hydration only need frames stored,
-    /// and do not fill it).
+    /// The first look of a read: which frames the frame cache holds, or a
+    /// traced prefetch kept for it (only reads look there: prefetch and
+    /// hydration only need frames stored, and do not fill the cache).
     fn from_cache(&self, layer: &RemoteLayer, frames: &[usize], want_data: bool) -> Result<Found, FetchError> {
         let table = layer.index.frames();
         if let Some(&bad) = frames.iter().find(|&&i| i >= table.len()) {

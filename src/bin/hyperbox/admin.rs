@@ -88,10 +88,8 @@ pub async fn stats(args: StatsArgs) -> Result<()> {
         s.store_evictions,
         s.store_verify_failures
     );
-    println!(
-        "cache      {} reads of a frame answered from memory, {} with frames a traced prefetch kept for them",
-        s.frame_cache_hits, s.ready_frame_hits
-    );
+    println!("cache      {} reads of a frame answered from memory", s.frame_cache_hits);
+    println!("ready      {} frames read as a traced prefetch kept them, verified", s.ready_frame_hits);
     println!("layers     {} mounted", s.layers_mounted);
     println!("prefetch   {} jobs, {} asked for, {} errors", s.prefetch_jobs, h(s.prefetch_bytes), s.prefetch_errors);
     println!("traces     {} container starts recorded", s.trace_sessions);
