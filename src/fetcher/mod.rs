@@ -480,11 +480,8 @@ impl Fetcher {
         }
         // Then frames a traced prefetch kept for this read. They go in the
         // frame cache after (not `cached`), like frames from the store.
-        if let Some(r) = self.inner.ready.as_ref().filter(|r| want_data && hits < ids.len() && !r.is_idle()) {
-            let taken = out.iter_mut().zip(&ids).filter(|(o, _)| o.is_none()).fold(0, |k, (o, id)| {
-                *o = r.take(id);
-                k + o.is_some() as u64
-            });
+        if let Some(r) = self.inner.ready.as_ref().filter(|_| want_data && hits < ids.len()) {
+            let taken = r.take_into(&ids, &mut out);
             n.ready_hits.fetch_add(taken, Ordering::Relaxed);
             n.store_hits.fetch_add(taken, Ordering::Relaxed);
         }

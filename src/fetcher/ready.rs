@@ -44,6 +44,11 @@ struct State {
 }
 
 impl State {
+    /// `id` is expected, holds nothing yet, and `len` more bytes fit in `cap`.
+    fn fits(&self, id: &ChunkId, len: u64, cap: u64) -> bool {
+        self.expected.contains_key(id) && !self.data.contains_key(id) && self.bytes + len <= cap
+    }
+
     /// Forget expectations older than `ttl`, and their data.
     fn prune(&mut self, now: Instant, ttl: Duration) {
         let (data, mut freed) = (&mut self.data, 0u64);
@@ -106,38 +111,44 @@ impl Ready {
     /// Whether a frame being verified now is to be kept: a read of it is
     /// expected, and its `len` bytes fit.
     pub(super) fn wants(&self, id: &ChunkId, len: u64) -> bool {
-        let s = self.state.lock();
-        s.expected.contains_key(id) && !s.data.contains_key(id) && s.bytes + len <= self.cap
+        self.state.lock().fits(id, len, self.cap)
     }
 
     /// Keep a verified frame for its read, if still wanted and it fits.
     pub(super) fn put(&self, id: ChunkId, data: Bytes) {
         let mut s = self.state.lock();
         let len = data.len() as u64;
-        if s.expected.contains_key(&id) && !s.data.contains_key(&id) && s.bytes + len <= self.cap {
+        if s.fits(&id, len, self.cap) {
             s.bytes += len;
             s.data.insert(id, data);
         }
     }
 
-    /// A read of `id`: its data if waiting. Either way the read has come,
-    /// so nothing is kept for it any more.
-    pub(super) fn take(&self, id: &ChunkId) -> Option<Bytes> {
+    /// A read of `ids`: where `out` has nothing yet, the data waiting for
+    /// it. Either way the read has come, so nothing is kept for those ids
+    /// any more. Returns how many were filled. One lock, and none of the
+    /// work while nothing is expected (a read's usual case).
+    pub(super) fn take_into(&self, ids: &[ChunkId], out: &mut [Option<Bytes>]) -> u64 {
         let mut s = self.state.lock();
-        s.expected.remove(id)?;
-        let data = s.data.remove(id)?;
-        s.bytes -= data.len() as u64;
-        Some(data)
+        if s.expected.is_empty() {
+            return 0;
+        }
+        let mut taken = 0;
+        for (o, id) in out.iter_mut().zip(ids).filter(|(o, _)| o.is_none()) {
+            if s.expected.remove(id).is_some() {
+                if let Some(data) = s.data.remove(id) {
+                    s.bytes -= data.len() as u64;
+                    *o = Some(data);
+                    taken += 1;
+                }
+            }
+        }
+        taken
     }
 
     /// Bytes of data waiting.
     pub(super) fn bytes(&self) -> u64 {
         self.state.lock().bytes
-    }
-
-    /// Whether nothing is expected (a read's fast path).
-    pub(super) fn is_idle(&self) -> bool {
-        self.state.lock().expected.is_empty()
     }
 }
 
@@ -147,6 +158,17 @@ mod tests {
 
     fn id(n: u8) -> ChunkId {
         ChunkId::of(&[n])
+    }
+
+    /// One read of one frame.
+    fn take(r: &Ready, id: ChunkId) -> Option<Bytes> {
+        let mut out = [None];
+        r.take_into(&[id], &mut out);
+        out[0].take()
+    }
+
+    fn is_idle(r: &Ready) -> bool {
+        r.state.lock().expected.is_empty()
     }
 
     #[test]
@@ -163,14 +185,14 @@ mod tests {
         r.put(id(2), big.clone());
         assert_eq!(r.bytes(), 600 << 10, "it did not fit");
         r.put(id(3), Bytes::from_static(b"small"));
-        assert_eq!(r.take(&id(1)).as_deref(), Some(&big[..]));
-        assert_eq!(r.take(&id(1)), None, "taken once");
-        assert_eq!(r.take(&id(2)), None);
+        assert_eq!(take(&r, id(1)).as_deref(), Some(&big[..]));
+        assert_eq!(take(&r, id(1)), None, "taken once");
+        assert_eq!(take(&r, id(2)), None);
         // The read of 2 came: fetched later, it is not kept.
         assert!(!r.wants(&id(2), 1));
-        assert_eq!(r.take(&id(3)).as_deref(), Some(&b"small"[..]));
+        assert_eq!(take(&r, id(3)).as_deref(), Some(&b"small"[..]));
         assert_eq!(r.bytes(), 0);
-        assert!(r.is_idle());
+        assert!(is_idle(&r));
     }
 
     #[test]
@@ -198,6 +220,6 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(900), "not before its time");
         assert!(!r.pruning.load(Ordering::Acquire), "the task ended");
         assert_eq!(r.bytes(), 0);
-        assert!(r.is_idle());
+        assert!(is_idle(&r));
     }
 }
