@@ -4,7 +4,9 @@
 //! that succeed once a fault stops, mirrors, token refresh, a store under a
 //! small budget that refetches what it evicted, and a frame cache that
 //! answers reads coming back to a frame without the store, as do the frames
-//! a trace's prefetch keeps for the reads it predicts.
+//! a trace's prefetch keeps for the reads it predicts; and a traced
+//! prefetch whose range requests bring no more untraced bytes than
+//! `prefetch.gap_pct` allows.
 
 mod common;
 
@@ -42,9 +44,13 @@ fn make_layer(seed: u64, files: usize, size: usize) -> TestLayer {
     for i in 0..50 {
         b = b.file(&format!("data/small{i}"), 0o644, format!("small file {i} of layer {seed}\n").as_bytes());
     }
-    let tar = b.finish();
+    converted(&b.finish())
+}
+
+/// A layer tar converted with the default options.
+fn converted(tar: &[u8]) -> TestLayer {
     let mut blob = Vec::new();
-    let layer = writer::convert_tar(&tar[..], &mut blob, &writer::WriteOptions::default()).unwrap();
+    let layer = writer::convert_tar(tar, &mut blob, &writer::WriteOptions::default()).unwrap();
     let (_, index) = format::open_layer(&blob[..], Some(&layer.location)).unwrap();
     let frames = (0..index.frames().len()).map(|i| format::read_frame(&blob[..], &index, i).unwrap()).collect();
     TestLayer { blob, digest: layer.blob_digest, index: Arc::new(index), location: layer.location, frames }
@@ -712,4 +718,98 @@ async fn a_layer_with_two_identical_large_files_is_hydrated_and_read() {
         // The fetcher still serves reads after.
         fetcher.read(&remote, 0..1, Priority::Demand).await.unwrap();
     }
+}
+
+/// A traced prefetch's range requests bridge gaps between traced frames
+/// only as far as `prefetch.gap_pct` allows: what the registry sends beyond
+/// the traced frames stays within that share of them, and more of it buys
+/// fewer requests. The layer interleaves incompressible files of 20 to
+/// 150 KiB with small files packed between them, and the trace names two
+/// frames of every three, so its gaps run from a few hundred bytes to
+/// about 150 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_prefetch_keeps_its_untraced_bytes_within_gap_pct() {
+    use hyperbox::prefetch::{PrefetchConfig, Prefetcher};
+    use hyperbox::trace::{self, ImageKey, Trace, TraceEntry};
+    if !common::have_tools("a_traced_prefetch_keeps_its_untraced_bytes_within_gap_pct", TOOLS) {
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut b = common::LayerBuilder::new().dir("data");
+    for i in 0..60 {
+        let mut data = vec![0u8; (20 << 10) + (rng.next_u32() as usize % (130 << 10))];
+        rng.fill_bytes(&mut data);
+        b = b.file(&format!("data/big{i}"), 0o644, &data);
+        let text = format!("small file {i}\n").repeat(1 + rng.next_u32() as usize % 400);
+        b = b.file(&format!("data/small{i}"), 0o644, text.as_bytes());
+    }
+    let layer = converted(&b.finish());
+    let registry = common::Registry::start();
+    push(&registry.addr, &layer).await;
+    let table = layer.index.frames();
+    // Two frames of every three, in an order that is not the blob's.
+    let mut traced: Vec<usize> = (0..table.len()).filter(|f| f % 3 != 0).collect();
+    traced.sort_by_key(|&f| (f % 7, f));
+    let traced_bytes: u64 = traced.iter().map(|&f| table.get(f).c_len as u64).sum();
+    let image =
+        ImageKey { digest: format!("sha256:{}", "ab".repeat(32)), repository: format!("{}/test/layer", registry.addr) };
+    let mut trace = Trace::new(&image);
+    trace.entries = traced
+        .iter()
+        .enumerate()
+        .map(|(at, &f)| {
+            let fr = table.get(f);
+            TraceEntry {
+                layer: layer.digest.clone(),
+                frame: f as u32,
+                chunk: fr.id,
+                c_len: fr.c_len,
+                u_len: fr.u_len,
+                path: String::new(),
+                offset: 0,
+                at_ms: at as u32,
+                seen: 1,
+            }
+        })
+        .collect();
+    // (requests, bytes the registry sent) for each gap_pct.
+    let mut got = Vec::new();
+    for pct in [0, 3, 100] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db"), &StoreConfig::default()).unwrap());
+        trace::save(&store, &trace).unwrap();
+        let fetcher = Fetcher::new(client(&[&registry.addr], &[]), store.clone(), test_config());
+        let cfg =
+            PrefetchConfig { registry_traces: false, use_repository_trace: false, gap_pct: pct, ..Default::default() };
+        let prefetcher = Prefetcher::new(fetcher.clone(), store.clone(), None, cfg, tokio::runtime::Handle::current());
+        let remote = Arc::new(RemoteLayer {
+            repo: Repo { registry: registry.addr.clone(), name: "test/layer".into() },
+            blob: layer.digest.clone(),
+            index: layer.index.clone(),
+        });
+        prefetcher.layer_ready(&image, remote, false);
+        let frames = &prefetcher.stats.frames;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while frames.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "gap_pct {pct}: the prefetch did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fetcher.settled().await;
+        for &f in &traced {
+            assert!(store.contains(&table.get(f).id).unwrap(), "gap_pct {pct}: traced frame {f} was not stored");
+        }
+        let st = fetcher.stats();
+        assert_eq!(st.demand_requests, 0);
+        let untraced = st.bytes - traced_bytes;
+        assert!(
+            pct == 100 || untraced * 100 <= traced_bytes * pct,
+            "gap_pct {pct}: {untraced} untraced bytes for {traced_bytes} traced"
+        );
+        got.push((st.prefetch_requests, st.bytes));
+    }
+    eprintln!("(requests, bytes) at gap_pct 0, 3 and 100: {got:?}, for {traced_bytes} traced bytes");
+    let [(r0, b0), (r3, b3), (r100, b100)] = got[..] else { unreachable!() };
+    assert_eq!(b0, traced_bytes, "0: only frames end to end share a request");
+    assert!(r3 < r0 && b3 > b0, "3% bridged the narrowest gaps: {got:?}");
+    assert!(r100 < r3 && b100 * 100 > traced_bytes * 103, "the layer has wider gaps, bridged at 100: {got:?}");
 }

@@ -379,17 +379,19 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<Vec<Bytes>, FetchError> {
-        self.fetch(layer, frames, prio, true, None).await.0
+        self.fetch(layer, frames, prio, self.inner.cfg.coalesce_gap_bytes, true, None).await.0
     }
 
     /// Frames' data (or, without `want_data`, empty placeholders for those
-    /// already stored) from the store, fetching what it lacks; and how long
-    /// it waited for the fetches.
+    /// already stored) from the store, fetching what it lacks in range
+    /// requests that bridge gaps of up to `gap` bytes; and how long it
+    /// waited for the fetches.
     async fn fetch(
         &self,
         layer: &Arc<RemoteLayer>,
         frames: &[usize],
         prio: Priority,
+        gap: u64,
         want_data: bool,
         on_miss: Option<OnMiss<'_>>,
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
@@ -410,7 +412,7 @@ impl Fetcher {
                 Ok(Err(e)) | Err(e) => return (Err(e), Duration::ZERO),
             };
         }
-        self.finish(layer, frames, found, prio, want_data, requested, on_miss).await
+        self.finish(layer, frames, found, prio, gap, want_data, requested, on_miss).await
     }
 
     /// A demand read answered on the calling thread, without the runtime,
@@ -454,7 +456,8 @@ impl Fetcher {
         on_miss: impl FnOnce() + Send,
     ) -> (Result<Vec<Bytes>, FetchError>, Duration) {
         let requested = tokio::time::Instant::now();
-        self.finish(layer, frames, found, Priority::Demand, true, requested, Some(Box::new(on_miss))).await
+        let gap = self.inner.cfg.coalesce_gap_bytes;
+        self.finish(layer, frames, found, Priority::Demand, gap, true, requested, Some(Box::new(on_miss))).await
     }
 
     /// The first look of a read: which frames the frame cache holds, or a
@@ -510,6 +513,7 @@ impl Fetcher {
         frames: &[usize],
         found: Found,
         prio: Priority,
+        gap: u64,
         want_data: bool,
         requested: tokio::time::Instant,
         on_miss: Option<OnMiss<'_>>,
@@ -520,7 +524,7 @@ impl Fetcher {
             (Ok(out.into_iter().flatten().collect()), Duration::ZERO)
         } else {
             let waiting = Instant::now();
-            let missing = self.fetch_missing(layer, frames, &ids, out, prio, want_data, requested, on_miss);
+            let missing = self.fetch_missing(layer, frames, &ids, out, prio, gap, want_data, requested, on_miss);
             let result = match prio {
                 Priority::Demand => {
                     self.note_demand();
@@ -576,6 +580,7 @@ impl Fetcher {
 
     /// The rest of [`Fetcher::fetch`]: lead or join the fetches of the
     /// frames `out` lacks.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_missing(
         &self,
         layer: &Arc<RemoteLayer>,
@@ -583,6 +588,7 @@ impl Fetcher {
         ids: &[ChunkId],
         mut out: Vec<Option<Bytes>>,
         prio: Priority,
+        gap: u64,
         want_data: bool,
         requested: tokio::time::Instant,
         mut on_miss: Option<OnMiss<'_>>,
@@ -609,7 +615,7 @@ impl Fetcher {
                     at.entry(id).or_default().push(p);
                 }
             }
-            let waits = self.join_or_lead(layer, missing.into_iter(), prio, requested);
+            let waits = self.join_or_lead(layer, missing.into_iter(), prio, gap, requested);
             if let Some(f) = on_miss.take() {
                 f();
             }
@@ -688,9 +694,20 @@ impl Fetcher {
         frames: &[usize],
         prio: Priority,
     ) -> Result<(), FetchError> {
+        self.store_frames(layer, frames, prio, self.inner.cfg.coalesce_gap_bytes).await
+    }
+
+    /// [`Fetcher::fetch_into_store`], bridging gaps of up to `gap` bytes.
+    async fn store_frames(
+        &self,
+        layer: &Arc<RemoteLayer>,
+        frames: &[usize],
+        prio: Priority,
+        gap: u64,
+    ) -> Result<(), FetchError> {
         let window = (self.inner.cfg.max_prefetch_requests as u64) * self.inner.cfg.max_request_bytes.max(1 << 20);
         for (piece, _) in pieces(layer, frames, window) {
-            self.fetch(layer, piece, prio, false, None).await.0?;
+            self.fetch(layer, piece, prio, gap, false, None).await.0?;
         }
         Ok(())
     }
@@ -704,7 +721,8 @@ impl Fetcher {
         let Some(gate) = self.inner.ahead_gate.as_ref() else {
             return self.fetch_into_store(layer, frames, Priority::Prefetch).await;
         };
-        self.fetch_gated(gate, self.inner.cfg.ahead.in_flight_bytes, layer, frames).await
+        let (budget, gap) = (self.inner.cfg.ahead.in_flight_bytes, self.inner.cfg.coalesce_gap_bytes);
+        self.fetch_gated(gate, budget, gap, layer, frames).await
     }
 
     /// Fetch `frames` (sorted) into the store at prefetch priority, with at
@@ -712,11 +730,13 @@ impl Fetcher {
     /// `gate` (a semaphore of `budget` KiB): in pieces of a quarter of it,
     /// each holding its bytes' permits until its chunks are stored. Pieces
     /// queue at the gate in the order they are first polled: the order of
-    /// the calls, then blob order within one.
+    /// the calls, then blob order within one. Range requests bridge gaps of
+    /// up to `gap` bytes.
     pub async fn fetch_gated(
         &self,
         gate: &tokio::sync::Semaphore,
         budget: u64,
+        gap: u64,
         layer: &Arc<RemoteLayer>,
         frames: &[usize],
     ) -> Result<(), FetchError> {
@@ -727,7 +747,7 @@ impl Fetcher {
             let kib = (bytes.div_ceil(1024)).clamp(1, budget >> 10) as u32;
             let _on_the_way =
                 gate.acquire_many(kib).await.map_err(|_| FetchError::Cancelled { what: "a gated fetch" })?;
-            self.fetch_into_store(layer, piece, Priority::Prefetch).await
+            self.store_frames(layer, piece, Priority::Prefetch, gap).await
         });
         futures_util::future::join_all(fetches).await.into_iter().collect()
     }
@@ -755,6 +775,7 @@ impl Fetcher {
         layer: &Arc<RemoteLayer>,
         missing: impl Iterator<Item = (usize, ChunkId)>,
         prio: Priority,
+        gap: u64,
         requested: tokio::time::Instant,
     ) -> Vec<(ChunkId, watch::Receiver<Answer>, bool)> {
         let inner = &self.inner;
@@ -793,7 +814,8 @@ impl Fetcher {
                 }
             }
             leads.sort_unstable_by_key(|&(frame, _)| frame);
-            let mut planner = Planner::new(Rules::new(&inner.cfg), |i| layer.index.frame_blob_range(i));
+            let rules = Rules { gap, max: inner.cfg.max_request_bytes };
+            let mut planner = Planner::new(rules, |i| layer.index.frame_blob_range(i));
             for (frame, id) in leads {
                 // Every lead was given its place in `waits` above.
                 let Some(slot) = seen.get(&id).and_then(|&w| waits.get_mut(w)) else { continue };

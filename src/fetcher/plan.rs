@@ -6,7 +6,8 @@
 //! joins while both rules hold:
 //!
 //! - **the gap**: the bytes between the end of the request so far and the
-//!   start of the frame are at most `coalesce_gap_bytes`. The frames in the
+//!   start of the frame are at most `coalesce_gap_bytes` (a traced prefetch
+//!   chooses its own, `prefetch.gap_pct`). The frames in the
 //!   gap come along in the same response (they are verified and stored too);
 //! - **the size**: the request, from its first byte to the end of the frame,
 //!   stays within `max_request_bytes`. A single frame larger than that is
@@ -21,21 +22,13 @@
 
 use std::ops::Range;
 
-use super::FetchConfig;
-
-/// The two coalescing rules' limits, from [`FetchConfig`].
+/// The two coalescing rules' limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Rules {
-    /// `coalesce_gap_bytes`.
+    /// `coalesce_gap_bytes`, or a traced prefetch's own (`prefetch.gap_pct`).
     pub gap: u64,
     /// `max_request_bytes`; 0 turns coalescing off.
     pub max: u64,
-}
-
-impl Rules {
-    pub(crate) fn new(cfg: &FetchConfig) -> Rules {
-        Rules { gap: cfg.coalesce_gap_bytes, max: cfg.max_request_bytes }
-    }
 }
 
 /// One range request: blob frames `first..=last`, and the bytes from the

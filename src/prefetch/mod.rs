@@ -68,8 +68,14 @@ pub struct PrefetchConfig {
     /// its range requests. 0: none.
     pub neighbours: u64,
     /// Next to: at most this many bytes apart (the bytes between come
-    /// along too).
+    /// along too). The prefetch's range requests bridge no wider gap.
     pub neighbour_gap_bytes: u64,
+    /// Of the bytes a traced prefetch fetches, at most this percentage may
+    /// be bytes its trace does not name: the gaps its range requests
+    /// bridge. The widest gap bridged is the widest that keeps within it
+    /// (the narrowest gaps first: each saves a request, whatever its
+    /// size), and at most `neighbour_gap_bytes`. 100: no limit.
+    pub gap_pct: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -86,6 +92,7 @@ impl Default for PrefetchConfig {
             window_bytes: 4 << 20,
             neighbours: 3,
             neighbour_gap_bytes: 128 << 10,
+            gap_pct: 3,
         }
     }
 }
@@ -94,6 +101,9 @@ impl PrefetchConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.layer_wait_secs == 0 {
             return Err("prefetch.layer_wait_secs must be more than 0".into());
+        }
+        if self.gap_pct > 100 {
+            return Err("prefetch.gap_pct is a percentage: at most 100".into());
         }
         for (name, v) in [
             ("in_flight_bytes", self.in_flight_bytes),
@@ -370,9 +380,14 @@ impl Prefetcher {
     async fn stream(&self, image: &ImageKey, layers: &[Arc<RemoteLayer>], order: &[(usize, usize, u64)]) {
         let budget = self.cfg.in_flight_bytes.max(64 << 10);
         let gate = tokio::sync::Semaphore::new((budget >> 10) as usize);
-        let rules =
-            crate::fetcher::Rules { gap: self.cfg.neighbour_gap_bytes, max: self.fetcher.config().max_request_bytes };
         let range = |li: usize, f: usize| layers[li].index.frame_blob_range(f);
+        let traced: u64 = order.iter().map(|&(_, _, len)| len).sum();
+        let gap = match self.cfg.gap_pct {
+            100.. => self.cfg.neighbour_gap_bytes,
+            pct => widest_gap(order, range, traced.saturating_mul(pct) / 100, self.cfg.neighbour_gap_bytes),
+        };
+        tracing::info!(image = %image.digest, frames = order.len(), traced, gap, "prefetch planned");
+        let rules = crate::fetcher::Rules { gap, max: self.fetcher.config().max_request_bytes };
         let windows =
             windows(order, self.cfg.first_window_bytes, self.cfg.window_bytes, self.cfg.neighbours, rules, range);
         let mut parts: Vec<(Arc<RemoteLayer>, Vec<usize>)> = Vec::new();
@@ -391,9 +406,9 @@ impl Prefetcher {
         // join_all polls in order: the windows queue at the gate in trace
         // order, each in pieces that free their share as they are stored.
         let gate = &gate;
-        let fetches = parts
-            .iter()
-            .map(|(layer, frames)| async move { (layer, self.fetcher.fetch_gated(gate, budget, layer, frames).await) });
+        let fetches = parts.iter().map(|(layer, frames)| async move {
+            (layer, self.fetcher.fetch_gated(gate, budget, gap, layer, frames).await)
+        });
         for (layer, result) in futures_util::future::join_all(fetches).await {
             if let Err(e) = result {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +416,45 @@ impl Prefetcher {
             }
         }
     }
+}
+
+/// The widest gap a traced prefetch's range requests may bridge, at most
+/// `cap`: bridging every gap up to it between `order`'s frames (layer,
+/// frame, compressed bytes) next to each other in their blob brings at
+/// most `budget` bytes the trace does not name. Each gap bridged saves a
+/// request whatever its width, so the narrowest go first.
+///
+/// What the prefetch fetches stays within that: a window's request bridges
+/// only gaps of up to this width, and the untraced bytes of such a gap are
+/// untraced stretches between traced frames, each as narrow.
+fn widest_gap(order: &[(usize, usize, u64)], range: impl Fn(usize, usize) -> (u64, u64), budget: u64, cap: u64) -> u64 {
+    let mut places: Vec<(usize, u64, u64)> = order
+        .iter()
+        .map(|&(li, f, _)| {
+            let (s, e) = range(li, f);
+            (li, s, e)
+        })
+        .collect();
+    places.sort_unstable();
+    let mut gaps: Vec<u64> = places
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1.saturating_sub(w[0].2))
+        .filter(|&g| g > 0 && g <= cap)
+        .collect();
+    gaps.sort_unstable();
+    // Gaps of one width are bridged all or none.
+    let (mut widest, mut spent) = (0, 0u64);
+    for (i, &g) in gaps.iter().enumerate() {
+        spent = spent.saturating_add(g);
+        if gaps.get(i + 1) != Some(&g) {
+            if spent > budget {
+                break;
+            }
+            widest = g;
+        }
+    }
+    widest
 }
 
 /// `order` (layer, frame, compressed bytes; each frame once) cut in order
@@ -492,7 +546,7 @@ fn windows(
 
 #[cfg(test)]
 mod tests {
-    use super::windows;
+    use super::{widest_gap, windows};
     use crate::fetcher::Rules;
 
     /// Frames of `len` bytes laid end to end, every layer alike.
@@ -546,5 +600,28 @@ mod tests {
         let two = [(0, 0, 100), (1, 5, 100), (1, 1, 100)];
         let w = windows(&two, 100, 100, 5, rules, laid(100));
         assert_eq!(frames(&w), [vec![0], vec![5], vec![1]]);
+    }
+
+    #[test]
+    fn the_widest_gap_keeps_untraced_bytes_within_the_budget() {
+        // Traced frames of 100 bytes at these places in layer 0, so the
+        // gaps between them are 10, 20, 20, 40 and 300 bytes wide; a frame
+        // of layer 1 sits between them in offsets but is no neighbour.
+        let starts = [0u64, 110, 230, 350, 490, 890];
+        let order: Vec<(usize, usize, u64)> =
+            (0..starts.len()).rev().map(|f| (0, f, 100)).chain([(1, 0, 100)]).collect();
+        let range = |li: usize, f: usize| if li == 0 { (starts[f], starts[f] + 100) } else { (105, 205) };
+        let gap = |budget, cap| widest_gap(&order, range, budget, cap);
+        assert_eq!(gap(0, 1000), 0, "no budget: only frames end to end");
+        assert_eq!(gap(10, 1000), 10);
+        // The two gaps of 20 go together or not at all.
+        assert_eq!(gap(49, 1000), 10);
+        assert_eq!(gap(50, 1000), 20);
+        assert_eq!(gap(90, 1000), 40);
+        assert_eq!(gap(1 << 20, 1000), 300);
+        assert_eq!(gap(1 << 20, 299), 40, "never wider than the cap");
+        // Frames end to end cost nothing.
+        let laid: Vec<(usize, usize, u64)> = (0..5).map(|f| (0, f, 100)).collect();
+        assert_eq!(widest_gap(&laid, |_, f| (f as u64 * 100, f as u64 * 100 + 100), 0, 1000), 0);
     }
 }
