@@ -270,6 +270,10 @@ mod tests {
         assert_eq!(Config::load(Some(&p)).unwrap().registry.insecure, vec!["127.0.0.1:5000"]);
         std::fs::write(&p, "version = 1\n[fetch]\nmax_prefetch_requests = 0\n").unwrap();
         assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("fetch.max_prefetch_requests"));
+        std::fs::write(&p, "version = 1\n[prefetch]\ngap_pct = 101\n").unwrap();
+        assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("prefetch.gap_pct"));
+        std::fs::write(&p, "version = 1\n[prefetch]\ngap_pct = 100\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().prefetch.gap_pct, 100);
         std::fs::write(&p, "version = 1\n[registry.mirrors]\n\"docker.io\" = [\"http://10.0.0.5:5000\"]\n").unwrap();
         assert_eq!(Config::load(Some(&p)).unwrap().registry.mirrors["docker.io"], vec!["http://10.0.0.5:5000"]);
     }
